@@ -1,0 +1,305 @@
+"""Typed pipeline configuration: one pydantic model per stage, composed into `PipelineConfig`.
+
+Load with `load_config(path, overrides)`; YAML presets live in `configs/`. Every model forbids
+unknown keys, so a typo fails loudly with the key's dotted name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ---------------------------------------------------------------- data stages
+
+
+class DataConfig(Section):
+    source: Path = Path("shards/demo-world/images")  # input image folder (walked recursively)
+    name: str = "demo"  # dataset name: shards land in <root>/<name>/
+    root: Path = Path("shards")  # shards root
+    resolution: int = Field(64, ge=16)  # square crop size; the seed trained at 256
+
+
+class CropConfig(Section):
+    mode: Literal["center", "pad"] = "center"  # centre crop, or pad with white like the tagger
+    min_size: int = Field(32, ge=1)  # reject images whose short side is smaller than this
+    max_pixels: int | None = 178_956_970  # decompression-bomb limit (Pillow's default x2)
+    chunk_size: int = Field(256, ge=1)  # images per resumable chunk
+    workers: int = Field(0, ge=0)  # processes; 0 = one per core
+
+
+class TaggerConfig(Section):
+    repo: str = "SmilingWolf/wd-v1-4-moat-tagger-v2"  # Hugging Face repo of the real tagger
+    path: Path | None = None  # local folder with model.onnx + selected_tags.csv (wins over repo)
+    general_threshold: float = Field(0.35, ge=0, le=1)
+    character_threshold: float = Field(0.85, ge=0, le=1)
+    mcut: bool = False  # MCut thresholding instead of the fixed thresholds
+    exclude: list[str] = []  # tags never kept
+    sidecar: Literal["merge", "sidecar", "tagger"] = "merge"  # how `name.txt` tags combine
+    batch_size: int = Field(16, ge=1)  # used only when the model's batch dimension is dynamic
+    chunk_size: int = Field(256, ge=1)  # images per resumable chunk
+
+
+class ShardsConfig(Section):
+    image_format: Literal["jpg", "png"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int = Field(1000, ge=1)
+    val_fraction: float = Field(0.01, ge=0, lt=1)  # the seed's 1% validation split
+    min_tag_count: int = Field(5, ge=1)  # tags rarer than this stay out of the DiT vocabulary
+    max_vocab: int = Field(1000, ge=3)  # vocabulary cap, special ids included
+
+
+# ---------------------------------------------------------------- models and training
+
+
+class TrainConfig(Section):
+    """Optimisation settings shared by the VAE and the DiT trainers."""
+
+    batch_size: int = Field(16, ge=1)
+    steps: int = Field(1000, ge=1)  # total optimizer steps (the seed counted epochs)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)  # linear warm-up, then cosine decay to zero
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    val_every: int = Field(250, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc: int = Field(1, ge=1)  # >1 launches torchrun DDP
+    compile: bool = False  # torch.compile on GPU
+    num_workers: int = Field(0, ge=0)  # DataLoader workers
+    shuffle_buffer: int = Field(1000, ge=1)
+
+
+class VAETrainConfig(TrainConfig):
+    """The seed's VAE optimisation: AdamW 1e-4, wd 0.01, 6000 warm-up steps, EMA 0.999, batch 16."""
+
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(6000, ge=0)
+
+
+class DiTTrainConfig(TrainConfig):
+    """The seed's DiT optimisation: AdamW 5e-5, wd 1e-4, 10k warm-up steps, EMA 0.999, batch 32."""
+
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(10_000, ge=0)
+
+
+class VAEModelConfig(Section):
+    """KL-VAE architecture (the seed: 80/160/320, f = 8, z = 4)."""
+
+    widths: list[int] = [80, 160, 320]  # channels per level; len(widths) = number of downsamplings
+    blocks_per_level: int = 2
+    z_channels: int = 4
+    groups: int = 16  # GroupNorm groups
+    attention: bool = True  # one self-attention block at the bottleneck
+
+
+VAE_PRESETS: dict[str, VAEModelConfig] = {
+    "demo": VAEModelConfig(widths=[32, 64, 128], blocks_per_level=1, groups=8),
+    "seed": VAEModelConfig(),
+}
+
+
+class VAEConfig(Section):
+    model: VAEModelConfig = VAE_PRESETS["seed"]
+    w_l1: float = 10.0
+    w_perc: float = 1.0  # 0 disables the VGG19 perceptual loss (no weights needed)
+    w_kl: float = 1e-5
+    vgg_weights: Path | None = None  # torchvision vgg19 .pth; None = torch hub cache
+    disc_start: int | None = None  # PatchGAN hinge loss from this step; None = off (the seed)
+    w_disc: float = 0.5
+    train: VAETrainConfig = VAETrainConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset(cls, v: Any) -> Any:
+        return _resolve_preset(v, VAE_PRESETS, "vae.model")
+
+
+class LatentsConfig(Section):
+    flip: bool = True  # also store the horizontally flipped image's posterior
+    batch_size: int = Field(64, ge=1)
+    use_ema: bool = True
+
+
+class DiTModelConfig(Section):
+    """Tag-conditioned DiT architecture (the seed: patch 2, 1024 wide, 16 deep, 16 heads)."""
+
+    patch: int = 2
+    width: int = 1024
+    depth: int = 16
+    heads: int = 16
+    mlp_ratio: float = 2.0  # the seed's value (DiT used 4.0)
+    dropout: float = 0.1
+    tag_layers: int = 2  # Transformer blocks of the tag encoder
+    tag_heads: int = 16
+    max_tags: int = 16  # tag sequence length after [cls] is max_tags + 1
+    grad_checkpointing: bool = False
+
+
+DIT_PRESETS: dict[str, DiTModelConfig] = {
+    "demo": DiTModelConfig(width=256, depth=6, heads=4, tag_heads=4, mlp_ratio=4.0, dropout=0.0),
+    "seed-260m": DiTModelConfig(),
+}
+
+
+class DiTConfig(Section):
+    model: DiTModelConfig = DIT_PRESETS["seed-260m"]
+    schedule: Literal["cosine", "linear"] = "cosine"
+    timesteps: int = 1000
+    caption_drop: float = Field(0.2, ge=0, le=1)  # whole caption dropped -> null condition (CFG)
+    tag_drop: float = Field(0.1, ge=0, le=1)  # each remaining tag dropped
+    shuffle_tags: bool = True
+    val_samples: int = Field(64, ge=1)  # fixed (latent, t, noise) triples for validation loss
+    train: DiTTrainConfig = DiTTrainConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset(cls, v: Any) -> Any:
+        return _resolve_preset(v, DIT_PRESETS, "dit.model")
+
+
+class SamplerConfig(Section):
+    name: str  # label used in file names
+    steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0)  # 0 = DDIM, 1 = DDPM-like
+
+
+class EvaluateConfig(Section):
+    prompts: list[str] = []  # empty = frequent tag combinations of the dataset
+    n_prompts: int = Field(6, ge=1)  # how many default prompts to draw
+    negative_example: tuple[str, str] | None = None  # (prompt, negative); None = derived
+    seeds: list[int] = [0, 1, 2, 3]
+    cfg: float = 4.0
+    samplers: list[SamplerConfig] = [
+        SamplerConfig(name="ddim50", steps=50, eta=0.0),
+        SamplerConfig(name="ddpm250", steps=250, eta=1.0),
+    ]
+    metric_samples: int = Field(4, ge=1)  # generated images per prompt for tag fidelity
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DemoConfig(Section):
+    enabled: bool = False  # build the demo world + demo tagger before the pipeline runs
+    out: Path = Path("shards/demo-world")  # images/ + labels.json land here
+    tagger_out: Path = Path("shards/demo-tagger")  # model.onnx + selected_tags.csv + report.json
+    n_images: int = Field(2000, ge=10)
+    seed: int = 0
+
+
+class RunConfig(Section):
+    name: str = "demo"  # checkpoints, logs and grids go to <root>/<name>/
+    root: Path = Path("runs")
+
+
+class PipelineConfig(Section):
+    data: DataConfig = DataConfig()
+    crop: CropConfig = CropConfig()
+    tagger: TaggerConfig = TaggerConfig()
+    shards: ShardsConfig = ShardsConfig()
+    vae: VAEConfig = VAEConfig()
+    latents: LatentsConfig = LatentsConfig()
+    dit: DiTConfig = DiTConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    run: RunConfig = RunConfig()
+    demo: DemoConfig = DemoConfig()
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.data.root / self.data.name
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.root / self.run.name
+
+
+# ---------------------------------------------------------------- loading
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+def _resolve_preset(v: Any, presets: dict[str, Section], key: str) -> Any:
+    if isinstance(v, str):
+        if v not in presets:
+            raise ValueError(f"unknown preset {v!r} for {key}; choose from {sorted(presets)}")
+        return presets[v].model_dump()
+    if isinstance(v, dict) and "preset" in v:  # {preset: demo, depth: 4} = preset + overrides
+        v = dict(v)
+        return {**_resolve_preset(v.pop("preset"), presets, key), **v}
+    return v
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML: numbers, lists, null, strings)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    """Set a dotted key in a nested dict, checking each level against `PipelineConfig`."""
+    model: type[BaseModel] | None = PipelineConfig
+    node = tree
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if model is not None and part not in model.model_fields:
+            raise ConfigError(f"unknown config key {dotted!r}; valid: {sorted(model.model_fields)}")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        child = node.get(part)
+        if isinstance(child, str) or child is None:  # a preset name becomes preset + overrides
+            child = {"preset": child} if isinstance(child, str) else {}
+            node[part] = child
+        node = child
+        ann = model.model_fields[part].annotation if model is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML preset (or defaults), apply `key=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping")
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        apply_override(tree, parts, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None

@@ -1,0 +1,61 @@
+"""Crash-safe file writing and content hashing."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(dst: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `dst`; rename it into place only if the block succeeds."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # make the bytes durable before the name points at them
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes_atomic(dst: str | Path, data: bytes) -> None:
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(dst: str | Path, obj: Any) -> None:
+    write_bytes_atomic(dst, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete temp files a killed run left behind (`.name.tmp-PID`); returns how many."""
+    n = 0
+    for p in Path(folder).glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

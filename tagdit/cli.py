@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -22,6 +24,13 @@ def config_parser(description: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set data.source=/my/images (repeatable)",
     )
+    p.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="recompute this stage and every stage after it, ignoring caches (repeatable)",
+    )
     return p
 
 
@@ -35,8 +44,18 @@ def parse_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def flow_main(flow: Callable[..., Any], description: str, argv: list[str] | None = None) -> Any:
-    """Run `flow(config=..., overrides=...)` from the command line."""
+    """Run `flow(config=..., overrides=..., [force=...])` from the command line; print its summary."""
     args = config_parser(description).parse_args(argv)
     parse_config(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return flow(config=args.config, overrides=args.overrides)
+    kwargs: dict[str, Any] = {"config": args.config, "overrides": args.overrides}
+    fn = getattr(flow, "fn", flow)
+    if args.force:
+        if "force" not in inspect.signature(fn).parameters:
+            print("error: this flow has no stages to force", file=sys.stderr)
+            raise SystemExit(2)
+        kwargs["force"] = args.force
+    result = flow(**kwargs)
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    return result

@@ -46,7 +46,6 @@ class TaggerConfig(Section):
     exclude: list[str] = []  # tags never kept
     sidecar: Literal["merge", "sidecar", "tagger"] = "merge"  # how `name.txt` tags combine
     batch_size: int = Field(16, ge=1)  # used only when the model's batch dimension is dynamic
-    chunk_size: int = Field(256, ge=1)  # images per resumable chunk
 
 
 class ShardsConfig(Section):
@@ -201,6 +200,10 @@ class DemoConfig(Section):
     tagger_out: Path = Path("shards/demo-tagger")  # model.onnx + selected_tags.csv + report.json
     n_images: int = Field(2000, ge=10)
     seed: int = 0
+    # the demo tagger's training cost (its own image stream, each image seen whole and as a 64 px
+    # crop); the defaults reach >= 95% per-tag precision/recall in about a minute on 2 cores
+    tagger_images: int = Field(2000, ge=16)
+    tagger_epochs: int = Field(5, ge=1)
 
 
 class RunConfig(Section):

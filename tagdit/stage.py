@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,10 @@ class StageRecord(BaseModel):
     out_dir: str
     fingerprint: str  # hash of the outputs' hashes; downstream keys depend on it
     info: dict[str, Any] = {}  # counts, metrics, notable paths
+    cached: bool = False  # set by run_stage: True when Prefect served it from the cache
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_version(*modules: str) -> str:
     """Hash of the source files of the given modules (the stage's code and the models it uses)."""
     h = hashlib.sha256()
@@ -192,4 +193,40 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
     kwargs: dict[str, Any] = dict(upstream)
     if force:
         kwargs["force"] = True
-    return stage_task.with_options(refresh_cache=not fresh)(cfg, **kwargs)
+    state = stage_task.with_options(refresh_cache=not fresh)(cfg, **kwargs, return_state=True)
+    record = state.result()  # raises the task's error if it failed
+    hit = state.name == "Cached"
+    if hit:
+        get_run_logger().info("stage %s: cache hit (%s)", stage.name, record.key)
+    return record.model_copy(update={"cached": hit})
+
+
+PIPELINE_ORDER = ("demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate")
+
+
+def expand_force(force: list[str] | None, order: tuple[str, ...] = PIPELINE_ORDER) -> set[str]:
+    """Stages to recompute: each named stage and every stage after it in `order`."""
+    if not force:
+        return set()
+    unknown = sorted(set(force) - set(order))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(order)}")
+    first = min(order.index(s) for s in force)
+    return set(order[first:])
+
+
+def read_stamp(out_dir: str | Path, name: str) -> StageRecord | None:
+    """The record a finished stage left in `out_dir` (for running a later stage on its own)."""
+    try:
+        stamp = json.loads((Path(out_dir) / f".stage-{name}.json").read_text())
+        return StageRecord.model_validate(stamp["record"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def require_stamp(out_dir: str | Path, name: str, hint: str) -> StageRecord:
+    """Like `read_stamp`, but a clear error naming the flow to run first."""
+    record = read_stamp(out_dir, name)
+    if record is None:
+        raise FileNotFoundError(f"no finished '{name}' stage in {out_dir}: run {hint} first")
+    return record

@@ -16,7 +16,7 @@ def prefect_session(tmp_path_factory):
     """One temporary Prefect server/database for the whole test session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # first start migrates a fresh DB
         yield
 
 

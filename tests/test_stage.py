@@ -51,3 +51,20 @@ def test_stage_hits_cache_across_runs_and_recomputes_when_outputs_change(prefect
     assert len(CALLS) == 6
     toy_flow(root, 32)
     assert len(CALLS) == 6
+
+
+def test_run_stage_reports_cache_hits(prefect_env):
+    root = str(prefect_env / "shards")
+    assert toy_flow(root, 40).cached is False
+    assert toy_flow(root, 40).cached is True
+
+
+def test_force_expands_to_following_stages():
+    from tagdit.stage import expand_force
+
+    assert expand_force(["train_dit"]) == {"train_dit", "evaluate"}
+    assert expand_force(None) == set()
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown stage"):
+        expand_force(["nope"])

@@ -1,0 +1,107 @@
+"""Tag stage throughput vs a bare onnxruntime `session.run` loop on ready-made inputs, same model.
+
+Ours: the whole tag stage on 64 px crops (parquet read, PNG decode, WD preprocessing in a
+background thread overlapped with inference, tag selection, parquet write). Baseline: the same
+model's `session.run` over already-preprocessed batches of the same size. Model: the demo tagger
+(shards/demo-tagger) when built, else the demo tagger's architecture untrained (same compute),
+else the tests' tiny WD-interface model.
+
+    .venv/bin/python benchmarks/tag_pipeline.py [--n 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def model_dir(tmp: Path) -> tuple[Path, str]:
+    """(folder with model.onnx + selected_tags.csv, description)."""
+    demo = ROOT / "shards" / "demo-tagger"
+    if (demo / "model.onnx").is_file() and (demo / "selected_tags.csv").is_file():
+        return demo, "demo tagger (shards/demo-tagger)"
+    from tests.wd_fixture import TAGS, build_wd_model
+
+    folder = build_wd_model(tmp / "wd")
+    try:  # the demo tagger's network, untrained: same cost per image as the real demo tagger
+        from tagdit.demo.tagger import DemoCNN, export_onnx
+
+        export_onnx(DemoCNN(len(TAGS)), folder / "model.onnx")
+        return folder, "demo-tagger architecture (untrained export)"
+    except Exception as e:  # noqa: BLE001 - fall back to the tiny fixture model
+        print(f"demo tagger architecture unavailable ({e}); using the tiny fixture model")
+        return folder, "tiny WD-interface fixture"
+
+
+def make_images(folder: Path, n: int) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (96, 96), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        ImageDraw.Draw(img).ellipse([20, 20, 76, 76], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        img.save(folder / f"{i:05d}.png")
+
+
+def bare_loop(model: Path, n: int, batch: np.ndarray, fixed: int | None) -> float:
+    """Seconds for n images through `session.run` on ready-made input batches."""
+    import onnxruntime as ort
+
+    from tagdit.tagger import default_providers
+
+    sess = ort.InferenceSession(str(model), providers=default_providers())
+    name = sess.get_inputs()[0].name
+    step = fixed or len(batch)
+    sess.run(None, {name: batch[:step]})  # warm-up
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        sess.run(None, {name: batch[:step]})
+        done += step
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=512)
+    args = ap.parse_args()
+    from tagdit.config import load_config
+    from tagdit.tagger import WDTagger
+    from tasks.crop import crop_stage
+    from tasks.tag import tag_stage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder, what = model_dir(tmp)
+        make_images(tmp / "src", args.n)
+        cfg = load_config(None, [f"data.source={tmp / 'src'}", f"data.root={tmp / 'shards'}", "data.resolution=64",
+                                 f"tagger.path={folder}", "crop.chunk_size=128"])
+        crop = crop_stage(cfg)
+        tagger = WDTagger.from_config(cfg.tagger)
+        imgs = [Image.new("RGB", (64, 64), (i, 255 - i, 128)) for i in range(tagger.batch_size)]
+        batch = np.stack([tagger.preprocess(im) for im in imgs])  # (B, 448, 448, 3)
+        list(tagger.probabilities(imgs))  # load the onnxruntime kernels once in this process
+        t0 = time.perf_counter()
+        rec = tag_stage(cfg, crop)
+        t_ours = time.perf_counter() - t0
+        assert rec.info["tagged"] == args.n
+        shutil.rmtree(cfg.dataset_dir)
+        t_base = bare_loop(tagger.model_path, args.n, batch, tagger.fixed_batch)
+    ours, base = args.n / t_ours, args.n / t_base
+    print(f"machine: {os.cpu_count()} cores; model: {what}; batch {tagger.batch_size}; "
+          f"tag stage {t_ours:.2f}s, bare session.run {t_base:.2f}s for {args.n} images")
+    print(f"RESULT tag_pipeline ours={ours:.1f} img/s baseline={base:.1f} ratio={ours / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Prefect flows: composition only. Each module runs as `python -m flows.<module> --config FILE`."""
+
+import os
+
+# Without a server, Prefect starts a temporary one per process; its first start migrates a fresh
+# SQLite database, which can take longer than Prefect's 20 s default on a busy 2-core machine.
+# Set here because Prefect reads its settings when it is first imported.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# Our modules log with `logging.getLogger(__name__)`; Prefect attaches its console and API handlers
+# to these loggers too, so their messages reach the terminal and the flow run's logs in the UI.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tagdit,tasks,models,flows")

@@ -1,0 +1,1 @@
+"""One module per pipeline stage: plain functions, a `Stage` cache contract and a Prefect task."""

@@ -1,0 +1,279 @@
+"""Crop stage: every decodable image under `data.source` -> a square RGB crop at the dataset size.
+
+Layers (webdataset style): `crop_image` (one file's bytes -> encoded crop, or a `Reject` with a
+reason) -> `process_chunk` (a chunk of files -> one parquet file, written atomically) -> `crop_stage`
+(lists the files, runs the missing chunks on a process pool) -> `crop_task` (the Prefect wrapper).
+Chunk files carry a digest of their inputs in their name, so a killed run resumes and a changed
+file recomputes only its chunk.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+import shutil
+import stat
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+from prefect import get_run_logger, task
+
+from tagdit.config import PipelineConfig
+from tagdit.files import atomic_path, remove_stale_temps, sha256_text
+from tagdit.stage import Stage, StageRecord, code_version, stage_cache_key, tree_fingerprint
+from tagdit.tagger import to_rgb_on_white
+
+log = logging.getLogger(__name__)
+
+# Pillow's readable extensions, minus stubs, vector and video formats it cannot decode alone.
+_NOT_RASTER = {".eps", ".ps", ".mpeg", ".mpg", ".h5", ".hdf", ".bufr", ".grib", ".emf", ".wmf"}
+Image.init()
+IMAGE_EXTS = frozenset(e for e, f in Image.EXTENSION.items() if f in Image.OPEN) - _NOT_RASTER
+CHUNK_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source", pa.string()), ("ok", pa.bool_()), ("reason", pa.string()),
+    ("sha256", pa.string()), ("orig_size", pa.list_(pa.int32())), ("crop_box", pa.list_(pa.int32())),
+    ("image", pa.binary()), ("sidecar", pa.string()),
+])  # fmt: skip
+
+
+class Reject(Exception):
+    """An input that cannot become a training sample; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """Everything that decides a crop's bytes."""
+
+    resolution: int
+    mode: str
+    min_size: int
+    max_pixels: int | None
+    image_format: str
+    jpeg_quality: int
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> CropParams:
+        c, s = cfg.crop, cfg.shards
+        return cls(cfg.data.resolution, c.mode, c.min_size, c.max_pixels, s.image_format, s.jpeg_quality)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    rel: str  # posix path relative to data.source
+    size: int
+    mtime_ns: int
+    sidecar: str | None  # rel path of `name.txt` when it exists
+    sidecar_stamp: str = ""
+
+
+def sample_key(rel: str) -> str:
+    """Stable, webdataset-safe key from a relative path: no dots or slashes, unique by hash."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", rel).strip("_")[-64:] or "x"
+    return f"{stem}-{sha256_text(rel)[:8]}"
+
+
+def list_images(source: Path) -> list[SourceFile]:
+    """Files under `source` with an image extension (any case), sorted; hidden files are skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names = set(filenames)
+        for fn in sorted(filenames):
+            stem, ext = os.path.splitext(fn)
+            if ext.lower() not in IMAGE_EXTS or fn.startswith("."):
+                continue
+            p = Path(dirpath) / fn
+            try:
+                st = p.stat()
+            except OSError:  # dangling link: found, and rejected as unreadable later
+                st = p.lstat()
+            side = f"{stem}.txt" if f"{stem}.txt" in names else None
+            side_stamp = ""
+            if side:
+                sst = (Path(dirpath) / side).stat()
+                side_stamp = f"{sst.st_size}:{sst.st_mtime_ns}"
+            rel = p.relative_to(source).as_posix()
+            side_rel = (Path(rel).parent / side).as_posix() if side else None
+            found.append(SourceFile(rel, st.st_size, st.st_mtime_ns, side_rel, side_stamp))
+    return sorted(found, key=lambda f: f.rel)
+
+
+def _decoded(data: bytes, p: CropParams) -> tuple[Image.Image, tuple[int, int]]:
+    """Open, check and decode (reduced for JPEG) -> (RGB image, transposed original size)."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    limit = p.max_pixels or (2 * pillow if pillow else None)  # unset: Pillow's own error threshold
+    Image.MAX_IMAGE_PIXELS = None  # Pillow would raise before we can record a reason
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise Reject("not a decodable image (format not recognised)") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow
+    w0, h0 = img.size
+    if limit and w0 * h0 > limit:
+        raise Reject(f"decompression bomb: {w0}x{h0} = {w0 * h0} pixels > limit {limit}")
+    rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    ow, oh = (h0, w0) if rotated else (w0, h0)
+    if min(ow, oh) < p.min_size:
+        raise Reject(f"too small: {ow}x{oh} (short side < crop.min_size={p.min_size})")
+    scale = p.resolution / (min(ow, oh) if p.mode == "center" else max(ow, oh))
+    if img.format == "JPEG" and scale < 1:  # DCT-domain downscale: decode 1/2, 1/4 or 1/8 size
+        img.draft(img.mode, (math.ceil(w0 * scale), math.ceil(h0 * scale)))
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb_on_white(img), (ow, oh)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Reject(f"decode failed ({type(e).__name__}: {e})") from None
+
+
+def crop_image(data: bytes, p: CropParams) -> tuple[bytes, tuple[int, int], tuple[int, int, int, int]]:
+    """Source bytes -> (encoded square crop, original size, crop box in original pixels)."""
+    if not data:
+        raise Reject("empty file")
+    img, (ow, oh) = _decoded(data, p)
+    fx, fy, r = img.width / ow, img.height / oh, p.resolution
+    if p.mode == "center":
+        side = min(ow, oh)
+        left, top = (ow - side) // 2, (oh - side) // 2
+        dbox = (left * fx, top * fy, (left + side) * fx, (top + side) * fy)
+        out = img.resize((r, r), Image.LANCZOS, box=dbox, reducing_gap=3.0)
+    else:  # pad: fit inside, centred on white like the tagger
+        side = max(ow, oh)
+        left, top = -((side - ow) // 2), -((side - oh) // 2)
+        nw, nh = max(1, round(ow * r / side)), max(1, round(oh * r / side))
+        out = Image.new("RGB", (r, r), (255, 255, 255))
+        out.paste(img.resize((nw, nh), Image.LANCZOS, reducing_gap=3.0), ((r - nw) // 2, (r - nh) // 2))
+    buf = io.BytesIO()
+    if p.image_format == "png":
+        out.save(buf, "PNG")
+    else:
+        out.save(buf, "JPEG", quality=p.jpeg_quality)
+    return buf.getvalue(), (ow, oh), (left, top, left + side, top + side)
+
+
+def _read_source(path: Path) -> bytes:
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise Reject("unreadable: not a regular file")
+        return path.read_bytes()
+    except OSError as e:
+        raise Reject(f"unreadable: {e.strerror or e}") from None
+
+
+def crop_row(source: Path, f: SourceFile, p: CropParams) -> dict:
+    """One source file -> one chunk row (a sample or a reject)."""
+    import hashlib
+
+    row = {"key": sample_key(f.rel), "source": f.rel, "ok": False, "reason": None, "sha256": None,
+           "orig_size": None, "crop_box": None, "image": None, "sidecar": None}
+    try:
+        data = _read_source(source / f.rel)
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        row["image"], row["orig_size"], row["crop_box"] = crop_image(data, p)
+        row["ok"] = True
+        if f.sidecar:
+            row["sidecar"] = (source / f.sidecar).read_text(encoding="utf-8", errors="replace")
+    except Reject as e:
+        row["reason"] = str(e)
+    except Exception as e:  # a decoder bug must not stop the run: record it
+        row["reason"] = f"decode failed ({type(e).__name__}: {e})"
+    return row
+
+
+def process_chunk(source: Path, files: list[SourceFile], p: CropParams, dst: Path) -> tuple[int, int]:
+    """Crop a chunk of files into one parquet file at `dst` (atomic); returns (ok, rejected)."""
+    rows = [crop_row(source, f, p) for f in files]
+    table = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+    with atomic_path(dst) as tmp:
+        pq.write_table(table, tmp)
+    ok = sum(r["ok"] for r in rows)
+    return ok, len(rows) - ok
+
+
+def chunk_digest(files: list[SourceFile], p: CropParams) -> str:
+    code = code_version("tasks.crop", "tagdit.tagger")
+    stamps = [f"{f.rel}:{f.size}:{f.mtime_ns}:{f.sidecar}:{f.sidecar_stamp}" for f in files]
+    return sha256_text(code, repr(p), *stamps)[:16]
+
+
+def _workers(n: int) -> int:
+    return n or os.cpu_count() or 1
+
+
+CROP = Stage(
+    name="crop",
+    modules=("tasks.crop", "tagdit.tagger"),
+    sections=("data.resolution", "crop.mode", "crop.min_size", "crop.max_pixels", "crop.chunk_size",
+              "shards.image_format", "shards.jpeg_quality"),
+    out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "crop",
+    extra_inputs=lambda cfg: {"source": tree_fingerprint(cfg.data.source)},
+)
+
+
+def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
+    """Run (or resume) the crop stage; returns its record."""
+    if not force and (rec := CROP.valid_record(cfg, {})):
+        return rec
+    out = CROP.out_dir(cfg, {})
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    source = Path(cfg.data.source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"data.source={str(source)!r} is not a folder")
+    p, cs = CropParams.from_config(cfg), cfg.crop.chunk_size
+    files = list_images(source)
+    chunks = [files[i : i + cs] for i in range(0, len(files), cs)]
+    dsts = [out / f"chunk-{i:06d}-{chunk_digest(c, p)}.parquet" for i, c in enumerate(chunks)]
+    todo = [i for i, d in enumerate(dsts) if not d.exists()]
+    log.info("crop: %d images in %d chunks under %s; %d chunks to do", len(files), len(chunks), source, len(todo))
+    _run_chunks(source, [chunks[i] for i in todo], p, [dsts[i] for i in todo], _workers(cfg.crop.workers))
+    for stale in set(out.glob("chunk-*.parquet")) - set(dsts):
+        stale.unlink()
+    meta = [pq.read_table(d, columns=["ok"]).column("ok").to_pylist() for d in dsts]
+    ok = sum(sum(m) for m in meta)
+    info = {"found": len(files), "ok": ok, "rejected": len(files) - ok, "chunks": [d.name for d in dsts],
+            "source": str(source)}
+    log.info("crop: %d found, %d cropped, %d rejected", len(files), ok, len(files) - ok)
+    return CROP.write_stamp(cfg, {}, dsts, info)
+
+
+def _run_chunks(source: Path, chunks: list, p: CropParams, dsts: list[Path], workers: int) -> None:
+    """Run chunks in-process (one worker or one chunk) or on a process pool."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(c) for c in chunks), desc="crop", unit="img", disable=len(chunks) < 2)
+    if workers == 1 or len(chunks) < 2:
+        for c, d in zip(chunks, dsts, strict=True):
+            process_chunk(source, c, p, d)
+            bar.update(len(c))
+    else:
+        import multiprocessing as mp
+
+        # fork: workers start in milliseconds with everything imported, and no `__main__` guard is
+        # needed; they only run PIL/pyarrow code (Python re-initialises logging locks after fork).
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
+            futs = {pool.submit(process_chunk, source, c, p, d): len(c) for c, d in zip(chunks, dsts, strict=True)}
+            for fut in as_completed(futs):
+                fut.result()
+                bar.update(futs[fut])
+    bar.close()
+
+
+@task(name="crop", cache_key_fn=stage_cache_key(CROP), persist_result=True)
+def crop_task(cfg: PipelineConfig, force: bool = False) -> StageRecord:
+    """Prefect task: square crops of every image under data.source."""
+    rec = crop_stage(cfg, force=force)
+    get_run_logger().info("crop: %(found)d images found, %(ok)d cropped, %(rejected)d rejected", rec.info)
+    return rec

@@ -1,0 +1,99 @@
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tagdit.config import load_config
+from tasks.crop import crop_stage
+from tasks.shard import MTIME, TagStats, shard_stage, val_keys
+from tasks.tag import tag_stage
+from tests.wd_fixture import BAD, GOOD, build_wd_model, make_corpus
+
+CONTRACT_KEYS = {"tags", "scores", "rating", "source", "orig_size", "crop_box", "sha256"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shardworld")
+    return make_corpus(root / "src"), build_wd_model(root / "wd")
+
+
+def run_all(root: Path, world, *extra):
+    src, wd = world
+    cfg = load_config(None, [f"data.source={src}", f"data.root={root}", "data.name=t", "data.resolution=32",
+                             "crop.max_pixels=1000000", "crop.workers=1", "crop.chunk_size=5",
+                             f"tagger.path={wd}", "shards.samples_per_shard=4", "shards.val_fraction=0.2",
+                             "shards.min_tag_count=2", *extra])
+    crop = crop_stage(cfg)
+    tag = tag_stage(cfg, crop)
+    return cfg, shard_stage(cfg, crop, tag)
+
+
+def test_webdataset_reads_every_shard_back_and_accounting_holds(tmp_path, world):
+    import webdataset as wds
+
+    _, rec = run_all(tmp_path, world)
+    out = Path(rec.out_dir)
+    assert rec.info["found"] == GOOD + BAD == rec.info["sharded"] + rec.info["rejected"]
+    names = rec.info["train_shards"] + rec.info["val_shards"]
+    assert sorted(p.name for p in (out / "images").glob("*.tar")) == sorted(names)
+    assert rec.info["val_shards"] == ["val-000000.tar"] and rec.info["train_shards"][0] == "train-000000.tar"
+    urls = [str(out / "images" / n) for n in names]
+    seen = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"))
+    assert len(seen) == rec.info["sharded"] == GOOD
+    for s in seen:
+        assert s["png"].size == (32, 32) and s["png"].mode == "RGB"
+        assert set(s["json"]) == CONTRACT_KEYS and len(s["json"]["tags"]) == len(s["json"]["scores"])
+    assert len({s["__key__"] for s in seen}) == GOOD
+    with tarfile.open(urls[0]) as tf:
+        assert {m.mtime for m in tf.getmembers()} == {MTIME}
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert sorted(m["key"] for m in manifest) == sorted(s["__key__"] for s in seen)
+    assert all(m["shard"] in names and m["split"] == m["shard"][:-11] for m in manifest)
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert len(rejects) == BAD and all(r["stage"] == "crop" and r["reason"] for r in rejects)
+    assert {r["path"] for r in rejects} >= {"empty.png", "truncated.jpg", "unreadable.jpg"}
+    tags = {r["tag"]: r for r in pq.read_table(out / "tags.parquet").to_pylist()}
+    assert tags["red"]["count"] == sum("red" in m["tags"] for m in manifest)
+    vocab = json.loads((out / "vocab.json").read_text())["tokens"]
+    assert vocab[:3] == ["<pad>", "<unk>", "<cls>"]
+    assert all(tags[t]["train_count"] >= 2 for t in vocab[3:])
+
+
+def test_same_inputs_give_byte_identical_shards_and_tables(tmp_path, world):
+    _, a = run_all(tmp_path / "a", world)
+    _, b = run_all(tmp_path / "b", world)
+    for rel in [f"images/{n}" for n in a.info["train_shards"] + a.info["val_shards"]] + [
+            "manifest.parquet", "rejects.parquet", "tags.parquet", "vocab.json"]:
+        assert (Path(a.out_dir) / rel).read_bytes() == (Path(b.out_dir) / rel).read_bytes(), rel
+    assert a.fingerprint == b.fingerprint
+
+
+def test_fewer_samples_per_shard_rewrites_and_removes_stale_shards(tmp_path, world):
+    _, small = run_all(tmp_path, world)
+    _, big = run_all(tmp_path, world, "shards.samples_per_shard=100")
+    assert big.info["train_shards"] == ["train-000000.tar"] and len(small.info["train_shards"]) > 1
+    assert sorted(p.name for p in Path(big.out_dir, "images").glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+    assert not list(Path(big.out_dir).rglob(".*tmp-*")) and not list(Path(big.out_dir).rglob(".progress-*"))
+
+
+def test_split_depends_only_on_each_key():
+    keys = [f"k{i}" for i in range(2000)]
+    val = val_keys(keys, 0.1)
+    assert 140 < len(val) < 260
+    assert val_keys(keys[:1000], 0.1) == {k for k in val if k in keys[:1000]}
+    assert len(val_keys(["a", "b"], 0.01)) == 1 and val_keys(keys, 0.0) == set()
+
+
+def test_vocab_takes_frequent_train_tags_caps_size_and_skips_ratings():
+    stats = TagStats()
+    for i in range(10):
+        tags = ["common", "general"] + (["mid"] if i < 5 else []) + (["rare"] if i == 0 else [])
+        cats = [0, 9] + [0] * (len(tags) - 2)
+        stats.add({"tags": tags, "scores": [0.9] * len(tags), "categories": cats}, train=i != 9)
+    assert stats.vocab(2, 100) == ["<pad>", "<unk>", "<cls>", "common", "mid"]
+    assert stats.vocab(2, 4) == ["<pad>", "<unk>", "<cls>", "common"]
+    table = {r["tag"]: r for r in stats.table().to_pylist()}
+    assert table["common"]["count"] == 10 and table["common"]["train_count"] == 9

@@ -521,8 +521,8 @@ def fit(
                 progress.update(step, step - logged, scalars)
                 logged = step
                 metrics["loss"] = scalars["loss"]
-            if val_fn is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-                if rank == 0:
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                if rank == 0 and val_fn is not None:
                     ema.module.eval()
                     with torch.no_grad(), autocast(device):
                         metrics.update(val_fn(ema.module, step, writer))

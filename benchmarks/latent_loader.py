@@ -1,0 +1,109 @@
+"""Latent loader samples/s (EpochStream + decode_latent + collate) vs the demo DiT step's consumption.
+
+The loader must never be what a DiT step waits on: goal >= 10x the images/s one training step of
+the demo preset consumes on the same machine, in the same run. Shards are synthetic but in the
+shared latent format (fp16 mean/logvar + flipped pair + json tags), at the demo's 4x8x8 size.
+
+    python benchmarks/latent_loader.py [--samples 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.diffusion import make_alpha_bar
+from models.dit import DiT
+from tagdit.config import load_config
+from tagdit.training import EpochStream, make_optimizer
+from tagdit.vocab import Vocab
+from tasks.train_dit import decode_latent, dit_loss, shard_urls
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def write_shards(root: Path, n: int, per_shard: int = 500, shape=(4, 8, 8), n_tags: int = 60) -> Vocab:
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    tags = [f"tag {i}" for i in range(n_tags)]
+    for s in range((n + per_shard - 1) // per_shard):
+        with wds.TarWriter(str(root / f"train-{s:06d}.tar"), mtime=0) as w:
+            for i in range(min(per_shard, n - s * per_shard)):
+                sample = {"__key__": f"k{s:03d}{i:05d}", "json": json.dumps({"tags": list(rng.choice(tags, 8, replace=False))}).encode()}
+                for prefix in ("", "flip_"):
+                    sample[prefix + "mean.npy"] = npy(rng.normal(size=shape).astype(np.float16))
+                    sample[prefix + "logvar.npy"] = npy(np.full(shape, -4, np.float16))
+                w.write(sample)
+    return Vocab(["<pad>", "<unk>", "<cls>", *tags])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=5, help="DiT steps timed per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = load_config(DEMO, ["dit.train.device=cpu"])
+    batch = cfg.dit.train.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = write_shards(Path(tmp), a.samples)
+        urls = shard_urls(Path(tmp), "train")
+        decode = partial(decode_latent, vocab=vocab, dit=cfg.dit)
+
+        def loader_rate() -> float:
+            stream = EpochStream(urls, decode, batch_size=batch, seed=0, shuffle_buffer=cfg.dit.train.shuffle_buffer)
+            it = iter(stream)
+            next(it)  # start-up (thread, first shard open) is not throughput
+            start = time.perf_counter()
+            n = 0
+            while n < a.samples:
+                n += len(next(it)["tags"])
+            return n / (time.perf_counter() - start)
+
+        torch.manual_seed(0)
+        model = DiT(cfg.dit.model, vocab_size=len(vocab), latent_size=8).train()
+        opt = make_optimizer(model, cfg.dit.train, torch.device("cpu"))
+        loss_fn = partial(dit_loss, alpha_bar=make_alpha_bar(cfg.dit.schedule, cfg.dit.timesteps), scale_factor=1.0)
+        fixed = next(iter(EpochStream(urls, decode, batch_size=batch, seed=1)))
+
+        def step_rate() -> float:
+            start = time.perf_counter()
+            for s in range(a.steps):
+                loss, _ = loss_fn(model, fixed, s)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return batch * a.steps / (time.perf_counter() - start)
+
+        step_rate()  # warm-up
+        loads, steps = [], []
+        for _ in range(a.rounds):
+            loads.append(loader_rate())
+            steps.append(step_rate())
+    ours, need = statistics.median(loads), statistics.median(steps)
+    print(f"loader: {ours:.0f} samples/s (rounds {[round(x) for x in loads]}); demo DiT step (batch {batch}): "
+          f"{need:.0f} images/s (rounds {[round(x) for x in steps]})")
+    print(f"RESULT latent_loader ours={ours:.0f} samples/s baseline={need:.0f} ratio={ours / need:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pure-torch models: KL-VAE, perceptual loss, discriminator, DiT, diffusion and sampling."""

@@ -1,0 +1,201 @@
+"""KL-regularised autoencoder (the seed's KL-VAE): f = 2**len(widths), diagonal Gaussian posterior.
+
+Encoder: conv → [res-blocks, stride-2 conv] per level → res, self-attention, res → GroupNorm, swish,
+conv to 2·z channels (mean, logvar). The decoder mirrors it and ends in tanh, so images live in
+[-1, 1]. The latent scale factor is *not* here: it is measured over the data by the encode stage
+and stored in the latents' `stats.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tagdit.config import VAEModelConfig
+
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp as in LDM's DiagonalGaussianDistribution
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    if channels % groups:
+        raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups")
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: (GroupNorm, swish, conv3x3) twice, 1x1 skip when widths differ."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.norm1 = _norm(c_in, groups)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = _norm(c_out, groups)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with a residual connection (the bottleneck block)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2)  # (B, 3, HW, C)
+        q, k, v = qkv.unbind(1)  # (B, HW, C) each
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
+        h = h.transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution: halves height and width."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(channels: int, groups: int, attention: bool) -> nn.Sequential:
+    """res → (attention) → res at the bottleneck."""
+    attn = AttnBlock(channels, groups) if attention else nn.Identity()
+    return nn.Sequential(ResBlock(channels, channels, groups), attn, ResBlock(channels, channels, groups))
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) → posterior parameters (B, 2z, H/f, W/f)."""
+
+    def __init__(self, cfg: VAEModelConfig):
+        super().__init__()
+        g = cfg.groups
+        self.conv_in = nn.Conv2d(3, cfg.widths[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        ch = cfg.widths[0]
+        for w in cfg.widths:
+            for _ in range(cfg.blocks_per_level):
+                layers.append(ResBlock(ch, w, g))
+                ch = w
+            layers.append(Downsample(ch))
+        self.down = nn.Sequential(*layers)
+        self.mid = _mid(ch, g, cfg.attention)
+        self.norm_out = _norm(ch, g)
+        self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.down(self.conv_in(x)))  # (B, C_L, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """Latent (B, z, h, w) → image (B, 3, h·f, w·f) in [-1, 1]."""
+
+    def __init__(self, cfg: VAEModelConfig):
+        super().__init__()
+        g = cfg.groups
+        ch = cfg.widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.mid = _mid(ch, g, cfg.attention)
+        layers: list[nn.Module] = []
+        for w in reversed(cfg.widths):
+            layers.append(Upsample(ch))
+            for _ in range(cfg.blocks_per_level):
+                layers.append(ResBlock(ch, w, g))
+                ch = w
+        self.up = nn.Sequential(*layers)
+        self.norm_out = _norm(ch, g)
+        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.mid(self.conv_in(z)))  # (B, C_0, H, W)
+        return torch.tanh(self.conv_out(F.silu(self.norm_out(h))))  # (B, 3, H, W)
+
+
+class AutoencoderKL(nn.Module):
+    """The KL-VAE: `encode` → (mean, logvar), `sample`, `decode`; `forward` does all three."""
+
+    def __init__(self, cfg: VAEModelConfig):
+        super().__init__()
+        if not cfg.widths or cfg.blocks_per_level < 1 or cfg.z_channels < 1:
+            raise ValueError(f"invalid VAE config: {cfg}")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** len(self.cfg.widths)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior q(z|x) = N(mean, exp(logvar)), each (B, z, H/f, W/f)."""
+        f = self.downsample_factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by f = {f}")
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    @staticmethod
+    def sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std·eps (reparameterisation, Kingma & Welling 2014)."""
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * eps
+
+    @staticmethod
+    def kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """KL(N(mean, var) ‖ N(0, I)) per sample, summed over latent elements: (B,)."""
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, z, h, w)
+        return kl.flatten(1).sum(1)
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, 3, H, W) → (reconstruction, mean, logvar); `sample=False` decodes the mean."""
+        mean, logvar = self.encode(x)
+        z = self.sample(mean, logvar) if sample else mean  # (B, z, H/f, W/f)
+        return self.decode(z), mean, logvar
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_vae(cfg: VAEModelConfig | dict) -> AutoencoderKL:
+    """A fresh VAE from a config or its JSON dump (as stored in checkpoints)."""
+    return AutoencoderKL(cfg if isinstance(cfg, VAEModelConfig) else VAEModelConfig.model_validate(cfg))
+
+
+def load_vae(ckpt_dir_or_run_dir: str | Path, ema: bool = True) -> tuple[AutoencoderKL, Path]:
+    """Rebuild a trained VAE from a checkpoint (or a run dir's `latest`) in eval mode, on CPU."""
+    from tagdit.training import load_model_weights
+
+    state, config, ckpt_dir = load_model_weights(Path(ckpt_dir_or_run_dir), ema=ema)
+    model = build_vae(config)
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False), ckpt_dir

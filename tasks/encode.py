@@ -1,0 +1,244 @@
+"""Stage encode: image shards + VAE -> latent shards `<dataset>/latents-<vae_id>/` + `stats.json`.
+
+Every image shard becomes a latent shard with the same keys: posterior `mean.npy` / `logvar.npy`
+(float16, (z, h, w)), `flip_mean.npy` / `flip_logvar.npy` for the mirrored image when
+`latents.flip`, and the image's `json`. Images are decoded in a thread pool ahead of batched
+encoding; each latent shard is written atomically, so a killed run resumes at the first missing
+shard. `stats.json` holds the latent scale factor = 1 / std of posterior samples over the whole
+train split (Chan et al.'s parallel variance in float64, fixed seed) — the only place it is stored.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from tagdit.config import PipelineConfig
+from tagdit.files import atomic_path, remove_stale_temps, sha256_file, write_json_atomic
+from tagdit.stage import Stage, StageRecord, code_version, stage_cache_key
+from tasks.train_vae import decode_image, image_bytes, image_shards
+
+log = logging.getLogger(__name__)
+
+STAGE = Stage(
+    name="encode",
+    modules=("tasks.encode", "tasks.train_vae", "models.vae"),
+    sections=("latents", "data.resolution"),
+    out_dir=lambda cfg, up: cfg.dataset_dir / f"latents-{up['vae'].info['vae_id']}",
+)
+STATS_SEED = 0  # seed of the posterior samples behind the scale factor
+STATS_CHUNK = 256  # latents per variance update
+
+
+def npy_bytes(a) -> bytes:
+    """A numpy array as .npy file bytes."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def read_npy(data: bytes):
+    import numpy as np
+
+    return np.load(io.BytesIO(data))
+
+
+def latent_shard_paths(latents_dir: Path, split: str) -> list[Path]:
+    return sorted(Path(latents_dir).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+
+
+def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2) -> Iterator[tuple[list[dict], Any]]:
+    """(raw samples, images (B, 3, R, R)) in shard order; `pool` decodes `ahead` batches early."""
+    import torch
+    from webdataset.tariterators import tarfile_samples
+
+    def groups() -> Iterator[list[dict]]:
+        group: list[dict] = []
+        for raw in tarfile_samples([{"url": str(src)}]):
+            group.append(raw)
+            if len(group) == batch_size:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    pending: deque = deque()
+    for group in groups():
+        pending.append((group, [pool.submit(decode_image, image_bytes(r), resolution) for r in group]))
+        if len(pending) > ahead:
+            g, futures = pending.popleft()
+            yield g, torch.stack([f.result() for f in futures])
+    while pending:
+        g, futures = pending.popleft()
+        yield g, torch.stack([f.result() for f in futures])
+
+
+def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, batch_size: int, device, pool) -> int:
+    """Encode one image shard into `dst` (written atomically); returns the number of samples."""
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    n = 0
+    memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    with atomic_path(dst) as tmp, wds.TarWriter(str(tmp), mtime=0) as w, torch.inference_mode():
+        for raws, x in image_batches(src, resolution, batch_size, pool):
+            x = x.to(device).contiguous(memory_format=memory)  # (B, 3, R, R)
+            if flip:
+                x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): one forward for both
+            mean, logvar = model.encode(x)  # (B or 2B, z, h, w)
+            mean = mean.float().cpu().numpy().astype(np.float16)
+            logvar = logvar.float().cpu().numpy().astype(np.float16)
+            for i, raw in enumerate(raws):
+                sample = {"__key__": raw["__key__"], "mean.npy": npy_bytes(mean[i]),
+                          "logvar.npy": npy_bytes(logvar[i]), "json": raw["json"]}
+                if flip:
+                    j = len(raws) + i
+                    sample["flip_mean.npy"] = npy_bytes(mean[j])
+                    sample["flip_logvar.npy"] = npy_bytes(logvar[j])
+                w.write(sample)
+            n += len(raws)
+    return n
+
+
+class RunningMoments:
+    """Streaming mean and variance in float64 (Chan, Golub & LeVeque 1979 pairwise update)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x) -> None:
+        """Merge a batch of values (any shape) into the running moments."""
+        x = x.double().flatten()
+        n_b = x.numel()
+        if n_b == 0:
+            return
+        mean_b = float(x.mean())
+        m2_b = float((x - mean_b).pow(2).sum())
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.count * n_b / n
+        self.count = n
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / self.count) ** 0.5
+
+
+def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, Any]:
+    """Scale factor = 1 / std of one posterior sample z = mean + exp(logvar / 2)·eps per image."""
+    import torch
+    from webdataset.tariterators import tarfile_samples
+
+    moments, images, shape = RunningMoments(), 0, None
+    for index, path in enumerate(shards):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per shard: independent of resume
+        means, logvars = [], []
+        for raw in itertools.chain(tarfile_samples([{"url": str(path)}]), [None]):  # None: flush
+            if raw is not None:
+                means.append(torch.from_numpy(read_npy(raw["mean.npy"])).float())
+                logvars.append(torch.from_numpy(read_npy(raw["logvar.npy"])).float())
+            if means and (raw is None or len(means) == STATS_CHUNK):
+                mean, logvar = torch.stack(means), torch.stack(logvars)  # (N, z, h, w)
+                eps = torch.randn(mean.shape, generator=g)
+                moments.update(mean + torch.exp(0.5 * logvar) * eps)
+                images += len(means)
+                shape = list(mean.shape[1:])
+                means, logvars = [], []
+    if moments.count == 0:
+        raise ValueError("no training latents to measure the scale factor on")
+    return {"scale_factor": 1.0 / moments.std, "mean": moments.mean, "std": moments.std,
+            "count": images, "values": moments.count, "latent_shape": shape}
+
+
+def _identity(cfg: PipelineConfig, weights_sha: str) -> dict[str, Any]:
+    """What existing latent shards must share with this run to be kept."""
+    return {"weights_sha256": weights_sha, "flip": cfg.latents.flip, "resolution": cfg.data.resolution,
+            "code": code_version(*STAGE.modules)}
+
+
+def _prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool) -> None:
+    """Drop latents made by other settings (they are derived data); keep matching complete shards."""
+    marker = out_dir / "encode.json"
+    if out_dir.exists() and (force or not marker.is_file() or json.loads(marker.read_text()) != identity):
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    write_json_atomic(marker, identity)
+
+
+def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_dir: Path,
+                   vae_id: str, force: bool = False) -> dict[str, Any]:
+    """Encode every image shard missing from `out_dir`, then write `stats.json`; returns the stats."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from models.vae import load_vae
+    from tagdit.training import select_device
+
+    lc = cfg.latents
+    weights = Path(vae_ckpt) / ("ema.safetensors" if lc.use_ema else "model.safetensors")
+    weights_sha = sha256_file(weights)
+    _prepare_out_dir(out_dir, _identity(cfg, weights_sha), force)
+    device = select_device(cfg.vae.train.device)
+    model, ckpt = load_vae(vae_ckpt, ema=lc.use_ema)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    todo = [(split, p) for split in ("train", "val") for p in image_shards(dataset_dir, split)]
+    if not todo:
+        raise FileNotFoundError(f"no image shards under {dataset_dir}/images: run prepare-data first")
+    wanted = {p.name for _, p in todo}
+    for stale in set(out_dir.glob("*.tar")) - {out_dir / n for n in wanted}:
+        stale.unlink()
+    missing = [(s, p) for s, p in todo if not (out_dir / p.name).exists()]
+    log.info("encode: %d of %d shards to encode into %s (%d already complete)",
+             len(missing), len(todo), out_dir, len(todo) - len(missing))
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        for _, src in tqdm(missing, desc="encode", unit="shard", disable=len(missing) < 2):
+            n = encode_shard(model, src, out_dir / src.name, resolution=cfg.data.resolution, flip=lc.flip,
+                             batch_size=lc.batch_size, device=device, pool=pool)
+            log.info("encode: %s -> %d latents", src.name, n)
+    stats = latent_stats(latent_shard_paths(out_dir, "train"))
+    stats.update({"vae_checkpoint_sha256": weights_sha, "vae_id": vae_id, "vae_checkpoint": str(ckpt),
+                  "weights": "ema" if lc.use_ema else "raw", "seed": STATS_SEED,
+                  "samples": "one posterior sample per train image (unflipped)"})
+    write_json_atomic(out_dir / "stats.json", stats)
+    log.info("encode: scale factor %.5f (std %.5f over %d train images)", stats["scale_factor"], stats["std"], stats["count"])
+    return stats
+
+
+def encode_stage(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, force: bool = False) -> StageRecord:
+    """The stage: cached record, or encode the missing shards and stamp the outputs."""
+    upstream = {"shards": shards, "vae": vae}
+    if not force and (rec := STAGE.valid_record(cfg, upstream)):
+        return rec
+    out_dir = STAGE.out_dir(cfg, upstream)
+    stats = encode_latents(cfg, Path(shards.out_dir), Path(vae.info["checkpoint"]), out_dir,
+                           vae.info["vae_id"], force=force)
+    train, val = latent_shard_paths(out_dir, "train"), latent_shard_paths(out_dir, "val")
+    info = {"latents": str(out_dir), "stats": str(out_dir / "stats.json"), "vae_id": vae.info["vae_id"],
+            "train_shards": [p.name for p in train], "val_shards": [p.name for p in val],
+            **{k: stats[k] for k in ("scale_factor", "mean", "std", "count", "latent_shape")}}
+    return STAGE.write_stamp(cfg, upstream, [*train, *val, out_dir / "stats.json"], info)
+
+
+@task(name="encode", cache_key_fn=stage_cache_key(STAGE), persist_result=True)
+def encode_task(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, force: bool = False) -> StageRecord:
+    """Encode the image shards into latent shards and measure the latent scale factor."""
+    return encode_stage(cfg, shards, vae, force=force)

@@ -1,0 +1,71 @@
+"""Tiny latent shards in the shared format (DESIGN: latent shards, stats.json, vocab.json).
+
+Each latent is a learnable function of its tags: every tag adds a fixed pattern, so a DiT can
+learn the tag -> latent mapping and a model that ignores its tags cannot.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+TAGS = ["red hair", "blue hair", "smile", "hat", "glasses", "^_^"]
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def write_latent_fixture(
+    dataset_dir: Path,
+    n_train: int = 32,
+    n_val: int = 8,
+    shape: tuple[int, int, int] = (4, 8, 8),
+    per_shard: int = 16,
+    flip: bool = True,
+    scale_factor: float = 0.5,
+    seed: int = 0,
+) -> Path:
+    """Write `<dataset_dir>/vocab.json` and `<dataset_dir>/latents-fixture/` (shards + stats.json)."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(seed)
+    patterns = {t: rng.normal(0, 2.0, shape).astype(np.float32) for t in TAGS}
+    out = Path(dataset_dir) / "latents-fixture"
+    out.mkdir(parents=True, exist_ok=True)
+    (Path(dataset_dir) / "vocab.json").write_text(json.dumps({"tokens": ["<pad>", "<unk>", "<cls>", *TAGS]}))
+    index = 0
+    for split, n in (("train", n_train), ("val", n_val)):
+        for shard in range((n + per_shard - 1) // per_shard):
+            with wds.TarWriter(str(out / f"{split}-{shard:06d}.tar"), mtime=0) as w:
+                for _ in range(min(per_shard, n - shard * per_shard)):
+                    tags = [t for t in TAGS if rng.random() < 0.4] or [TAGS[0]]
+                    mean = sum(patterns[t] for t in tags) / len(tags)
+                    logvar = np.full(shape, -6.0, np.float32)
+                    sample = {
+                        "__key__": f"img{index:05d}",
+                        "mean.npy": _npy(mean.astype(np.float16)),
+                        "logvar.npy": _npy(logvar.astype(np.float16)),
+                        "json": json.dumps({"tags": tags + ["rare tag"], "scores": [0.9] * (len(tags) + 1)}).encode(),
+                    }
+                    if flip:
+                        sample["flip_mean.npy"] = _npy(mean[:, :, ::-1].astype(np.float16))
+                        sample["flip_logvar.npy"] = _npy(logvar.astype(np.float16))
+                    w.write(sample)
+                    index += 1
+    stats = {
+        "scale_factor": scale_factor,
+        "mean": 0.0,
+        "std": 1 / scale_factor,
+        "count": n_train,
+        "vae_checkpoint_sha256": "0" * 64,
+        "vae_id": "fixture",
+        "latent_shape": list(shape),
+    }
+    (out / "stats.json").write_text(json.dumps(stats))
+    return out

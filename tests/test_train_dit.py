@@ -1,0 +1,191 @@
+import json
+import logging
+import random
+import shutil
+
+import pytest
+import torch
+from latent_fixtures import write_latent_fixture
+
+from models.diffusion import eps_loss, make_alpha_bar, q_sample
+from models.dit import load_dit
+from tagdit.config import load_config
+from tagdit.stage import StageRecord
+from tagdit.training import load_weights
+from tagdit.vocab import Vocab, augment_tags
+from tasks.train_dit import STAGE, decode_latent, shard_urls, train_dit_stage
+
+TINY = ["dit.model=demo", "dit.model.width=64", "dit.model.depth=2", "dit.model.heads=2", "dit.model.tag_heads=2",
+        "dit.model.max_tags=4", "dit.train.device=cpu", "dit.train.batch_size=16", "dit.train.warmup_steps=10",
+        "dit.train.lr=2e-3", "dit.train.weight_decay=0", "dit.train.ema_decay=0.9", "dit.val_samples=8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def records(latents_dir):
+    fake = {"out_dir": str(latents_dir), "key": "k", "info": {}}
+    return StageRecord(stage="encode", fingerprint="lat", **fake), StageRecord(stage="shard", fingerprint="sh", **fake)
+
+
+def config(root, *extra):
+    return load_config(None, [f"data.root={root}", "data.name=ds", f"run.root={root}/runs", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny DiT trained to memorise 8 latents (no conditioning dropout)."""
+    root = tmp_path_factory.mktemp("dit")
+    latents = write_latent_fixture(root / "ds", n_train=8, n_val=8, per_shard=4)
+    cfg = config(root, "dit.train.steps=250", "dit.train.log_every=50", "dit.train.val_every=250",
+                 "dit.caption_drop=0", "dit.tag_drop=0")
+    record = train_dit_stage(cfg, *records(latents))
+    return cfg, latents, record
+
+
+def test_tiny_dit_overfits_a_few_latents(trained):
+    cfg, latents, record = trained
+    model = load_dit(record.info["checkpoint"], ema=False)
+    vocab = Vocab.load(cfg.dataset_dir / "vocab.json")
+    from webdataset.tariterators import tarfile_samples
+
+    ex = [decode_latent(r, vocab=vocab, dit=cfg.dit, augment=False) for r in tarfile_samples({"url": u} for u in shard_urls(latents, "train"))]
+    z = 0.5 * torch.stack([e["mean"] for e in ex]).float().repeat(16, 1, 1, 1)  # scale factor 0.5
+    tags = torch.stack([e["tags"] for e in ex]).repeat(16, 1)
+    g = torch.Generator().manual_seed(0)
+    t, eps = torch.randint(0, 1000, (len(z),), generator=g), torch.randn(z.shape, generator=g)
+    x_t = q_sample(z, t, eps, make_alpha_bar("cosine", 1000))
+    with torch.no_grad():
+        loss = eps_loss(model(x_t, t, tags), eps).item()
+        loss_null = eps_loss(model(x_t, t, torch.tensor([[2, 0, 0, 0, 0]] * len(z))), eps).item()
+    assert loss < 0.35  # an untrained (zero-output) model scores E[eps^2] = 1
+    assert loss < 0.7 * loss_null  # and it uses the tags
+    assert record.info["step"] == 250 and 0 < record.info["val_loss"] < 1.5 and record.info["params"] > 100_000
+
+
+def test_finished_stage_is_reused_and_stamped(trained):
+    cfg, latents, record = trained
+    assert STAGE.valid_record(cfg, dict(zip(("latents", "shards"), records(latents), strict=True))) == record
+    again = train_dit_stage(cfg, *records(latents))  # no training: the stamped record comes back
+    assert again == record
+
+
+def test_resume_is_exact_on_cpu(tmp_path):
+    latents = write_latent_fixture(tmp_path / "ds", n_train=12, n_val=4, per_shard=5)
+    cfg = config(tmp_path, "dit.train.steps=8", "dit.train.checkpoint_every=4", "dit.train.log_every=1",
+                 "dit.train.val_every=4", "dit.train.batch_size=4", "dit.model.dropout=0.1")
+    straight = train_dit_stage(cfg, *records(latents))
+    run = cfg.run_dir / "dit"
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(run / "ckpt-0000004", resumed_dir / "ckpt-0000004")  # as if killed after step 4
+    shutil.copy(run / "identity.json", resumed_dir / "identity.json")
+    (resumed_dir / "latest").write_text("ckpt-0000004\n")
+    shutil.move(run, tmp_path / "straight")
+    shutil.move(resumed_dir, run)
+    resumed = train_dit_stage(cfg, *records(latents))
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_weights(tmp_path / "straight" / "ckpt-0000008" / name)[0]
+        b = load_weights(run / "ckpt-0000008" / name)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.info["loss"] == straight.info["loss"] and resumed.info["val_loss"] == straight.info["val_loss"]
+
+
+def test_changed_model_config_moves_the_old_run_aside(trained, tmp_path):
+    cfg, latents, _ = trained
+    cfg = config(tmp_path, "dit.train.steps=2", "dit.model.depth=1")
+    (tmp_path / "ds").mkdir()
+    shutil.copy(latents.parent / "vocab.json", tmp_path / "ds" / "vocab.json")
+    train_dit_stage(cfg, *records(latents))
+    cfg2 = config(tmp_path, "dit.train.steps=2", "dit.model.depth=2")
+    rec = train_dit_stage(cfg2, *records(latents))
+    assert load_dit(rec.info["checkpoint"]).cfg.depth == 2
+    assert len(list(tmp_path.glob("runs/demo/dit.superseded-*"))) == 1
+
+
+def test_decode_flips_and_augments_from_the_sample_seed(tmp_path):
+    latents = write_latent_fixture(tmp_path / "ds", n_train=1, n_val=0)
+    cfg = config(tmp_path, "dit.caption_drop=0.5", "dit.tag_drop=0")
+    vocab = Vocab.load(tmp_path / "ds" / "vocab.json")
+    from webdataset.tariterators import tarfile_samples
+
+    raw = next(iter(tarfile_samples([{"url": shard_urls(latents, "train")[0]}])))
+    outs = [decode_latent({**raw, "__seed__": s}, vocab=vocab, dit=cfg.dit) for s in range(40)]
+    again = decode_latent({**raw, "__seed__": 7}, vocab=vocab, dit=cfg.dit)
+    assert torch.equal(again["mean"], outs[7]["mean"]) and torch.equal(again["tags"], outs[7]["tags"])
+    flipped = [torch.equal(o["mean"], outs[0]["mean"].flip(-1)) for o in outs]
+    assert 5 < sum(flipped) < 35  # the flipped posterior is picked about half the time
+    null = [o["tags"].tolist() == vocab.null(4) for o in outs]
+    assert 5 < sum(null) < 35  # caption dropped about half the time -> [cls] + padding
+    assert all(o["tags"][0] == 2 and o["mean"].dtype == torch.float16 for o in outs)
+
+
+def test_augment_tags_drops_shuffles_and_caps():
+    rng = random.Random(0)
+    tags = [f"t{i}" for i in range(20)]
+    outs = [augment_tags(tags, rng, caption_drop=0.2, tag_drop=0.1, shuffle=True, max_tags=16) for _ in range(2000)]
+    assert sum(not o for o in outs) / len(outs) == pytest.approx(0.2, abs=0.03)
+    kept = [o for o in outs if o]
+    assert all(len(o) <= 16 and len(set(o)) == len(o) for o in kept)
+    assert sum(o[:3] != tags[:3] for o in kept) > 0.9 * len(kept)  # shuffled
+    short = [augment_tags(tags[:5], rng, caption_drop=0, tag_drop=0.1, shuffle=False, max_tags=16) for _ in range(2000)]
+    assert sum(map(len, short)) / (5 * 2000) == pytest.approx(0.9, abs=0.02)
+
+
+def test_vocab_parses_prompts_and_reports_unknown_tags(tmp_path):
+    (tmp_path / "v.json").write_text(json.dumps({"tokens": ["<pad>", "<unk>", "<cls>", "blue hair", "smile", "^_^"]}))
+    vocab = Vocab.load(tmp_path / "v.json")
+    known, unknown = vocab.parse_prompt("Blue_Hair, smile ,, ^_^, hat, smile, <cls>")
+    assert known == ["blue hair", "smile", "^_^"] and unknown == ["hat", "<cls>"]
+    assert vocab.encode(["smile", "hat"], 4) == [2, 4, 1, 0, 0]
+    assert vocab.encode(["smile"] * 6, 4) == [2, 4, 4, 4, 4] and vocab.null(3) == [2, 0, 0, 0]
+
+
+def test_sample_command_writes_images_and_reports_unknown_tags(trained, tmp_path, caplog, monkeypatch):
+    from flows import sample
+    from models.vae import build_vae
+    from tagdit.config import VAE_PRESETS
+    from tagdit.training import save_weights
+
+    cfg, latents, record = trained
+    vae_dir = cfg.run_dir / "vae"
+    vae = build_vae(VAE_PRESETS["demo"].model_copy(update={"widths": [8, 8, 8, 8][:3], "groups": 4}))
+    save_weights(vae_dir / "ckpt-0000001" / "ema.safetensors", vae.state_dict(), vae.cfg.model_dump())
+    (vae_dir / "ckpt-0000001" / "meta.json").write_text("{}")
+    (vae_dir / "latest").write_text("ckpt-0000001\n")
+    stamp = {"record": {"stage": "train_vae", "key": "k", "out_dir": str(vae_dir), "fingerprint": "f",
+                        "info": {"vae_id": "fixture"}}, "files": {}}
+    (vae_dir / ".stage-train_vae.json").write_text(json.dumps(stamp))
+    stamp["record"].update(stage="encode", out_dir=str(latents))
+    (latents / ".stage-encode.json").write_text(json.dumps(stamp))
+    out = tmp_path / "out.png"
+    args = ["--set", f"data.root={cfg.data.root}", "--set", "data.name=ds", "--set", f"run.root={cfg.run.root}",
+            "--set", "evaluate.device=cpu", "--prompt", "red hair, Smile, purple_cape", "--negative", "hat",
+            "--cfg", "3", "--steps", "4", "--eta", "1", "--n", "2", "--out", str(out)]
+    with caplog.at_level(logging.WARNING):
+        result = sample.main(args)
+    from PIL import Image
+
+    assert Image.open(out).size[0] >= 2 * 64
+    assert result["unknown_tags"] == ["purple_cape"] and "purple_cape" in caplog.text
+
+
+def test_read_npy_matches_np_load():
+    import io
+
+    import numpy as np
+
+    from tasks.train_dit import read_npy
+
+    for a in (np.arange(256, dtype=np.float16).reshape(4, 8, 8), np.asfortranarray(np.ones((3, 2))), np.array(5.0)):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        for _ in range(2):  # parsed, then from the header cache
+            b = read_npy(buf.getvalue())
+            assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b) and b.flags.writeable

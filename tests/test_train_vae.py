@@ -1,0 +1,126 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tasks.train_vae as tv
+from models.vae import load_vae
+from tagdit.config import load_config
+from tagdit.training import NonFiniteLossError, load_weights
+from tests.shard_fixtures import shard_record, write_image_shards
+
+REAL_LOSS = tv.vae_loss
+TINY = "vae.model={widths: [8, 16, 16], blocks_per_level: 1, groups: 4}"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_image_shards(tmp_path_factory.mktemp("shards") / "fx", n_train=16, n_val=4, size=32, per_shard=6)
+
+
+def make_cfg(tmp_path: Path, dataset: Path, *extra: str):
+    return load_config(None, [
+        f"data.root={dataset.parent}", f"data.name={dataset.name}", "data.resolution=32",
+        f"run.root={tmp_path / 'runs'}", TINY, "vae.w_perc=0", "vae.train.steps=8",
+        "vae.train.batch_size=4", "vae.train.warmup_steps=2", "vae.train.lr=3e-3",
+        "vae.train.checkpoint_every=4", "vae.train.val_every=4", "vae.train.log_every=1",
+        "vae.train.shuffle_buffer=8", *extra,
+    ])  # fmt: skip
+
+
+class Stop(Exception):
+    """Simulated kill."""
+
+
+def recording_loss(monkeypatch, losses: list, stop_at: int | None = None, nan_at: int | None = None):
+    def loss_fn(model, x, step, **kw):
+        if step == stop_at:
+            raise Stop
+        loss, logs = REAL_LOSS(model, x, step, **kw)
+        if step == nan_at:
+            loss = loss * float("nan")
+        losses.append((step, loss.item()))
+        return loss, logs
+
+    monkeypatch.setattr(tv, "vae_loss", loss_fn)
+
+
+def test_resumed_training_matches_uninterrupted_losses_and_weights(tmp_path, dataset, monkeypatch):
+    cfg = make_cfg(tmp_path, dataset)
+    straight: list = []
+    recording_loss(monkeypatch, straight)
+    tv.train_vae(cfg, dataset, tmp_path / "a")
+
+    resumed: list = []
+    recording_loss(monkeypatch, resumed, stop_at=6)  # killed after step 6; last checkpoint at 4
+    with pytest.raises(Stop):
+        tv.train_vae(cfg, dataset, tmp_path / "b")
+    assert (tmp_path / "b" / "latest").read_text().strip() == "ckpt-0000004"
+    recording_loss(monkeypatch, resumed)
+    tv.train_vae(cfg, dataset, tmp_path / "b")
+
+    assert [s for s, _ in resumed] == [0, 1, 2, 3, 4, 5, 4, 5, 6, 7]
+    assert straight == resumed[:4] + resumed[6:]
+    assert resumed[4:6] == straight[4:6]  # the redone steps repeat exactly too
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_weights(tmp_path / "a" / "ckpt-0000008" / name)[0]
+        b = load_weights(tmp_path / "b" / "ckpt-0000008" / name)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "a" / "ckpt-0000008" / "meta.json").read_text())
+    assert meta["metrics"]["val_psnr"] > 0
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, dataset, monkeypatch):
+    cfg = make_cfg(tmp_path, dataset)
+    recording_loss(monkeypatch, [], nan_at=5)
+    with pytest.raises(NonFiniteLossError, match="step 6"):
+        tv.train_vae(cfg, dataset, tmp_path / "run")
+    model, ckpt = load_vae(tmp_path / "run")
+    assert ckpt.name == "ckpt-0000004"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_stage_records_checkpoint_facts_and_is_reused(tmp_path, dataset, monkeypatch):
+    cfg = make_cfg(tmp_path, dataset, "vae.train.steps=4")
+    shards = shard_record(dataset)
+    rec = tv.train_vae_stage(cfg, shards)
+    info = rec.info
+    ckpt = Path(info["checkpoint"])
+    assert ckpt.name == "ckpt-0000004" and info["step"] == 4
+    assert info["vae_id"] == info["ema_sha256"][:12] and info["params"] > 0 and info["val_psnr"] > 0
+    model, _ = load_vae(ckpt)
+    assert model.downsample_factor == 8 and model.cfg.widths == [8, 16, 16]
+
+    monkeypatch.setattr(tv, "run_training", lambda *a, **k: pytest.fail("should be cached"))
+    assert tv.train_vae_stage(cfg, shards) == rec
+    monkeypatch.undo()
+    # another architecture in the same run dir: the old run is moved aside, not resumed
+    cfg2 = make_cfg(tmp_path, dataset, "vae.train.steps=4", "vae.model.z_channels=8")
+    rec2 = tv.train_vae_stage(cfg2, shards)
+    assert load_vae(Path(rec2.info["checkpoint"]))[0].cfg.z_channels == 8
+    assert len(list((tmp_path / "runs" / "demo").glob("vae.superseded-*"))) == 1
+
+
+def test_random_flip_is_drawn_from_the_sample_seed(dataset):
+    from webdataset.tariterators import tarfile_samples
+
+    raw = next(iter(tarfile_samples([{"url": str(tv.image_shards(dataset, "train")[0])}])))
+    plain = tv.decode_image(tv.image_bytes(raw), 32)
+    assert plain.shape == (3, 32, 32) and -1 <= plain.min() and plain.max() <= 1
+    flips = []
+    for seed in range(16):
+        x = tv.decode_train({**raw, "__seed__": seed}, 32)
+        assert torch.equal(x, tv.decode_train({**raw, "__seed__": seed}, 32))  # same seed, same image
+        flips.append(torch.equal(x, plain.flip(-1)))
+        assert flips[-1] or torch.equal(x, plain)
+    assert 0 < sum(flips) < 16

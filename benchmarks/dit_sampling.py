@@ -21,7 +21,7 @@ from models.dit import DiT
 from models.sampling import sample_latents
 from tagdit.config import DIT_PRESETS
 
-LATENT = {"demo": 8, "seed-260m": 32}
+LATENT = {"demo": 16, "seed-260m": 32}  # demo: 64 px at f = 4, seed: 256 px at f = 8
 NULL_CLASS = 1000  # diffusers' DiT keeps one extra label embedding for the unconditional branch
 
 

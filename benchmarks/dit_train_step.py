@@ -17,11 +17,11 @@ import time
 import torch
 
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
-from models.dit import DiT, count_params
+from models.dit import DiT
 from tagdit.config import DIT_PRESETS, TrainConfig
-from tagdit.training import make_optimizer
+from tagdit.training import count_parameters, make_optimizer
 
-LATENT = {"demo": 8, "seed-260m": 32}  # demo: 64 px images, seed: 256 px (f = 8)
+LATENT = {"demo": 16, "seed-260m": 32}  # demo: 64 px at f = 4, seed: 256 px at f = 8
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense TFLOP/s
 
 
@@ -121,7 +121,7 @@ def main() -> None:
         step = make_step(model, fwd, eps, make_optimizer(model, train_cfg, device), device, a.dtype)
         for _ in range(3):  # warm-up (and compilation)
             step()
-        runs[name] = {"step": step, "flops": flops, "params": count_params(model), "rates": [], "peak": 0}
+        runs[name] = {"step": step, "flops": flops, "params": count_parameters(model), "rates": [], "peak": 0}
     for _ in range(a.rounds):
         for run in runs.values():
             sync(device)

@@ -2,7 +2,7 @@
 
 The loader must never be what a DiT step waits on: goal >= 10x the images/s one training step of
 the demo preset consumes on the same machine, in the same run. Shards are synthetic but in the
-shared latent format (fp16 mean/logvar + flipped pair + json tags), at the demo's 4x8x8 size.
+shared latent format (fp16 mean/logvar + flipped pair + json tags), at the demo's 4x16x16 size.
 
     python benchmarks/latent_loader.py [--samples 4000]
 """
@@ -37,7 +37,7 @@ def npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(root: Path, n: int, per_shard: int = 500, shape=(4, 8, 8), n_tags: int = 60) -> Vocab:
+def write_shards(root: Path, n: int, per_shard: int = 500, shape=(4, 16, 16), n_tags: int = 60) -> Vocab:
     import webdataset as wds
 
     rng = np.random.default_rng(0)
@@ -80,7 +80,7 @@ def main() -> None:
             return n / (time.perf_counter() - start)
 
         torch.manual_seed(0)
-        model = DiT(cfg.dit.model, vocab_size=len(vocab), latent_size=8).train()
+        model = DiT(cfg.dit.model, vocab_size=len(vocab), latent_size=16).train()
         opt = make_optimizer(model, cfg.dit.train, torch.device("cpu"))
         loss_fn = partial(dit_loss, alpha_bar=make_alpha_bar(cfg.dit.schedule, cfg.dit.timesteps), scale_factor=1.0)
         fixed = next(iter(EpochStream(urls, decode, batch_size=batch, seed=1)))

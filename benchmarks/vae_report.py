@@ -140,8 +140,9 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true", help="skip the seed-preset memory probe")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from models.vae import build_vae, count_parameters
+    from models.vae import build_vae
     from tagdit.config import VAE_PRESETS, load_config
+    from tagdit.training import count_parameters
 
     cfg = load_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:

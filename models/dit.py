@@ -260,7 +260,3 @@ def load_dit(ckpt_dir_or_run_dir: str | Path, ema: bool = True, map_location: st
     model = build_dit(config)
     model.load_state_dict(state)
     return model.to(map_location).eval()
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -6,7 +6,7 @@ Guidance and conditioning live in the wrapper that builds that function (`CFGDen
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, C, H, W), t (B,) long) -> ε (B, C, H, W)
 CondEpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, cond (B, ...)) -> ε
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def ddim_timesteps(steps: int, timesteps: int = 1000) -> Tensor:
@@ -23,10 +24,17 @@ def ddim_timesteps(steps: int, timesteps: int = 1000) -> Tensor:
     return torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long()
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise from `generator` (on its own device, so a seed means the same numbers)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x)
+def _randn_like(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise shaped like x, from `generator` (on its own device, so a seed means the
+    same numbers). A sequence of k generators splits the batch into k equal chunks, each drawn from
+    its own generator: k seeds sampled in one batch get exactly the noise of k separate runs."""
+    gens = list(generator) if isinstance(generator, Sequence) else [generator]
+    if x.shape[0] % len(gens):
+        raise ValueError(f"batch {x.shape[0]} does not split into {len(gens)} equal per-generator chunks")
+    shape = (x.shape[0] // len(gens), *x.shape[1:])
+    chunks = [torch.randn(shape, generator=g, device=g.device if g is not None else x.device, dtype=torch.float32)
+              for g in gens]
+    return torch.cat([c.to(x) for c in chunks])
 
 
 @torch.no_grad()
@@ -36,7 +44,7 @@ def sample_ddim(
     alpha_bar: Tensor,
     steps: int = 50,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
 ) -> Tensor:
     """Generalised DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models").
@@ -46,7 +54,8 @@ def sample_ddim(
         x_s = √ᾱ_s x̂_0 + √(1 - ᾱ_s - σ²) ε + σ z,  z ~ N(0, I)
     with eq. 16: σ = eta · √((1-ᾱ_s)/(1-ᾱ_t)) · √(1 - ᾱ_t/ᾱ_s).
     eta = 0 is the deterministic DDIM; eta = 1 is DDPM's ancestral sampler (σ² = β̃, the posterior
-    variance) on the visited steps. Noise is drawn from `generator`, so a seed reproduces the samples.
+    variance) on the visited steps. Noise is drawn from `generator`, so a seed reproduces the samples
+    (a list of generators: one per equal chunk of the batch, see `_randn_like`).
     """
     ab = alpha_bar.double().cpu()
     ts = ddim_timesteps(steps, len(ab))
@@ -98,7 +107,7 @@ def sample_latents(
     steps: int = 50,
     eta: float = 0.0,
     scale: float = 4.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
 ) -> Tensor:
     """x_T ~ N(0, I) of `shape` -> guided DDIM samples (scaled latents), for a DiT with `encode_tags`.

@@ -77,7 +77,6 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: int = Field(1, ge=1)  # >1 launches torchrun DDP
     compile: bool = False  # torch.compile on GPU
-    num_workers: int = Field(0, ge=0)  # DataLoader workers
     shuffle_buffer: int = Field(1000, ge=1)
 
 
@@ -110,7 +109,10 @@ class VAEModelConfig(Section):
 
 
 VAE_PRESETS: dict[str, VAEModelConfig] = {
-    "demo": VAEModelConfig(widths=[16, 32, 64], blocks_per_level=1, groups=8),  # ~2 CPU-minutes of training
+    # The demo's 64 px world at f = 4 (16x16x4 latents): after ~2 CPU-minutes an f = 8 VAE of this
+    # size reaches ~18 dB and loses colours and eyes (tag recall of its reconstructions 0.71); f = 4
+    # reaches ~20.5 dB and recall 0.93 in the same time.
+    "demo": VAEModelConfig(widths=[16, 32], blocks_per_level=1, groups=8),
     "seed": VAEModelConfig(),
 }
 
@@ -153,7 +155,9 @@ class DiTModelConfig(Section):
 
 
 DIT_PRESETS: dict[str, DiTModelConfig] = {
-    "demo": DiTModelConfig(width=256, depth=6, heads=4, tag_heads=4, mlp_ratio=4.0, dropout=0.0),
+    # Sized for the demo's 16x16x4 latents: patch 4 -> 16 tokens; mlp 2 as in the seed; the demo
+    # world has at most 9 tags per image, so 10 tag slots (the tag encoder costs per slot).
+    "demo": DiTModelConfig(patch=4, width=256, depth=6, heads=4, tag_heads=4, mlp_ratio=2.0, dropout=0.0, max_tags=10),
     "seed-260m": DiTModelConfig(),
 }
 

@@ -92,10 +92,9 @@ def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, ba
     import webdataset as wds
 
     n = 0
-    memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     with atomic_path(dst) as tmp, wds.TarWriter(str(tmp), mtime=0) as w, torch.inference_mode():
         for raws, x in image_batches(src, resolution, batch_size, pool):
-            x = x.to(device).contiguous(memory_format=memory)  # (B, 3, R, R)
+            x = x.to(device)  # (B, 3, R, R)
             if flip:
                 x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): one forward for both
             mean, logvar = model.encode(x)  # (B or 2B, z, h, w)
@@ -185,7 +184,6 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
     """Encode every image shard missing from `out_dir`, then write `stats.json`; returns the stats."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
     from tqdm.auto import tqdm
 
     from models.vae import load_vae
@@ -198,8 +196,6 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
     device = select_device(cfg.vae.train.device)
     model, ckpt = load_vae(vae_ckpt, ema=lc.use_ema)
     model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     todo = [(split, p) for split in ("train", "val") for p in image_shards(dataset_dir, split)]
     if not todo:
         raise FileNotFoundError(f"no image shards under {dataset_dir}/images: run prepare-data first")
@@ -238,7 +234,7 @@ def encode_stage(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, for
     return STAGE.write_stamp(cfg, upstream, [*train, *val, out_dir / "stats.json"], info)
 
 
-@task(name="encode", cache_key_fn=stage_cache_key(STAGE), persist_result=True)
+@task(name="encode", cache_key_fn=stage_cache_key(STAGE), persist_result=True, tags=["gpu"])
 def encode_task(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, force: bool = False) -> StageRecord:
     """Encode the image shards into latent shards and measure the latent scale factor."""
     return encode_stage(cfg, shards, vae, force=force)

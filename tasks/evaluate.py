@@ -61,20 +61,22 @@ class Generator:
         return torch.tensor([self.vocab.encode(tags, self.max_tags)], dtype=torch.long)
 
     def sample(self, conds: list[list[str]], negs: list[list[str]], sampler: SamplerConfig,
-               cfg_scale: float, seed: int) -> list[Image.Image]:
-        """One image per (cond, neg) row, all rows in one batch, noise from `seed`."""
+               cfg_scale: float, seeds: int | list[int]) -> list[Image.Image]:
+        """One image per (cond, neg) row and seed, seed-major (all rows of the first seed, then the
+        next), in one batch; each seed's noise is what sampling its rows alone would draw."""
         import torch
 
         from models.sampling import sample_latents
         from tagdit.training import autocast
 
-        tags = torch.cat([self.ids(c) for c in conds])  # (B, L)
-        neg = torch.cat([self.ids(n) for n in negs])
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        tags = torch.cat([self.ids(c) for c in conds]).repeat(len(seeds), 1)  # (S·B, L)
+        neg = torch.cat([self.ids(n) for n in negs]).repeat(len(seeds), 1)
+        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         with autocast(self.device):
-            z = sample_latents(self.dit, tags, neg, alpha_bar=self.alpha_bar, shape=(len(conds), *self.latent_shape),
-                               steps=sampler.steps, eta=sampler.eta, scale=cfg_scale, generator=gen)
-            x = self.vae.decode(z.float() / self.scale_factor)  # (B, 3, H, W) in [-1, 1]
+            z = sample_latents(self.dit, tags, neg, alpha_bar=self.alpha_bar, shape=(len(tags), *self.latent_shape),
+                               steps=sampler.steps, eta=sampler.eta, scale=cfg_scale, generator=gens)
+            x = self.vae.decode(z.float() / self.scale_factor)  # (S·B, 3, H, W) in [-1, 1]
         return to_pil(x)
 
 
@@ -126,12 +128,23 @@ def caption(meta: dict, vocab: Any, max_tags: int) -> list[str]:
 
 
 def default_prompts(reals: list[tuple[Image.Image, dict]], vocab: Any, n: int, max_tags: int) -> list[list[str]]:
-    """Frequent tag combinations: real validation captions ranked by the mean log-frequency of their tags."""
+    """Frequent yet varied tag combinations drawn from the real validation captions.
+
+    Greedy: each pick is the caption with the largest share of tags no earlier pick used, ties
+    going to the most frequent tags (mean log-frequency); captions with the same tag set count once.
+    """
     captions = [caption(m, vocab, max_tags) for _, m in reals]
     freq = Counter(t for c in captions for t in c)
-    ranked = sorted({tuple(c) for c in captions if c},
-                    key=lambda c: (-sum(math.log(freq[t]) for t in c) / len(c), c))
-    return [list(c) for c in ranked[:n]]
+    unique = list({frozenset(c): c for c in reversed(captions) if c}.values())  # first occurrence wins
+    score = {tuple(c): sum(math.log(freq[t]) for t in c) / len(c) for c in unique}
+    chosen: list[list[str]] = []
+    used: set[str] = set()
+    while unique and len(chosen) < n:
+        best = max(unique, key=lambda c: (sum(t not in used for t in c) / len(c), score[tuple(c)], c))
+        unique.remove(best)
+        chosen.append(best)
+        used.update(best)
+    return chosen
 
 
 def negative_example(cfg: PipelineConfig, prompts: list[list[str]], vocab: Any) -> tuple[list[str], list[str]]:
@@ -153,34 +166,39 @@ def fidelity(predicted: list[list[str]], wanted: list[list[str]]) -> dict[str, f
     return {"recall": float(np.mean(rec)), "precision": float(np.mean(prec)), "n": len(wanted)}
 
 
-def psnr(gen: Generator, reals: list[tuple[Image.Image, dict]], limit: int = 128) -> float:
-    """VAE reconstruction PSNR (dB, images in [0, 1]) on validation images."""
+def reconstruct(gen: Generator, reals: list[tuple[Image.Image, dict]], batch: int = 64) -> tuple[list[Image.Image], float]:
+    """VAE round trip (posterior mean) of the real images: (reconstructions, mean PSNR in dB on [0, 1])."""
     import torch
 
-    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im, _ in reals[:limit]])
-    x = (x / 127.5 - 1).to(gen.device)  # (N, 3, H, W)
-    with torch.no_grad():
-        mean, _ = gen.vae.encode(x)
-        rec = gen.vae.decode(mean).clamp(-1, 1)
-    mse = (((rec - x) / 2) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
+    recs, scores = [], []
+    for i in range(0, len(reals), batch):
+        x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im, _ in reals[i:i + batch]])
+        x = (x / 127.5 - 1).to(gen.device)  # (B, 3, H, W)
+        with torch.no_grad():
+            rec = gen.vae.decode(gen.vae.encode(x)[0]).float().clamp(-1, 1)
+        mse = (((rec - x) / 2) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        scores.append(10 * torch.log10(1 / mse))
+        recs += to_pil(rec)
+    return recs, float(torch.cat(scores).mean()) if scores else float("nan")
 
 
 def tag_fidelity(cfg: PipelineConfig, gen: Generator, tagger: Any, prompts: list[list[str]],
-                 reals: list[tuple[Image.Image, dict]]) -> dict[str, Any]:
-    """Recall/precision of prompted tags for CFG samples, unconditional samples and real images."""
+                 reals: list[tuple[Image.Image, dict]], recs: list[Image.Image]) -> dict[str, Any]:
+    """Recall/precision of prompted tags for CFG samples, unconditional samples (the floor), real
+    images (the ceiling) and their VAE reconstructions (the ceiling any latent model can reach)."""
     sampler, m = cfg.evaluate.samplers[0], cfg.evaluate.metric_samples
     conds = [p for p in prompts for _ in range(m)]
     cond_imgs, uncond_imgs = [], []
     for start in range(0, len(conds), 32):  # bounded batches; each holds k CFG rows + k null rows
         chunk = conds[start:start + 32]
         k = len(chunk)
-        imgs = gen.sample(chunk + [[]] * k, [[]] * (2 * k), sampler, cfg.evaluate.cfg, seed=1000 + start)
+        imgs = gen.sample(chunk + [[]] * k, [[]] * (2 * k), sampler, cfg.evaluate.cfg, seeds=1000 + start)
         cond_imgs += imgs[:k]
         uncond_imgs += imgs[k:]
     pred_cond = [r.tags for r in tagger.tag_images(cond_imgs)]
     pred_uncond = [r.tags for r in tagger.tag_images(uncond_imgs)]
     pred_real = [r.tags for r in tagger.tag_images(im for im, _ in reals)]
+    pred_rec = [r.tags for r in tagger.tag_images(recs)]
     real_caps = [caption(meta, gen.vocab, gen.max_tags) for _, meta in reals]
     per_prompt = []
     for i, p in enumerate(prompts):
@@ -194,6 +212,7 @@ def tag_fidelity(cfg: PipelineConfig, gen: Generator, tagger: Any, prompts: list
         "cfg": fidelity(pred_cond, conds),
         "unconditional": fidelity(pred_uncond, conds),
         "real": fidelity(pred_real, real_caps),
+        "reconstructed": fidelity(pred_rec, real_caps),
         "per_prompt": per_prompt,
     }
     out["tag_recall_ratio"] = out["cfg"]["recall"] / max(out["real"]["recall"], 1e-9)
@@ -204,9 +223,9 @@ def render_sampler_grid(cfg: PipelineConfig, gen: Generator, rows: list[tuple[li
                         sampler: SamplerConfig, dst: Path) -> None:
     from tagdit.grid import render_grid
 
-    columns = [gen.sample([r[0] for r in rows], [r[1] for r in rows], sampler, cfg.evaluate.cfg, seed)
-               for seed in cfg.evaluate.seeds]  # columns[j][i] = row i, seed j
-    tiles = [[columns[j][i] for j in range(len(columns))] for i in range(len(rows))]
+    seeds = cfg.evaluate.seeds
+    imgs = gen.sample([r[0] for r in rows], [r[1] for r in rows], sampler, cfg.evaluate.cfg, seeds)
+    tiles = [[imgs[j * len(rows) + i] for j in range(len(seeds))] for i in range(len(rows))]  # row i, seed j
     grid = render_grid(tiles, [r[2] for r in rows], [f"seed {s}" for s in cfg.evaluate.seeds])
     with atomic_path(dst) as tmp:
         grid.save(tmp, format="PNG")
@@ -254,10 +273,11 @@ def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents
             render_sampler_grid(cfg, gen, rows, sampler, dst)
         grids[sampler.name] = str(dst)
     tagger = WDTagger.from_config(cfg.tagger)
-    metrics = tag_fidelity(cfg, gen, tagger, prompts, reals)
+    recs, vae_psnr = reconstruct(gen, reals)
+    metrics = tag_fidelity(cfg, gen, tagger, prompts, reals, recs)
     dit_meta = json.loads((dit_ckpt / "meta.json").read_text())
     metrics.update({
-        "vae_psnr_db": psnr(gen, reals),
+        "vae_psnr_db": vae_psnr,
         "dit_val_loss": dit_meta.get("metrics", {}).get("val_loss"),
         "dit_checkpoint": ckpt,
         "prompts": [", ".join(p) for p in prompts],
@@ -273,7 +293,7 @@ def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents
         writer.add_scalar("eval/tag_recall_ratio", metrics["tag_recall_ratio"])
     info = {"dir": str(out), "metrics": str(out / "metrics.json"), "grids": grids,
             "tag_recall_ratio": metrics["tag_recall_ratio"], "vae_psnr_db": metrics["vae_psnr_db"],
-            "recall": {k: metrics[k]["recall"] for k in ("cfg", "unconditional", "real")}}
+            "recall": {k: metrics[k]["recall"] for k in ("cfg", "unconditional", "real", "reconstructed")}}
     return EVALUATE.write_stamp(cfg, upstream, [*(Path(g) for g in grids.values()), out / "metrics.json"], info)
 
 
@@ -298,7 +318,8 @@ def artifact_markdown(record: StageRecord) -> str:
         "|---|---|---|",
     ]
     for k, label in (("cfg", f"CFG {m['cfg_scale']} samples ({m['sampler']})"), ("unconditional", "unconditional samples (floor)"),
-                     ("real", "real validation images (ceiling)")):
+                     ("real", "real validation images (ceiling)"),
+                     ("reconstructed", "their VAE reconstructions (the VAE's ceiling)")):
         lines.append(f"| {label} | {m[k]['recall']:.3f} | {m[k]['precision']:.3f} |")
     lines += ["", f"**tag_recall_ratio** (CFG / real): {m['tag_recall_ratio']:.3f} · VAE PSNR: "
               f"{m['vae_psnr_db']:.2f} dB · DiT val loss: {m['dit_val_loss']}", "", "Full-size files:"]

@@ -37,7 +37,7 @@ STAGE = Stage(
 )
 
 # Settings that may change between runs without invalidating the checkpoints (resume continues).
-RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile", "num_workers")
+RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile")
 
 
 def shard_urls(latents_dir: Path, split: str) -> list[str]:
@@ -152,8 +152,8 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     import torch
 
     from models.diffusion import make_alpha_bar
-    from models.dit import DiT, count_params
-    from tagdit.training import EpochStream, fit, init_distributed, select_device
+    from models.dit import DiT
+    from tagdit.training import EpochStream, count_parameters, fit, init_distributed, select_device
 
     rank, world, _ = init_distributed()
     tc = cfg.dit.train
@@ -169,7 +169,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = DiT(cfg.dit.model, vocab_size=len(vocab), latent_size=h, in_channels=z_ch)
     if rank == 0:
-        log.info("DiT: %.2fM parameters, vocab %d, latents %s", count_params(model) / 1e6, len(vocab), stats["latent_shape"])
+        log.info("DiT: %.2fM parameters, vocab %d, latents %s", count_parameters(model) / 1e6, len(vocab), stats["latent_shape"])
     alpha_bar = make_alpha_bar(cfg.dit.schedule, cfg.dit.timesteps).to(device)
     stream = EpochStream(
         shard_urls(latents_dir, "train"),
@@ -259,7 +259,7 @@ def train_dit_stage(cfg: PipelineConfig, latents: StageRecord, shards: StageReco
     return STAGE.write_stamp(cfg, upstream, files, info)
 
 
-@task(name="train_dit", cache_key_fn=stage_cache_key(STAGE), persist_result=True)
+@task(name="train_dit", cache_key_fn=stage_cache_key(STAGE), persist_result=True, tags=["gpu"])
 def train_dit_task(cfg: PipelineConfig, latents: StageRecord, shards: StageRecord, force: bool = False) -> StageRecord:
     """Train the tag-conditioned DiT on the encoded latents."""
     return train_dit_stage(cfg, latents, shards, force=force)

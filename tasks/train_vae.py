@@ -36,7 +36,7 @@ STAGE = Stage(
 )
 
 # Settings that may change between runs without invalidating the checkpoints (resume continues).
-RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile", "num_workers")
+RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile")
 VAL_LIMIT = 512  # validation images kept in memory (uint8) for PSNR
 VAL_SHOW = 8  # reconstructions written to TensorBoard
 
@@ -86,14 +86,11 @@ def decode_train(raw: dict[str, Any], resolution: int):
     return decode_image(image_bytes(raw), resolution, flip)
 
 
-def vae_loss(model, x, step: int, *, vae: VAEConfig, perceptual=None, channels_last: bool = False):
+def vae_loss(model, x, step: int, *, vae: VAEConfig, perceptual=None):
     """`w_l1·L1 + w_perc·perceptual + w_kl·KL` on one batch x (B, 3, H, W) in [-1, 1]."""
-    import torch
 
     from models.vae import AutoencoderKL
 
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     recon, mean, logvar = model(x)  # (B, 3, H, W), (B, z, h, w) x2
     recon = recon.float()
     l1 = (recon - x).abs().mean()
@@ -163,8 +160,8 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
     """Train in this process: alone, or as one rank under torchrun. Returns fit's TrainResult."""
     import torch
 
-    from models.vae import build_vae, count_parameters
-    from tagdit.training import EpochStream, fit, init_distributed, select_device
+    from models.vae import build_vae
+    from tagdit.training import EpochStream, count_parameters, fit, init_distributed, select_device
 
     rank, world, _ = init_distributed()
     tc, res = cfg.vae.train, cfg.data.resolution
@@ -179,9 +176,6 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
     if rank == 0:
         _logger().info("VAE: %.2fM parameters, f=%d, z=%d", count_parameters(model) / 1e6,
                        model.downsample_factor, cfg.vae.model.z_channels)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     perceptual = build_perceptual_loss(cfg.vae, device)
     stream = EpochStream(urls, partial(decode_train, resolution=res), batch_size=tc.batch_size // world,
                          seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, rank=rank, world_size=world)
@@ -194,7 +188,7 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
             _logger().warning("no validation shards in %s: validation PSNR is off", dataset_dir)
     return fit(
         model=model,
-        loss_fn=partial(vae_loss, vae=cfg.vae, perceptual=perceptual, channels_last=channels_last),
+        loss_fn=partial(vae_loss, vae=cfg.vae, perceptual=perceptual),
         stream=stream,
         cfg=tc,
         out_dir=out_dir,
@@ -275,7 +269,7 @@ def train_vae_stage(cfg: PipelineConfig, shards: StageRecord, force: bool = Fals
     return STAGE.write_stamp(cfg, upstream, files, checkpoint_info(ckpt))
 
 
-@task(name="train_vae", cache_key_fn=stage_cache_key(STAGE), persist_result=True)
+@task(name="train_vae", cache_key_fn=stage_cache_key(STAGE), persist_result=True, tags=["gpu"])
 def train_vae_task(cfg: PipelineConfig, shards: StageRecord, force: bool = False) -> StageRecord:
     """Train the KL-VAE on the image shards."""
     return train_vae_stage(cfg, shards, force=force)

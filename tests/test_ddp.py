@@ -4,13 +4,13 @@ import json
 
 import torch
 import torch.multiprocessing as mp
-from latent_fixtures import write_latent_fixture
 
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from models.dit import DiT
 from tagdit.config import DiTModelConfig, load_config
 from tagdit.stage import StageRecord
 from tagdit.training import load_weights
+from tests.latent_fixtures import write_latent_fixture
 
 TINY = DiTModelConfig(width=32, depth=2, heads=2, tag_heads=2, mlp_ratio=2.0, dropout=0.0, max_tags=4)
 
@@ -66,7 +66,7 @@ def test_train_task_runs_torchrun_ddp_when_nproc_is_2(tmp_path):
 
     latents = write_latent_fixture(tmp_path / "ds", n_train=16, n_val=4, per_shard=8)
     cfg = load_config(None, [
-        f"data.root={tmp_path}", "data.name=ds", f"run.root={tmp_path}/runs", "dit.model=demo", "dit.model.width=32",
+        f"data.root={tmp_path}", "data.name=ds", f"run.root={tmp_path}/runs", "dit.model=demo", "dit.model.patch=2", "dit.model.width=32",
         "dit.model.depth=1", "dit.model.heads=2", "dit.model.tag_heads=2", "dit.model.max_tags=4",
         "dit.train.device=cpu", "dit.train.nproc=2", "dit.train.batch_size=8", "dit.train.steps=4",
         "dit.train.warmup_steps=1", "dit.train.log_every=1", "dit.train.val_every=4", "dit.val_samples=4"])

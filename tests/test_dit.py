@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from models.diffusion import cosine_alpha_bar, eps_loss, linear_alpha_bar, q_sample
-from models.dit import DiT, DiTBlock, build_dit, count_params, load_dit, patchify, unpatchify
+from models.dit import DiT, DiTBlock, build_dit, load_dit, patchify, unpatchify
 from tagdit.config import DIT_PRESETS, DiTModelConfig
-from tagdit.training import save_weights
+from tagdit.training import count_parameters, save_weights
 
 TINY = DiTModelConfig(width=32, depth=2, heads=2, tag_heads=2, tag_layers=2, mlp_ratio=2.0, dropout=0.0, max_tags=4)
 
@@ -103,7 +103,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_seed_preset_has_264m_parameters():
     with torch.device("meta"):  # count without allocating
         model = DiT(DIT_PRESETS["seed-260m"], vocab_size=161, latent_size=32, in_channels=4)  # 158 tags + 3
-    assert count_params(model) == pytest.approx(264e6, rel=0.005)
+    assert count_parameters(model) == pytest.approx(264e6, rel=0.005)
 
 
 def test_checkpoint_rebuilds_the_model(tmp_path):
@@ -114,7 +114,7 @@ def test_checkpoint_rebuilds_the_model(tmp_path):
     loaded = load_dit(tmp_path)
     x, t, tags = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.tensor([[2, 3, 0, 0, 0]])
     assert torch.equal(loaded(x, t, tags), model.eval()(x, t, tags))
-    assert count_params(build_dit(model.config_dict())) == count_params(model)
+    assert count_parameters(build_dit(model.config_dict())) == count_parameters(model)
 
 
 def test_schedules_match_the_seed():

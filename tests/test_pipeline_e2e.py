@@ -57,6 +57,7 @@ def test_deployment_runs_the_pipeline_then_hits_every_cache(tmp_path):
     with PrefectServer(tmp_path / "prefect") as server:
         server.env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
         server.cli("work-pool", "create", "tagdit", "--type", "process")
+        server.cli("concurrency-limit", "create", "gpu", "1")  # as the README sets it up
         server.env["PWD"] = str(ROOT)  # prefect.yaml's pull step is `{{ $PWD }}` at deploy time
         server.cli("--no-prompt", "deploy", "--all", cwd=ROOT)
         server.spawn(["worker", "start", "--pool", "tagdit"], "worker.log")
@@ -66,7 +67,10 @@ def test_deployment_runs_the_pipeline_then_hits_every_cache(tmp_path):
         assert (tmp_path / "runs/tiny/vae/latest").is_file() and (tmp_path / "runs/tiny/dit/latest").is_file()
         assert len(list((tmp_path / "runs/tiny/eval").glob("*/grid-*.png"))) == 2
         metrics = json.loads(next((tmp_path / "runs/tiny/eval").glob("*/metrics.json")).read_text())
-        assert {"tag_recall_ratio", "cfg", "unconditional", "real", "vae_psnr_db"} <= metrics.keys()
+        assert {"tag_recall_ratio", "cfg", "unconditional", "real", "reconstructed", "vae_psnr_db"} <= metrics.keys()
+        gpu_tasks = {r["name"].rsplit("-", 1)[0] for r in api(server, "/task_runs/filter", {
+            "flow_runs": {"id": {"any_": [first]}}, "task_runs": {"tags": {"all_": ["gpu"]}}})}
+        assert gpu_tasks == {"train_vae", "encode", "train_dit", "evaluate"}, gpu_tasks
         artifacts = api(server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["tagdit-eval-tiny"]}}})
         assert artifacts and "data:image/png;base64," in artifacts[0]["data"]
 

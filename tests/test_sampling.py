@@ -67,6 +67,24 @@ def test_ddim_eta0_is_deterministic_for_a_seed():
     assert torch.equal(run(5, eta=1.0), run(5, eta=1.0)) and not torch.allclose(run(5, eta=1.0), run(5))
 
 
+def test_seeds_batched_with_one_generator_each_match_separate_runs():
+    model = random_dit()
+    ab = make_alpha_bar("cosine", 1000)
+    tags, null = torch.tensor([[2, 3, 4, 0, 0]] * 2), torch.tensor([[2, 0, 0, 0, 0]] * 2)
+
+    def run(seeds):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        n = len(seeds)
+        return sample_latents(model, tags.repeat(n, 1), null.repeat(n, 1), alpha_bar=ab, shape=(2 * n, 4, 8, 8),
+                              steps=6, eta=1.0, scale=3.0, generator=gens)
+
+    together = run([7, 8])
+    assert torch.allclose(together[:2], run([7]), atol=1e-5) and torch.allclose(together[2:], run([8]), atol=1e-5)
+    with pytest.raises(ValueError, match="equal per-generator chunks"):
+        sample_latents(model, tags[:1].repeat(3, 1), null[:1].repeat(3, 1), alpha_bar=ab, shape=(3, 4, 8, 8), steps=2,
+                       generator=[torch.Generator(), torch.Generator()])
+
+
 @pytest.mark.parametrize("eta,steps", [(0.0, 200), (1.0, 500)])
 def test_sampler_reproduces_a_gaussian_with_the_exact_denoiser(eta, steps):
     """Data x_0 ~ N(mu, s^2): E[eps | x_t] is known in closed form; samples must have mean mu, std s."""

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-from latent_fixtures import write_latent_fixture
 
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from models.dit import load_dit
@@ -14,8 +13,9 @@ from tagdit.stage import StageRecord
 from tagdit.training import load_weights
 from tagdit.vocab import Vocab, augment_tags
 from tasks.train_dit import STAGE, decode_latent, shard_urls, train_dit_stage
+from tests.latent_fixtures import write_latent_fixture
 
-TINY = ["dit.model=demo", "dit.model.width=64", "dit.model.depth=2", "dit.model.heads=2", "dit.model.tag_heads=2",
+TINY = ["dit.model=demo", "dit.model.patch=2", "dit.model.mlp_ratio=4", "dit.model.width=64", "dit.model.depth=2", "dit.model.heads=2", "dit.model.tag_heads=2",
         "dit.model.max_tags=4", "dit.train.device=cpu", "dit.train.batch_size=16", "dit.train.warmup_steps=10",
         "dit.train.lr=2e-3", "dit.train.weight_decay=0", "dit.train.ema_decay=0.9", "dit.val_samples=8"]
 

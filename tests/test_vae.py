@@ -9,8 +9,9 @@ from models.perceptual import (
     find_vgg19_weights,
     vgg19_features,
 )
-from models.vae import AutoencoderKL, build_vae, count_parameters
+from models.vae import AutoencoderKL, build_vae
 from tagdit.config import VAE_PRESETS, VAEConfig, VAEModelConfig
+from tagdit.training import count_parameters
 
 TINY = VAEModelConfig(widths=[8, 16, 16], blocks_per_level=1, groups=4)
 

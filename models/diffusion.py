@@ -59,6 +59,20 @@ def sample_timesteps(batch: int, timesteps: int, generator: torch.Generator | No
     return torch.randint(0, timesteps, (batch,), generator=generator, device=device)
 
 
-def eps_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
-    """L_simple = E‖ε - ε_θ(x_t, t)‖² (DDPM eq. 14), the mean over every element, in fp32."""
-    return torch.mean((eps_pred.float() - eps.float()) ** 2)
+def eps_loss(eps_pred: Tensor, eps: Tensor, weight: Tensor | None = None) -> Tensor:
+    """L_simple = E‖ε - ε_θ(x_t, t)‖² (DDPM eq. 14), the mean over every element, in fp32;
+    `weight` (B,) scales each sample's mean (e.g. `min_snr_weight`)."""
+    sq = (eps_pred.float() - eps.float()) ** 2
+    if weight is None:
+        return torch.mean(sq)
+    return torch.mean(sq.flatten(1).mean(1) * weight)
+
+
+def min_snr_weight(t: Tensor, alpha_bar: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-γ weights for ε-prediction (Hang et al. 2023): min(SNR_t, γ) / SNR_t, (B,).
+
+    SNR_t = ᾱ_t / (1 - ᾱ_t). Low-noise steps (SNR > γ), which are easy and dominate L_simple's
+    gradients, are down-weighted; the paper reports ~3x faster convergence with γ = 5."""
+    ab = alpha_bar[t].float()
+    snr = ab / (1 - ab)
+    return torch.where(snr > gamma, gamma / snr, torch.ones_like(snr))  # no 0/0 where ᾱ_t = 0

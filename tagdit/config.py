@@ -169,6 +169,7 @@ class DiTConfig(Section):
     caption_drop: float = Field(0.2, ge=0, le=1)  # whole caption dropped -> null condition (CFG)
     tag_drop: float = Field(0.1, ge=0, le=1)  # each remaining tag dropped
     shuffle_tags: bool = True
+    min_snr_gamma: float | None = Field(None, gt=0)  # Min-SNR-γ loss weighting; None = L_simple (the seed)
     val_samples: int = Field(64, ge=1)  # fixed (latent, t, noise) triples for validation loss
     train: DiTTrainConfig = DiTTrainConfig()
 

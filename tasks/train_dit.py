@@ -97,16 +97,18 @@ def posterior_sample(batch: dict[str, Any], scale_factor: float):
     return scale_factor * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
 
 
-def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, scale_factor: float):
-    """L_simple on one batch: t ~ U{0..T-1}, ε ~ N(0, I), x_t = q_sample(z, t, ε)."""
+def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, scale_factor: float,
+             min_snr_gamma: float | None = None):
+    """L_simple (or Min-SNR-γ weighted) on one batch: t ~ U{0..T-1}, ε ~ N(0, I), x_t = q_sample(z, t, ε)."""
     import torch
 
-    from models.diffusion import eps_loss, q_sample
+    from models.diffusion import eps_loss, min_snr_weight, q_sample
 
     z = posterior_sample(batch, scale_factor)  # (B, C, H, W)
     t = torch.randint(0, len(alpha_bar), (z.shape[0],), device=z.device)
     eps = torch.randn_like(z)
-    return eps_loss(model(q_sample(z, t, eps, alpha_bar), t, batch["tags"]), eps), {}
+    weight = None if min_snr_gamma is None else min_snr_weight(t, alpha_bar, min_snr_gamma)
+    return eps_loss(model(q_sample(z, t, eps, alpha_bar), t, batch["tags"]), eps, weight), {}
 
 
 def make_val_fn(latents_dir: Path, vocab: Vocab, cfg: PipelineConfig, alpha_bar, scale_factor: float, device):
@@ -183,7 +185,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     val_fn = make_val_fn(latents_dir, vocab, cfg, alpha_bar, scale, device)  # every rank: fit syncs around it
     return fit(
         model=model,
-        loss_fn=partial(dit_loss, alpha_bar=alpha_bar, scale_factor=scale),
+        loss_fn=partial(dit_loss, alpha_bar=alpha_bar, scale_factor=scale, min_snr_gamma=cfg.dit.min_snr_gamma),
         stream=stream,
         cfg=tc,
         out_dir=out_dir,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.diffusion import cosine_alpha_bar, eps_loss, linear_alpha_bar, q_sample
+from models.diffusion import cosine_alpha_bar, eps_loss, linear_alpha_bar, min_snr_weight, q_sample
 from models.dit import DiT, DiTBlock, build_dit, load_dit, patchify, unpatchify
 from tagdit.config import DIT_PRESETS, DiTModelConfig
 from tagdit.training import count_parameters, save_weights
@@ -133,3 +133,14 @@ def test_q_sample_and_l_simple():
     x_t = q_sample(x0, t, eps, ab)
     assert torch.allclose(x_t[1], (0.001**0.5) * x0[1] + (0.999**0.5) * eps[1], atol=1e-6)
     assert eps_loss(eps, eps).item() == 0.0 and eps_loss(torch.zeros_like(eps), eps).item() == pytest.approx(eps.square().mean().item())
+
+
+def test_min_snr_weights_only_the_low_noise_steps():
+    ab = cosine_alpha_bar(1000)
+    t = torch.arange(1000)
+    w = min_snr_weight(t, ab, 5.0)
+    snr = ab / (1 - ab)
+    assert torch.all(w[snr <= 5] == 1) and torch.allclose(w[snr > 5], (5 / snr[snr > 5]).float(), rtol=1e-4)
+    assert w[0] < 0.01 and w[-1] == 1 and torch.all(torch.isfinite(min_snr_weight(t, torch.zeros(1000), 5.0)))
+    pred, eps = torch.zeros(2, 4, 2, 2), torch.stack([torch.ones(4, 2, 2), 2 * torch.ones(4, 2, 2)])
+    assert eps_loss(pred, eps, torch.tensor([1.0, 0.5])).item() == pytest.approx((1 * 1 + 4 * 0.5) / 2)

@@ -1,8 +1,10 @@
-"""DDIM 50 steps with classifier-free guidance, images/s: ours vs diffusers (DiT + DDIMScheduler).
+"""Sampling with classifier-free guidance, images/s: ours vs diffusers' DiT, in two rows: DDIM 50
+steps (vs DDIMScheduler) and DPM-Solver++(2M) 20 steps (vs DPMSolverMultistepScheduler).
 
 Both sides batch the two CFG branches into one forward per step, no x0 clipping, same sizes,
-batch, dtype and run; rounds alternate and the median counts. Ours computes the tag embeddings
-once per sampling run (they do not depend on x_t or t); the peer embeds its class labels per step.
+batch, dtype and run; rounds alternate over all four runs and the median counts. Ours computes the
+tag embeddings once per sampling run (they do not depend on x_t or t); the peer embeds its class
+labels per step.
 
     python benchmarks/dit_sampling.py                                     # demo preset, CPU, fp32
     python benchmarks/dit_sampling.py --preset seed-260m --device cuda --dtype bf16
@@ -38,19 +40,27 @@ def diffusers_peer(cfg, latent: int):
     return peer
 
 
-@torch.no_grad()
-def peer_sample(peer, labels, shape, steps: int, scale: float, generator, device):
-    """diffusers' DiTPipeline loop: batched CFG, DDIMScheduler (eta 0, no clipping)."""
-    from diffusers import DDIMScheduler
+def peer_scheduler(sampler: str, steps: int):
+    """diffusers' scheduler for our sampler: DDIM (eta 0, no clipping) or DPM-Solver++(2M) (its defaults)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
+    if sampler == "ddim":
+        sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
+    else:
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2)
     sched.set_timesteps(steps)
+    return sched
+
+
+@torch.no_grad()
+def peer_sample(peer, labels, shape, sched, scale: float, generator, device):
+    """diffusers' DiTPipeline loop: batched CFG, one `sched.step` per step."""
     x = torch.randn(shape, generator=generator, device=generator.device).to(device)
     y = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
     for t in sched.timesteps:
         eps = peer(torch.cat([x, x]), t.expand(2 * len(x)).to(device), y).sample  # (2B, C, H, W)
         e_cond, e_null = eps.chunk(2)
-        x = sched.step(e_null + scale * (e_cond - e_null), t, x, eta=0.0).prev_sample
+        x = sched.step(e_null + scale * (e_cond - e_null), t, x).prev_sample
     return x
 
 
@@ -60,7 +70,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--n", type=int, default=None, help="images per run (default: 16 demo / 32 seed)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--dpm-steps", type=int, default=20, help="DPM-Solver++(2M) steps")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     a = p.parse_args()
@@ -82,16 +93,18 @@ def main() -> None:
     alpha_bar = make_alpha_bar("cosine", 1000)
     shape = (n, 4, latent, latent)
 
-    def run_ours():
-        return sample_latents(ours, tags, null, alpha_bar=alpha_bar, shape=shape, steps=a.steps, eta=0.0, scale=4.0,
-                              generator=torch.Generator().manual_seed(0))
+    def run_ours(sampler: str, steps: int):
+        return lambda: sample_latents(ours, tags, null, alpha_bar=alpha_bar, shape=shape, steps=steps, sampler=sampler,
+                                      scale=4.0, generator=torch.Generator().manual_seed(0))
 
-    def run_peer():
-        return peer_sample(peer, labels, shape, a.steps, 4.0, torch.Generator().manual_seed(0), device)
+    def run_peer(sampler: str, steps: int):
+        return lambda: peer_sample(peer, labels, shape, peer_scheduler(sampler, steps), 4.0,
+                                   torch.Generator().manual_seed(0), device)
 
-    rates: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    fns = {"ours ddim": run_ours("ddim", a.steps), "diffusers ddim": run_peer("ddim", a.steps),
+           "ours dpmpp_2m": run_ours("dpmpp_2m", a.dpm_steps), "diffusers dpmpp_2m": run_peer("dpmpp_2m", a.dpm_steps)}
+    rates: dict[str, list[float]] = {name: [] for name in fns}
     peaks = dict.fromkeys(rates, 0)
-    fns = {"ours": run_ours, "diffusers": run_peer}
     for r in range(a.rounds + 1):  # round 0 warms up
         for name, fn in fns.items():
             if device.type == "cuda":
@@ -109,9 +122,11 @@ def main() -> None:
     for name, rs in rates.items():
         mem = f", peak memory {peaks[name] / 2**30:.2f} GiB" if device.type == "cuda" else ""
         print(f"{name}: {statistics.median(rs):.2f} images/s (rounds {[round(x, 2) for x in rs]}){mem}")
-    ours_r, base_r = statistics.median(rates["ours"]), statistics.median(rates["diffusers"])
-    print(f"config: preset {a.preset}, {(latent // cfg.patch) ** 2} tokens, {n} images, {a.steps} DDIM steps, CFG 4, {a.dtype}, {device}")
-    print(f"RESULT dit_sampling ours={ours_r:.2f} images/s baseline={base_r:.2f} ratio={ours_r / base_r:.2f}")
+    print(f"config: preset {a.preset}, {(latent // cfg.patch) ** 2} tokens, {n} images, {a.steps} DDIM steps, "
+          f"{a.dpm_steps} DPM-Solver++(2M) steps, CFG 4, {a.dtype}, {device}")
+    for sampler, key in (("ddim", "dit_sampling"), ("dpmpp_2m", "dit_sampling_dpmpp")):
+        ours_r, base_r = statistics.median(rates[f"ours {sampler}"]), statistics.median(rates[f"diffusers {sampler}"])
+        print(f"RESULT {key} ours={ours_r:.2f} images/s baseline={base_r:.2f} ratio={ours_r / base_r:.2f}")
 
 
 if __name__ == "__main__":

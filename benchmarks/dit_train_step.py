@@ -19,7 +19,8 @@ import torch
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from models.dit import DiT
 from tagdit.config import DIT_PRESETS, TrainConfig
-from tagdit.training import count_parameters, make_optimizer
+from tagdit.train.checkpoints import count_parameters
+from tagdit.train.optim import make_optimizer
 
 LATENT = {"demo": 16, "seed-260m": 32}  # demo: 64 px at f = 4, seed: 256 px at f = 8
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense TFLOP/s

@@ -10,7 +10,6 @@ shared latent format (fp16 mean/logvar + flipped pair + json tags), at the demo'
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import tempfile
@@ -24,17 +23,13 @@ import torch
 from models.diffusion import make_alpha_bar
 from models.dit import DiT
 from tagdit.config import load_config
-from tagdit.training import EpochStream, make_optimizer
+from tagdit.formats.latent_shards import LatentStats, latent_sample
+from tagdit.train.optim import make_optimizer
+from tagdit.train.stream import EpochStream
 from tagdit.vocab import Vocab
 from tasks.train_dit import decode_latent, dit_loss, shard_urls
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-def npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
 
 
 def write_shards(root: Path, n: int, per_shard: int = 500, shape=(4, 16, 16), n_tags: int = 60) -> Vocab:
@@ -45,12 +40,18 @@ def write_shards(root: Path, n: int, per_shard: int = 500, shape=(4, 16, 16), n_
     for s in range((n + per_shard - 1) // per_shard):
         with wds.TarWriter(str(root / f"train-{s:06d}.tar"), mtime=0) as w:
             for i in range(min(per_shard, n - s * per_shard)):
-                sample = {"__key__": f"k{s:03d}{i:05d}", "json": json.dumps({"tags": list(rng.choice(tags, 8, replace=False))}).encode()}
-                for prefix in ("", "flip_"):
-                    sample[prefix + "mean.npy"] = npy(rng.normal(size=shape).astype(np.float16))
-                    sample[prefix + "logvar.npy"] = npy(np.full(shape, -4, np.float16))
-                w.write(sample)
-    return Vocab(["<pad>", "<unk>", "<cls>", *tags])
+                meta = json.dumps({"tags": list(rng.choice(tags, 8, replace=False))}).encode()
+                mean, flip_mean = (rng.normal(size=shape).astype(np.float16) for _ in range(2))
+                logvar = np.full(shape, -4, np.float16)
+                w.write(latent_sample(f"k{s:03d}{i:05d}", meta, mean, logvar, flip_mean, logvar))
+    return Vocab.from_tags(tags)
+
+
+def unit_stats(shape: tuple[int, int, int], n: int) -> LatentStats:
+    """`stats.json` of the synthetic latents: already unit variance, so scale factor 1."""
+    return LatentStats(scale_factor=1.0, mean=0.0, std=1.0, count=n, values=n * int(np.prod(shape)),
+                       latent_shape=list(shape), vae_checkpoint_sha256="", vae_id="synthetic", vae_checkpoint="",
+                       weights="ema", seed=0, samples="synthetic")
 
 
 def main() -> None:
@@ -82,7 +83,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = DiT(cfg.dit.model, vocab_size=len(vocab), latent_size=16).train()
         opt = make_optimizer(model, cfg.dit.train, torch.device("cpu"))
-        loss_fn = partial(dit_loss, alpha_bar=make_alpha_bar(cfg.dit.schedule, cfg.dit.timesteps), scale_factor=1.0)
+        loss_fn = partial(dit_loss, alpha_bar=make_alpha_bar(cfg.dit.schedule, cfg.dit.timesteps), stats=unit_stats((4, 16, 16), a.samples))
         fixed = next(iter(EpochStream(urls, decode, batch_size=batch, seed=1)))
 
         def step_rate() -> float:

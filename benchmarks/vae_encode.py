@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def save_checkpoint(model, cfg_json: dict, ckpt: Path) -> Path:
-    from tagdit.training import save_weights
+    from tagdit.train.checkpoints import save_weights
 
     ckpt.mkdir(parents=True)
     for name in ("model.safetensors", "ema.safetensors"):
@@ -62,8 +62,8 @@ def main() -> None:
     from benchmarks.vae_report import demo_world_shards
     from models.vae import build_vae
     from tagdit.config import load_config
+    from tagdit.formats.image_shards import image_shards
     from tasks.encode import encode_latents
-    from tasks.train_vae import image_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -92,7 +92,7 @@ def main() -> None:
     ours, base = n / ours_s, n / base_s
     print(f"{n} images at {res} px, flip={cfg.latents.flip}, batch {cfg.latents.batch_size}, "
           f"{torch.get_num_threads()} threads: encode stage {ours_s:.1f} s (latent shards + stats, "
-          f"scale factor {stats['scale_factor']:.4f}), per-file loop {base_s:.1f} s")
+          f"scale factor {stats.scale_factor:.4f}), per-file loop {base_s:.1f} s")
     print(f"RESULT vae_encode ours={ours:.1f} img/s baseline={base:.1f} ratio={ours / base:.2f}")
 
 

@@ -30,7 +30,8 @@ def demo_world_shards(dataset_dir: Path, n: int = 2000, res: int = 64, val_fract
     """Demo-world images, centre-cropped to `res`, as image shards in the shared format."""
     import webdataset as wds
 
-    from tagdit.demo.world import centre_crop, decode, make_item
+    from tagdit.demo.world import decode, make_item
+    from tagdit.formats.wd_image import centre_crop
 
     images = dataset_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,8 @@ def demo_world_shards(dataset_dir: Path, n: int = 2000, res: int = 64, val_fract
 def demo_psnr(config: str, work: Path) -> tuple[float, float, int, str]:
     """(val PSNR dB, training seconds, steps, data source) for the demo config's VAE budget."""
     from tagdit.config import load_config
-    from tasks.train_vae import image_shards, train_vae
+    from tagdit.formats.image_shards import image_shards
+    from tasks.train_vae import train_vae
 
     cfg = load_config(config, [f"run.root={work / 'runs'}"])
     dataset, source = cfg.dataset_dir, f"{cfg.dataset_dir}/images"
@@ -78,8 +80,9 @@ def _step_memory(batch: int, res: int, q) -> None:
 
     from models.perceptual import build_perceptual
     from models.vae import build_vae
-    from tagdit.config import VAE_PRESETS, VAEConfig
-    from tagdit.training import select_device
+    from models.vae_loss import VAELoss
+    from tagdit.config import VAE_PRESETS
+    from tagdit.train.devices import select_device
     from tasks.train_vae import vae_loss
 
     device = select_device("auto")
@@ -94,7 +97,7 @@ def _step_memory(batch: int, res: int, q) -> None:
         before = torch.cuda.memory_allocated()
     t = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss, _ = vae_loss(model, x, 0, vae=VAEConfig(), perceptual=perceptual)
+        loss, _ = vae_loss(model, x, 0, criterion=VAELoss(perceptual=perceptual))  # the seed's weights
     loss.backward()
     opt.step()
     seconds = time.perf_counter() - t
@@ -142,7 +145,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from models.vae import build_vae
     from tagdit.config import VAE_PRESETS, load_config
-    from tagdit.training import count_parameters
+    from tagdit.train.checkpoints import count_parameters
 
     cfg = load_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,11 +15,14 @@ from prefect import flow, get_run_logger
 
 from tagdit.cli import flow_main
 from tagdit.config import load_config
-from tagdit.stage import StageRecord, run_stage
+from tagdit.runner import expand_force, run_stage
+from tagdit.stage import StageRecord
 
 
 @flow(name="demo-world")
-def demo_world(config: str | None = None, overrides: list[str] | None = None, force: bool = False) -> StageRecord:
+def demo_world(
+    config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
+) -> StageRecord:
     """Build the demo world + demo tagger (cached); returns the stage record."""
     from prefect.artifacts import create_markdown_artifact
 
@@ -27,7 +30,7 @@ def demo_world(config: str | None = None, overrides: list[str] | None = None, fo
     from tasks.demo import DEMO, build_demo_task
 
     cfg = load_config(config, overrides)
-    record = run_stage(build_demo_task, DEMO, cfg, force=force)
+    record = run_stage(build_demo_task, DEMO, cfg, force=DEMO.name in expand_force(force, (DEMO.name,)))
     report = json.loads(Path(cfg.demo.tagger_out, "report.json").read_text())
     table = summary_table(report)
     logger = get_run_logger()

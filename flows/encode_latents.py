@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.train_vae import shard_record
 from tagdit.cli import flow_main
 from tagdit.config import load_config
-from tagdit.stage import StageRecord, expand_force, require_stamp, run_stage
+from tagdit.records import shard_record, vae_record
+from tagdit.runner import expand_force, run_stage
+from tagdit.stage import StageRecord
 
 
 @flow(name="encode-latents")
@@ -22,10 +23,9 @@ def encode_latents_flow(
 ) -> StageRecord:
     """Encode every image shard with the run's EMA VAE; returns the encode stage's record."""
     from tasks.encode import STAGE, encode_task
-    from tasks.train_vae import STAGE as VAE_STAGE
 
     cfg = load_config(config, overrides)
-    vae = require_stamp(VAE_STAGE.out_dir(cfg, {}), VAE_STAGE.name, "train-vae")
+    vae = vae_record(cfg)
     forced = STAGE.name in expand_force(force, (STAGE.name,))  # --force encode
     record = run_stage(encode_task, STAGE, cfg, force=forced, shards=shard_record(cfg), vae=vae)
     get_run_logger().info("encode-latents: %s (scale factor %.5f over %d train images)", record.info["latents"],

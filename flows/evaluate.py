@@ -1,9 +1,11 @@
-"""evaluate flow: grids + tag-fidelity metrics for a run's latest DiT checkpoint, as a Prefect artifact.
+"""evaluate flow: grids + tag-fidelity metrics for a run's DiT, as Prefect artifacts.
 
-    python -m flows.evaluate --config configs/demo.yaml [--set run.name=NAME]
+    python -m flows.evaluate --config configs/demo.yaml [--set run.name=NAME] [--nightly]
 
-The nightly deployment (`evaluate/nightly`) runs this with `nightly=True`: it evaluates whatever
-checkpoint the run's `dit/latest` points at, even while training is still going on.
+The nightly deployment (`evaluate/nightly`) runs this with `nightly=True`: it evaluates the
+checkpoint the run's `dit/latest` points at when it starts, even while training goes on beside it
+(evaluation has its own concurrency slot, `prefect.eval_tag`). That checkpoint is pinned while the
+evaluation runs (checkpoint pruning skips it) and named in metrics.json and in the artifacts.
 """
 
 from __future__ import annotations
@@ -15,36 +17,29 @@ from prefect import flow, get_run_logger
 
 from tagdit.cli import flow_main
 from tagdit.config import PipelineConfig, load_config
-from tagdit.stage import StageRecord, require_stamp, run_stage
+from tagdit.records import upstream_records
+from tagdit.runner import expand_force, run_stage
+from tagdit.stage import StageRecord
 
 
-def upstream_records(cfg: PipelineConfig, latest_dit: bool) -> dict[str, StageRecord]:
-    """The finished stages' records, read from their stamps on disk."""
-    from tagdit.files import sha256_file
-    from tagdit.training import resolve_checkpoint
-
-    shards = require_stamp(cfg.dataset_dir, "shard", "prepare-data")
-    vae = require_stamp(cfg.run_dir / "vae", "train_vae", "train-vae")
-    latents = require_stamp(cfg.dataset_dir / f"latents-{vae.info['vae_id']}", "encode", "encode-latents")
-    if latest_dit:
-        ckpt = resolve_checkpoint(cfg.run_dir / "dit")
-        dit = StageRecord(stage="train_dit", key=ckpt.name, out_dir=str(cfg.run_dir / "dit"),
-                          fingerprint=sha256_file(ckpt / "ema.safetensors"), info={"checkpoint": str(ckpt)})
-    else:
-        dit = require_stamp(cfg.run_dir / "dit", "train_dit", "train-dit")
-    return {"shards": shards, "vae": vae, "latents": latents, "dit": dit}
+def artifact_key(kind: str, cfg: PipelineConfig) -> str:
+    """A stable artifact key per run, so successive evaluations line up in the UI."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"tagdit-{kind}-{cfg.run.name}".lower())
 
 
 def publish(cfg: PipelineConfig, record: StageRecord) -> None:
-    """Markdown artifact: small embedded grid, metrics table, links to the full-size files."""
-    from prefect.artifacts import create_markdown_artifact
+    """Markdown artifact (embedded grid, metrics, file paths) and a metrics table artifact."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.evaluate import artifact_markdown
+    from tasks.evaluate import artifact_markdown, metrics_table
 
-    key = re.sub(r"[^a-z0-9-]+", "-", f"tagdit-eval-{cfg.run.name}".lower())
-    create_markdown_artifact(markdown=artifact_markdown(record), key=key,
-                             description=f"tagdit evaluation of run {cfg.run.name}")
-    get_run_logger().info("evaluation: grids %s, metrics %s", record.info["grids"], record.info["metrics"])
+    checkpoint = record.info.get("dit_checkpoint", "?")
+    create_markdown_artifact(markdown=artifact_markdown(record), key=artifact_key("eval", cfg),
+                             description=f"tagdit evaluation of run {cfg.run.name}, {checkpoint}")
+    create_table_artifact(table=metrics_table(record), key=artifact_key("metrics", cfg),
+                          description=f"tagdit metrics of run {cfg.run.name}, {checkpoint}")
+    get_run_logger().info("evaluation of %s: grids %s, metrics %s", checkpoint, record.info["grids"],
+                          record.info["metrics"])
 
 
 @flow(name="evaluate")
@@ -54,14 +49,22 @@ def evaluate_flow(
     force: list[str] | None = None,
     nightly: bool = False,
 ) -> dict:
-    """Evaluate the run's DiT (the last finished training, or with `nightly` its latest checkpoint)."""
+    """Evaluate the run's DiT: its finished training, or with `nightly` its latest checkpoint."""
+    from tagdit.train.checkpoints import Checkpoints
     from tasks.evaluate import EVALUATE, evaluate_task
 
     cfg = load_config(config, overrides)
-    records = upstream_records(cfg, latest_dit=nightly)
-    record = run_stage(evaluate_task, EVALUATE, cfg, force=bool(force), **records)
+    forced = EVALUATE.name in expand_force(force, (EVALUATE.name,))
+    if nightly:
+        checkpoints = Checkpoints(cfg.run_dir / "dit")
+        with checkpoints.pinned(checkpoints.require_latest()) as ckpt:
+            get_run_logger().info("nightly evaluation of %s (pinned while it runs)", ckpt)
+            record = run_stage(evaluate_task, EVALUATE, cfg, force=forced, **upstream_records(cfg, ckpt))
+    else:
+        record = run_stage(evaluate_task, EVALUATE, cfg, force=forced, **upstream_records(cfg))
     publish(cfg, record)
-    return {"grids": record.info["grids"], "metrics": str(Path(record.info["metrics"]))}
+    return {"checkpoint": record.info.get("dit_checkpoint"), "grids": record.info["grids"],
+            "metrics": str(Path(record.info["metrics"]))}
 
 
 if __name__ == "__main__":

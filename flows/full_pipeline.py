@@ -15,7 +15,8 @@ from prefect import flow, get_run_logger
 
 from tagdit.cli import flow_main
 from tagdit.config import load_config
-from tagdit.stage import PIPELINE_ORDER, StageRecord, expand_force, run_stage
+from tagdit.runner import PIPELINE_ORDER, expand_force, run_stage
+from tagdit.stage import StageRecord
 
 
 @flow(name="full-pipeline")

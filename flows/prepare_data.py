@@ -11,7 +11,8 @@ from prefect import flow
 
 from tagdit.cli import flow_main
 from tagdit.config import PipelineConfig, load_config
-from tagdit.stage import StageRecord, expand_force, run_stage
+from tagdit.runner import expand_force, run_stage
+from tagdit.stage import StageRecord
 from tasks.crop import CROP, crop_task
 from tasks.shard import SHARD, shard_task
 from tasks.tag import TAG, tag_task
@@ -21,10 +22,13 @@ STAGES = ("crop", "tag", "shard")
 
 def prepare_data(cfg: PipelineConfig, force: Iterable[str] | None = None) -> dict[str, StageRecord]:
     """Run crop -> tag -> shard inside the calling flow; returns every stage's record."""
+    from tagdit.locks import exclusive
+
     f = expand_force(list(force or []), STAGES)  # a named stage and every stage after it
-    crop = run_stage(crop_task, CROP, cfg, force="crop" in f)
-    tag = run_stage(tag_task, TAG, cfg, force="tag" in f, crop=crop)
-    shard = run_stage(shard_task, SHARD, cfg, force="shard" in f, crop=crop, tag=tag)
+    with exclusive(cfg.dataset_dir, "prepare-data"):  # crop, tag and shard of one run never interleave with another's
+        crop = run_stage(crop_task, CROP, cfg, force="crop" in f)
+        tag = run_stage(tag_task, TAG, cfg, force="tag" in f, crop=crop)
+        shard = run_stage(shard_task, SHARD, cfg, force="shard" in f, crop=crop, tag=tag)
     return {"crop": crop, "tag": tag, "shard": shard}
 
 

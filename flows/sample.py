@@ -38,49 +38,35 @@ def sample_images(
     scale: float = 4.0,
     steps: int = 50,
     eta: float = 0.0,
+    sampler: str = "ddim",
     seed: int = 0,
     n: int = 4,
     out: str | Path = "out.png",
     checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Generate `n` images for one prompt, write them as one captioned row to `out`."""
-    import json
-
     import torch
 
-    from flows.train_dit import latents_record
-    from models.diffusion import make_alpha_bar
-    from models.dit import load_dit
     from models.sampling import sample_latents
-    from models.vae import load_vae
     from tagdit.grid import render_grid
-    from tagdit.training import autocast, resolve_checkpoint, select_device
-    from tagdit.vocab import Vocab
-    from tasks.evaluate import to_pil
+    from tagdit.painter import painter_for_run
+    from tagdit.train.devices import autocast
 
-    device = select_device(cfg.evaluate.device)
-    ckpt = resolve_checkpoint(checkpoint or cfg.run_dir / "dit")
-    stats = json.loads((Path(latents_record(cfg).out_dir) / "stats.json").read_text())
-    vocab = Vocab.load(cfg.dataset_dir / "vocab.json")
-    dit = load_dit(ckpt, map_location=device)
-    if dit.vocab_size != len(vocab):
-        raise ValueError(f"{ckpt} was trained with {dit.vocab_size} tokens, {cfg.dataset_dir}/vocab.json has {len(vocab)}")
-    vae, _ = load_vae(cfg.run_dir / "vae")
-    vae = vae.to(device)
-    max_tags = dit.cfg.max_tags
-    cond, unknown = prompt_ids(vocab, prompt, max_tags)
-    neg, neg_unknown = prompt_ids(vocab, negative, max_tags)
+    painter = painter_for_run(cfg, checkpoint)
+    ckpt = painter.checkpoint
+    cond, unknown = prompt_ids(painter.vocab, prompt, painter.max_tags)
+    neg, neg_unknown = prompt_ids(painter.vocab, negative, painter.max_tags)
     for text, bad in ((prompt, unknown), (negative, neg_unknown)):
         if bad:
             log.warning("tags not in the vocabulary (encoded as <unk>) in %r: %s", text, ", ".join(bad))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with autocast(device):
-        z = sample_latents(dit, torch.tensor([cond]), torch.tensor([neg]), alpha_bar=make_alpha_bar(cfg.dit.schedule, cfg.dit.timesteps),
-                           shape=(n, *stats["latent_shape"]), steps=steps, eta=eta, scale=scale, generator=generator,
-                           progress=True)
-        x = vae.decode(z.float() / float(stats["scale_factor"]))  # (n, 3, H, W) in [-1, 1]
-    caption = prompt + (f" | negative: {negative}" if negative else "") + f" | cfg {scale}, {steps} steps, eta {eta}, seed {seed}"
-    grid = render_grid([to_pil(x)], [caption], [f"#{i}" for i in range(n)])
+    generator = torch.Generator(device=painter.device).manual_seed(seed)
+    with autocast(painter.device):
+        z = sample_latents(painter.dit, torch.tensor([cond]), torch.tensor([neg]), alpha_bar=painter.dit.alpha_bar,
+                           shape=(n, *painter.stats.latent_shape), steps=steps, eta=eta, scale=scale,
+                           generator=generator, sampler=sampler, progress=True)
+        images = painter.decode(z)
+    caption = prompt + (f" | negative: {negative}" if negative else "") + f" | cfg {scale}, {sampler} {steps} steps, eta {eta}, seed {seed}"
+    grid = render_grid([images], [caption], [f"#{i}" for i in range(n)])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
@@ -90,11 +76,11 @@ def sample_images(
 
 @flow(name="sample")
 def sample_flow(prompt: str, negative: str = "", cfg_scale: float = 4.0, steps: int = 50, eta: float = 0.0,
-                seed: int = 0, n: int = 4, out: str = "out.png", checkpoint: str | None = None,
+                sampler: str = "ddim", seed: int = 0, n: int = 4, out: str = "out.png", checkpoint: str | None = None,
                 config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Deployment entry: the same as the command line."""
     return sample_images(load_config(config, overrides), prompt, negative, scale=cfg_scale, steps=steps, eta=eta,
-                         seed=seed, n=n, out=out, checkpoint=checkpoint)
+                         sampler=sampler, seed=seed, n=n, out=out, checkpoint=checkpoint)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -103,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--negative", default="", help="negative prompt (replaces the null condition in CFG)")
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale s")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM-like")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim only: 0 = DDIM, 1 = DDPM-like")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"], help="dpmpp_2m: DPM-Solver++(2M), ~20 steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=4, help="number of images")
     p.add_argument("--out", default="out.png")
@@ -111,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     cfg = parse_config(a)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return sample_images(cfg, a.prompt, a.negative, scale=a.cfg, steps=a.steps, eta=a.eta, seed=a.seed, n=a.n,
-                         out=a.out, checkpoint=a.checkpoint)
+    return sample_images(cfg, a.prompt, a.negative, scale=a.cfg, steps=a.steps, eta=a.eta, sampler=a.sampler,
+                         seed=a.seed, n=a.n, out=a.out, checkpoint=a.checkpoint)
 
 
 if __name__ == "__main__":

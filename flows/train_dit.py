@@ -11,28 +11,23 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.train_vae import shard_record
 from tagdit.cli import flow_main
-from tagdit.config import PipelineConfig, load_config
-from tagdit.stage import StageRecord, require_stamp, run_stage
-
-
-def latents_record(cfg: PipelineConfig) -> StageRecord:
-    """The encode stage's record, found through the VAE run that names its latents folder."""
-    from tasks.encode import STAGE as ENCODE
-    from tasks.train_vae import STAGE as VAE
-
-    vae = require_stamp(VAE.out_dir(cfg, {}), VAE.name, "train-vae")
-    return require_stamp(ENCODE.out_dir(cfg, {"vae": vae}), ENCODE.name, "encode-latents")
+from tagdit.config import load_config
+from tagdit.records import latents_record, shard_record
+from tagdit.runner import expand_force, run_stage
+from tagdit.stage import StageRecord
 
 
 @flow(name="train-dit")
-def train_dit_flow(config: str | None = None, overrides: list[str] | None = None, force: bool = False) -> StageRecord:
+def train_dit_flow(
+    config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
+) -> StageRecord:
     """Train (or resume, or reuse) the DiT on the encoded latents; returns its record."""
     from tasks.train_dit import STAGE, train_dit_task
 
     cfg = load_config(config, overrides)
-    record = run_stage(train_dit_task, STAGE, cfg, force=force, latents=latents_record(cfg), shards=shard_record(cfg))
+    forced = STAGE.name in expand_force(force, (STAGE.name,))  # --force train_dit
+    record = run_stage(train_dit_task, STAGE, cfg, force=forced, latents=latents_record(cfg), shards=shard_record(cfg))
     get_run_logger().info("train-dit: %s (step %s, val loss %s, %s parameters)", record.info["checkpoint"],
                           record.info["step"], record.info["val_loss"], record.info["params"])
     return record

@@ -11,15 +11,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from tagdit.cli import flow_main
-from tagdit.config import PipelineConfig, load_config
-from tagdit.stage import StageRecord, expand_force, require_stamp, run_stage
-
-
-def shard_record(cfg: PipelineConfig) -> StageRecord:
-    """The shard stage's record from its stamp beside the image shards."""
-    from tasks.shard import SHARD
-
-    return require_stamp(SHARD.out_dir(cfg, {}), SHARD.name, "prepare-data")
+from tagdit.config import load_config
+from tagdit.records import shard_record
+from tagdit.runner import expand_force, run_stage
+from tagdit.stage import StageRecord
 
 
 @flow(name="train-vae")

@@ -7,6 +7,7 @@ Unlike the seed, the MLP residual is gated by gate_mlp (the seed reused gate_msa
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.diffusion import make_alpha_bar
 from tagdit.config import DiTModelConfig
+
+log = logging.getLogger(__name__)
 
 PAD_ID = 0  # tag id 0 is padding (vocab.json: <pad>, <unk>, <cls>, ...)
 
@@ -177,13 +181,19 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """ε-prediction DiT: forward(x_t (B, C, H, W), t (B,), tags (B, L)) -> ε (B, C, H, W)."""
+    """ε-prediction DiT: forward(x_t (B, C, H, W), t (B,), tags (B, L)) -> ε (B, C, H, W).
 
-    def __init__(self, cfg: DiTModelConfig, vocab_size: int, latent_size: int, in_channels: int = 4):
+    `schedule`/`timesteps` name the noise schedule it is trained to invert (see `alpha_bar`); they
+    travel with its checkpoints, so sampling never depends on the current config.
+    """
+
+    def __init__(self, cfg: DiTModelConfig, vocab_size: int, latent_size: int, in_channels: int = 4,
+                 schedule: str = "cosine", timesteps: int = 1000):
         super().__init__()
         if latent_size % cfg.patch:
             raise ValueError(f"latent size {latent_size} is not divisible by patch {cfg.patch}")
         self.cfg, self.vocab_size, self.latent_size, self.in_channels = cfg, vocab_size, latent_size, in_channels
+        self.schedule, self.timesteps = schedule, timesteps
         self.grid = latent_size // cfg.patch
         W = cfg.width
         self.x_embedder = nn.Linear(cfg.patch * cfg.patch * in_channels, W)  # = a p x p stride-p conv
@@ -219,7 +229,14 @@ class DiT(nn.Module):
             "vocab_size": self.vocab_size,
             "latent_size": self.latent_size,
             "in_channels": self.in_channels,
+            "schedule": self.schedule,
+            "timesteps": self.timesteps,
         }
+
+    @property
+    def alpha_bar(self) -> Tensor:
+        """ᾱ (T,) float64 of the noise schedule this model was trained with (CPU)."""
+        return make_alpha_bar(self.schedule, self.timesteps)
 
     def encode_tags(self, tags: Tensor) -> Tensor:
         """Tag ids (B, L) -> condition embedding (B, W); constant over a sampling run, so cacheable."""
@@ -242,21 +259,38 @@ class DiT(nn.Module):
         return self.forward_with_cond(x_t, t, self.encode_tags(tags))
 
 
-def build_dit(config: dict[str, Any]) -> DiT:
-    """A DiT from `DiT.config_dict()` output (e.g. a checkpoint's stored config)."""
+def build_dit(config: dict[str, Any], schedule: str | None = None, timesteps: int | None = None) -> DiT:
+    """A DiT from `DiT.config_dict()` output (e.g. a checkpoint's stored config).
+
+    The stored noise schedule wins; `schedule`/`timesteps` are only the fallback for checkpoints
+    written before it was stored (logged), and such a checkpoint without a fallback is an error.
+    """
+    if "schedule" not in config or "timesteps" not in config:
+        if schedule is None or timesteps is None:
+            raise ValueError("this DiT checkpoint does not record its noise schedule: pass schedule= and timesteps=")
+        log.warning("DiT checkpoint predates stored noise schedules: assuming the config's %s schedule, T=%d",
+                    schedule, timesteps)
+        config = {"schedule": schedule, "timesteps": timesteps, **config}
     return DiT(
         DiTModelConfig.model_validate(config["model"]),
         vocab_size=int(config["vocab_size"]),
         latent_size=int(config["latent_size"]),
         in_channels=int(config.get("in_channels", 4)),
+        schedule=str(config["schedule"]),
+        timesteps=int(config["timesteps"]),
     )
 
 
-def load_dit(ckpt_dir_or_run_dir: str | Path, ema: bool = True, map_location: str | torch.device = "cpu") -> DiT:
-    """Rebuild a DiT from a checkpoint dir (`ckpt-NNNNNNN/`) or a run dir (its `latest`), in eval mode."""
-    from tagdit.training import load_model_weights
+def load_dit(ckpt_dir_or_run_dir: str | Path, ema: bool = True, map_location: str | torch.device = "cpu", *,
+             schedule: str | None = None, timesteps: int | None = None) -> DiT:
+    """Rebuild a DiT from a checkpoint dir (`ckpt-NNNNNNN/`) or a run dir (its `latest`), in eval mode.
+
+    Sample with its `alpha_bar` (the schedule it was trained with); `schedule`/`timesteps` are the
+    fallback for old checkpoints that do not record one (see `build_dit`).
+    """
+    from tagdit.train.checkpoints import load_model_weights
 
     state, config, _ = load_model_weights(Path(ckpt_dir_or_run_dir), ema=ema)
-    model = build_dit(config)
+    model = build_dit(config, schedule, timesteps)
     model.load_state_dict(state)
     return model.to(map_location).eval()

@@ -1,7 +1,9 @@
 """VGG19 perceptual loss (the seed's): L1 between features at conv1_1 … conv5_1, weighted 1/32 … 1.
 
 The network is built here with torchvision's layer indices (`features.N`), so torchvision's
-published ImageNet state dict `vgg19-dcbb9e9d.pth` loads without a torchvision dependency.
+ImageNet weights load without a torchvision dependency: from a local file, from the Hugging Face
+Hub's re-host `timm/vgg19.tv_in1k` (torchvision's `vgg19-dcbb9e9d.pth` as safetensors, same
+`features.N` keys), or from torch hub's cache.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tagdit.config import VAEConfig
+
 log = logging.getLogger(__name__)
 
-VGG19_FILE = "vgg19-dcbb9e9d.pth"
-VGG19_URL = f"https://download.pytorch.org/models/{VGG19_FILE}"
+HUB_FILE = "model.safetensors"
+TORCH_HUB_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's file, as torch hub caches it
 # torchvision's VGG19 ("E") feature layout; "M" = 2x2 max-pool.
 VGG19_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                               512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
@@ -29,7 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class VGGWeightsMissing(FileNotFoundError):
-    """No VGG19 ImageNet weights available offline."""
+    """No VGG19 ImageNet weights available."""
 
 
 def vgg19_features(last: int = FEATURE_LAYERS[-1]) -> nn.Sequential:
@@ -47,25 +51,49 @@ def vgg19_features(last: int = FEATURE_LAYERS[-1]) -> nn.Sequential:
     return nn.Sequential(*layers[: last + 1])
 
 
-def find_vgg19_weights(path: str | Path | None = None, allow_download: bool = True) -> dict[str, torch.Tensor]:
-    """torchvision's VGG19 state dict: a local file, else the torch hub cache, else a download."""
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch .pth/.pt file."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _from_hub(repo: str, revision: str) -> Path | None:
+    """The Hub file from the HF cache or a download (HF_HUB_OFFLINE: cache only); None if neither."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, HUB_FILE, revision=revision))
+    except Exception as e:  # noqa: BLE001 - offline, no cache, no network, unknown revision ...
+        log.warning("VGG19 weights %s@%s/%s not available from the Hub: %s: %s",
+                    repo, revision[:8], HUB_FILE, type(e).__name__, e)
+        return None
+
+
+def find_vgg19_weights(path: str | Path | None, repo: str, revision: str) -> dict[str, torch.Tensor]:
+    """torchvision's VGG19 state dict: `path`, else the Hub (cache first), else torch hub's cache."""
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise VGGWeightsMissing(f"vae.vgg_weights={str(p)!r} does not exist")
-        return torch.load(p, map_location="cpu", weights_only=True)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
+        if not Path(path).is_file():
+            raise VGGWeightsMissing(f"vae.vgg_weights={str(path)!r} does not exist")
+        return load_state_file(path)
+    hub_file = _from_hub(repo, revision)
+    if hub_file is not None:
+        return load_state_file(hub_file)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / TORCH_HUB_FILE
     if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
-    if allow_download:
-        try:
-            return torch.hub.load_state_dict_from_url(VGG19_URL, map_location="cpu", progress=False, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any network failure means "offline" here
-            log.warning("VGG19 download failed: %s", e)
+        return load_state_file(cached)
+    from huggingface_hub import constants
+
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
     raise VGGWeightsMissing(
-        "VGG19 ImageNet weights for the perceptual loss are not available offline. Either\n"
-        f"  * set vae.vgg_weights=/path/to/{VGG19_FILE} (torchvision's file, {VGG19_URL}),\n"
-        f"  * or put that file in the torch hub cache: {cached},\n"
+        "VGG19 ImageNet weights for the perceptual loss were not found. Either\n"
+        f"  * let the pipeline download {repo}/{HUB_FILE} at revision {revision} into the Hugging Face"
+        f" cache {constants.HF_HUB_CACHE}{offline} (huggingface-cli download {repo} {HUB_FILE}"
+        f" --revision {revision}),\n"
+        f"  * or put torchvision's {TORCH_HUB_FILE} in the torch hub cache: {cached},\n"
+        f"  * or point at a local copy of either file: --set vae.vgg_weights=/path/to/{HUB_FILE},\n"
         "  * or turn the perceptual loss off: --set vae.w_perc=0"
     )
 
@@ -105,6 +133,9 @@ class VGGPerceptualLoss(nn.Module):
         return sum(w * F.l1_loss(a, b) for w, a, b in zip(FEATURE_WEIGHTS, fx, fy, strict=True))
 
 
-def build_perceptual(weights: str | Path | None = None, pretrained: bool = True) -> VGGPerceptualLoss:
-    """The perceptual loss with ImageNet weights (`pretrained=False`: random init, for tests)."""
-    return VGGPerceptualLoss(find_vgg19_weights(weights) if pretrained else None)
+def build_perceptual(vae: VAEConfig | None = None, pretrained: bool = True) -> VGGPerceptualLoss:
+    """The loss with ImageNet weights from `vae.vgg_weights`, else the Hub / torch hub (`pretrained=False`: random)."""
+    if not pretrained:
+        return VGGPerceptualLoss()
+    vae = vae or VAEConfig()
+    return VGGPerceptualLoss(find_vgg19_weights(vae.vgg_weights, vae.vgg_repo, vae.vgg_revision))

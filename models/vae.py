@@ -1,9 +1,11 @@
 """KL-regularised autoencoder (the seed's KL-VAE): f = 2**len(widths), diagonal Gaussian posterior.
 
-Encoder: conv → [res-blocks, stride-2 conv] per level → res, self-attention, res → GroupNorm, swish,
-conv to 2·z channels (mean, logvar). The decoder mirrors it and ends in tanh, so images live in
-[-1, 1]. The latent scale factor is *not* here: it is measured over the data by the encode stage
-and stored in the latents' `stats.json`.
+Encoder: conv → per level [res-blocks, stride-2 conv] → res-blocks → res, attention, res → GroupNorm,
+swish, conv to 2·z channels → 1x1 quant_conv (mean, logvar). Decoder: 1x1 post_quant_conv → conv →
+res, attention, res → per level [res-blocks, nearest x2, conv] → res-blocks → GroupNorm, swish, conv,
+tanh, so images live in [-1, 1]. At the seed preset this is the original project's layer list
+exactly (docs/design.md §5), 32.6M parameters. The latent scale factor is *not* here: it is measured
+over the data by the encode stage and stored in the latents' `stats.json`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp as in LDM's DiagonalGaussianDistri
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     if channels % groups:
         raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups")
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return nn.GroupNorm(groups, channels, eps=1e-5)  # Keras GroupNormalization(epsilon = 1e-5)
 
 
 class ResBlock(nn.Module):
@@ -43,32 +45,35 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with a residual connection (the bottleneck block)."""
+    """Multi-head spatial self-attention over all H·W positions, with a residual connection."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, heads: int):
         super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention: {channels} channels are not divisible into {heads} heads")
+        self.heads = heads
         self.norm = _norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2)  # (B, 3, HW, C)
-        q, k, v = qkv.unbind(1)  # (B, HW, C) each
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
-        h = h.transpose(1, 2).reshape(B, C, H, W)
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, HW, C/heads) each
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj(h)
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 convolution: halves height and width."""
+    """Stride-2 3x3 convolution, padded right/bottom only (TF "same", as LDM): halves H and W."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -82,10 +87,15 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int, groups: int, attention: bool) -> nn.Sequential:
+def _mid(channels: int, cfg: VAEModelConfig) -> nn.Sequential:
     """res → (attention) → res at the bottleneck."""
-    attn = AttnBlock(channels, groups) if attention else nn.Identity()
-    return nn.Sequential(ResBlock(channels, channels, groups), attn, ResBlock(channels, channels, groups))
+    attn = AttnBlock(channels, cfg.groups, cfg.heads) if cfg.attention else nn.Identity()
+    return nn.Sequential(ResBlock(channels, channels, cfg.groups), attn, ResBlock(channels, channels, cfg.groups))
+
+
+def _res_blocks(c_in: int, c_out: int, n: int, groups: int) -> list[nn.Module]:
+    """n res-blocks from c_in to c_out channels (only the first changes the width)."""
+    return [ResBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n)]
 
 
 class Encoder(nn.Module):
@@ -93,23 +103,24 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VAEModelConfig):
         super().__init__()
-        g = cfg.groups
+        g, n = cfg.groups, cfg.blocks_per_level
         self.conv_in = nn.Conv2d(3, cfg.widths[0], 3, padding=1)
         layers: list[nn.Module] = []
         ch = cfg.widths[0]
         for w in cfg.widths:
-            for _ in range(cfg.blocks_per_level):
-                layers.append(ResBlock(ch, w, g))
-                ch = w
-            layers.append(Downsample(ch))
+            layers += _res_blocks(ch, w, n, g)
+            layers.append(Downsample(w))
+            ch = w
+        layers += _res_blocks(ch, ch, n, g)  # the bottleneck level keeps widths[-1]
         self.down = nn.Sequential(*layers)
-        self.mid = _mid(ch, g, cfg.attention)
+        self.mid = _mid(ch, cfg)
         self.norm_out = _norm(ch, g)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1) if cfg.quant_conv else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.down(self.conv_in(x)))  # (B, C_L, H/f, W/f)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/f, W/f)
+        return self.quant_conv(self.conv_out(F.silu(self.norm_out(h))))  # (B, 2z, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -119,20 +130,21 @@ class Decoder(nn.Module):
         super().__init__()
         g = cfg.groups
         ch = cfg.widths[-1]
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1) if cfg.quant_conv else nn.Identity()
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = _mid(ch, g, cfg.attention)
+        self.mid = _mid(ch, cfg)
         layers: list[nn.Module] = []
-        for w in reversed(cfg.widths):
-            layers.append(Upsample(ch))
-            for _ in range(cfg.blocks_per_level):
-                layers.append(ResBlock(ch, w, g))
-                ch = w
+        for w in [cfg.widths[-1], *reversed(cfg.widths[1:])]:  # levels from the bottleneck upwards
+            layers += _res_blocks(ch, w, cfg.up_blocks, g)
+            layers.append(Upsample(w))
+            ch = w
+        layers += _res_blocks(ch, cfg.widths[0], cfg.blocks_per_level, g)  # full resolution
         self.up = nn.Sequential(*layers)
-        self.norm_out = _norm(ch, g)
-        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
+        self.norm_out = _norm(cfg.widths[0], g)
+        self.conv_out = nn.Conv2d(cfg.widths[0], 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.up(self.mid(self.conv_in(z)))  # (B, C_0, H, W)
+        h = self.up(self.mid(self.conv_in(self.post_quant_conv(z))))  # (B, C_0, H, W)
         return torch.tanh(self.conv_out(F.silu(self.norm_out(h))))  # (B, 3, H, W)
 
 
@@ -153,6 +165,11 @@ class AutoencoderKL(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return 2 ** len(self.cfg.widths)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last conv weight: where the GAN's adaptive weight compares gradients."""
+        return self.decoder.conv_out.weight
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior q(z|x) = N(mean, exp(logvar)), each (B, z, H/f, W/f)."""
@@ -175,9 +192,8 @@ class AutoencoderKL(nn.Module):
 
     @staticmethod
     def kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """KL(N(mean, var) ‖ N(0, I)) per sample, summed over latent elements: (B,)."""
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, z, h, w)
-        return kl.flatten(1).sum(1)
+        """KL(N(mean, var) ‖ N(0, 1)) of every latent element, same shape as mean: the loss averages it."""
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, z, h, w)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, 3, H, W) → (reconstruction, mean, logvar); `sample=False` decodes the mean."""
@@ -193,7 +209,7 @@ def build_vae(cfg: VAEModelConfig | dict) -> AutoencoderKL:
 
 def load_vae(ckpt_dir_or_run_dir: str | Path, ema: bool = True) -> tuple[AutoencoderKL, Path]:
     """Rebuild a trained VAE from a checkpoint (or a run dir's `latest`) in eval mode, on CPU."""
-    from tagdit.training import load_model_weights
+    from tagdit.train.checkpoints import load_model_weights
 
     state, config, ckpt_dir = load_model_weights(Path(ckpt_dir_or_run_dir), ema=ema)
     model = build_vae(config)

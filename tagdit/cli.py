@@ -44,17 +44,22 @@ def parse_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def flow_main(flow: Callable[..., Any], description: str, argv: list[str] | None = None) -> Any:
-    """Run `flow(config=..., overrides=..., [force=...])` from the command line; print its summary."""
-    args = config_parser(description).parse_args(argv)
+    """Run `flow(config=..., overrides=..., force=..., [--flag ...])` from the command line; print its summary.
+
+    Every flow takes `config`, `overrides` and `force`; a flow's extra boolean parameters (such as
+    evaluate's `nightly`) become `--flag` options.
+    """
+    fn = getattr(flow, "fn", flow)
+    parser = config_parser(description)
+    extras = [name for name, p in inspect.signature(fn).parameters.items()
+              if name not in ("config", "overrides", "force") and p.annotation in (bool, "bool")]
+    for name in extras:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true")
+    args = parser.parse_args(argv)
     parse_config(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    kwargs: dict[str, Any] = {"config": args.config, "overrides": args.overrides}
-    fn = getattr(flow, "fn", flow)
-    if args.force:
-        if "force" not in inspect.signature(fn).parameters:
-            print("error: this flow has no stages to force", file=sys.stderr)
-            raise SystemExit(2)
-        kwargs["force"] = args.force
+    kwargs: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "force": args.force or None,
+                              **{name: getattr(args, name) for name in extras}}
     result = flow(**kwargs)
     if isinstance(result, dict):
         print(json.dumps(result, indent=2, default=str))

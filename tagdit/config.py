@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -39,6 +39,7 @@ class CropConfig(Section):
 
 class TaggerConfig(Section):
     repo: str = "SmilingWolf/wd-v1-4-moat-tagger-v2"  # Hugging Face repo of the real tagger
+    revision: str = "main"  # branch, tag or commit of `repo`; resolved once per run, the commit recorded
     path: Path | None = None  # local folder with model.onnx + selected_tags.csv (wins over repo)
     general_threshold: float = Field(0.35, ge=0, le=1)
     character_threshold: float = Field(0.85, ge=0, le=1)
@@ -69,7 +70,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)  # linear warm-up, then cosine decay to zero
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None = no clipping (the seed clipped nothing)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     val_every: int = Field(250, ge=1)
@@ -78,6 +79,7 @@ class TrainConfig(Section):
     nproc: int = Field(1, ge=1)  # >1 launches torchrun DDP
     compile: bool = False  # torch.compile on GPU
     shuffle_buffer: int = Field(1000, ge=1)
+    keep_checkpoints: int | None = Field(None, ge=1)  # keep the newest N (plus pinned ones); None = keep all
 
 
 class VAETrainConfig(TrainConfig):
@@ -99,32 +101,41 @@ class DiTTrainConfig(TrainConfig):
 
 
 class VAEModelConfig(Section):
-    """KL-VAE architecture (the seed: 80/160/320, f = 8, z = 4)."""
+    """KL-VAE architecture (the seed: 80/160/320, f = 8, z = 4, ~32.6M parameters)."""
 
-    widths: list[int] = [80, 160, 320]  # channels per level; len(widths) = number of downsamplings
-    blocks_per_level: int = 2
-    z_channels: int = 4
-    groups: int = 16  # GroupNorm groups
-    attention: bool = True  # one self-attention block at the bottleneck
+    widths: list[int] = [80, 160, 320]  # channels of the level before each downsampling: f = 2**len(widths)
+    blocks_per_level: int = Field(2, ge=1)  # encoder res-blocks per level; also the decoder's last level
+    up_blocks: int = Field(3, ge=1)  # decoder res-blocks before each upsampling (the seed: one more)
+    z_channels: int = Field(4, ge=1)
+    groups: int = Field(16, ge=1)  # GroupNorm groups
+    attention: bool = True  # one self-attention block at each bottleneck
+    heads: int = Field(8, ge=1)  # attention heads (head width = widths[-1] / heads)
+    quant_conv: bool = True  # LDM's 1x1 quant_conv / post_quant_conv around the latent
 
 
 VAE_PRESETS: dict[str, VAEModelConfig] = {
     # The demo's 64 px world at f = 4 (16x16x4 latents): after ~2 CPU-minutes an f = 8 VAE of this
     # size reaches ~18 dB and loses colours and eyes (tag recall of its reconstructions 0.71); f = 4
     # reaches ~20.5 dB and recall 0.93 in the same time.
-    "demo": VAEModelConfig(widths=[16, 32], blocks_per_level=1, groups=8),
+    "demo": VAEModelConfig(widths=[16, 32], blocks_per_level=1, up_blocks=1, groups=8, heads=4),
     "seed": VAEModelConfig(),
 }
 
 
 class VAEConfig(Section):
+    """The VAE stage: architecture, the seed's loss weights (each term a mean), optional PatchGAN."""
+
     model: VAEModelConfig = VAE_PRESETS["seed"]
-    w_l1: float = 10.0
-    w_perc: float = 1.0  # 0 disables the VGG19 perceptual loss (no weights needed)
-    w_kl: float = 1e-5
-    vgg_weights: Path | None = None  # torchvision vgg19 .pth; None = torch hub cache
-    disc_start: int | None = None  # PatchGAN hinge loss from this step; None = off (the seed)
-    w_disc: float = 0.5
+    w_l1: float = Field(10.0, ge=0)  # mean |x - x_rec| over pixels
+    w_perc: float = Field(1.0, ge=0)  # VGG19 perceptual loss; 0 disables it (no weights needed)
+    w_kl: float = Field(1e-5, ge=0)  # KL(q(z|x) || N(0, I)) averaged over latent elements
+    vgg_weights: Path | None = None  # local VGG19 file (.safetensors or torchvision .pth); wins over the Hub
+    vgg_repo: str = "timm/vgg19.tv_in1k"  # Hub re-host of torchvision's vgg19-dcbb9e9d.pth
+    vgg_revision: str = "128d4708565b3a414bcbb9bbad440b2fe37b9f18"  # pinned: the weights never change
+    disc_start: int | None = Field(None, ge=0)  # PatchGAN hinge loss from this step; None = off (the seed)
+    w_disc: float = Field(0.5, ge=0)  # times the adaptive weight ||grad L_rec|| / ||grad L_g||
+    disc_channels: int = Field(64, ge=1)  # PatchGAN base width (taming-transformers: 64)
+    disc_layers: int = Field(3, ge=1)  # PatchGAN stride-2 layers (70x70 receptive field at 3)
     train: VAETrainConfig = VAETrainConfig()
 
     @field_validator("model", mode="before")
@@ -181,8 +192,15 @@ class DiTConfig(Section):
 
 class SamplerConfig(Section):
     name: str  # label used in file names
+    sampler: Literal["ddim", "dpmpp_2m"] = "ddim"  # generalised DDIM, or DPM-Solver++(2M) (deterministic)
     steps: int = Field(50, ge=1)
-    eta: float = Field(0.0, ge=0)  # 0 = DDIM, 1 = DDPM-like
+    eta: float = Field(0.0, ge=0)  # DDIM only: 0 = DDIM, 1 = DDPM-like
+
+    @model_validator(mode="after")
+    def _eta_is_ddims(self) -> SamplerConfig:
+        if self.sampler != "ddim" and self.eta != 0:
+            raise ValueError(f"eta={self.eta} applies to the ddim sampler only; {self.sampler} is deterministic")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -211,6 +229,18 @@ class DemoConfig(Section):
     tagger_epochs: int = Field(5, ge=1)
 
 
+class PrefectConfig(Section):
+    """How stages run under Prefect (not part of any cache key)."""
+
+    retries: int = Field(1, ge=0)  # train_vae, encode, train_dit re-run after a crash and resume
+    retry_delay_seconds: float = Field(10, ge=0)
+    timeout_seconds: dict[str, float] = {}  # optional per-stage limits, e.g. {train_dit: 86400}
+    eval_tag: str = "eval"  # evaluation's own concurrency slot, so a nightly run never waits for training
+    task_runner: Literal["thread", "dask"] = "thread"  # runs the data stages' chunks; dask needs prefect-dask
+    dask_address: str | None = None  # an existing Dask scheduler (tcp://host:8786); None = a local cluster
+    dask_workers: int = Field(2, ge=1)  # processes of the local Dask cluster
+
+
 class RunConfig(Section):
     name: str = "demo"  # checkpoints, logs and grids go to <root>/<name>/
     root: Path = Path("runs")
@@ -227,6 +257,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     run: RunConfig = RunConfig()
     demo: DemoConfig = DemoConfig()
+    prefect: PrefectConfig = PrefectConfig()
 
     @property
     def dataset_dir(self) -> Path:

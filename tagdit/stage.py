@@ -1,10 +1,15 @@
 """Stage cache keys, output stamps and the Prefect glue that makes every stage cached and safe.
 
 Prefect's default cache key includes the flow-run id, and a cached path is a "hit" even when the
-file is gone (DESIGN §7). So each stage declares:
-  * which config sections and which code modules it depends on,
-  * where its outputs live,
-and gets a key = hash(stage, code version, config sections, upstream fingerprints, extra inputs).
+file is gone (docs/design.md §7). So each stage declares:
+  * a format `version` (an int bumped by hand when the stage's outputs change meaning or layout),
+  * the code it runs (`modules`: `"tasks.crop"` for a whole module, `"pkg.mod:name"` for one
+    top-level function, class or constant),
+  * which config sections it depends on, and where its outputs live,
+and gets a key = hash(stage, version, code version, config sections, upstream fingerprints, extra
+inputs). The code version hashes each entry's *normalised* syntax tree (`ast.dump` without
+docstrings, comments or line numbers), so editing a comment, a docstring or blank lines keeps the
+key while changing a constant or an expression changes it (docs/design.md §4).
 When a stage finishes it writes a stamp (`.stage-<name>.json`) listing its outputs with sizes and
 sha256. A cache hit is trusted only if that stamp matches the key and the files still match it;
 otherwise the flow runs the task with `refresh_cache=True`.
@@ -12,6 +17,7 @@ otherwise the flow runs the task with `refresh_cache=True`.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -39,17 +45,52 @@ class StageRecord(BaseModel):
     cached: bool = False  # set by run_stage: True when Prefect served it from the cache
 
 
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Drop module, class and function docstrings in place (comments never reach the tree)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:]
+    return tree
+
+
+def _top_level(tree: ast.Module, name: str) -> ast.stmt:
+    """The top-level `def`/`class`/assignment that binds `name`."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return node
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return node
+    raise ValueError(f"no top-level function, class or assignment {name!r}")
+
+
+def code_digest(entry: str) -> str:
+    """sha256 of one entry's normalised code: `"pkg.mod"` (whole module) or `"pkg.mod:name"`."""
+    module, _, name = entry.partition(":")
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        raise ValueError(f"module {module!r} not found (or has no Python source) for code versioning")
+    tree = _strip_docstrings(ast.parse(Path(spec.origin).read_text(), filename=spec.origin))
+    if name:
+        try:
+            tree = _top_level(tree, name)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ValueError(f"{entry!r}: {e} in {spec.origin}") from None
+    return sha256_text(ast.dump(tree, annotate_fields=False, include_attributes=False))
+
+
 @cache
-def code_version(*modules: str) -> str:
-    """Hash of the source files of the given modules (the stage's code and the models it uses)."""
-    h = hashlib.sha256()
-    for name in sorted(modules):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ValueError(f"module {name!r} not found for code versioning")
-        h.update(name.encode())
-        h.update(Path(spec.origin).read_bytes())
-    return h.hexdigest()[:16]
+def code_version(*entries: str) -> str:
+    """Hash of the normalised code of `entries` (see `code_digest`); memoised for the process.
+
+    Entry names are not hashed and order does not matter, so moving unchanged code between
+    modules keeps the version.
+    """
+    return sha256_text(*sorted(code_digest(e) for e in set(entries)))[:16]
 
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -100,18 +141,32 @@ class Stage:
     """A pipeline stage's caching contract."""
 
     name: str
-    modules: tuple[str, ...]  # code that defines the stage's output
+    modules: tuple[str, ...]  # code that defines the outputs: "pkg.mod" or "pkg.mod:function"
     sections: tuple[str, ...]  # config it depends on (dotted)
     out_dir: Callable[[PipelineConfig, dict[str, StageRecord]], Path]
     extra_inputs: Callable[[PipelineConfig], dict[str, str]] = field(default=lambda cfg: {})
+    version: int = 1  # output format version: bump by hand when the outputs change meaning or layout
+    # the folder whose global concurrency slot a flow run holds while the stage runs (tagdit.locks);
+    # None = out_dir. Data stages lock the whole dataset folder.
+    lock: Callable[[PipelineConfig, dict[str, StageRecord]], Path] | None = None
+
+    def lock_dir(self, cfg: PipelineConfig, upstream: dict[str, StageRecord]) -> Path:
+        return (self.lock or self.out_dir)(cfg, upstream)
+
+    def code_key(self) -> str:
+        """Format version + code version: what per-chunk/per-shard digests should include."""
+        return f"v{self.version}-{code_version(*self.modules)}"
 
     def key(self, cfg: PipelineConfig, upstream: dict[str, StageRecord]) -> str:
         payload = {
             "stage": self.name,
+            "version": self.version,
             "code": code_version(*self.modules),
             "config": config_sections(cfg, self.sections),
             "upstream": {k: v.fingerprint for k, v in sorted(upstream.items())},
             "extra": self.extra_inputs(cfg),
+            # where the outputs live: two runs with equal settings must not share a key (and records)
+            "out_dir": str(Path(self.out_dir(cfg, upstream)).resolve()),
         }
         return f"{self.name}-" + sha256_text(json.dumps(payload, sort_keys=True, default=str))[:32]
 
@@ -180,39 +235,6 @@ def stage_cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str]:
         return stage.key(cfg, {k: v for k, v in params.items() if isinstance(v, StageRecord)})
 
     return key_fn
-
-
-def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = False, **upstream: StageRecord) -> StageRecord:
-    """Call a stage's Prefect task, bypassing the cache when its outputs are missing or changed."""
-    from prefect import get_run_logger
-
-    fresh = not force and stage.valid_record(cfg, upstream) is not None
-    if not fresh:
-        why = "forced" if force else "no valid outputs on disk for this key"
-        get_run_logger().info("stage %s: %s -> computing", stage.name, why)
-    kwargs: dict[str, Any] = dict(upstream)
-    if force:
-        kwargs["force"] = True
-    state = stage_task.with_options(refresh_cache=not fresh)(cfg, **kwargs, return_state=True)
-    record = state.result()  # raises the task's error if it failed
-    hit = state.name == "Cached"
-    if hit:
-        get_run_logger().info("stage %s: cache hit (%s)", stage.name, record.key)
-    return record.model_copy(update={"cached": hit})
-
-
-PIPELINE_ORDER = ("demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate")
-
-
-def expand_force(force: list[str] | None, order: tuple[str, ...] = PIPELINE_ORDER) -> set[str]:
-    """Stages to recompute: each named stage and every stage after it in `order`."""
-    if not force:
-        return set()
-    unknown = sorted(set(force) - set(order))
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(order)}")
-    first = min(order.index(s) for s in force)
-    return set(order[first:])
 
 
 def read_stamp(out_dir: str | Path, name: str) -> StageRecord | None:

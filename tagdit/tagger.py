@@ -1,23 +1,27 @@
 """The WD 1.4 tagger through ONNX Runtime: model loading, reference preprocessing, tag selection.
 
-Copies the interface and recipe of SmilingWolf's wd-v1-4 taggers (DESIGN §6): NHWC float32 BGR
-0-255 input, sigmoid outputs, `selected_tags.csv` with rating (9), general (0) and character (4)
-rows. Used by the tag stage, the evaluation stage (tagging generated images) and the demo tagger.
+Copies the interface and recipe of SmilingWolf's wd-v1-4 taggers (docs/design.md §6): NHWC float32
+BGR 0-255 input (`tagdit.formats.wd_image`), sigmoid outputs, labels from `selected_tags.csv`
+(`tagdit.formats.selected_tags`). Used by the tag stage, the evaluation stage (tagging generated
+images) and the demo tagger.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel
+
+from tagdit.formats.selected_tags import CHARACTER, GENERAL, RATING, TagLabels, display_name
+from tagdit.formats.wd_image import wd_preprocess
 
 if TYPE_CHECKING:
     from tagdit.config import TaggerConfig
@@ -26,18 +30,12 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 TAGS_FILE = "selected_tags.csv"
-RATING, GENERAL, CHARACTER = 9, 0, 4
-# Tag names kept verbatim (the reference keeps their underscores).
-KAOMOJIS = frozenset(
-    "0_0 (o)_(o) +_+ +_- ._. <o>_<o> <|>_<|> =_= >_< 3_3 6_9 >_o @_@ ^_^ o_o u_u x_x |_| ||_||".split()
-)
-
 
 BATCH_END = object()  # put between images to end a batch early (see WDTagger.probabilities)
 
 
 class TaggerNotFoundError(FileNotFoundError):
-    """The tagger model is neither in a local folder nor downloadable / in the HF cache."""
+    """The tagger's files are neither in a local folder nor downloadable / in the HF cache."""
 
 
 class TagResult(NamedTuple):
@@ -46,34 +44,6 @@ class TagResult(NamedTuple):
     tags: list[str]
     scores: list[float]
     rating: str
-
-
-def display_name(raw: str) -> str:
-    """`long_hair` -> `long hair`; kaomoji such as `^_^` stay as they are."""
-    raw = raw.strip()
-    return raw if raw in KAOMOJIS else raw.replace("_", " ")
-
-
-@dataclass(frozen=True)
-class TagLabels:
-    """The rows of `selected_tags.csv`: display names and categories, in model output order."""
-
-    names: list[str]
-    categories: np.ndarray  # (T,) int
-
-    @classmethod
-    def from_csv(cls, path: str | Path) -> TagLabels:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or not {"name", "category"} <= set(rows[0]):
-            raise ValueError(f"{path}: expected a CSV with header tag_id,name,category,count")
-        return cls([display_name(r["name"]) for r in rows], np.array([int(r["category"]) for r in rows]))
-
-    def indexes(self, category: int) -> np.ndarray:
-        return np.flatnonzero(self.categories == category)
-
-    def category_of(self) -> dict[str, int]:
-        return {n: int(c) for n, c in zip(self.names, self.categories, strict=True)}
 
 
 def mcut_threshold(probs: np.ndarray) -> float:
@@ -111,51 +81,6 @@ def select_tags(
     return TagResult([labels.names[i] for i in keep], [float(probs[i]) for i in keep], rating)
 
 
-def to_rgba(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGBA (16-bit and float greyscale scaled to 8 bits, CMYK via RGB)."""
-    if img.mode == "RGBA":
-        return img
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        a = a / 257.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else a
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-        img = img.convert("RGB")
-    return img.convert("RGBA")
-
-
-def to_rgb_on_white(img: Image.Image) -> Image.Image:
-    """Composite any image (alpha, palette transparency) on white and return RGB."""
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
-    if not has_alpha:
-        return img if img.mode == "RGB" else to_rgba(img).convert("RGB")
-    canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    canvas.alpha_composite(to_rgba(img))
-    return canvas.convert("RGB")
-
-
-def wd_square(img: Image.Image, size: int) -> Image.Image:
-    """The reference WD recipe up to the resize: on white -> centred white square -> BICUBIC to size."""
-    img = to_rgb_on_white(img)
-    w, h = img.size
-    side = max(w, h)
-    if w != h:
-        square = Image.new("RGB", (side, side), (255, 255, 255))
-        square.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = square
-    return img.resize((size, size), Image.BICUBIC) if side != size else img
-
-
-def wd_preprocess(img: Image.Image, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Reference WD input: (size, size, 3) float32 BGR 0-255, written into `out` when given."""
-    rgb = np.asarray(wd_square(img, size))  # (S, S, 3) uint8
-    if out is None:
-        out = np.empty((size, size, 3), np.float32)
-    for c in range(3):  # RGB -> BGR and uint8 -> float32; per channel is 5x faster than a reversed view
-        out[:, :, c] = rgb[:, :, 2 - c]
-    return out
-
-
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, CPU always."""
     import onnxruntime as ort
@@ -164,27 +89,110 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def resolve_files(repo: str, path: str | Path | None = None) -> tuple[Path, Path]:
-    """(model.onnx, selected_tags.csv) from a local folder, else the HF cache / Hub."""
-    if path is not None:
-        folder = Path(path)
-        files = folder / MODEL_FILE, folder / TAGS_FILE
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise TaggerNotFoundError(f"tagger.path={str(folder)!r} lacks {', '.join(missing)}")
-        return files
-    from huggingface_hub import constants, hf_hub_download
+def _local_files(folder: str | Path) -> tuple[Path, Path]:
+    """(model.onnx, selected_tags.csv) in a local folder, or a TaggerNotFoundError naming what lacks."""
+    folder = Path(folder)
+    files = folder / MODEL_FILE, folder / TAGS_FILE
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise TaggerNotFoundError(f"tagger.path={str(folder)!r} lacks {', '.join(missing)}")
+    return files
 
-    try:
-        return tuple(Path(hf_hub_download(repo, f)) for f in (MODEL_FILE, TAGS_FILE))  # type: ignore[return-value]
-    except Exception as e:  # offline, no cache, no network, gated repo ...
-        offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "download failed"
-        raise TaggerNotFoundError(
-            f"WD tagger {repo!r} ({MODEL_FILE}, {TAGS_FILE}) is not in the Hugging Face cache "
-            f"{constants.HF_HUB_CACHE!r} and {offline} ({type(e).__name__}: {e}). Download it "
-            f"there, or set tagger.path to a folder holding {MODEL_FILE} and {TAGS_FILE} "
-            f"(e.g. --set tagger.path=shards/demo-tagger)."
-        ) from e
+
+def _hub_error(repo: str, revision: str, filename: str, cache_dir: str, e: Exception) -> TaggerNotFoundError:
+    """The error for a Hub file that can be neither downloaded nor found in the cache."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(e, RevisionNotFoundError):
+        why = f"the repo has no revision {revision!r}"
+    elif isinstance(e, RepositoryNotFoundError):
+        why = "the repo does not exist, or is gated or private and needs a token"
+    elif isinstance(e, LocalEntryNotFoundError):  # before EntryNotFound, its parent class
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub is unreachable"
+        why += " and the file is not in the cache"
+    elif isinstance(e, EntryNotFoundError):
+        why = f"the repo has no {filename} at that revision"
+    else:
+        why = "the download failed"
+    return TaggerNotFoundError(
+        f"WD tagger file {filename!r} of {repo!r} at revision {revision!r} is unavailable: {why} "
+        f"({type(e).__name__}: {e}). Hugging Face cache folder: {cache_dir!r}. Fix: run once online "
+        f"(HF_HUB_OFFLINE unset) to fill the cache, or set tagger.path to a folder holding {MODEL_FILE} "
+        f"and {TAGS_FILE} (e.g. --set tagger.path=shards/demo-tagger)."
+    )
+
+
+_RESOLVE_LOCK = threading.Lock()
+
+
+@cache
+def _hub_files(repo: str, revision: str, cache_dir: str) -> tuple[str, Path, Path]:
+    """(commit, model.onnx, selected_tags.csv) of `repo` at `revision`: downloaded, or from the cache.
+
+    Memoised for the process (failures are not), so a flow run asks the Hub once however many cache
+    keys it computes. The second file is fetched at the commit the first resolved to: both come from
+    one snapshot even if the branch moves in between, and a cached commit needs no request at all.
+    """
+    from huggingface_hub import hf_hub_download
+
+    commit, paths = revision, []
+    for filename in (MODEL_FILE, TAGS_FILE):
+        try:
+            path = Path(hf_hub_download(repo, filename, revision=commit, cache_dir=cache_dir))
+        except Exception as e:  # offline without the file, no network, unknown repo/revision/file ...
+            raise _hub_error(repo, revision, filename, cache_dir, e) from e
+        if path.parent.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<commit>/<file>
+            commit = path.parent.name
+        paths.append(path)
+    log.info("tagger %s@%s resolved to commit %s", repo, revision, commit)
+    return commit, paths[0], paths[1]
+
+
+class ResolvedTagger(BaseModel, frozen=True):
+    """The tagger files a run uses, where they came from, and what their bytes hash to."""
+
+    repo: str  # Hugging Face repo, or the local folder when tagger.path is set
+    revision: str  # the configured branch, tag or commit ("local" for a folder)
+    commit: str  # the commit the revision resolved to ("local" for a folder)
+    model: Path
+    tags_csv: Path
+    fingerprint: dict[str, str]  # sha256 of model.onnx and selected_tags.csv
+
+    def key_inputs(self) -> dict[str, str]:
+        """What a stage key needs from the tagger: the commit and the files' bytes."""
+        return {"commit": self.commit, **self.fingerprint}
+
+    def record_info(self) -> dict[str, str]:
+        """Provenance for a stage record's info."""
+        return {"tagger_repo": self.repo, "tagger_revision": self.revision, "tagger_commit": self.commit}
+
+
+def resolve_tagger(tcfg: TaggerConfig) -> ResolvedTagger:
+    """Find the configured tagger's files: `tagger.path` if set, else `tagger.repo` at `tagger.revision`.
+
+    A Hub tagger is resolved (downloaded, or read from the cache under HF_HUB_OFFLINE=1) once per
+    process; later calls, e.g. from cache-key computations, make no Hub request. File hashes are
+    memoised on (path, size, mtime), so a changed local model is noticed.
+    """
+    from tagdit.stage import file_fingerprint
+
+    if tcfg.path is not None:
+        model, tags = _local_files(tcfg.path)
+        repo, revision, commit = str(tcfg.path), "local", "local"
+    else:
+        from huggingface_hub import constants
+
+        repo, revision = tcfg.repo, tcfg.revision
+        with _RESOLVE_LOCK:  # tasks computing keys in parallel threads still make one request set
+            commit, model, tags = _hub_files(repo, revision, str(constants.HF_HUB_CACHE))
+    return ResolvedTagger(repo=repo, revision=revision, commit=commit, model=model, tags_csv=tags,
+                          fingerprint={"model": file_fingerprint(model), "tags": file_fingerprint(tags)})
 
 
 class WDTagger:
@@ -209,7 +217,7 @@ class WDTagger:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (all cores)
         opts.log_severity_level = 3
-        # no busy-waiting between runs: the preprocessing thread needs those cycles (DESIGN §6)
+        # no busy-waiting between runs: the preprocessing thread needs those cycles (docs/design.md §6)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_path), opts, providers=list(providers or default_providers()))
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
@@ -227,12 +235,12 @@ class WDTagger:
 
     @classmethod
     def from_dir(cls, path: str | Path, **kw: Any) -> WDTagger:
-        return cls(*resolve_files("", path), **kw)
+        return cls(*_local_files(path), **kw)
 
     @classmethod
     def from_config(cls, tcfg: TaggerConfig, **kw: Any) -> WDTagger:
-        model, tags = resolve_files(tcfg.repo, tcfg.path)
-        return cls(model, tags, tcfg.general_threshold, tcfg.character_threshold, tcfg.mcut,
+        r = resolve_tagger(tcfg)
+        return cls(r.model, r.tags_csv, tcfg.general_threshold, tcfg.character_threshold, tcfg.mcut,
                    tcfg.exclude, tcfg.batch_size, **kw)
 
     @property
@@ -306,16 +314,3 @@ class WDTagger:
         for p in self.probabilities(images):
             yield self.select_tags(p)
 
-    def fingerprint(self) -> dict[str, str]:
-        """sha256 of the model files (for cache keys)."""
-        from tagdit.stage import file_fingerprint
-
-        return {"model": file_fingerprint(self.model_path), "tags": file_fingerprint(self.tags_csv)}
-
-
-def tagger_fingerprint(tcfg: TaggerConfig) -> dict[str, str]:
-    """sha256 of the configured tagger's files, without building a session."""
-    from tagdit.stage import file_fingerprint
-
-    model, tags = resolve_files(tcfg.repo, tcfg.path)
-    return {"model": file_fingerprint(model), "tags": file_fingerprint(tags)}

@@ -1,7 +1,9 @@
-"""The DiT's tag vocabulary (`vocab.json` from the shard stage) and the tag conditioning it feeds.
+"""The DiT's tag vocabulary (`vocab.json`, written by the shard stage) and the tag conditioning it feeds.
 
-Ids: 0 = <pad>, 1 = <unk>, 2 = <cls>; a caption is encoded as [cls, tag ids…] padded to
-max_tags + 1. The null condition (for classifier-free guidance) is [cls] followed by padding only.
+`vocab.json` is `{"tokens": [...]}`, the token with id i at position i. Ids: 0 = <pad>, 1 = <unk>,
+2 = <cls>; a caption is encoded as [cls, tag ids…] padded to max_tags + 1. The null condition (for
+classifier-free guidance) is [cls] followed by padding only. This module is the only reader and
+writer of the file.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tagdit.files import write_json_atomic
 
 PAD, UNK, CLS = 0, 1, 2
 SPECIALS = ("<pad>", "<unk>", "<cls>")
@@ -28,13 +32,22 @@ class Vocab:
     index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if tuple(self.tokens[:3]) != SPECIALS:
-            raise ValueError(f"vocab must start with {SPECIALS}, got {self.tokens[:3]}")
+        if tuple(self.tokens[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"vocab must start with {SPECIALS}, got {self.tokens[: len(SPECIALS)]}")
         self.index = {tok: i for i, tok in enumerate(self.tokens)}
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
         return cls(list(json.loads(Path(path).read_text())["tokens"]))
+
+    @classmethod
+    def from_tags(cls, tags: list[str]) -> Vocab:
+        """The specials followed by `tags` (ids 3, 4, ... in order)."""
+        return cls([*SPECIALS, *tags])
+
+    def save(self, path: str | Path) -> None:
+        """Write `vocab.json` (atomically)."""
+        write_json_atomic(path, {"tokens": self.tokens})
 
     def __len__(self) -> int:
         return len(self.tokens)

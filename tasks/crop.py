@@ -28,8 +28,8 @@ from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text
-from tagdit.stage import Stage, StageRecord, code_version, stage_cache_key, tree_fingerprint
-from tagdit.tagger import to_rgb_on_white
+from tagdit.formats.wd_image import centre_box, pad_square, to_rgb_on_white
+from tagdit.stage import Stage, StageRecord, stage_cache_key, tree_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +142,15 @@ def crop_image(data: bytes, p: CropParams) -> tuple[bytes, tuple[int, int], tupl
     img, (ow, oh) = _decoded(data, p)
     fx, fy, r = img.width / ow, img.height / oh, p.resolution
     if p.mode == "center":
-        side = min(ow, oh)
-        left, top = (ow - side) // 2, (oh - side) // 2
-        dbox = (left * fx, top * fy, (left + side) * fx, (top + side) * fy)
+        left, top, right, bottom = centre_box(ow, oh)
+        side = right - left
+        dbox = (left * fx, top * fy, right * fx, bottom * fy)
         out = img.resize((r, r), Image.LANCZOS, box=dbox, reducing_gap=3.0)
     else:  # pad: fit inside, centred on white like the tagger
         side = max(ow, oh)
         left, top = -((side - ow) // 2), -((side - oh) // 2)
         nw, nh = max(1, round(ow * r / side)), max(1, round(oh * r / side))
-        out = Image.new("RGB", (r, r), (255, 255, 255))
-        out.paste(img.resize((nw, nh), Image.LANCZOS, reducing_gap=3.0), ((r - nw) // 2, (r - nh) // 2))
+        out = pad_square(img.resize((nw, nh), Image.LANCZOS, reducing_gap=3.0))
     buf = io.BytesIO()
     if p.image_format == "png":
         out.save(buf, "PNG")
@@ -200,7 +199,7 @@ def process_chunk(source: Path, files: list[SourceFile], p: CropParams, dst: Pat
 
 
 def chunk_digest(files: list[SourceFile], p: CropParams) -> str:
-    code = code_version("tasks.crop", "tagdit.tagger")
+    code = CROP.code_key()
     stamps = [f"{f.rel}:{f.size}:{f.mtime_ns}:{f.sidecar}:{f.sidecar_stamp}" for f in files]
     return sha256_text(code, repr(p), *stamps)[:16]
 
@@ -211,7 +210,7 @@ def _workers(n: int) -> int:
 
 CROP = Stage(
     name="crop",
-    modules=("tasks.crop", "tagdit.tagger"),
+    modules=("tasks.crop", "tagdit.formats.wd_image"),
     sections=("data.resolution", "crop.mode", "crop.min_size", "crop.max_pixels", "crop.chunk_size",
               "shards.image_format", "shards.jpeg_quality"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "crop",

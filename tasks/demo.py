@@ -23,8 +23,8 @@ from tagdit.stage import Stage, StageRecord, code_version, stage_cache_key
 
 log = logging.getLogger(__name__)
 
-WORLD_MODULES = ("tagdit.demo.world",)
-TAGGER_MODULES = ("tagdit.demo.world", "tagdit.demo.tagger")
+WORLD_MODULES = ("tagdit.demo.labels", "tagdit.demo.draw", "tagdit.demo.world")
+TAGGER_MODULES = (*WORLD_MODULES, "tagdit.demo.tagger_data", "tagdit.demo.tagger")
 TAGGER_FILES = ("model.onnx", "selected_tags.csv", "report.json")
 EVAL_IMAGES = 400  # held-out world images the tagger report is measured on (fewer if the world is smaller)
 

@@ -10,7 +10,6 @@ train split (Chan et al.'s parallel variance in float64, fixed seed) — the onl
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -25,38 +24,26 @@ from prefect import task
 
 from tagdit.config import PipelineConfig
 from tagdit.files import atomic_path, remove_stale_temps, sha256_file, write_json_atomic
+from tagdit.formats.image_shards import decode_image, image_bytes, image_shards
+from tagdit.formats.latent_shards import (
+    STATS_FILE,
+    LatentStats,
+    latent_sample,
+    latent_shard_paths,
+    read_posterior,
+)
 from tagdit.stage import Stage, StageRecord, code_version, stage_cache_key
-from tasks.train_vae import decode_image, image_bytes, image_shards
 
 log = logging.getLogger(__name__)
 
 STAGE = Stage(
     name="encode",
-    modules=("tasks.encode", "tasks.train_vae", "models.vae"),
+    modules=("tasks.encode", "tagdit.formats.image_shards", "tagdit.formats.latent_shards", "models.vae"),
     sections=("latents", "data.resolution"),
     out_dir=lambda cfg, up: cfg.dataset_dir / f"latents-{up['vae'].info['vae_id']}",
 )
 STATS_SEED = 0  # seed of the posterior samples behind the scale factor
 STATS_CHUNK = 256  # latents per variance update
-
-
-def npy_bytes(a) -> bytes:
-    """A numpy array as .npy file bytes."""
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
-def read_npy(data: bytes):
-    import numpy as np
-
-    return np.load(io.BytesIO(data))
-
-
-def latent_shard_paths(latents_dir: Path, split: str) -> list[Path]:
-    return sorted(Path(latents_dir).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
 
 
 def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2) -> Iterator[tuple[list[dict], Any]]:
@@ -101,13 +88,9 @@ def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, ba
             mean = mean.float().cpu().numpy().astype(np.float16)
             logvar = logvar.float().cpu().numpy().astype(np.float16)
             for i, raw in enumerate(raws):
-                sample = {"__key__": raw["__key__"], "mean.npy": npy_bytes(mean[i]),
-                          "logvar.npy": npy_bytes(logvar[i]), "json": raw["json"]}
-                if flip:
-                    j = len(raws) + i
-                    sample["flip_mean.npy"] = npy_bytes(mean[j])
-                    sample["flip_logvar.npy"] = npy_bytes(logvar[j])
-                w.write(sample)
+                j = len(raws) + i  # the mirrored image's row when flipping
+                flipped = (mean[j], logvar[j]) if flip else ()
+                w.write(latent_sample(raw["__key__"], raw["json"], mean[i], logvar[i], *flipped))
             n += len(raws)
     return n
 
@@ -142,18 +125,20 @@ def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, An
     import torch
     from webdataset.tariterators import tarfile_samples
 
+    from models.vae import AutoencoderKL
+
     moments, images, shape = RunningMoments(), 0, None
     for index, path in enumerate(shards):
         g = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per shard: independent of resume
         means, logvars = [], []
         for raw in itertools.chain(tarfile_samples([{"url": str(path)}]), [None]):  # None: flush
             if raw is not None:
-                means.append(torch.from_numpy(read_npy(raw["mean.npy"])).float())
-                logvars.append(torch.from_numpy(read_npy(raw["logvar.npy"])).float())
+                m, lv = read_posterior(raw)
+                means.append(torch.from_numpy(m).float())
+                logvars.append(torch.from_numpy(lv).float())
             if means and (raw is None or len(means) == STATS_CHUNK):
                 mean, logvar = torch.stack(means), torch.stack(logvars)  # (N, z, h, w)
-                eps = torch.randn(mean.shape, generator=g)
-                moments.update(mean + torch.exp(0.5 * logvar) * eps)
+                moments.update(AutoencoderKL.sample(mean, logvar, generator=g))
                 images += len(means)
                 shape = list(mean.shape[1:])
                 means, logvars = [], []
@@ -180,14 +165,14 @@ def _prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool) -> No
 
 
 def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_dir: Path,
-                   vae_id: str, force: bool = False) -> dict[str, Any]:
+                   vae_id: str, force: bool = False) -> LatentStats:
     """Encode every image shard missing from `out_dir`, then write `stats.json`; returns the stats."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     from models.vae import load_vae
-    from tagdit.training import select_device
+    from tagdit.train.devices import select_device
 
     lc = cfg.latents
     weights = Path(vae_ckpt) / ("ema.safetensors" if lc.use_ema else "model.safetensors")
@@ -210,12 +195,11 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
             n = encode_shard(model, src, out_dir / src.name, resolution=cfg.data.resolution, flip=lc.flip,
                              batch_size=lc.batch_size, device=device, pool=pool)
             log.info("encode: %s -> %d latents", src.name, n)
-    stats = latent_stats(latent_shard_paths(out_dir, "train"))
-    stats.update({"vae_checkpoint_sha256": weights_sha, "vae_id": vae_id, "vae_checkpoint": str(ckpt),
-                  "weights": "ema" if lc.use_ema else "raw", "seed": STATS_SEED,
-                  "samples": "one posterior sample per train image (unflipped)"})
-    write_json_atomic(out_dir / "stats.json", stats)
-    log.info("encode: scale factor %.5f (std %.5f over %d train images)", stats["scale_factor"], stats["std"], stats["count"])
+    stats = LatentStats(**latent_stats(latent_shard_paths(out_dir, "train")), vae_checkpoint_sha256=weights_sha,
+                        vae_id=vae_id, vae_checkpoint=str(ckpt), weights="ema" if lc.use_ema else "raw",
+                        seed=STATS_SEED, samples="one posterior sample per train image (unflipped)")
+    stats.save(out_dir)
+    log.info("encode: scale factor %.5f (std %.5f over %d train images)", stats.scale_factor, stats.std, stats.count)
     return stats
 
 
@@ -228,10 +212,10 @@ def encode_stage(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, for
     stats = encode_latents(cfg, Path(shards.out_dir), Path(vae.info["checkpoint"]), out_dir,
                            vae.info["vae_id"], force=force)
     train, val = latent_shard_paths(out_dir, "train"), latent_shard_paths(out_dir, "val")
-    info = {"latents": str(out_dir), "stats": str(out_dir / "stats.json"), "vae_id": vae.info["vae_id"],
+    info = {"latents": str(out_dir), "stats": str(out_dir / STATS_FILE), "vae_id": vae.info["vae_id"],
             "train_shards": [p.name for p in train], "val_shards": [p.name for p in val],
-            **{k: stats[k] for k in ("scale_factor", "mean", "std", "count", "latent_shape")}}
-    return STAGE.write_stamp(cfg, upstream, [*train, *val, out_dir / "stats.json"], info)
+            **stats.model_dump(include={"scale_factor", "mean", "std", "count", "latent_shape"})}
+    return STAGE.write_stamp(cfg, upstream, [*train, *val, out_dir / STATS_FILE], info)
 
 
 @task(name="encode", cache_key_fn=stage_cache_key(STAGE), persist_result=True, tags=["gpu"])

@@ -7,12 +7,10 @@ of resume) and `metrics.json`. The flow publishes them as a Prefect markdown art
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,104 +20,37 @@ from prefect import task
 
 from tagdit.config import PipelineConfig, SamplerConfig
 from tagdit.files import atomic_path, write_json_atomic
+from tagdit.formats.image_shards import open_image, read_samples
+from tagdit.metrics import psnr
+from tagdit.painter import Painter, load_painter, to_pil
 from tagdit.stage import Stage, StageRecord, stage_cache_key
 
 log = logging.getLogger(__name__)
 
 
 def _tagger_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    from tagdit.tagger import tagger_fingerprint
+    """The tagger's resolved commit and file hashes (resolved once per process: no Hub request here)."""
+    from tagdit.tagger import resolve_tagger
 
-    return tagger_fingerprint(cfg.tagger)
+    return resolve_tagger(cfg.tagger).key_inputs()
 
 
 EVALUATE = Stage(
     name="evaluate",
-    modules=("tasks.evaluate", "tagdit.grid", "models.sampling", "models.dit", "models.vae", "tagdit.tagger"),
-    sections=("evaluate", "tagger", "dit.schedule", "dit.timesteps", "dit.model.max_tags"),
+    modules=("tasks.evaluate", "tagdit.painter", "tagdit.grid", "models.sampling", "models.diffusion", "models.dit",
+             "models.vae", "models.kid", "tagdit.vocab", "tagdit.tagger:TagResult", "tagdit.tagger:mcut_threshold",
+             "tagdit.tagger:select_tags",
+             "tagdit.formats.image_shards", "tagdit.formats.latent_shards", "tagdit.formats.wd_image",
+             "tagdit.formats.selected_tags", "tagdit.metrics"),
+    sections=("evaluate", "tagger"),
     out_dir=lambda cfg, up: cfg.run_dir / "eval",
     extra_inputs=_tagger_inputs,
 )
 
 
-@dataclass
-class Generator:
-    """Everything needed to turn tag lists into images."""
-
-    dit: Any
-    vae: Any
-    vocab: Any
-    alpha_bar: Any
-    scale_factor: float
-    latent_shape: tuple[int, int, int]
-    max_tags: int
-    device: Any
-
-    def ids(self, tags: list[str]):
-        import torch
-
-        return torch.tensor([self.vocab.encode(tags, self.max_tags)], dtype=torch.long)
-
-    def sample(self, conds: list[list[str]], negs: list[list[str]], sampler: SamplerConfig,
-               cfg_scale: float, seeds: int | list[int]) -> list[Image.Image]:
-        """One image per (cond, neg) row and seed, seed-major (all rows of the first seed, then the
-        next), in one batch; each seed's noise is what sampling its rows alone would draw."""
-        import torch
-
-        from models.sampling import sample_latents
-        from tagdit.training import autocast
-
-        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-        tags = torch.cat([self.ids(c) for c in conds]).repeat(len(seeds), 1)  # (S·B, L)
-        neg = torch.cat([self.ids(n) for n in negs]).repeat(len(seeds), 1)
-        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        with autocast(self.device):
-            z = sample_latents(self.dit, tags, neg, alpha_bar=self.alpha_bar, shape=(len(tags), *self.latent_shape),
-                               steps=sampler.steps, eta=sampler.eta, scale=cfg_scale, generator=gens)
-            x = self.vae.decode(z.float() / self.scale_factor)  # (S·B, 3, H, W) in [-1, 1]
-        return to_pil(x)
-
-
-def to_pil(x) -> list[Image.Image]:
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def load_generator(cfg: PipelineConfig, shards: StageRecord, latents: StageRecord, dit: StageRecord,
-                   vae: StageRecord) -> Generator:
-    from models.diffusion import make_alpha_bar
-    from models.dit import load_dit
-    from models.vae import load_vae
-    from tagdit.training import select_device
-    from tagdit.vocab import Vocab
-
-    device = select_device(cfg.evaluate.device)
-    stats = json.loads((Path(latents.out_dir) / "stats.json").read_text())
-    vae_model, _ = load_vae(Path(vae.info["checkpoint"]))
-    return Generator(
-        dit=load_dit(Path(dit.out_dir), map_location=device),
-        vae=vae_model.to(device),
-        vocab=Vocab.load(cfg.dataset_dir / "vocab.json"),
-        alpha_bar=make_alpha_bar(cfg.dit.schedule, cfg.dit.timesteps),
-        scale_factor=float(stats["scale_factor"]),
-        latent_shape=tuple(stats["latent_shape"]),
-        max_tags=cfg.dit.model.max_tags,
-        device=device,
-    )
-
-
 def val_samples(dataset_dir: Path, limit: int = 512) -> list[tuple[Image.Image, dict]]:
-    """(image, json) of the validation split, in shard order."""
-    from webdataset.tariterators import tarfile_samples
-
-    urls = sorted(str(p) for p in (dataset_dir / "images").glob("val-*.tar"))
-    out = []
-    for s in tarfile_samples({"url": u} for u in urls):
-        data = s.get("png") or s.get("jpg")
-        out.append((Image.open(io.BytesIO(data)).convert("RGB"), json.loads(s["json"])))
-        if len(out) >= limit:
-            break
-    return out
+    """(RGB image, json) of the validation split, in shard order."""
+    return [(open_image(data), meta) for data, meta in read_samples(dataset_dir, "val", limit)]
 
 
 def caption(meta: dict, vocab: Any, max_tags: int) -> list[str]:
@@ -166,141 +97,178 @@ def fidelity(predicted: list[list[str]], wanted: list[list[str]]) -> dict[str, f
     return {"recall": float(np.mean(rec)), "precision": float(np.mean(prec)), "n": len(wanted)}
 
 
-def reconstruct(gen: Generator, reals: list[tuple[Image.Image, dict]], batch: int = 64) -> tuple[list[Image.Image], float]:
+def reconstruct(painter: Painter, reals: list[tuple[Image.Image, dict]], batch: int = 64) -> tuple[list[Image.Image], float]:
     """VAE round trip (posterior mean) of the real images: (reconstructions, mean PSNR in dB on [0, 1])."""
     import torch
 
     recs, scores = [], []
     for i in range(0, len(reals), batch):
         x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im, _ in reals[i:i + batch]])
-        x = (x / 127.5 - 1).to(gen.device)  # (B, 3, H, W)
+        x = (x / 127.5 - 1).to(painter.device)  # (B, 3, H, W)
         with torch.no_grad():
-            rec = gen.vae.decode(gen.vae.encode(x)[0]).float().clamp(-1, 1)
-        mse = (((rec - x) / 2) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
-        scores.append(10 * torch.log10(1 / mse))
+            rec = painter.vae.decode(painter.vae.encode(x)[0]).float().clamp(-1, 1)
+        scores.append(psnr(rec, x))
         recs += to_pil(rec)
     return recs, float(torch.cat(scores).mean()) if scores else float("nan")
 
 
-def tag_fidelity(cfg: PipelineConfig, gen: Generator, tagger: Any, prompts: list[list[str]],
-                 reals: list[tuple[Image.Image, dict]], recs: list[Image.Image]) -> dict[str, Any]:
-    """Recall/precision of prompted tags for CFG samples, unconditional samples (the floor), real
-    images (the ceiling) and their VAE reconstructions (the ceiling any latent model can reach)."""
-    sampler, m = cfg.evaluate.samplers[0], cfg.evaluate.metric_samples
-    conds = [p for p in prompts for _ in range(m)]
+def tagger_reads(tagger: Any, images: list[Image.Image]) -> tuple[list[list[str]], Any]:
+    """The tagger's tags for each image and its score vectors (N, tags), from one pass."""
+    probs = list(tagger.probabilities(images))
+    return [tagger.select_tags(p).tags for p in probs], np.stack(probs) if probs else np.zeros((0, 0))
+
+
+def draw_for_metrics(cfg: PipelineConfig, painter: Painter, conds: list[list[str]]) -> tuple[list, list]:
+    """(CFG samples, unconditional samples): one each per prompt row, in bounded batches."""
+    sampler = cfg.evaluate.samplers[0]
     cond_imgs, uncond_imgs = [], []
-    for start in range(0, len(conds), 32):  # bounded batches; each holds k CFG rows + k null rows
+    for start in range(0, len(conds), 32):  # each batch holds k CFG rows + k null rows
         chunk = conds[start:start + 32]
         k = len(chunk)
-        imgs = gen.sample(chunk + [[]] * k, [[]] * (2 * k), sampler, cfg.evaluate.cfg, seeds=1000 + start)
+        imgs = painter.draw(chunk + [[]] * k, [[]] * (2 * k), sampler, cfg.evaluate.cfg, seeds=1000 + start)
         cond_imgs += imgs[:k]
         uncond_imgs += imgs[k:]
-    pred_cond = [r.tags for r in tagger.tag_images(cond_imgs)]
-    pred_uncond = [r.tags for r in tagger.tag_images(uncond_imgs)]
-    pred_real = [r.tags for r in tagger.tag_images(im for im, _ in reals)]
-    pred_rec = [r.tags for r in tagger.tag_images(recs)]
-    real_caps = [caption(meta, gen.vocab, gen.max_tags) for _, meta in reals]
+    return cond_imgs, uncond_imgs
+
+
+def tag_fidelity(cfg: PipelineConfig, painter: Painter, tagger: Any, prompts: list[list[str]],
+                 reals: list[tuple[Image.Image, dict]], recs: list[Image.Image]) -> dict[str, Any]:
+    """Recall/precision of prompted tags for CFG samples, unconditional samples (the floor), real
+    images (the ceiling: only those with an in-vocabulary tag) and their VAE reconstructions (the
+    ceiling any latent model can reach); KID over the tagger's score vectors against the real ones."""
+    from models.kid import kid
+
+    m = cfg.evaluate.metric_samples
+    conds = [p for p in prompts for _ in range(m)]
+    cond_imgs, uncond_imgs = draw_for_metrics(cfg, painter, conds)
+    pred_cond, feat_cond = tagger_reads(tagger, cond_imgs)
+    pred_uncond, feat_uncond = tagger_reads(tagger, uncond_imgs)
+    pred_real, feat_real = tagger_reads(tagger, [im for im, _ in reals])
+    pred_rec, _ = tagger_reads(tagger, recs)
+    real_caps = [caption(meta, painter.vocab, painter.max_tags) for _, meta in reals]
+    tagged = [i for i, c in enumerate(real_caps) if c]  # images without an in-vocabulary tag have nothing to recall
     per_prompt = []
     for i, p in enumerate(prompts):
         sl = slice(i * m, (i + 1) * m)
         per_prompt.append({"prompt": ", ".join(p), "cfg": fidelity(pred_cond[sl], conds[sl]),
                            "unconditional": fidelity(pred_uncond[sl], conds[sl])})
     out = {
-        "sampler": sampler.name,
+        "sampler": cfg.evaluate.samplers[0].name,
         "cfg_scale": cfg.evaluate.cfg,
         "samples_per_prompt": m,
         "cfg": fidelity(pred_cond, conds),
         "unconditional": fidelity(pred_uncond, conds),
-        "real": fidelity(pred_real, real_caps),
-        "reconstructed": fidelity(pred_rec, real_caps),
+        "real": fidelity([pred_real[i] for i in tagged], [real_caps[i] for i in tagged]),
+        "reconstructed": fidelity([pred_rec[i] for i in tagged], [real_caps[i] for i in tagged]),
+        "kid_tagger": {name: kid(feat_real, feats, seed=0)[0] if len(feat_real) > 1 and len(feats) > 1 else None
+                       for name, feats in (("cfg", feat_cond), ("unconditional", feat_uncond))},
         "per_prompt": per_prompt,
     }
     out["tag_recall_ratio"] = out["cfg"]["recall"] / max(out["real"]["recall"], 1e-9)
     return out
 
 
-def render_sampler_grid(cfg: PipelineConfig, gen: Generator, rows: list[tuple[list[str], list[str], str]],
+def render_sampler_grid(cfg: PipelineConfig, painter: Painter, rows: list[tuple[list[str], list[str], str]],
                         sampler: SamplerConfig, dst: Path) -> None:
     from tagdit.grid import render_grid
 
     seeds = cfg.evaluate.seeds
-    imgs = gen.sample([r[0] for r in rows], [r[1] for r in rows], sampler, cfg.evaluate.cfg, seeds)
+    imgs = painter.draw([r[0] for r in rows], [r[1] for r in rows], sampler, cfg.evaluate.cfg, seeds)
     tiles = [[imgs[j * len(rows) + i] for j in range(len(seeds))] for i in range(len(rows))]  # row i, seed j
     grid = render_grid(tiles, [r[2] for r in rows], [f"seed {s}" for s in cfg.evaluate.seeds])
     with atomic_path(dst) as tmp:
         grid.save(tmp, format="PNG")
 
 
+def prompt_rows(cfg: PipelineConfig, painter: Painter, reals: list) -> tuple[list[list[str]], list[tuple]]:
+    """(metric prompts, grid rows): each prompt, an unconditional row and a negative-prompt row."""
+    if cfg.evaluate.prompts:
+        prompts = []
+        for p in cfg.evaluate.prompts:
+            known, unknown = painter.vocab.parse_prompt(p)
+            if unknown:
+                log.warning("evaluate prompt %r: tags not in the vocabulary, ignored: %s", p, unknown)
+            prompts.append(known)
+    else:
+        prompts = default_prompts(reals, painter.vocab, cfg.evaluate.n_prompts, painter.max_tags)
+    if not prompts:
+        raise ValueError("no evaluation prompts: the validation split has no tags in the vocabulary")
+    neg_prompt, neg = negative_example(cfg, prompts, painter.vocab)
+    rows = [(p, [], ", ".join(p)) for p in prompts]
+    rows.append(([], [], "(unconditional)"))
+    rows.append((neg_prompt, neg, f"{', '.join(neg_prompt)}  |  negative: {', '.join(neg)}"))
+    return prompts, rows
+
+
+def render_grids(cfg: PipelineConfig, painter: Painter, rows: list[tuple], out: Path, force: bool) -> dict[str, str]:
+    """One grid per sampler (the unit of resume: a grid already rendered is kept)."""
+    grids = {}
+    for sampler in cfg.evaluate.samplers:
+        dst = out / f"grid-{sampler.name}.png"
+        if force or not dst.exists():
+            log.info("evaluate: rendering %s (%s, %d steps, eta %g)", dst.name, sampler.sampler, sampler.steps,
+                     sampler.eta)
+            render_sampler_grid(cfg, painter, rows, sampler, dst)
+        grids[sampler.name] = str(dst)
+    return grids
+
+
+def log_to_tensorboard(cfg: PipelineConfig, grids: dict[str, str], metrics: dict[str, Any], step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(cfg.run_dir / "eval" / "tb")) as writer:
+        for name, path in grids.items():
+            writer.add_image(f"grid/{name}", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        writer.add_scalar("eval/tag_recall_ratio", metrics["tag_recall_ratio"], step)
+        for name, value in metrics["kid_tagger"].items():
+            if value is not None:
+                writer.add_scalar(f"eval/kid_tagger_{name}", value, step)
+
+
 def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents: StageRecord,
              dit: StageRecord, force: bool = False) -> StageRecord:
-    """Render every sampler's grid (skipping grids already rendered) and compute metrics.json."""
+    """Render every sampler's grid for the DiT checkpoint `dit` names and compute metrics.json."""
     import torch
 
-    from tagdit.tagger import WDTagger
-    from tagdit.training import resolve_checkpoint
+    from tagdit.tagger import WDTagger, resolve_tagger
 
     upstream = {"shards": shards, "vae": vae, "latents": latents, "dit": dit}
     if not force and (rec := EVALUATE.valid_record(cfg, upstream)):
         return rec
     torch.manual_seed(0)
-    key = EVALUATE.key(cfg, upstream)
-    dit_ckpt = resolve_checkpoint(dit.out_dir)
-    ckpt = dit_ckpt.name
-    out = EVALUATE.out_dir(cfg, upstream) / f"{ckpt}-{key[-8:]}"
+    painter = load_painter(cfg, dit.info["checkpoint"], vae.info["checkpoint"], latents.out_dir)
+    ckpt = painter.checkpoint
+    out = EVALUATE.out_dir(cfg, upstream) / f"{ckpt.name}-{EVALUATE.key(cfg, upstream)[-8:]}"
     out.mkdir(parents=True, exist_ok=True)
-    gen = load_generator(cfg, shards, latents, dit, vae)
     reals = val_samples(cfg.dataset_dir)
-    if cfg.evaluate.prompts:
-        prompts = []
-        for p in cfg.evaluate.prompts:
-            known, unknown = gen.vocab.parse_prompt(p)
-            if unknown:
-                log.warning("evaluate prompt %r: tags not in the vocabulary, ignored: %s", p, unknown)
-            prompts.append(known)
-    else:
-        prompts = default_prompts(reals, gen.vocab, cfg.evaluate.n_prompts, gen.max_tags)
-    if not prompts:
-        raise ValueError("no evaluation prompts: the validation split has no tags in the vocabulary")
-    neg_prompt, neg = negative_example(cfg, prompts, gen.vocab)
-    rows = [(p, [], ", ".join(p)) for p in prompts]
-    rows.append(([], [], "(unconditional)"))
-    rows.append((neg_prompt, neg, f"{', '.join(neg_prompt)}  |  negative: {', '.join(neg)}"))
-    grids = {}
-    for sampler in cfg.evaluate.samplers:
-        dst = out / f"grid-{sampler.name}.png"
-        if force or not dst.exists():
-            log.info("evaluate: rendering %s (%d steps, eta %g)", dst.name, sampler.steps, sampler.eta)
-            render_sampler_grid(cfg, gen, rows, sampler, dst)
-        grids[sampler.name] = str(dst)
-    tagger = WDTagger.from_config(cfg.tagger)
-    recs, vae_psnr = reconstruct(gen, reals)
-    metrics = tag_fidelity(cfg, gen, tagger, prompts, reals, recs)
-    dit_meta = json.loads((dit_ckpt / "meta.json").read_text())
+    prompts, rows = prompt_rows(cfg, painter, reals)
+    grids = render_grids(cfg, painter, rows, out, force)
+    recs, vae_psnr = reconstruct(painter, reals)
+    metrics = tag_fidelity(cfg, painter, WDTagger.from_config(cfg.tagger), prompts, reals, recs)
+    dit_meta = json.loads((ckpt / "meta.json").read_text())
     metrics.update({
         "vae_psnr_db": vae_psnr,
         "dit_val_loss": dit_meta.get("metrics", {}).get("val_loss"),
-        "dit_checkpoint": ckpt,
-        "prompts": [", ".join(p) for p in prompts],
-        "negative_example": {"prompt": ", ".join(neg_prompt), "negative": ", ".join(neg)},
+        "dit_checkpoint": ckpt.name,
+        "dit_step": dit_meta["step"],
+        "prompts": [", ".join(r[0]) for r in rows[:len(prompts)]],
+        "negative_example": {"prompt": ", ".join(rows[-1][0]), "negative": ", ".join(rows[-1][1])},
         "grids": grids,
+        **resolve_tagger(cfg.tagger).record_info(),
     })
     write_json_atomic(out / "metrics.json", metrics)
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(cfg.run_dir / "eval" / "tb")) as writer:
-        for name, path in grids.items():
-            writer.add_image(f"grid/{name}", np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
-        writer.add_scalar("eval/tag_recall_ratio", metrics["tag_recall_ratio"])
-    info = {"dir": str(out), "metrics": str(out / "metrics.json"), "grids": grids,
+    log_to_tensorboard(cfg, grids, metrics, dit_meta["step"])
+    info = {"dir": str(out), "metrics": str(out / "metrics.json"), "grids": grids, "dit_checkpoint": ckpt.name,
             "tag_recall_ratio": metrics["tag_recall_ratio"], "vae_psnr_db": metrics["vae_psnr_db"],
+            "kid_tagger": metrics["kid_tagger"],
             "recall": {k: metrics[k]["recall"] for k in ("cfg", "unconditional", "real", "reconstructed")}}
     return EVALUATE.write_stamp(cfg, upstream, [*(Path(g) for g in grids.values()), out / "metrics.json"], info)
 
 
-@task(name="evaluate", cache_key_fn=stage_cache_key(EVALUATE), persist_result=True, tags=["gpu"])
+@task(name="evaluate", cache_key_fn=stage_cache_key(EVALUATE), persist_result=True, tags=["eval"])
 def evaluate_task(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents: StageRecord,
                   dit: StageRecord, force: bool = False) -> StageRecord:
-    """Sample grids + tag-fidelity metrics for the run's latest DiT checkpoint."""
+    """Sample grids + tag-fidelity metrics for the DiT checkpoint `dit` names (its own slot: tag `eval`)."""
     return evaluate(cfg, shards, vae, latents, dit, force=force)
 
 
@@ -321,8 +289,24 @@ def artifact_markdown(record: StageRecord) -> str:
                      ("real", "real validation images (ceiling)"),
                      ("reconstructed", "their VAE reconstructions (the VAE's ceiling)")):
         lines.append(f"| {label} | {m[k]['recall']:.3f} | {m[k]['precision']:.3f} |")
+    kid = m.get("kid_tagger", {})
     lines += ["", f"**tag_recall_ratio** (CFG / real): {m['tag_recall_ratio']:.3f} · VAE PSNR: "
-              f"{m['vae_psnr_db']:.2f} dB · DiT val loss: {m['dit_val_loss']}", "", "Full-size files:"]
-    lines += [f"- [{name}](file://{Path(p).resolve()})" for name, p in m["grids"].items()]
-    lines.append(f"- [metrics.json](file://{Path(record.info['metrics']).resolve()})")
+              f"{m['vae_psnr_db']:.2f} dB · DiT val loss: {m['dit_val_loss']} · kid_tagger (CFG): {kid.get('cfg')}",
+              "", "Full-size files (on the machine that ran the evaluation):"]
+    lines += [f"- {name}: `{Path(p).resolve()}`" for name, p in m["grids"].items()]
+    lines.append(f"- metrics: `{Path(record.info['metrics']).resolve()}`")
     return "\n".join(lines)
+
+
+def metrics_table(record: StageRecord) -> list[dict[str, Any]]:
+    """The headline metrics as table rows (a Prefect table artifact with a stable key per run)."""
+    m = json.loads(Path(record.info["metrics"]).read_text())
+    kid = m.get("kid_tagger", {})
+    rows = [{"metric": "dit_checkpoint", "value": m["dit_checkpoint"]},
+            {"metric": "tag_recall_ratio", "value": round(m["tag_recall_ratio"], 4)}]
+    rows += [{"metric": f"recall_{k}", "value": round(m[k]["recall"], 4)}
+             for k in ("cfg", "unconditional", "real", "reconstructed")]
+    rows += [{"metric": f"kid_tagger_{k}", "value": None if v is None else round(v, 5)} for k, v in kid.items()]
+    rows += [{"metric": "vae_psnr_db", "value": round(m["vae_psnr_db"], 3)},
+             {"metric": "dit_val_loss", "value": m["dit_val_loss"]}]
+    return rows

@@ -20,13 +20,13 @@ from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text, write_json_atomic
+from tagdit.formats.image_shards import ShardFile, image_sample
+from tagdit.formats.selected_tags import RATING
 from tagdit.stage import Stage, StageRecord, stage_cache_key
+from tagdit.vocab import SPECIALS, Vocab
 
 log = logging.getLogger(__name__)
 
-MTIME = 946_684_800  # 2000-01-01: a fixed member mtime makes shards byte-identical across runs
-SPECIALS = ["<pad>", "<unk>", "<cls>"]  # vocabulary ids 0, 1, 2 (the seed's convention)
-RATING_CATEGORY = 9
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("source", pa.string()),
     ("sha256", pa.string()), ("orig_size", pa.list_(pa.int32())), ("crop_box", pa.list_(pa.int32())),
@@ -64,33 +64,6 @@ def ok_keys(crop: StageRecord) -> list[str]:
     return [k for t in tables for k in t.filter(pc.field("ok")).column("key").to_pylist()]
 
 
-def sample_json(s: dict) -> bytes:
-    """The `json` member of a shard sample (DESIGN contract keys)."""
-    meta = {"tags": s["tags"], "scores": [round(float(x), 4) for x in s["scores"]], "rating": s["rating"],
-            "source": s["source"], "orig_size": s["orig_size"], "crop_box": s["crop_box"], "sha256": s["sha256"]}
-    return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
-
-
-class ShardFile:
-    """A tar shard being written under a temporary name; `close()` renames it into place."""
-
-    def __init__(self, path: Path):
-        import webdataset as wds
-
-        self.path = path
-        self._ctx = atomic_path(path)
-        self._file = open(self._ctx.__enter__(), "wb")
-        self._tar = wds.TarWriter(self._file, mtime=MTIME)
-
-    def write(self, sample: dict) -> None:
-        self._tar.write(sample)
-
-    def close(self) -> None:
-        self._tar.close()
-        self._file.close()
-        self._ctx.__exit__(None, None, None)
-
-
 class TagStats:
     """Per-tag count, train count, score sum and category over the sharded samples."""
 
@@ -112,16 +85,17 @@ class TagStats:
             "mean_score": pa.array([r[3] / r[1] for _, r in items], pa.float32()),
         })  # fmt: skip
 
-    def vocab(self, min_count: int, max_size: int) -> list[str]:
+    def vocab(self, min_count: int, max_size: int) -> Vocab:
         """Specials + train tags with count >= min_count, most frequent first, rating tags out."""
-        keep = [(t, r[2]) for t, r in self.rows.items() if r[2] >= min_count and r[0] != RATING_CATEGORY]
+        keep = [(t, r[2]) for t, r in self.rows.items() if r[2] >= min_count and r[0] != RATING]
         keep.sort(key=lambda x: (-x[1], x[0]))
-        return SPECIALS + [t for t, _ in keep[: max_size - len(SPECIALS)]]
+        return Vocab.from_tags([t for t, _ in keep[: max_size - len(SPECIALS)]])
 
 
 SHARD = Stage(
     name="shard",
-    modules=("tasks.shard",),
+    modules=("tasks.shard", "tagdit.formats.image_shards", "tagdit.vocab:Vocab", "tagdit.vocab:SPECIALS",
+             "tagdit.formats.selected_tags:RATING"),
     sections=("shards.image_format", "shards.samples_per_shard", "shards.val_fraction",
               "shards.min_tag_count", "shards.max_vocab"),
     out_dir=lambda cfg, up: cfg.dataset_dir,  # tars in images/, tables and vocab.json beside it
@@ -176,7 +150,7 @@ def shard_stage(cfg: PipelineConfig, crop: StageRecord, tag: StageRecord, force:
                 continue
             if split not in open_shards:
                 open_shards[split] = ShardFile(images / name)
-            open_shards[split].write({"__key__": s["key"], sc.image_format: s["image"], "json": sample_json(s)})
+            open_shards[split].write(image_sample(s["key"], sc.image_format, s["image"], s))
             if counts[split] % sc.samples_per_shard == 0:
                 _finish(open_shards.pop(split), done, progress_path)
         manifest.write_table(pa.Table.from_pylist(rows, MANIFEST_SCHEMA))
@@ -201,7 +175,7 @@ def _finalise(cfg, up, out, shards, stats, counts, progress_path) -> StageRecord
         "reason": [r["reason"] for r in rejects]}))  # fmt: skip
     _write_parquet(out / "tags.parquet", stats.table())
     vocab = stats.vocab(cfg.shards.min_tag_count, cfg.shards.max_vocab)
-    write_json_atomic(out / "vocab.json", {"tokens": vocab})
+    vocab.save(out / "vocab.json")
     images = out / "images"
     shard_paths = [images / n for n in shards["train"] + shards["val"]]
     for stale in set(images.glob("*.tar")) - set(shard_paths):

@@ -20,20 +20,19 @@ from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig, TaggerConfig
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text
+from tagdit.formats.selected_tags import UNKNOWN, display_name
 from tagdit.stage import (
     Stage,
     StageRecord,
-    code_version,
     config_sections,
     file_fingerprint,
     stage_cache_key,
 )
-from tagdit.tagger import BATCH_END, TagResult, display_name, tagger_fingerprint
+from tagdit.tagger import BATCH_END, TagResult, resolve_tagger
 
 log = logging.getLogger(__name__)
 
 SIDECAR_SCORE = 1.0  # a human-written tag is certain
-UNKNOWN_CATEGORY = -1  # sidecar tag the tagger does not know
 TAG_SCHEMA = pa.schema([
     ("key", pa.string()), ("tags", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
     ("categories", pa.list_(pa.int16())), ("rating", pa.string()),
@@ -87,7 +86,7 @@ def tag_chunks(tagger, crop_chunks: list[Path], dsts: list[Path], tcfg: TaggerCo
         for key, side in zip(meta["key"], meta["sidecar"], strict=True):
             res = next(results)
             tags, scores = merge_tags(res, parse_sidecar(side, tcfg.exclude), tcfg.sidecar)
-            cats = [category.get(t, UNKNOWN_CATEGORY) for t in tags]
+            cats = [category.get(t, UNKNOWN) for t in tags]
             rows.append({"key": key, "tags": tags, "scores": scores, "categories": cats, "rating": res.rating})
         with atomic_path(dst) as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=TAG_SCHEMA), tmp)
@@ -97,18 +96,19 @@ def tag_chunks(tagger, crop_chunks: list[Path], dsts: list[Path], tcfg: TaggerCo
 
 TAG = Stage(
     name="tag",
-    modules=("tasks.tag", "tagdit.tagger"),
+    modules=("tasks.tag", "tagdit.tagger", "tagdit.formats.selected_tags", "tagdit.formats.wd_image"),
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
               "tagger.sidecar"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "tag",
-    extra_inputs=lambda cfg: tagger_fingerprint(cfg.tagger),  # the model's bytes, wherever it lives
+    extra_inputs=lambda cfg: resolve_tagger(cfg.tagger).key_inputs(),  # the commit and the files' bytes
 )
 
 
 def chunk_digest(cfg: PipelineConfig, crop_chunk: Path) -> str:
+    """A tag chunk's name: only the tagger's bytes count, so a commit that leaves them alone re-tags nothing."""
     settings = repr(sorted(config_sections(cfg, TAG.sections).items()))
-    tagger = repr(sorted(tagger_fingerprint(cfg.tagger).items()))
-    return sha256_text(code_version(*TAG.modules), settings, tagger, file_fingerprint(crop_chunk))[:16]
+    tagger = repr(sorted(resolve_tagger(cfg.tagger).fingerprint.items()))
+    return sha256_text(TAG.code_key(), settings, tagger, file_fingerprint(crop_chunk))[:16]
 
 
 def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> StageRecord:
@@ -132,7 +132,8 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
     for stale in set(out.glob("chunk-*.parquet")) - set(dsts):
         stale.unlink()
     n = sum(pq.read_metadata(d).num_rows for d in dsts)
-    info = {"tagged": n, "chunks": [d.name for d in dsts], "sidecar_mode": cfg.tagger.sidecar}
+    info = {"tagged": n, "chunks": [d.name for d in dsts], "sidecar_mode": cfg.tagger.sidecar,
+            **resolve_tagger(cfg.tagger).record_info()}
     log.info("tag: %d images tagged", n)
     return TAG.write_stamp(cfg, {"crop": crop}, dsts, info)
 

@@ -1,14 +1,22 @@
-"""Shared fixtures: every test runs offline with its own Prefect database and result storage."""
+"""Shared fixtures: offline Prefect, one-thread torch, and the tiny datasets several test modules use.
+
+Every test runs offline with its own Prefect database and result storage. Fixture data is written
+once per session by the helpers in tests/*_fixture*.py; tests must not change the files it wrote.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest  # noqa: E402
+
+from tests.shard_fixtures import write_image_shards  # noqa: E402
+from tests.wd_fixture import build_wd_model, make_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +35,42 @@ def prefect_env(prefect_session, tmp_path, monkeypatch):
 
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "prefect-results")}):
         yield tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread: tiny models gain nothing from more, and lose a lot on shared cores.
+
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`; module scope so its
+    module-scoped fixtures (small trainings) run single-threaded too.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """Tiny image shards: 14 train + 4 val 32 px images, 5 per shard (ragged last shards), vocab.json."""
+    return write_image_shards(tmp_path_factory.mktemp("shards") / "fx", n_train=14, n_val=4, size=32, per_shard=5)
+
+
+@pytest.fixture(scope="session")
+def wd_model(tmp_path_factory) -> Path:
+    """A folder holding the tiny WD-interface tagger whose tags follow the image colour."""
+    return build_wd_model(tmp_path_factory.mktemp("wd"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The messy source folder: GOOD readable images of every kind, BAD broken ones, non-images."""
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def world(corpus, wd_model) -> tuple[Path, Path]:
+    """(source folder, tagger folder): the inputs of the crop -> tag -> shard stages."""
+    return corpus, wd_model

@@ -1,4 +1,4 @@
-"""Tiny latent shards in the shared format (DESIGN: latent shards, stats.json, vocab.json).
+"""Tiny latent shards in the shared format (docs/design.md §3: latent shards, stats.json, vocab.json).
 
 Each latent is a learnable function of its tags: every tag adds a fixed pattern, so a DiT can
 learn the tag -> latent mapping and a model that ignores its tags cannot.
@@ -6,19 +6,22 @@ learn the tag -> latent mapping and a model that ignores its tags cannot.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
+from tagdit.formats.latent_shards import LatentStats, latent_sample
+from tagdit.vocab import Vocab
+
 TAGS = ["red hair", "blue hair", "smile", "hat", "glasses", "^_^"]
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
+def fixture_stats(scale_factor: float, shape: tuple[int, int, int], count: int) -> LatentStats:
+    """A `stats.json` for synthetic latents: the given scale factor, fake provenance."""
+    return LatentStats(scale_factor=scale_factor, mean=0.0, std=1 / scale_factor, count=count,
+                       values=count * int(np.prod(shape)), latent_shape=list(shape), vae_checkpoint_sha256="0" * 64,
+                       vae_id="fixture", vae_checkpoint="", weights="ema", seed=0, samples="synthetic")
 
 
 def write_latent_fixture(
@@ -38,7 +41,7 @@ def write_latent_fixture(
     patterns = {t: rng.normal(0, 2.0, shape).astype(np.float32) for t in TAGS}
     out = Path(dataset_dir) / "latents-fixture"
     out.mkdir(parents=True, exist_ok=True)
-    (Path(dataset_dir) / "vocab.json").write_text(json.dumps({"tokens": ["<pad>", "<unk>", "<cls>", *TAGS]}))
+    Vocab.from_tags(TAGS).save(Path(dataset_dir) / "vocab.json")
     index = 0
     for split, n in (("train", n_train), ("val", n_val)):
         for shard in range((n + per_shard - 1) // per_shard):
@@ -47,25 +50,9 @@ def write_latent_fixture(
                     tags = [t for t in TAGS if rng.random() < 0.4] or [TAGS[0]]
                     mean = sum(patterns[t] for t in tags) / len(tags)
                     logvar = np.full(shape, -6.0, np.float32)
-                    sample = {
-                        "__key__": f"img{index:05d}",
-                        "mean.npy": _npy(mean.astype(np.float16)),
-                        "logvar.npy": _npy(logvar.astype(np.float16)),
-                        "json": json.dumps({"tags": tags + ["rare tag"], "scores": [0.9] * (len(tags) + 1)}).encode(),
-                    }
-                    if flip:
-                        sample["flip_mean.npy"] = _npy(mean[:, :, ::-1].astype(np.float16))
-                        sample["flip_logvar.npy"] = _npy(logvar.astype(np.float16))
-                    w.write(sample)
+                    meta = json.dumps({"tags": tags + ["rare tag"], "scores": [0.9] * (len(tags) + 1)}).encode()
+                    flipped = (mean[:, :, ::-1], logvar) if flip else ()
+                    w.write(latent_sample(f"img{index:05d}", meta, mean, logvar, *flipped))
                     index += 1
-    stats = {
-        "scale_factor": scale_factor,
-        "mean": 0.0,
-        "std": 1 / scale_factor,
-        "count": n_train,
-        "vae_checkpoint_sha256": "0" * 64,
-        "vae_id": "fixture",
-        "latent_shape": list(shape),
-    }
-    (out / "stats.json").write_text(json.dumps(stats))
+    fixture_stats(scale_factor, shape, n_train).save(out)
     return out

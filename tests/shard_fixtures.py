@@ -1,4 +1,4 @@
-"""Tiny image shards in the shared format (DESIGN: image shards, vocab.json, the shard stage's stamp).
+"""Tiny image shards in the shared format (docs/design.md §3: image shards, vocab.json, the shard stage's stamp).
 
 Images are coloured shapes on coloured backgrounds, drawn deterministically from a seed, so a VAE
 has something learnable and tests can compare pixels.
@@ -11,7 +11,9 @@ import json
 import random
 from pathlib import Path
 
+from tagdit.formats.image_shards import image_sample
 from tagdit.stage import StageRecord
+from tagdit.vocab import Vocab
 
 TAGS = ["circle", "square", "red", "blue", "green"]
 COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 180, 60)}
@@ -61,10 +63,10 @@ def write_image_shards(
                     meta = {"tags": tags, "scores": [0.9] * len(tags), "rating": "general",
                             "source": f"src/img{index:05d}.png", "orig_size": [size, size],
                             "crop_box": [0, 0, size, size], "sha256": f"{index:064d}"}
-                    w.write({"__key__": f"src/img{index:05d}", fmt: buf.getvalue(), "json": json.dumps(meta).encode()})
+                    w.write(image_sample(f"src/img{index:05d}", fmt, buf.getvalue(), meta))
                     index += 1
             files.append(path)
-    (Path(dataset_dir) / "vocab.json").write_text(json.dumps({"tokens": ["<pad>", "<unk>", "<cls>", *TAGS]}))
+    Vocab.from_tags(TAGS).save(Path(dataset_dir) / "vocab.json")
     return Path(dataset_dir)
 
 

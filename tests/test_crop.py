@@ -8,12 +8,7 @@ from PIL import Image
 
 from tagdit.config import load_config
 from tasks.crop import CropParams, Reject, _decoded, crop_image, crop_stage, sample_key
-from tests.wd_fixture import BAD, GOOD, make_corpus
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
+from tests.wd_fixture import BAD, GOOD
 
 
 def config(tmp_path, source, *extra):

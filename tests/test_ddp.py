@@ -7,12 +7,11 @@ import torch.multiprocessing as mp
 
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from models.dit import DiT
-from tagdit.config import DiTModelConfig, load_config
+from tagdit.config import load_config
 from tagdit.stage import StageRecord
-from tagdit.training import load_weights
+from tagdit.train.checkpoints import load_weights
 from tests.latent_fixtures import write_latent_fixture
-
-TINY = DiTModelConfig(width=32, depth=2, heads=2, tag_heads=2, mlp_ratio=2.0, dropout=0.0, max_tags=4)
+from tests.model_fixtures import random_dit
 
 
 def batch():
@@ -26,12 +25,7 @@ def batch():
 
 
 def model() -> DiT:
-    torch.manual_seed(0)
-    m = DiT(TINY, vocab_size=10, latent_size=8)
-    with torch.no_grad():  # leave the zero init so every parameter gets a gradient
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    return random_dit().train()  # its zero init is broken, so every parameter gets a gradient
 
 
 def grads(m: torch.nn.Module) -> torch.Tensor:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagdit.demo import world
-from tagdit.tagger import to_rgb_on_white
+from tagdit.demo import draw, labels, world
+from tagdit.formats.wd_image import centre_crop, to_rgb_on_white
 
 N = 70  # > 64 so generation runs on the process pool, and > 3 cycles of the 20 file variants
 
@@ -86,14 +86,14 @@ def test_tags_follow_the_rules_of_each_group(demo_world):
     out, _ = demo_world
     for rel, meta in world.load_labels(out)["images"].items():
         tags = set(meta["tags"])
-        assert len(tags & set(world.LENGTHS)) == 1 and len(tags & set(world.MOUTHS)) == 1, rel
-        assert len(tags & set(world.BACKGROUNDS)) == 1, rel
+        assert len(tags & set(labels.LENGTHS)) == 1 and len(tags & set(labels.MOUTHS)) == 1, rel
+        assert len(tags & set(labels.BACKGROUNDS)) == 1, rel
         grey = meta["mode"] in ("L", "LA") or "monochrome" in tags
         if grey:
-            assert {"monochrome", "greyscale", "white background"} <= tags and not tags & set(world.HAIR)
+            assert {"monochrome", "greyscale", "white background"} <= tags and not tags & set(labels.HAIR)
         else:
-            assert len(tags & set(world.HAIR)) == 1, rel
-            assert len(tags & {*world.EYES, "closed eyes"}) == 1, rel
+            assert len(tags & set(labels.HAIR)) == 1, rel
+            assert len(tags & {*labels.EYES, "closed eyes"}) == 1, rel
         if meta["mode"] in ("RGBA", "LA"):
             assert "white background" in tags
 
@@ -120,7 +120,7 @@ def test_greyscale_images_have_equal_channels(demo_world):
 
 
 def test_character_tag_iff_its_fixed_look():
-    spec = world.Spec("blue hair", "long hair", "yellow eyes", False, "smile", ("hair bow",), "pink background",
+    spec = labels.Spec("blue hair", "long hair", "yellow eyes", False, "smile", ("hair bow",), "pink background",
                       grey=False, transparent=False)
     assert "aoi (tagdit)" in spec.tags()
     spec.accessories = ("hair bow", "hat")
@@ -132,9 +132,9 @@ def test_character_tag_iff_its_fixed_look():
 @pytest.mark.parametrize("size", [(300, 180), (180, 300)])
 def test_everything_tagged_lies_inside_the_centre_square(size):
     """Outside the central square a wide image shows only background, a tall one only body below."""
-    spec = world.Spec("red hair", "long hair", "blue eyes", False, "open mouth", world.ACCESSORIES,
+    spec = labels.Spec("red hair", "long hair", "blue eyes", False, "open mouth", labels.ACCESSORIES,
                       "green background", grey=False, transparent=False)
-    img = np.asarray(world.render(spec, size, np.random.default_rng(0)).convert("RGB")).astype(int)
+    img = np.asarray(draw.render(spec, size, np.random.default_rng(0)).convert("RGB")).astype(int)
     w, h = size
     s = min(w, h)
     bg = img[0, 0]
@@ -147,10 +147,10 @@ def test_everything_tagged_lies_inside_the_centre_square(size):
 
 def test_features_survive_a_64px_centre_crop():
     """Eye colour is still visible at the dataset resolution: the iris colour is in the crop."""
-    spec = world.Spec("black hair", "short hair", "green eyes", False, "smile", (), "white background",
+    spec = labels.Spec("black hair", "short hair", "green eyes", False, "smile", (), "white background",
                       grey=False, transparent=False)
-    img = world.render(spec, (400, 260), np.random.default_rng(1))
-    crop = np.asarray(world.centre_crop(img, 64)).astype(int)
+    img = draw.render(spec, (400, 260), np.random.default_rng(1))
+    crop = np.asarray(centre_crop(img, 64)).astype(int)
     green = (crop[..., 1] > 130) & (crop[..., 0] < 100) & (crop[..., 2] < 120)
     assert green.sum() >= 12  # two irises of several pixels each
 

@@ -3,24 +3,16 @@ import torch
 
 from models.diffusion import cosine_alpha_bar, eps_loss, linear_alpha_bar, min_snr_weight, q_sample
 from models.dit import DiT, DiTBlock, build_dit, load_dit, patchify, unpatchify
-from tagdit.config import DIT_PRESETS, DiTModelConfig
-from tagdit.training import count_parameters, save_weights
+from tagdit.config import DIT_PRESETS
+from tagdit.train.checkpoints import count_parameters, save_weights
+from tests.model_fixtures import TINY_DIT
 
-TINY = DiTModelConfig(width=32, depth=2, heads=2, tag_heads=2, tag_layers=2, mlp_ratio=2.0, dropout=0.0, max_tags=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(vocab=10, latent=8) -> DiT:
     torch.manual_seed(0)
-    return DiT(TINY, vocab_size=vocab, latent_size=latent, in_channels=4)
+    return DiT(TINY_DIT, vocab_size=vocab, latent_size=latent, in_channels=4)
 
 
 def randomize(model: DiT) -> DiT:
@@ -116,6 +108,28 @@ def test_checkpoint_rebuilds_the_model(tmp_path):
     assert torch.equal(loaded(x, t, tags), model.eval()(x, t, tags))
     assert count_parameters(build_dit(model.config_dict())) == count_parameters(model)
 
+
+
+def save_checkpoint(root, model, config):
+    save_weights(root / "ckpt-0000001" / "ema.safetensors", model.state_dict(), config)
+    (root / "ckpt-0000001" / "meta.json").write_text("{}")
+    (root / "latest").write_text("ckpt-0000001\n")
+
+
+def test_checkpoint_carries_its_noise_schedule(tmp_path, caplog):
+    model = DiT(TINY_DIT, vocab_size=10, latent_size=8, schedule="linear", timesteps=500)
+    save_checkpoint(tmp_path / "new", model, model.config_dict())
+    loaded = load_dit(tmp_path / "new", schedule="cosine", timesteps=1000)  # today's config: only a fallback
+    assert (loaded.schedule, loaded.timesteps) == ("linear", 500)
+    assert torch.equal(loaded.alpha_bar, linear_alpha_bar(500))
+
+    old = {k: v for k, v in model.config_dict().items() if k not in ("schedule", "timesteps")}
+    save_checkpoint(tmp_path / "old", model, old)
+    with pytest.raises(ValueError, match="noise schedule"):
+        load_dit(tmp_path / "old")
+    with caplog.at_level("WARNING"):
+        fallback = load_dit(tmp_path / "old", schedule="cosine", timesteps=1000)
+    assert torch.equal(fallback.alpha_bar, cosine_alpha_bar(1000)) and "predates" in caplog.text
 
 def test_schedules_match_the_seed():
     ab = cosine_alpha_bar(1000)

@@ -10,39 +10,26 @@ from webdataset.tariterators import tarfile_samples
 
 import tasks.encode as enc
 from models.vae import build_vae, load_vae
-from tagdit.config import VAEModelConfig, load_config
+from tagdit.config import load_config
 from tagdit.files import sha256_file
-from tagdit.training import save_weights
-from tasks.train_vae import decode_image, image_bytes, image_shards
-from tests.latent_fixtures import _npy
-from tests.shard_fixtures import shard_record, write_image_shards
+from tagdit.formats.image_shards import decode_image, image_bytes, image_shards
+from tagdit.formats.latent_shards import npy_bytes
+from tagdit.train.checkpoints import save_weights
+from tests.model_fixtures import TINY_VAE, as_override
+from tests.shard_fixtures import shard_record
 
-TINY = VAEModelConfig(widths=[8, 16, 16], blocks_per_level=1, groups=4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return write_image_shards(tmp_path_factory.mktemp("shards") / "fx", n_train=14, n_val=4, size=32, per_shard=5)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def vae_ckpt(tmp_path_factory) -> Path:
     """A random-init VAE saved as a checkpoint folder (raw == EMA)."""
     torch.manual_seed(0)
-    model = build_vae(TINY)
+    model = build_vae(TINY_VAE)
     ckpt = tmp_path_factory.mktemp("run") / "vae" / "ckpt-0000001"
     ckpt.mkdir(parents=True)
     for name in ("model.safetensors", "ema.safetensors"):
-        save_weights(ckpt / name, model.state_dict(), TINY.model_dump(mode="json"))
+        save_weights(ckpt / name, model.state_dict(), TINY_VAE.model_dump(mode="json"))
     (ckpt / "meta.json").write_text(json.dumps({"step": 1}))
     return ckpt
 
@@ -81,7 +68,7 @@ def test_latents_round_trip_through_shards_with_flips(tmp_path, dataset, vae_ckp
             n += 1
     assert n == 18
     on_disk = json.loads((out / "stats.json").read_text())
-    assert on_disk == json.loads(json.dumps(stats))
+    assert on_disk == stats.model_dump(mode="json")
     assert on_disk["count"] == 14 and on_disk["latent_shape"] == [4, 4, 4] and on_disk["vae_id"] == "abc"
     assert on_disk["vae_checkpoint_sha256"] == sha256_file(vae_ckpt / "ema.safetensors")
 
@@ -114,7 +101,7 @@ def test_scale_factor_is_one_over_the_std_of_posterior_samples(tmp_path):
             for i in range(100):
                 mean = rng.normal(1.0, 2.0, (4, 8, 8)).astype(np.float16)
                 logvar = np.full((4, 8, 8), np.log(sigma**2), np.float16)
-                w.write({"__key__": f"k{shard}-{i}", "mean.npy": _npy(mean), "logvar.npy": _npy(logvar), "json": b"{}"})
+                w.write({"__key__": f"k{shard}-{i}", "mean.npy": npy_bytes(mean), "logvar.npy": npy_bytes(logvar), "json": b"{}"})
     stats = enc.latent_stats(enc.latent_shard_paths(tmp_path, "train"))
     assert stats["count"] == 300 and stats["values"] == 300 * 256 and stats["latent_shape"] == [4, 8, 8]
     assert stats["scale_factor"] == pytest.approx(1 / (4 + sigma**2) ** 0.5, rel=0.02)
@@ -160,7 +147,7 @@ def test_train_vae_and_encode_latents_flows_run_and_cache(prefect_env, dataset):
 
     shard_record(dataset)  # the stamp prepare-data would have left
     overrides = [f"data.root={dataset.parent}", f"data.name={dataset.name}", "data.resolution=32",
-                 f"run.root={prefect_env / 'runs'}", "vae.model={widths: [8, 16, 16], blocks_per_level: 1, groups: 4}",
+                 f"run.root={prefect_env / 'runs'}", as_override("vae.model", TINY_VAE),
                  "vae.w_perc=0", "vae.train.steps=2", "vae.train.batch_size=4", "vae.train.warmup_steps=1",
                  "latents.batch_size=4"]
     vae = train_vae_flow(overrides=overrides)

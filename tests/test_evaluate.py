@@ -11,9 +11,10 @@ from PIL import Image
 
 from models.vae import build_vae
 from tagdit.config import VAE_PRESETS
+from tagdit.painter import Painter
 from tagdit.stage import StageRecord
 from tagdit.vocab import SPECIALS, Vocab
-from tasks.evaluate import Generator, artifact_markdown, default_prompts, fidelity, reconstruct
+from tasks.evaluate import artifact_markdown, default_prompts, fidelity, metrics_table, reconstruct
 
 
 def reals_with(captions: list[list[str]]) -> list[tuple[Image.Image, dict]]:
@@ -41,25 +42,27 @@ def test_fidelity_is_mean_per_image_recall_and_precision():
 def test_reconstruct_round_trips_every_image_and_scores_psnr():
     torch.manual_seed(0)
     vae = build_vae(VAE_PRESETS["demo"]).eval()
-    gen = Generator(dit=None, vae=vae, vocab=None, alpha_bar=None, scale_factor=1.0, latent_shape=(4, 2, 2),
-                    max_tags=4, device=torch.device("cpu"))
+    gen = Painter(dit=None, vae=vae, vocab=None, stats=None, device=torch.device("cpu"), checkpoint=Path("ckpt"))
     reals = [(Image.new("RGB", (16, 16), (i * 30, 100, 200)), {"tags": []}) for i in range(5)]
     recs, psnr = reconstruct(gen, reals, batch=2)
     assert len(recs) == 5 and recs[0].size == (16, 16)
     assert 0 < psnr < 60
 
 
-def test_artifact_has_the_grid_the_metrics_table_and_links(tmp_path: Path):
+def test_artifacts_have_the_grid_the_metrics_and_paths_but_no_file_links(tmp_path: Path):
     grid = tmp_path / "grid-ddim50.png"
     Image.new("RGB", (8, 8), "red").save(grid)
     row = {"recall": 0.5, "precision": 0.6, "n": 4}
     metrics = {"dit_checkpoint": "ckpt-0000010", "grids": {"ddim50": str(grid)}, "cfg_scale": 4.0, "sampler": "ddim50",
                "cfg": row, "unconditional": row, "real": row, "reconstructed": row, "tag_recall_ratio": 0.9,
-               "vae_psnr_db": 20.0, "dit_val_loss": 0.1}
+               "vae_psnr_db": 20.0, "dit_val_loss": 0.1, "kid_tagger": {"cfg": 0.01, "unconditional": 0.2}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     record = StageRecord(stage="evaluate", key="k", out_dir=str(tmp_path), fingerprint="f",
                          info={"metrics": str(tmp_path / "metrics.json")})
     md = artifact_markdown(record)
     assert "data:image/png;base64," in md
     assert md.count("| 0.500 | 0.600 |") == 4
-    assert f"file://{grid.resolve()}" in md and "tag_recall_ratio" in md
+    assert str(grid.resolve()) in md and "file://" not in md and "tag_recall_ratio" in md
+    table = {row["metric"]: row["value"] for row in metrics_table(record)}
+    assert table["dit_checkpoint"] == "ckpt-0000010" and table["tag_recall_ratio"] == 0.9
+    assert table["kid_tagger_cfg"] == 0.01 and table["recall_real"] == 0.5

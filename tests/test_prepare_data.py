@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from tagdit.config import load_config
-from tests.wd_fixture import build_wd_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,9 +46,9 @@ def make_images(src: Path, n: int = 24) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prep")
-    return make_images(root / "src"), build_wd_model(root / "wd")
+def world(tmp_path_factory, wd_model):
+    """Plain coloured images (this module's source folder) and the shared tiny tagger."""
+    return make_images(tmp_path_factory.mktemp("prep") / "src"), wd_model
 
 
 def overrides(root: Path, world) -> list[str]:

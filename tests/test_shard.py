@@ -3,21 +3,15 @@ import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from tagdit.config import load_config
+from tagdit.formats.image_shards import MTIME
 from tasks.crop import crop_stage
-from tasks.shard import MTIME, TagStats, shard_stage, val_keys
+from tasks.shard import TagStats, shard_stage, val_keys
 from tasks.tag import tag_stage
-from tests.wd_fixture import BAD, GOOD, build_wd_model, make_corpus
+from tests.wd_fixture import BAD, GOOD
 
 CONTRACT_KEYS = {"tags", "scores", "rating", "source", "orig_size", "crop_box", "sha256"}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shardworld")
-    return make_corpus(root / "src"), build_wd_model(root / "wd")
 
 
 def run_all(root: Path, world, *extra):
@@ -93,7 +87,7 @@ def test_vocab_takes_frequent_train_tags_caps_size_and_skips_ratings():
         tags = ["common", "general"] + (["mid"] if i < 5 else []) + (["rare"] if i == 0 else [])
         cats = [0, 9] + [0] * (len(tags) - 2)
         stats.add({"tags": tags, "scores": [0.9] * len(tags), "categories": cats}, train=i != 9)
-    assert stats.vocab(2, 100) == ["<pad>", "<unk>", "<cls>", "common", "mid"]
-    assert stats.vocab(2, 4) == ["<pad>", "<unk>", "<cls>", "common"]
+    assert stats.vocab(2, 100).tokens == ["<pad>", "<unk>", "<cls>", "common", "mid"]
+    assert stats.vocab(2, 4).tokens == ["<pad>", "<unk>", "<cls>", "common"]
     table = {r["tag"]: r for r in stats.table().to_pylist()}
     assert table["common"]["count"] == 10 and table["common"]["train_count"] == 9

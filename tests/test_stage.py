@@ -3,7 +3,8 @@ from pathlib import Path
 from prefect import flow, task
 
 from tagdit.config import load_config
-from tagdit.stage import Stage, StageRecord, run_stage, stage_cache_key
+from tagdit.runner import run_stage
+from tagdit.stage import Stage, StageRecord, stage_cache_key
 
 CALLS: list[str] = []
 
@@ -60,7 +61,7 @@ def test_run_stage_reports_cache_hits(prefect_env):
 
 
 def test_force_expands_to_following_stages():
-    from tagdit.stage import expand_force
+    from tagdit.runner import expand_force
 
     assert expand_force(["train_dit"]) == {"train_dit", "evaluate"}
     assert expand_force(None) == set()
@@ -68,3 +69,97 @@ def test_force_expands_to_following_stages():
 
     with pytest.raises(ValueError, match="unknown stage"):
         expand_force(["nope"])
+
+
+MOD_SRC = '''"""Toy stage code."""
+import math
+
+SCALE = 2  # the factor
+
+
+def helper(x):
+    """Unrelated helper."""
+    return x - 1
+
+
+def compute(x):
+    """Scale x."""
+    # a comment
+    return math.floor(x * SCALE) + 1
+
+
+class Box:
+    """A box."""
+
+    def area(self):
+        return 3
+'''
+
+
+def _key_of(tmp_path, monkeypatch, src: str, *entries: str) -> str:
+    """Write `src` as module `kv_toy` on sys.path and take the stage key of `entries`."""
+    import importlib
+
+    from tagdit.stage import code_version
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "kv_toy.py").write_text(src)
+    importlib.invalidate_caches()
+    code_version.cache_clear()  # memoised per process: a new file needs a fresh hash
+    stage = Stage(name="kv", modules=entries, sections=("data.resolution",),
+                  out_dir=lambda cfg, up: cfg.dataset_dir / "kv")
+    return stage.key(load_config(None, []), {})
+
+
+def test_code_key_ignores_comments_docstrings_and_blank_lines(tmp_path, monkeypatch):
+    base = _key_of(tmp_path, monkeypatch, MOD_SRC, "kv_toy")
+    cosmetic = (MOD_SRC.replace('"""Toy stage code."""', '"""Reworded module docs."""')
+                .replace("# a comment", "# another comment\n\n    # and more")
+                .replace('"""Scale x."""', '"""Scale x by SCALE, then add one."""')
+                .replace('    """A box."""\n', "")
+                .replace("SCALE = 2  # the factor", "\n\nSCALE = 2"))
+    assert cosmetic != MOD_SRC
+    assert _key_of(tmp_path, monkeypatch, cosmetic, "kv_toy") == base
+
+
+def test_code_key_changes_with_constants_and_expressions(tmp_path, monkeypatch):
+    base = _key_of(tmp_path, monkeypatch, MOD_SRC, "kv_toy")
+    const = _key_of(tmp_path, monkeypatch, MOD_SRC.replace("SCALE = 2", "SCALE = 3"), "kv_toy")
+    expr = _key_of(tmp_path, monkeypatch, MOD_SRC.replace("x * SCALE) + 1", "x * SCALE) - 1"), "kv_toy")
+    method = _key_of(tmp_path, monkeypatch, MOD_SRC.replace("return 3", "return 4"), "kv_toy:Box")
+    assert len({base, const, expr}) == 3
+    assert method != _key_of(tmp_path, monkeypatch, MOD_SRC, "kv_toy:Box")
+
+
+def test_code_key_narrowed_to_names_ignores_the_rest_of_the_module(tmp_path, monkeypatch):
+    entries = ("kv_toy:compute", "kv_toy:SCALE")
+    base = _key_of(tmp_path, monkeypatch, MOD_SRC, *entries)
+    other = MOD_SRC.replace("return x - 1", "return x - 100").replace("import math", "import math, os")
+    assert _key_of(tmp_path, monkeypatch, other, *entries) == base  # helper and imports not listed
+    assert _key_of(tmp_path, monkeypatch, other, "kv_toy") != _key_of(tmp_path, monkeypatch, MOD_SRC, "kv_toy")
+    assert _key_of(tmp_path, monkeypatch, MOD_SRC.replace("SCALE = 2", "SCALE = 5"), *entries) != base
+    assert _key_of(tmp_path, monkeypatch, MOD_SRC.replace("+ 1", "+ 2"), *entries) != base
+
+
+def test_stage_version_changes_the_key_and_bad_entries_fail_clearly(tmp_path, monkeypatch):
+    import pytest
+
+    cfg = load_config(None, [])
+    v1 = Stage(name="kv", modules=("tagdit.files",), sections=(), out_dir=lambda cfg, up: cfg.dataset_dir)
+    v2 = Stage(name="kv", modules=("tagdit.files",), sections=(), out_dir=lambda cfg, up: cfg.dataset_dir,
+               version=2)
+    assert v1.version == 1 and v1.key(cfg, {}) != v2.key(cfg, {}) and v1.code_key() != v2.code_key()
+    with pytest.raises(ValueError, match="nope"):
+        _key_of(tmp_path, monkeypatch, MOD_SRC, "kv_toy:nope")
+    with pytest.raises(ValueError, match="not found"):
+        _key_of(tmp_path, monkeypatch, MOD_SRC, "kv_toy_missing")
+
+
+def test_two_folders_with_equal_settings_get_their_own_keys_and_records(prefect_env):
+    a, b = str(prefect_env / "a"), str(prefect_env / "b")
+    CALLS.clear()
+    ra, rb = toy_flow(a, 32), toy_flow(b, 32)
+    assert CALLS == ["ran", "ran"] and ra.key != rb.key
+    again = toy_flow(a, 32)
+    assert again.cached and CALLS == ["ran", "ran"]
+    assert Path(again.out_dir).is_relative_to(Path(a).resolve()) or Path(again.out_dir).is_relative_to(Path(a))

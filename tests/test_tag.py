@@ -1,16 +1,9 @@
 import pyarrow.parquet as pq
-import pytest
 
 from tagdit.config import load_config
 from tasks.crop import crop_stage
 from tasks.tag import parse_sidecar, tag_stage
-from tests.wd_fixture import GOOD, build_wd_model, make_corpus
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tagworld")
-    return make_corpus(root / "src"), build_wd_model(root / "wd")
+from tests.wd_fixture import GOOD, build_wd_model
 
 
 def config(tmp_path, world, *extra):

@@ -1,23 +1,25 @@
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from tagdit.config import TaggerConfig
+from tagdit.files import sha256_file
+from tagdit.formats.selected_tags import TagLabels, display_name
+from tagdit.formats.wd_image import wd_preprocess
 from tagdit.tagger import (
+    MODEL_FILE,
+    TAGS_FILE,
     TaggerNotFoundError,
-    TagLabels,
     WDTagger,
-    display_name,
+    _hub_files,
     mcut_threshold,
+    resolve_tagger,
     select_tags,
-    wd_preprocess,
 )
 from tests.wd_fixture import build_wd_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_wd_model(tmp_path_factory.mktemp("wd"))
 
 
 def reference_prepare(image: Image.Image, size: int) -> np.ndarray:
@@ -52,8 +54,8 @@ def test_preprocessing_matches_reference_wd_recipe():
         np.testing.assert_array_equal(ours, ref)
 
 
-def test_tagger_reads_interface_from_session_and_tags_by_colour(model_dir):
-    tagger = WDTagger.from_dir(model_dir)
+def test_tagger_reads_interface_from_session_and_tags_by_colour(wd_model):
+    tagger = WDTagger.from_dir(wd_model)
     assert (tagger.input_name, tagger.output_name, tagger.size) == ("input_1:0", "predictions_sigmoid", 448)
     assert tagger.fixed_batch is None
     colours = {(255, 0, 0): "red", (0, 0, 255): "test character", (255, 255, 0): "^_^", (0, 0, 0): "dark"}
@@ -68,9 +70,9 @@ def test_tagger_reads_interface_from_session_and_tags_by_colour(model_dir):
     assert "blue" in results[1].tags and "test character" in results[1].tags
 
 
-def test_fixed_batch_model_gives_same_probabilities(tmp_path, model_dir):
+def test_fixed_batch_model_gives_same_probabilities(tmp_path, wd_model):
     fixed = WDTagger.from_dir(build_wd_model(tmp_path / "fixed", fixed_batch=1))
-    dynamic = WDTagger.from_dir(model_dir, batch_size=4)
+    dynamic = WDTagger.from_dir(wd_model, batch_size=4)
     assert fixed.fixed_batch == 1 and fixed.batch_size == 1
     rng = np.random.default_rng(1)
     imgs = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
@@ -106,21 +108,130 @@ def test_underscores_become_spaces_except_kaomoji():
     assert display_name("^_^") == "^_^" and display_name(">_<") == ">_<"
 
 
-def test_missing_tagger_offline_names_repo_cache_and_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+REPO, COMMIT, COMMIT2 = "org/tiny-tagger", "a" * 40, "b" * 40
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache folder, offline, with the process's resolve memo cleared."""
+    import huggingface_hub.constants as hf
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))  # the constants were read at import
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    _hub_files.cache_clear()
+    yield cache
+    _hub_files.cache_clear()
+
+
+def cache_snapshot(cache: Path, wd_model: Path, commit: str = COMMIT, ref: str = "main",
+                   files: tuple[str, ...] = (MODEL_FILE, TAGS_FILE)) -> Path:
+    """Lay out `files` of the fixture tagger as the HF cache holds `REPO` at `commit`, `ref` -> commit."""
+    repo = cache / ("models--" + REPO.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in files:
+        shutil.copy(wd_model / f, snap / f)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return snap
+
+
+def test_offline_tagger_resolves_from_hf_cache_to_the_cached_commit(hf_cache, wd_model):
+    snap = cache_snapshot(hf_cache, wd_model)
+    r = resolve_tagger(TaggerConfig(repo=REPO))
+    assert (r.repo, r.revision, r.commit) == (REPO, "main", COMMIT)
+    assert r.model == snap / MODEL_FILE and r.tags_csv == snap / TAGS_FILE
+    assert r.fingerprint == {"model": sha256_file(wd_model / MODEL_FILE), "tags": sha256_file(wd_model / TAGS_FILE)}
+    assert r.key_inputs() == {"commit": COMMIT, **r.fingerprint}
+    assert r.record_info() == {"tagger_repo": REPO, "tagger_revision": "main", "tagger_commit": COMMIT}
+    assert resolve_tagger(TaggerConfig(repo=REPO, revision=COMMIT)).commit == COMMIT  # a pinned commit
+    tagger = WDTagger.from_config(TaggerConfig(repo=REPO))
+    assert tagger.model_path == snap / MODEL_FILE
+    assert "red" in next(tagger.tag_images([Image.new("RGB", (30, 30), (255, 0, 0))])).tags
+    with pytest.raises(TaggerNotFoundError, match="'v9'"):  # a ref the cache has never seen
+        resolve_tagger(TaggerConfig(repo=REPO, revision="v9"))
+
+
+def test_missing_tagger_file_error_names_repo_file_revision_and_cache(hf_cache, wd_model, tmp_path):
     with pytest.raises(TaggerNotFoundError) as e:
         WDTagger.from_config(TaggerConfig(repo="SmilingWolf/wd-v1-4-moat-tagger-v2"))
     msg = str(e.value)
-    assert "SmilingWolf/wd-v1-4-moat-tagger-v2" in msg and "tagger.path" in msg and "cache" in msg
+    for part in ("SmilingWolf/wd-v1-4-moat-tagger-v2", "'model.onnx'", "'main'", str(hf_cache), "HF_HUB_OFFLINE",
+                 "tagger.path"):
+        assert part in msg
+    cache_snapshot(hf_cache, wd_model, files=(MODEL_FILE,))  # the model is cached, its tag list is not
+    with pytest.raises(TaggerNotFoundError) as e:
+        resolve_tagger(TaggerConfig(repo=REPO))
+    msg = str(e.value)
+    assert REPO in msg and "'selected_tags.csv'" in msg and str(hf_cache) in msg and "model.onnx'" not in msg
     with pytest.raises(TaggerNotFoundError, match="model.onnx"):
         WDTagger.from_config(TaggerConfig(path=tmp_path))
 
 
-def test_batch_end_marker_pins_batches_without_changing_order(model_dir):
+def test_local_tagger_path_resolves_as_local_without_a_hub_call(wd_model, monkeypatch):
+    def no_hub(*a, **kw):
+        raise AssertionError("tagger.path must not touch the Hub")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_hub)
+    r = resolve_tagger(TaggerConfig(path=wd_model, repo="ignored/repo"))
+    assert (r.repo, r.revision, r.commit) == (str(wd_model), "local", "local")
+    assert (r.model, r.tags_csv) == (wd_model / MODEL_FILE, wd_model / TAGS_FILE)
+    assert r.fingerprint["model"] == sha256_file(wd_model / MODEL_FILE)
+
+
+def test_tagging_and_repeated_cache_keys_ask_the_hub_once_per_file(hf_cache, world, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    from tagdit.config import load_config
+    from tasks.crop import crop_stage
+    from tasks.evaluate import EVALUATE
+    from tasks.tag import TAG, chunk_digest, tag_stage
+
+    src, wd = world
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    head = {"main": COMMIT}  # what the fake Hub's branch points at
+    calls = []
+
+    def fake_download(repo, filename, revision=None, cache_dir=None, **kw):
+        calls.append((filename, revision))
+        commit = head.get(revision, revision)
+        snap = Path(cache_dir) / ("models--" + repo.replace("/", "--")) / "snapshots" / commit
+        snap.mkdir(parents=True, exist_ok=True)
+        shutil.copy(wd / filename, snap / filename)
+        return str(snap / filename)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    cfg = load_config(None, [f"data.source={src}", f"data.root={tmp_path / 'shards'}", "data.name=t",
+                             "data.resolution=32", "crop.max_pixels=1000000", "crop.workers=1",
+                             "crop.chunk_size=5", f"tagger.repo={REPO}"])
+    crop = crop_stage(cfg)
+    assert len(crop.info["chunks"]) >= 3
+    rec = tag_stage(cfg, crop)
+    for _ in range(3):
+        TAG.key(cfg, {"crop": crop})
+        EVALUATE.extra_inputs(cfg)
+        [chunk_digest(cfg, Path(crop.out_dir) / c) for c in crop.info["chunks"]]
+    assert tag_stage(cfg, crop) == rec  # the cached record
+    assert calls == [(MODEL_FILE, "main"), (TAGS_FILE, COMMIT)]  # the second file from the same snapshot
+    assert rec.info["tagger_commit"] == COMMIT and rec.info["tagger_revision"] == "main"
+    # a new commit with the same files: the key and record change, no chunk is re-tagged
+    head["main"] = COMMIT2
+    _hub_files.cache_clear()  # a new flow run (process)
+    chunks = {p: p.stat().st_mtime_ns for p in Path(rec.out_dir).glob("chunk-*")}
+    rec2 = tag_stage(cfg, crop)
+    assert rec2.key != rec.key and rec2.info["tagger_commit"] == COMMIT2 and rec2.info["chunks"] == rec.info["chunks"]
+    assert {p: p.stat().st_mtime_ns for p in Path(rec.out_dir).glob("chunk-*")} == chunks
+    assert len(calls) == 4
+
+
+def test_batch_end_marker_pins_batches_without_changing_order(wd_model):
     from tagdit.tagger import BATCH_END
 
-    tagger = WDTagger.from_dir(model_dir, batch_size=4)
+    tagger = WDTagger.from_dir(wd_model, batch_size=4)
     imgs = [Image.new("RGB", (20, 20), (i * 40, 0, 255 - i * 40)) for i in range(6)]
     sizes = []
     real = tagger.predict

@@ -2,6 +2,7 @@ import json
 import logging
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ import torch
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from models.dit import load_dit
 from tagdit.config import load_config
+from tagdit.formats.latent_shards import LatentStats
 from tagdit.stage import StageRecord
-from tagdit.training import load_weights
+from tagdit.train.checkpoints import load_weights
 from tagdit.vocab import Vocab, augment_tags
 from tasks.train_dit import STAGE, decode_latent, shard_urls, train_dit_stage
 from tests.latent_fixtures import write_latent_fixture
@@ -20,13 +22,7 @@ TINY = ["dit.model=demo", "dit.model.patch=2", "dit.model.mlp_ratio=4", "dit.mod
         "dit.train.lr=2e-3", "dit.train.weight_decay=0", "dit.train.ema_decay=0.9", "dit.val_samples=8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def records(latents_dir):
@@ -56,7 +52,7 @@ def test_tiny_dit_overfits_a_few_latents(trained):
     from webdataset.tariterators import tarfile_samples
 
     ex = [decode_latent(r, vocab=vocab, dit=cfg.dit, augment=False) for r in tarfile_samples({"url": u} for u in shard_urls(latents, "train"))]
-    z = 0.5 * torch.stack([e["mean"] for e in ex]).float().repeat(16, 1, 1, 1)  # scale factor 0.5
+    z = LatentStats.load(latents).to_model(torch.stack([e["mean"] for e in ex]).float()).repeat(16, 1, 1, 1)
     tags = torch.stack([e["tags"] for e in ex]).repeat(16, 1)
     g = torch.Generator().manual_seed(0)
     t, eps = torch.randint(0, 1000, (len(z),), generator=g), torch.randn(z.shape, generator=g)
@@ -138,36 +134,45 @@ def test_augment_tags_drops_shuffles_and_caps():
     assert sum(map(len, short)) / (5 * 2000) == pytest.approx(0.9, abs=0.02)
 
 
-def test_vocab_parses_prompts_and_reports_unknown_tags(tmp_path):
-    (tmp_path / "v.json").write_text(json.dumps({"tokens": ["<pad>", "<unk>", "<cls>", "blue hair", "smile", "^_^"]}))
-    vocab = Vocab.load(tmp_path / "v.json")
+def test_vocab_parses_prompts_and_reports_unknown_tags():
+    vocab = Vocab.from_tags(["blue hair", "smile", "^_^"])
     known, unknown = vocab.parse_prompt("Blue_Hair, smile ,, ^_^, hat, smile, <cls>")
     assert known == ["blue hair", "smile", "^_^"] and unknown == ["hat", "<cls>"]
     assert vocab.encode(["smile", "hat"], 4) == [2, 4, 1, 0, 0]
     assert vocab.encode(["smile"] * 6, 4) == [2, 4, 4, 4, 4] and vocab.null(3) == [2, 0, 0, 0]
 
 
-def test_sample_command_writes_images_and_reports_unknown_tags(trained, tmp_path, caplog, monkeypatch):
-    from flows import sample
+def fake_vae_run(cfg, latents):
+    """A tiny untrained VAE checkpoint and the stamps the sample command looks up."""
     from models.vae import build_vae
     from tagdit.config import VAE_PRESETS
-    from tagdit.training import save_weights
+    from tagdit.train.checkpoints import save_weights
 
-    cfg, latents, record = trained
     vae_dir = cfg.run_dir / "vae"
     vae = build_vae(VAE_PRESETS["demo"].model_copy(update={"widths": [8, 8, 8, 8][:3], "groups": 4}))
     save_weights(vae_dir / "ckpt-0000001" / "ema.safetensors", vae.state_dict(), vae.cfg.model_dump())
     (vae_dir / "ckpt-0000001" / "meta.json").write_text("{}")
     (vae_dir / "latest").write_text("ckpt-0000001\n")
     stamp = {"record": {"stage": "train_vae", "key": "k", "out_dir": str(vae_dir), "fingerprint": "f",
-                        "info": {"vae_id": "fixture"}}, "files": {}}
+                        "info": {"vae_id": "fixture", "checkpoint": str(vae_dir / "ckpt-0000001")}}, "files": {}}
     (vae_dir / ".stage-train_vae.json").write_text(json.dumps(stamp))
     stamp["record"].update(stage="encode", out_dir=str(latents))
     (latents / ".stage-encode.json").write_text(json.dumps(stamp))
+
+
+def sample_args(cfg, *extra):
+    return ["--set", f"data.root={cfg.data.root}", "--set", "data.name=ds", "--set", f"run.root={cfg.run.root}",
+            "--set", "evaluate.device=cpu", *extra]
+
+
+def test_sample_command_writes_images_and_reports_unknown_tags(trained, tmp_path, caplog, monkeypatch):
+    from flows import sample
+
+    cfg, latents, record = trained
+    fake_vae_run(cfg, latents)
     out = tmp_path / "out.png"
-    args = ["--set", f"data.root={cfg.data.root}", "--set", "data.name=ds", "--set", f"run.root={cfg.run.root}",
-            "--set", "evaluate.device=cpu", "--prompt", "red hair, Smile, purple_cape", "--negative", "hat",
-            "--cfg", "3", "--steps", "4", "--eta", "1", "--n", "2", "--out", str(out)]
+    args = sample_args(cfg, "--prompt", "red hair, Smile, purple_cape", "--negative", "hat",
+                       "--cfg", "3", "--steps", "4", "--eta", "1", "--n", "2", "--out", str(out))
     with caplog.at_level(logging.WARNING):
         result = sample.main(args)
     from PIL import Image
@@ -176,16 +181,32 @@ def test_sample_command_writes_images_and_reports_unknown_tags(trained, tmp_path
     assert result["unknown_tags"] == ["purple_cape"] and "purple_cape" in caplog.text
 
 
-def test_read_npy_matches_np_load():
-    import io
+def test_sampling_uses_the_schedule_the_checkpoint_was_trained_with(trained, tmp_path, monkeypatch):
+    import models.sampling
+    from flows import sample
+    from models.diffusion import linear_alpha_bar
 
-    import numpy as np
+    cfg, latents, _ = trained  # the current config says cosine
+    (tmp_path / "ds").mkdir()
+    shutil.copy(latents.parent / "vocab.json", tmp_path / "ds" / "vocab.json")
+    linear = train_dit_stage(config(tmp_path, "dit.schedule=linear", "dit.train.steps=2"), *records(latents))
+    assert load_weights(Path(linear.info["checkpoint"]) / "ema.safetensors")[1]["schedule"] == "linear"
+    fake_vae_run(cfg, latents)
+    seen, real = [], models.sampling.sample_latents
+    monkeypatch.setattr(models.sampling, "sample_latents", lambda *a, **k: seen.append(k["alpha_bar"]) or real(*a, **k))
+    assert cfg.dit.schedule == "cosine"
+    sample.main(sample_args(cfg, "--prompt", "smile", "--steps", "2", "--n", "1", "--out", str(tmp_path / "o.png"),
+                            "--checkpoint", linear.info["checkpoint"]))
+    assert len(seen) == 1 and torch.equal(seen[0], linear_alpha_bar(1000))
 
-    from tasks.train_dit import read_npy
 
-    for a in (np.arange(256, dtype=np.float16).reshape(4, 8, 8), np.asfortranarray(np.ones((3, 2))), np.array(5.0)):
-        buf = io.BytesIO()
-        np.save(buf, a)
-        for _ in range(2):  # parsed, then from the header cache
-            b = read_npy(buf.getvalue())
-            assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b) and b.flags.writeable
+def test_an_unmarked_run_folder_is_moved_aside_not_resumed(tmp_path):
+    from tasks.trainer import prepare_out_dir
+
+    run = tmp_path / "dit"
+    (run / "ckpt-0000004").mkdir(parents=True)  # someone else's checkpoints, no identity.json
+    prepare_out_dir(run, {"a": 1}, force=False, what="train_dit")
+    assert len(list(tmp_path.glob("dit.superseded-*/ckpt-0000004"))) == 1
+    (run / "ckpt-0000002").mkdir()
+    prepare_out_dir(run, {"a": 1}, force=False, what="train_dit")  # same identity: resumed in place
+    assert (run / "ckpt-0000002").is_dir() and json.loads((run / "identity.json").read_text()) == {"a": 1}

@@ -7,25 +7,16 @@ import torch
 import tasks.train_vae as tv
 from models.vae import load_vae
 from tagdit.config import load_config
-from tagdit.training import NonFiniteLossError, load_weights
-from tests.shard_fixtures import shard_record, write_image_shards
+from tagdit.train.checkpoints import load_weights
+from tagdit.train.loop import NonFiniteLossError
+from tasks.trainer import TrainerStage
+from tests.model_fixtures import TINY_VAE, as_override
+from tests.shard_fixtures import shard_record
 
 REAL_LOSS = tv.vae_loss
-TINY = "vae.model={widths: [8, 16, 16], blocks_per_level: 1, groups: 4}"
+TINY = as_override("vae.model", TINY_VAE)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return write_image_shards(tmp_path_factory.mktemp("shards") / "fx", n_train=16, n_val=4, size=32, per_shard=6)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(tmp_path: Path, dataset: Path, *extra: str):
@@ -101,7 +92,7 @@ def test_stage_records_checkpoint_facts_and_is_reused(tmp_path, dataset, monkeyp
     model, _ = load_vae(ckpt)
     assert model.downsample_factor == 8 and model.cfg.widths == [8, 16, 16]
 
-    monkeypatch.setattr(tv, "run_training", lambda *a, **k: pytest.fail("should be cached"))
+    monkeypatch.setattr(TrainerStage, "run_training", lambda *a, **k: pytest.fail("should be cached"))
     assert tv.train_vae_stage(cfg, shards) == rec
     monkeypatch.undo()
     # another architecture in the same run dir: the old run is moved aside, not resumed
@@ -114,8 +105,10 @@ def test_stage_records_checkpoint_facts_and_is_reused(tmp_path, dataset, monkeyp
 def test_random_flip_is_drawn_from_the_sample_seed(dataset):
     from webdataset.tariterators import tarfile_samples
 
-    raw = next(iter(tarfile_samples([{"url": str(tv.image_shards(dataset, "train")[0])}])))
-    plain = tv.decode_image(tv.image_bytes(raw), 32)
+    from tagdit.formats.image_shards import decode_image, image_bytes, image_shards
+
+    raw = next(iter(tarfile_samples([{"url": str(image_shards(dataset, "train")[0])}])))
+    plain = decode_image(image_bytes(raw), 32)
     assert plain.shape == (3, 32, 32) and -1 <= plain.min() and plain.max() <= 1
     flips = []
     for seed in range(16):

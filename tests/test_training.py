@@ -7,14 +7,10 @@ import webdataset as wds
 from torch import nn
 
 from tagdit.config import TrainConfig
-from tagdit.training import (
-    Checkpoints,
-    EpochStream,
-    NonFiniteLossError,
-    fit,
-    load_model_weights,
-    lr_factor,
-)
+from tagdit.train.checkpoints import Checkpoints, load_model_weights
+from tagdit.train.loop import NonFiniteLossError, fit
+from tagdit.train.optim import lr_factor
+from tagdit.train.stream import EpochStream
 
 
 def write_shards(root, n_shards=3, per_shard=7):
@@ -130,3 +126,53 @@ def test_fit_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 5"):
         run_fit(tmp_path, tmp_path / "n", 10, urls, loss=exploding)
     assert Checkpoints(tmp_path / "n").latest().name == "ckpt-0000003"
+
+
+def test_no_grad_clip_trains_unclipped(tmp_path):
+    urls = write_shards(tmp_path)
+
+    def final_weights(out, clip):
+        torch.manual_seed(0)
+        cfg = TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=6, grad_clip=clip)
+        fit(model=Tiny(), loss_fn=loss_fn, stream=EpochStream(urls, decode, batch_size=4, seed=0), cfg=cfg,
+            out_dir=tmp_path / out, model_config={}, device=torch.device("cpu"))
+        return load_model_weights(tmp_path / out, ema=False)[0]
+
+    none, huge, tiny = final_weights("none", None), final_weights("huge", 1e9), final_weights("tiny", 1e-3)
+    assert all(torch.equal(none[k], huge[k]) for k in none)
+    assert not all(torch.equal(none[k], tiny[k]) for k in none)
+
+
+class Counter:
+    """A second trainable thing's stand-in: state saved in every checkpoint, updated after each step."""
+
+    def __init__(self):
+        self.n = 0
+
+    def state_dict(self):
+        return {"n": torch.tensor(self.n)}
+
+    def load_state_dict(self, state):
+        self.n = int(state["n"])
+
+
+def test_after_step_hook_runs_each_step_and_its_state_resumes(tmp_path):
+    urls = write_shards(tmp_path)
+    seen = []
+
+    def run(counter, steps):
+        def after_step(batch, step):
+            counter.n += 1
+            seen.append(step)
+            return {"aux": float(counter.n)}
+
+        cfg = TrainConfig(steps=steps, batch_size=4, warmup_steps=1, checkpoint_every=3, log_every=1)
+        return fit(model=Tiny(), loss_fn=loss_fn, stream=EpochStream(urls, decode, batch_size=4, seed=0), cfg=cfg,
+                   out_dir=tmp_path / "run", model_config={}, device=torch.device("cpu"),
+                   extra={"counter": counter}, after_step=after_step)
+
+    run(Counter(), 4)
+    (tmp_path / "run" / "latest").write_text("ckpt-0000003\n")  # as if killed after step 3
+    resumed = Counter()
+    run(resumed, 5)
+    assert seen == [1, 2, 3, 4, 4, 5] and resumed.n == 5

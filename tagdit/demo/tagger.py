@@ -1,16 +1,15 @@
 """The demo tagger: a small CNN trained on demo-world images, exported with the WD 1.4 interface.
 
-The exported graph takes what a WD 1.4 tagger takes (DESIGN §6: `input_1:0`, NHWC float32
+The exported graph takes what a WD 1.4 tagger takes (docs/design.md §6: `input_1:0`, NHWC float32
 [N, 448, 448, 3], BGR, 0-255) and returns `predictions_sigmoid`. Inside it: BGR -> RGB, NHWC -> NCHW,
 a 7x7 average pool (448 -> 64, so CPU inference is cheap), then the CNN. Training therefore uses the
-pooled 64 px equivalent of the WD preprocessing (`world.wd_pooled_view`), for both whole source
+pooled 64 px equivalent of the WD preprocessing (`tagger_data.wd_pooled_view`), for both whole source
 images and 64 px centre crops (what the dataset and the DiT produce). Accuracy is measured through
 onnxruntime on the exported file with `tagdit.tagger.WDTagger`, on world images it never saw.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -23,27 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tagdit.demo import world
+from tagdit.demo import labels, tagger_data, world
+from tagdit.demo.parallel import default_workers
 from tagdit.files import atomic_path, write_json_atomic
+from tagdit.formats.selected_tags import CHARACTER, GENERAL, RATING, write_tags_csv
+from tagdit.formats.wd_image import centre_crop
 
 log = logging.getLogger(__name__)
 
 SIZE, POOL = 448, 7  # WD input side; 448 / 7 = 64 px seen by the CNN
-RATING_ID = 9999999  # the WD csv gives every rating row this tag_id
 
 
 def tag_table() -> list[tuple[str, int]]:
     """(display name, category) in model output order: ratings, general tags, characters."""
-    return ([(r, 9) for r in world.RATINGS] + [(t, 0) for t in world.GENERAL_TAGS]
-            + [(t, 4) for t in world.CHARACTER_TAGS])
-
-
-def raw_name(name: str) -> str:
-    """Display name -> the csv's Danbooru form (`blue hair` -> `blue_hair`)."""
-    return name.replace(" ", "_")
-
-
-# ---------------------------------------------------------------- model
+    return ([(r, RATING) for r in labels.RATINGS] + [(t, GENERAL) for t in labels.GENERAL_TAGS]
+            + [(t, CHARACTER) for t in labels.CHARACTER_TAGS])
 
 
 def conv_bn(c_in: int, c_out: int, stride: int = 1, k: int = 3) -> nn.Sequential:
@@ -105,7 +98,7 @@ def train_cnn(x: np.ndarray, y: np.ndarray, categories: list[int], epochs: int, 
     xs = torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, 3, 64, 64) uint8
     ys = torch.from_numpy(y)
     # rare character tags must clear the 0.85 character threshold: weight their positives up
-    pos_weight = torch.tensor([4.0 if c == 4 else 1.0 for c in categories])
+    pos_weight = torch.tensor([4.0 if c == CHARACTER else 1.0 for c in categories])
     n_batches = max(1, len(xs) // batch_size)  # drop the ragged last batch (one batch if tiny)
     steps = epochs * n_batches
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -143,7 +136,7 @@ def export_onnx(cnn: DemoCNN, path: Path, opset: int = 18) -> int:
     for version in (opset, 17):
         try:
             with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False is deliberate (DESIGN §10)
+                warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False is deliberate (docs/design.md §10)
                 torch.onnx.export(
                     model, (dummy,), str(tmp), input_names=["input_1:0"],
                     output_names=["predictions_sigmoid"], opset_version=version, dynamo=False,
@@ -155,16 +148,6 @@ def export_onnx(cnn: DemoCNN, path: Path, opset: int = 18) -> int:
                 raise
             log.warning("ONNX export at opset %d failed (%s); retrying with 17", version, e)
     raise AssertionError("unreachable")
-
-
-def write_tags_csv(path: Path, names: list[str], categories: list[int], counts: np.ndarray) -> None:
-    """`selected_tags.csv` in the WD layout: tag_id,name,category,count; ratings first."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["tag_id", "name", "category", "count"])
-        for i, (name, cat) in enumerate(zip(names, categories, strict=True)):
-            tag_id = RATING_ID if cat == 9 else 100_000 + i
-            w.writerow([tag_id, raw_name(name), cat, int(counts[i])])
 
 
 # ---------------------------------------------------------------- evaluation
@@ -179,7 +162,7 @@ def evaluate(model_dir: Path, world_seed: int, n_eval: int, res: int = 64, offse
     truth = [set(it.tags) for it in items]
     views = {
         "full": lambda: (world.decode(it.data) for it in items),
-        f"crop{res}": lambda: (world.centre_crop(world.decode(it.data), res) for it in items),
+        f"crop{res}": lambda: (centre_crop(world.decode(it.data), res) for it in items),
     }
     report: dict[str, Any] = {"n_eval": n_eval, "world_seed": world_seed, "views": {}}
     for view, images in views.items():
@@ -231,9 +214,9 @@ def build_demo_tagger(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    workers = workers or world.default_workers()
+    workers = workers or default_workers()
     torch.set_num_threads(os.cpu_count() or 1)
-    examples = world.training_examples(seed, range(n_train), workers)
+    examples = tagger_data.training_examples(seed, range(n_train), workers)
     x = np.stack([v for full, crop, _ in examples for v in (full, crop)])  # (2N, 64, 64, 3)
     table = tag_table()
     names, cats = [n for n, _ in table], [c for _, c in table]

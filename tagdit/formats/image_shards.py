@@ -1,0 +1,97 @@
+"""Image shards: `<dataset>/images/{train,val}-NNNNNN.tar`, written by the shard stage.
+
+A sample is `__key__`, the square crop as `png` or `jpg` bytes, and `json` holding tags, scores,
+rating, source, orig_size, crop_box and sha256 (docs/design.md §3). Every member has
+the fixed mtime `MTIME`, so the same inputs give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tagdit.files import atomic_path
+
+MTIME = 946_684_800  # 2000-01-01: a fixed member mtime makes shards byte-identical across runs
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+META_KEYS = ("tags", "scores", "rating", "source", "orig_size", "crop_box", "sha256")
+
+
+def image_shards(dataset_dir: Path, split: str) -> list[Path]:
+    """The dataset's image shards of one split, in order."""
+    return sorted(Path(dataset_dir).glob(f"images/{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+
+
+def sample_json(s: dict) -> bytes:
+    """The `json` member of a sample from a row holding at least `META_KEYS` (scores to 4 places)."""
+    meta = {k: s[k] for k in META_KEYS} | {"scores": [round(float(x), 4) for x in s["scores"]]}
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+
+
+def image_sample(key: str, image_format: str, image: bytes, s: dict) -> dict[str, Any]:
+    """One shard sample: key, encoded image under its format's extension, json metadata."""
+    return {"__key__": key, image_format: image, "json": sample_json(s)}
+
+
+class ShardFile:
+    """A tar shard being written under a temporary name; `close()` renames it into place."""
+
+    def __init__(self, path: Path):
+        import webdataset as wds
+
+        self.path = path
+        self._ctx = atomic_path(path)
+        self._file = open(self._ctx.__enter__(), "wb")
+        self._tar = wds.TarWriter(self._file, mtime=MTIME)
+
+    def write(self, sample: dict) -> None:
+        self._tar.write(sample)
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.close()
+        self._ctx.__exit__(None, None, None)
+
+
+def image_bytes(raw: dict[str, Any]) -> bytes:
+    """The encoded image of a raw shard sample (png or jpg)."""
+    for ext in IMAGE_EXTS:
+        if ext in raw:
+            return raw[ext]
+    raise KeyError(f"sample {raw.get('__key__')!r} has no png/jpg image")
+
+
+def open_image(data: bytes):
+    """Encoded image -> RGB PIL image."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def decode_image(data: bytes, resolution: int, flip: bool = False):
+    """Encoded image -> float tensor (3, R, R) in [-1, 1]; resized if the shard differs from R."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    img = open_image(data)
+    if img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    a = np.array(img)  # (R, R, 3) uint8, writable
+    if flip:
+        a = np.ascontiguousarray(a[:, ::-1])
+    x = torch.from_numpy(a).permute(2, 0, 1)  # (3, R, R)
+    return x.float() / 127.5 - 1.0
+
+
+def read_samples(dataset_dir: Path, split: str, limit: int | None = None) -> Iterator[tuple[bytes, dict]]:
+    """(encoded image, json metadata) of up to `limit` samples of one split, in shard order."""
+    from webdataset.tariterators import tarfile_samples
+
+    urls = [str(p) for p in image_shards(dataset_dir, split)]
+    for raw in itertools.islice(tarfile_samples({"url": u} for u in urls), limit):
+        yield image_bytes(raw), json.loads(raw["json"])

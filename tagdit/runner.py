@@ -1,0 +1,90 @@
+"""Running a stage's Prefect task from a flow: folder lock, cache check on disk, retries, timeouts.
+
+`run_stage` is the one way a flow calls a stage. It
+  1. holds the global concurrency slot of the folder the stage writes (`tagdit.locks`), so two
+     flow runs on one dataset or run never interleave,
+  2. checks the stage's stamp on disk: outputs missing or changed -> the task runs with
+     `refresh_cache=True`; on a cache hit the record checked on disk is the one returned,
+  3. applies the orchestration settings (`cfg.prefect`): retries after a crash for the stages that
+     resume (never after a config error or a non-finite loss), optional timeouts, the tags that
+     name the stage's concurrency slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tagdit.config import ConfigError, PipelineConfig
+from tagdit.stage import Stage, StageRecord
+
+PIPELINE_ORDER = ("demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate")
+RESUMING_STAGES = ("train_vae", "encode", "train_dit")  # a retry continues where the crash stopped
+
+
+def expand_force(force: list[str] | None, order: tuple[str, ...] = PIPELINE_ORDER) -> set[str]:
+    """Stages to recompute: each named stage and every stage after it in `order`."""
+    if not force:
+        return set()
+    unknown = sorted(set(force) - set(order))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(order)}")
+    first = min(order.index(s) for s in force)
+    return set(order[first:])
+
+
+def _never_retry(exc: BaseException) -> bool:
+    """Errors a retry cannot fix: bad settings, missing inputs, a diverged loss."""
+    from pydantic import ValidationError
+
+    from tagdit.train.loop import NonFiniteLossError
+
+    return isinstance(exc, ConfigError | ValidationError | ValueError | TypeError | KeyError
+                      | FileNotFoundError | NonFiniteLossError)
+
+
+def retry_after_crash(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry unless the failure is one a retry cannot fix."""
+    try:
+        state.result()
+    except BaseException as exc:  # the task's own exception
+        return not _never_retry(exc)
+    return False
+
+
+def task_options(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
+    """Retries, timeout and tags for one stage's task from `cfg.prefect`."""
+    pc = cfg.prefect
+    opts: dict[str, Any] = {}
+    if stage.name in RESUMING_STAGES and pc.retries:
+        opts.update(retries=pc.retries, retry_delay_seconds=pc.retry_delay_seconds,
+                    retry_condition_fn=retry_after_crash)
+    if stage.name in pc.timeout_seconds:
+        opts["timeout_seconds"] = pc.timeout_seconds[stage.name]
+    if stage.name == "evaluate":
+        opts["tags"] = {pc.eval_tag}  # its own slot: the nightly run must not wait for training
+    return opts
+
+
+def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = False,
+              **upstream: StageRecord) -> StageRecord:
+    """Call a stage's Prefect task under its folder lock, bypassing the cache when outputs are missing."""
+    from prefect import get_run_logger
+
+    from tagdit.locks import exclusive
+
+    logger = get_run_logger()
+    with exclusive(stage.lock_dir(cfg, upstream), f"stage {stage.name}"):
+        on_disk = None if force else stage.valid_record(cfg, upstream)
+        if on_disk is None:
+            why = "forced" if force else "no valid outputs on disk for this key"
+            logger.info("stage %s: %s -> computing", stage.name, why)
+        kwargs: dict[str, Any] = dict(upstream)
+        if force:
+            kwargs["force"] = True
+        task = stage_task.with_options(refresh_cache=on_disk is None, **task_options(stage, cfg))
+        state = task(cfg, **kwargs, return_state=True)
+        record = state.result()  # raises the task's error if it failed
+    if state.name == "Cached" and on_disk is not None:
+        logger.info("stage %s: cache hit (%s, outputs in %s)", stage.name, on_disk.key, on_disk.out_dir)
+        return on_disk.model_copy(update={"cached": True})
+    return record.model_copy(update={"cached": False})

@@ -1,0 +1,186 @@
+"""Weights and checkpoints: safetensors files that describe themselves, numbered checkpoint folders
+that are never overwritten, and the RNG state that makes a resume exact."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tagdit.files import write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from tagdit.train.optim import EMA
+
+
+def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
+    """safetensors weights with the model's config as JSON metadata (rebuilds without pickle)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    write_bytes_atomic(path, save(tensors, metadata={"config": json.dumps(config, sort_keys=True)}))
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, config) of a file written by `save_weights`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path)), json.loads(meta.get("config", "{}"))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) global RNG states, as torch.load(weights_only=True) can read."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class Checkpoints:
+    """Numbered checkpoint folders `ckpt-NNNNNNN/` that are never overwritten, plus a `latest` pointer.
+
+    A folder holds `model.safetensors` and `ema.safetensors` (weights + model config), `state.pt`
+    (optimiser, schedule, EMA count, stream position, RNG, extras) and `meta.json` (step, metrics).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def dir_for(self, step: int) -> Path:
+        return self.root / f"ckpt-{step:07d}"
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        d = self.root / pointer.read_text().strip()
+        return d if (d / "meta.json").is_file() else None
+
+    def require_latest(self) -> Path:
+        """The latest complete checkpoint, or a clear error."""
+        latest = self.latest()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint at {self.root} (expected ckpt-*/ and a 'latest' pointer)")
+        return latest
+
+    @contextlib.contextmanager
+    def pinned(self, ckpt: Path) -> Iterator[Path]:
+        """Keep `ckpt` from pruning while the block runs (e.g. an evaluation of a run still training)."""
+        pin = Path(ckpt) / f".pin-{uuid.uuid4().hex[:12]}"
+        pin.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        try:
+            yield Path(ckpt)
+        finally:
+            pin.unlink(missing_ok=True)
+
+    @staticmethod
+    def is_pinned(ckpt: Path) -> bool:
+        """Pinned by a live process (a pin left by a dead process on this host does not count)."""
+        for pin in ckpt.glob(".pin-*"):
+            try:
+                holder = json.loads(pin.read_text())
+            except (OSError, ValueError):
+                continue
+            if holder.get("host") != socket.gethostname():
+                return True  # another machine's pin: trust it
+            try:
+                os.kill(int(holder["pid"]), 0)
+                return True
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                return True
+        return False
+
+    def prune(self, keep: int) -> list[Path]:
+        """Delete all but the newest `keep` checkpoints, never `latest` or a pinned one; returns the deleted."""
+        latest = self.latest()
+        ckpts = sorted(self.root.glob("ckpt-[0-9]*"))
+        doomed = [c for c in ckpts[:-keep] if c != latest and not self.is_pinned(c)] if keep else []
+        for c in doomed:
+            shutil.rmtree(c, ignore_errors=True)
+        return doomed
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: nn.Module,
+        ema: EMA,
+        config: dict,
+        state: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> Path:
+        """Write a complete checkpoint folder under a temp name, rename it, then move `latest`."""
+        final = self.dir_for(step)
+        if not (final / "meta.json").is_file():
+            tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_weights(tmp / "model.safetensors", model.state_dict(), config)
+            save_weights(tmp / "ema.safetensors", ema.module.state_dict(), config)
+            torch.save(state, tmp / "state.pt")
+            write_json_atomic(tmp / "meta.json", {"step": step, **meta})
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete folder from a killed run
+            os.replace(tmp, final)
+        write_bytes_atomic(self.root / "latest", f"{final.name}\n".encode())
+        return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's `vae/`/`dit/` folder (its `latest`)."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    latest = Checkpoints(p).latest()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint at {p} (expected ckpt-*/ or a 'latest' pointer)")
+    return latest
+
+
+def load_model_weights(path: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """(state_dict, config, checkpoint dir) of the EMA (default) or raw weights."""
+    ckpt = resolve_checkpoint(path)
+    state, config = load_weights(ckpt / ("ema.safetensors" if ema else "model.safetensors"))
+    return state, config, ckpt

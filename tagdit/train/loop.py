@@ -1,0 +1,297 @@
+"""`fit`: the training loop shared by the VAE and the DiT.
+
+`fit` owns everything that is not model-specific; a trainer supplies `loss_fn(model, batch, step)`,
+optionally `val_fn(ema_module, step, writer)`, and for a second model with its own optimiser (e.g.
+a discriminator) an `after_step(batch, step)` hook plus its state-carrying objects in `extra`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tagdit.config import TrainConfig
+from tagdit.train.checkpoints import (
+    Checkpoints,
+    load_weights,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from tagdit.train.devices import autocast, configure_backends
+from tagdit.train.optim import EMA, make_optimizer, make_scheduler
+from tagdit.train.stream import EpochStream
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, Any]]]  # (model, batch, step) -> loss, logs
+ValFn = Callable[[nn.Module, int, Any], dict[str, float]]  # (EMA module, step, writer) -> metrics
+AfterStep = Callable[[Any, int], dict[str, Any]]  # (batch, step taken) -> logs; e.g. a discriminator update
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stopped and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    """What the loop carries from step to step, and what a checkpoint restores."""
+
+    model: nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    stream: EpochStream
+    extra: dict[str, Any]
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_good: Path | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The contents of a checkpoint's `state.pt`."""
+        return {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "ema_n_averaged": self.ema.state_dict()["n_averaged"],
+            "stream": self.stream.state_dict(),
+            "rng": rng_state(),
+            "extra": {k: v.state_dict() for k, v in self.extra.items()},
+        }
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.step, self.last_good, self.metrics)  # type: ignore[arg-type]
+
+
+class _Progress:
+    """tqdm on stderr plus a Prefect progress artifact when running inside a Prefect task."""
+
+    def __init__(self, desc: str, total: int, initial: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.enabled, self.total = enabled, total
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, mininterval=2)
+        self.artifact = None
+        if enabled:
+            try:
+                from prefect.artifacts import create_progress_artifact
+                from prefect.context import TaskRunContext
+
+                if TaskRunContext.get() is not None:
+                    self.artifact = create_progress_artifact(100 * initial / total, description=desc)
+            except Exception:  # progress reporting must never break training
+                self.artifact = None
+
+    def update(self, step: int, n: int, postfix: dict[str, float]) -> None:
+        self.bar.update(n)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+        if self.artifact is not None:
+            try:
+                from prefect.artifacts import update_progress_artifact
+
+                update_progress_artifact(self.artifact, 100 * step / self.total)
+            except Exception:
+                self.artifact = None
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step % every == 0 or step == total
+
+
+def _restore_or_seed(st: _State, ckpt: Path | None, seed: int, desc: str) -> None:
+    """Continue from checkpoint `ckpt` exactly (weights, optimiser, stream, RNG), or seed a fresh run."""
+    if ckpt is None:
+        seed_everything(seed)
+        return
+    st.model.load_state_dict(load_weights(ckpt / "model.safetensors")[0])
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    ema_weights = {"module." + k: v for k, v in load_weights(ckpt / "ema.safetensors")[0].items()}
+    st.ema.load_state_dict({**st.ema.state_dict(), **ema_weights, "n_averaged": state["ema_n_averaged"]})
+    st.opt.load_state_dict(state["optimizer"])
+    st.sched.load_state_dict(state["scheduler"])
+    st.stream.load_state_dict(state["stream"])
+    for name, obj in st.extra.items():
+        obj.load_state_dict(state["extra"][name])
+    set_rng_state(state["rng"])
+    st.step, st.last_good = int(state["step"]), ckpt
+    st.metrics = json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
+    log.info("%s: resumed from %s (step %d)", desc, ckpt, st.step)
+
+
+def _wrap_model(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
+    """The module the loss runs: DDP across ranks, compiled on GPU when asked."""
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile and device.type == "cuda":
+        model = torch.compile(model)
+    return model
+
+
+def _open_writer(out_dir: Path) -> Any:
+    """TensorBoard writer for `out_dir/tb`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out_dir / "tb"))
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    """Global L2 norm of the current gradients."""
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _train_step(st: _State, train_model: nn.Module, loss_fn: LossFn, batch: Any, cfg: TrainConfig,
+                device: torch.device, world: int, desc: str) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor | None]:
+    """One optimiser step: (loss, logs, clipped grad norm or None); stops every rank on a NaN/inf loss."""
+    with autocast(device):
+        loss, logs = loss_fn(train_model, batch, st.step)
+    finite = torch.isfinite(loss.detach()).float()
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1:
+        raise NonFiniteLossError(
+            f"{desc}: loss became {loss.item()} at step {st.step + 1}; stopped. "
+            f"Last good checkpoint: {st.last_good or 'none yet'}"
+        )
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = None
+    if cfg.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
+    st.opt.step()
+    st.sched.step()
+    st.ema.update(st.model)
+    st.step += 1
+    return loss, logs, grad_norm
+
+
+def _log(st: _State, loss: torch.Tensor, logs: dict[str, Any], grad_norm: torch.Tensor | None,
+         writer: Any, progress: _Progress, logged: int) -> None:
+    """Training scalars to TensorBoard and the progress bar (rank 0)."""
+    norm = grad_norm if grad_norm is not None else _grad_norm(st.model)
+    scalars = {"loss": loss.item(), **{k: float(v) for k, v in logs.items()},
+               "lr": st.sched.get_last_lr()[0], "grad_norm": norm.item()}
+    for k, v in scalars.items():
+        writer.add_scalar(f"train/{k}", v, st.step)
+    progress.update(st.step, st.step - logged, scalars)
+    st.metrics["loss"] = scalars["loss"]
+
+
+def _validate(st: _State, val_fn: ValFn | None, writer: Any, device: torch.device, rank: int, world: int) -> None:
+    """Rank 0 scores the EMA model; every rank waits for it."""
+    if rank == 0 and val_fn is not None:
+        st.ema.module.eval()
+        with torch.no_grad(), autocast(device):
+            st.metrics.update(val_fn(st.ema.module, st.step, writer))
+        for k, v in st.metrics.items():
+            if k != "loss":
+                writer.add_scalar(f"val/{k}", v, st.step)
+    if world > 1:
+        dist.barrier()
+
+
+def _save_checkpoint(st: _State, ckpts: Checkpoints, model_config: dict, desc: str, writer: Any,
+                     rank: int, world: int, keep: int | None = None) -> None:
+    """Rank 0 writes `ckpt-<step>/`; every rank then points `last_good` at it."""
+    if rank == 0:
+        ckpts.save(st.step, model=st.model, ema=st.ema, config=model_config, state=st.state_dict(),
+                   meta={"metrics": st.metrics, "desc": desc})
+        if keep:
+            for gone in ckpts.prune(keep):
+                log.info("%s: pruned %s (train.keep_checkpoints=%d)", desc, gone.name, keep)
+        writer.flush()
+    if world > 1:
+        dist.barrier()
+    st.last_good = ckpts.latest()
+
+
+def fit(
+    *,
+    model: nn.Module,
+    loss_fn: LossFn,
+    stream: EpochStream,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    model_config: dict,
+    device: torch.device,
+    val_fn: ValFn | None = None,
+    extra: dict[str, Any] | None = None,
+    after_step: AfterStep | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train `model` for `cfg.steps` optimizer steps, resuming from `out_dir/latest` if present.
+
+    `extra`: objects with state_dict/load_state_dict saved in and restored from every checkpoint.
+    `after_step(batch, step)`: run after each optimiser step (its logs join the training scalars).
+    """
+    out_dir = Path(out_dir)
+    rank, world = _rank_world()
+    configure_backends(device)
+    model.to(device)
+    ema = EMA(model, cfg.ema_decay)
+    opt = make_optimizer(model, cfg, device)
+    st = _State(model, ema, opt, make_scheduler(opt, cfg), stream, extra or {})
+    ckpts = Checkpoints(out_dir)
+    _restore_or_seed(st, ckpts.latest(), cfg.seed + rank, desc)
+    if st.step >= cfg.steps:
+        return st.result()
+    train_model = _wrap_model(model, cfg, device, world)
+    writer = _open_writer(out_dir) if rank == 0 else None
+    progress = _Progress(desc, cfg.steps, st.step, enabled=rank == 0)
+    batches: Iterator[Any] = iter(stream)
+    logged = st.step
+    model.train()
+    try:
+        while st.step < cfg.steps:
+            batch = _to_device(next(batches), device)
+            loss, logs, grad_norm = _train_step(st, train_model, loss_fn, batch, cfg, device, world, desc)
+            if after_step is not None:
+                with autocast(device):
+                    logs = {**logs, **after_step(batch, st.step)}
+            if rank == 0 and _due(st.step, cfg.log_every, cfg.steps):
+                _log(st, loss, logs, grad_norm, writer, progress, logged)
+                logged = st.step
+            if _due(st.step, cfg.val_every, cfg.steps):
+                _validate(st, val_fn, writer, device, rank, world)
+            if _due(st.step, cfg.checkpoint_every, cfg.steps):
+                _save_checkpoint(st, ckpts, model_config, desc, writer, rank, world, cfg.keep_checkpoints)
+    finally:
+        getattr(batches, "close", lambda: None)()
+        progress.close()
+        if writer is not None:
+            writer.close()
+    return st.result()

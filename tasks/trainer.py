@@ -1,0 +1,191 @@
+"""The stage skeleton both trainers share; `train_vae` and `train_dit` plug their model into it.
+
+A trainer stage: reuse a stamped record, or keep a resumable run folder (moving a run of another
+configuration aside), train in this process or under torchrun, then stamp the latest checkpoint.
+The trainer supplies only `train(cfg, *inputs, out_dir)` (one process, or one DDP rank: its model,
+loss, validation and `fit` call) and the facts its stamp records; `start_rank` and `epoch_stream`
+are the per-rank set-up every `train` begins with. A second model with its own optimiser (e.g. a
+discriminator) goes through `fit(extra=..., after_step=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tagdit.config import PipelineConfig, TrainConfig
+from tagdit.files import write_json_atomic
+from tagdit.stage import Stage, StageRecord
+
+if TYPE_CHECKING:
+    import torch
+
+    from tagdit.train.stream import EpochStream
+
+log = logging.getLogger(__name__)
+
+# The training code whose version is part of a trainer stage's cache key.
+TRAIN_MODULES = ("tasks.trainer", "tagdit.train.loop", "tagdit.train.optim", "tagdit.train.checkpoints",
+                 "tagdit.train.stream", "tagdit.train.devices")
+# Settings that may change between runs without invalidating the checkpoints (resume continues).
+RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile",
+             "keep_checkpoints")
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow/task run, else this module's logger."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # MissingContextError outside a run
+        return log
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in training: its rank, the number of ranks, its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_rank(tc: TrainConfig, section: str) -> Rank:
+    """Join the torchrun group (if any), check the batch splits evenly, pick the device, seed the init."""
+    import torch
+
+    from tagdit.train.devices import select_device
+    from tagdit.train.launch import init_distributed
+
+    rank, world, _ = init_distributed()
+    if tc.batch_size % world:
+        raise ValueError(f"{section}.train.batch_size {tc.batch_size} is not divisible by {world} processes")
+    device = select_device(tc.device)
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    return Rank(rank, world, device)
+
+
+def epoch_stream(urls: list[str], decode: Callable[[dict[str, Any]], Any], tc: TrainConfig, r: Rank) -> EpochStream:
+    """This rank's share of the shuffled, resumable training batches."""
+    from tagdit.train.stream import EpochStream
+
+    return EpochStream(urls, decode, batch_size=tc.batch_size // r.world, seed=tc.seed,
+                       shuffle_buffer=tc.shuffle_buffer, rank=r.rank, world_size=r.world)
+
+
+def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: str) -> None:
+    """Keep a resumable run; move any other non-empty folder aside (never delete it silently).
+
+    `force` deletes the folder. A folder whose `identity.json` is missing or differs holds a run of
+    another configuration (or of unknown origin): it becomes `<name>.superseded-<time>`, logged.
+    """
+    marker = out_dir / "identity.json"
+    if force and out_dir.exists():
+        shutil.rmtree(out_dir)
+    elif out_dir.exists() and (not marker.is_file() or json.loads(marker.read_text()) != identity):
+        if any(out_dir.iterdir()):
+            aside = out_dir.with_name(f"{out_dir.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+            why = "another configuration" if marker.is_file() else "unknown configuration (no identity.json)"
+            run_logger().warning("%s holds a %s run of %s; moved it to %s", out_dir, what, why, aside)
+            out_dir.rename(aside)
+    write_json_atomic(marker, identity)
+
+
+def checkpoint_facts(ckpt: Path) -> dict[str, Any]:
+    """What every trainer's stamp records: checkpoint, step, last training loss, parameter count."""
+    from tagdit.train.checkpoints import load_weights
+
+    meta = json.loads((ckpt / "meta.json").read_text())
+    state, _ = load_weights(ckpt / "ema.safetensors")
+    return {"checkpoint": str(ckpt), "step": meta["step"], "loss": meta.get("metrics", {}).get("loss"),
+            "params": sum(v.numel() for v in state.values())}
+
+
+@dataclass(frozen=True)
+class TrainerStage:
+    """What a trainer plugs into the skeleton; `run` is the whole stage, `main` the torchrun entry."""
+
+    stage: Stage
+    module: str  # `python -m <module>` runs one DDP rank (its `main`)
+    section: str  # the config section (`vae`, `dit`) whose `.train` is the TrainConfig
+    inputs: tuple[str, ...]  # names of `train`'s path arguments, in order (also the rank's CLI flags)
+    input_paths: Callable[[PipelineConfig, dict[str, StageRecord]], tuple[Path, ...]]
+    train: Callable[..., Any]  # train(cfg, *input paths, out_dir) in this process / rank
+    info: Callable[[Path, tuple[Path, ...]], dict[str, Any]]  # (checkpoint, inputs) -> facts beyond checkpoint_facts
+    identity_extra: Callable[[PipelineConfig], dict[str, Any]] = field(default=lambda cfg: {})
+
+    def train_config(self, cfg: PipelineConfig) -> TrainConfig:
+        return getattr(cfg, self.section).train
+
+    def identity(self, cfg: PipelineConfig, upstream: dict[str, StageRecord]) -> dict[str, Any]:
+        """What existing checkpoints must share with this run to be resumed."""
+        section = getattr(cfg, self.section).model_dump(mode="json")
+        section["train"] = {k: v for k, v in section["train"].items() if k not in RESUMABLE}
+        return {self.section: section, **self.identity_extra(cfg),
+                "upstream": {k: v.fingerprint for k, v in sorted(upstream.items())}}
+
+    def run_training(self, cfg: PipelineConfig, paths: tuple[Path, ...], out_dir: Path) -> None:
+        """In-process training, or torchrun DDP over `<section>.train.nproc` processes."""
+        from tagdit.train.launch import launch_torchrun
+
+        nproc = self.train_config(cfg).nproc
+        if nproc <= 1:
+            self.train(cfg, *paths, out_dir)
+            return
+        cfg_path = out_dir / "config.json"
+        write_json_atomic(cfg_path, cfg.model_dump(mode="json"))
+        flags = [a for name, p in zip(self.inputs, paths, strict=True) for a in (f"--{name}", str(p))]
+        launch_torchrun(self.module, ["--config-json", str(cfg_path), *flags, "--out", str(out_dir)], nproc,
+                        out_dir=out_dir)
+
+    def run(self, cfg: PipelineConfig, upstream: dict[str, StageRecord], force: bool = False) -> StageRecord:
+        """The stage: cached record, or train (resuming) and stamp the final checkpoint."""
+        from tagdit.train.checkpoints import Checkpoints
+
+        if not force and (rec := self.stage.valid_record(cfg, upstream)):
+            return rec
+        out_dir = self.stage.out_dir(cfg, upstream)
+        prepare_out_dir(out_dir, self.identity(cfg, upstream), force, self.stage.name)
+        paths = self.input_paths(cfg, upstream)
+        self.run_training(cfg, paths, out_dir)
+        ckpt = Checkpoints(out_dir).latest()
+        if ckpt is None:
+            raise RuntimeError(f"{self.stage.name} wrote no checkpoint to {out_dir}")
+        files = [ckpt / "model.safetensors", ckpt / "ema.safetensors", ckpt / "meta.json"]
+        return self.stage.write_stamp(cfg, upstream, files, {**checkpoint_facts(ckpt), **self.info(ckpt, paths)})
+
+    def main(self, argv: list[str] | None = None) -> None:
+        """torchrun entry point: one DDP rank."""
+        import torch.distributed as dist
+
+        from tagdit.train.launch import NONFINITE_MARKER
+        from tagdit.train.loop import NonFiniteLossError
+
+        p = argparse.ArgumentParser(description=f"one rank of {self.stage.name} (launched by its task)")
+        p.add_argument("--config-json", required=True)
+        for name in self.inputs:
+            p.add_argument(f"--{name}", required=True)
+        p.add_argument("--out", required=True)
+        a = p.parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        cfg = PipelineConfig.model_validate_json(Path(a.config_json).read_text())
+        try:
+            self.train(cfg, *(Path(getattr(a, name)) for name in self.inputs), Path(a.out))
+        except NonFiniteLossError as e:  # tell the launcher: a retry would diverge again
+            write_json_atomic(Path(a.out) / NONFINITE_MARKER, {"message": str(e)})
+            raise
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

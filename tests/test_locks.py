@@ -1,0 +1,82 @@
+"""Folder locks through Prefect global concurrency limits: waiting, re-entry, dead holders."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from tagdit.locks import HOLDER_FILE, exclusive, lock_name
+
+
+def test_lock_names_are_stable_valid_prefect_names(tmp_path):
+    a, b = lock_name(tmp_path / "shards" / "demo"), lock_name(tmp_path / "shards" / "demo" / ".")
+    assert a == b and a.startswith("tagdit-demo-")
+    assert "/" not in a and "%" not in a
+    assert lock_name(tmp_path / "other" / "demo") != a
+
+
+def test_a_second_holder_waits_until_the_first_releases(prefect_env, monkeypatch):
+    import tagdit.locks
+
+    monkeypatch.setattr(tagdit.locks, "POLL_SECONDS", 0.2)
+    folder = prefect_env / "dataset"
+    events: list[tuple[str, float]] = []
+
+    def hold(name: str, seconds: float) -> None:
+        with exclusive(folder, name):
+            events.append((f"{name} in", time.monotonic()))
+            time.sleep(seconds)
+            events.append((f"{name} out", time.monotonic()))
+
+    first = threading.Thread(target=hold, args=("a", 1.5))
+    first.start()
+    while not events:
+        time.sleep(0.05)
+    second = threading.Thread(target=hold, args=("b", 0.0))
+    second.start()
+    first.join(30)
+    second.join(30)
+    order = [e for e, _ in events]
+    assert order == ["a in", "a out", "b in", "b out"]
+    assert not (folder / HOLDER_FILE).exists()
+
+
+def test_the_same_folder_can_be_locked_again_inside_its_own_lock(prefect_env):
+    with exclusive(prefect_env / "run", "outer"), exclusive(prefect_env / "run", "inner"):
+        assert json.loads((prefect_env / "run" / HOLDER_FILE).read_text())["purpose"] == "outer"
+
+
+def test_a_dead_holders_slot_is_taken_back(prefect_env):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    folder = prefect_env / "killed-run"
+    folder.mkdir()
+    name = lock_name(folder)
+    with get_client(sync_client=True) as client:  # a run that was SIGKILLed while holding the slot
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active_slots=1))
+    import socket
+
+    (folder / HOLDER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 17}))
+    done = threading.Event()
+
+    def take() -> None:
+        with exclusive(folder, "rerun"):
+            done.set()
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    assert done.wait(30), "the slot of a dead holder was never taken back"
+
+
+def test_the_zombie_automation_is_created_once(prefect_env, capsys):
+    from prefect.automations import Automation
+
+    from tagdit import zombies
+
+    zombies.main(["--heartbeat-seconds", "45"])
+    zombies.main([])
+    assert "exists already" in capsys.readouterr().out
+    auto = Automation.read(name=zombies.NAME)
+    assert auto.trigger.within.total_seconds() == 135 and auto.actions[0].state.value == "CRASHED"

@@ -2,6 +2,9 @@
 
     python -m flows.sample --prompt "blue hair, smile" --negative "hat" --cfg 4 --steps 50 --eta 0 \
         --seed 0 --n 4 --out out.png [--config configs/demo.yaml --set k=v] [--checkpoint DIR]
+    ... --init-image photo.jpg --strength 0.6          # img2img: variations of an image's centre crop
+    ... --interpolate-seeds 0 7 [--interpolate-prompt "red hair"] --frames 8
+                                                       # a strip PNG + an animated GIF beside it
 
 The checkpoint defaults to the run's latest EMA weights (`<run>/dit/latest`). Tags the vocabulary
 does not know are reported and encoded as <unk> (as in training), never silently dropped.
@@ -17,17 +20,26 @@ from typing import Any
 from prefect import flow
 
 from tagdit.cli import config_parser, parse_config
-from tagdit.config import PipelineConfig, load_config
+from tagdit.config import PipelineConfig, SamplerConfig, load_config
 
 log = logging.getLogger(__name__)
 
 
-def prompt_ids(vocab: Any, text: str, max_tags: int) -> tuple[list[int], list[str]]:
-    """Token ids of a prompt and the tags it holds that the vocabulary does not know."""
-    known, unknown = vocab.parse_prompt(text)
-    if len(known) + len(unknown) > max_tags:
-        log.warning("prompt %r has %d tags; the model reads the first %d", text, len(known) + len(unknown), max_tags)
-    return vocab.encode(known + unknown, max_tags), unknown
+def _prompts(painter: Any, *texts: str) -> tuple[list[Any], list[str]]:
+    """Token ids of each prompt, and every tag the vocabulary does not know (logged)."""
+    ids, unknown = [], []
+    for text in texts:
+        x, bad = painter.parse(text)
+        if bad:
+            log.warning("tags not in the vocabulary (encoded as <unk>) in %r: %s", text, ", ".join(bad))
+        ids.append(x)
+        unknown += bad
+    return ids, unknown
+
+
+def _settings(negative: str, scale: float, sampler: SamplerConfig) -> str:
+    eta = f", eta {sampler.eta}" if sampler.sampler == "ddim" else ""
+    return (f" | negative: {negative}" if negative else "") + f" | cfg {scale}, {sampler.sampler} {sampler.steps} steps{eta}"
 
 
 def sample_images(
@@ -43,47 +55,79 @@ def sample_images(
     n: int = 4,
     out: str | Path = "out.png",
     checkpoint: str | Path | None = None,
+    init_image: str | Path | None = None,
+    strength: float = 0.6,
 ) -> dict[str, Any]:
-    """Generate `n` images for one prompt, write them as one captioned row to `out`."""
-    import torch
-
-    from models.sampling import sample_latents
+    """Generate `n` images for one prompt (from `init_image` when given), write them as one captioned row to `out`."""
     from tagdit.grid import render_grid
-    from tagdit.painter import painter_for_run
-    from tagdit.train.devices import autocast
+    from tagdit.painter import painter_for_run, read_image
 
+    method = SamplerConfig(name="cli", sampler=sampler, steps=steps, eta=eta)
+    image = read_image(Path(init_image).read_bytes()) if init_image else None
     painter = painter_for_run(cfg, checkpoint)
-    ckpt = painter.checkpoint
-    cond, unknown = prompt_ids(painter.vocab, prompt, painter.max_tags)
-    neg, neg_unknown = prompt_ids(painter.vocab, negative, painter.max_tags)
-    for text, bad in ((prompt, unknown), (negative, neg_unknown)):
-        if bad:
-            log.warning("tags not in the vocabulary (encoded as <unk>) in %r: %s", text, ", ".join(bad))
-    generator = torch.Generator(device=painter.device).manual_seed(seed)
-    with autocast(painter.device):
-        z = sample_latents(painter.dit, torch.tensor([cond]), torch.tensor([neg]), alpha_bar=painter.dit.alpha_bar,
-                           shape=(n, *painter.stats.latent_shape), steps=steps, eta=eta, scale=scale,
-                           generator=generator, sampler=sampler, progress=True)
-        images = painter.decode(z)
-    caption = prompt + (f" | negative: {negative}" if negative else "") + f" | cfg {scale}, {sampler} {steps} steps, eta {eta}, seed {seed}"
-    grid = render_grid([images], [caption], [f"#{i}" for i in range(n)])
+    (cond, neg), unknown = _prompts(painter, prompt, negative)
+    if image is None:
+        images = painter.sample(cond, neg, method, scale, seed, n)
+    else:
+        images = painter.img2img(image, cond, neg, method, scale, strength, seed, n)
+    caption = prompt + _settings(negative, scale, method) + f", seed {seed}"
+    if image is not None:
+        caption += f" | init {Path(init_image).name}, strength {strength}"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    log.info("wrote %s (%d images, checkpoint %s)", out, n, ckpt)
-    return {"out": str(out), "checkpoint": str(ckpt), "unknown_tags": unknown + neg_unknown}
+    render_grid([images], [caption], [f"#{i}" for i in range(n)]).save(out)
+    log.info("wrote %s (%d images, checkpoint %s)", out, n, painter.checkpoint)
+    return {"out": str(out), "checkpoint": str(painter.checkpoint), "unknown_tags": unknown}
+
+
+def interpolate_images(
+    cfg: PipelineConfig,
+    prompt: str,
+    negative: str = "",
+    *,
+    other_prompt: str | None = None,
+    seeds: tuple[int, int] = (0, 0),
+    frames: int = 8,
+    scale: float = 4.0,
+    steps: int = 50,
+    sampler: str = "ddim",
+    out: str | Path = "out.png",
+    checkpoint: str | Path | None = None,
+    frame_ms: int = 150,
+) -> dict[str, Any]:
+    """Frames from (prompt, seeds[0]) to (other_prompt or prompt, seeds[1]): a strip PNG at `out`
+    and the same frames as an animated GIF beside it (`out` with suffix .gif), looping back and forth."""
+    from tagdit.grid import render_grid
+    from tagdit.painter import painter_for_run
+
+    method = SamplerConfig(name="cli", sampler=sampler, steps=steps)
+    painter = painter_for_run(cfg, checkpoint)
+    other = prompt if other_prompt is None else other_prompt
+    (cond_a, cond_b, neg), unknown = _prompts(painter, prompt, other, negative)
+    images = painter.interpolate(cond_a, cond_b, neg, method, scale, seeds, frames)
+    ends = f"{prompt} (seed {seeds[0]}) -> {other} (seed {seeds[1]})"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render_grid([images], [ends + _settings(negative, scale, method)], [f"{i}" for i in range(frames)]).save(out)
+    anim = out.with_suffix(".gif")
+    loop = images + images[-2:0:-1]  # there and back again
+    loop[0].save(anim, save_all=True, append_images=loop[1:], duration=frame_ms, loop=0)
+    log.info("wrote %s and %s (%d frames, checkpoint %s)", out, anim, frames, painter.checkpoint)
+    return {"out": str(out), "animation": str(anim), "checkpoint": str(painter.checkpoint), "unknown_tags": unknown}
 
 
 @flow(name="sample")
 def sample_flow(prompt: str, negative: str = "", cfg_scale: float = 4.0, steps: int = 50, eta: float = 0.0,
                 sampler: str = "ddim", seed: int = 0, n: int = 4, out: str = "out.png", checkpoint: str | None = None,
+                init_image: str | None = None, strength: float = 0.6,
                 config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Deployment entry: the same as the command line."""
+    """Deployment entry: the same as the command line (without interpolation)."""
     return sample_images(load_config(config, overrides), prompt, negative, scale=cfg_scale, steps=steps, eta=eta,
-                         sampler=sampler, seed=seed, n=n, out=out, checkpoint=checkpoint)
+                         sampler=sampler, seed=seed, n=n, out=out, checkpoint=checkpoint, init_image=init_image,
+                         strength=strength)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parser() -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = config_parser("Sample images for a tag prompt from the trained DiT.")
     p.add_argument("--prompt", required=True, help='comma-separated tags, e.g. "blue hair, smile"')
     p.add_argument("--negative", default="", help="negative prompt (replaces the null condition in CFG)")
@@ -95,11 +139,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=4, help="number of images")
     p.add_argument("--out", default="out.png")
     p.add_argument("--checkpoint", default=None, help="checkpoint or run dir (default: <run>/dit latest EMA)")
+    p.add_argument("--init-image", default=None, help="img2img: start from this image's centre crop")
+    p.add_argument("--strength", type=float, default=0.6, help="img2img: 0 keeps the image, 1 ignores it")
+    p.add_argument("--interpolate-seeds", type=int, nargs=2, metavar=("A", "B"), default=None,
+                   help="interpolate: slerp the starting noise from seed A to seed B")
+    p.add_argument("--interpolate-prompt", default=None, metavar="TAGS",
+                   help="interpolate: blend the tag embeddings from --prompt to these tags")
+    p.add_argument("--frames", type=int, default=8, help="interpolate: number of frames, ends included")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = _parser()
     a = p.parse_args(argv)
+    interpolating = a.interpolate_seeds is not None or a.interpolate_prompt is not None
+    if interpolating and a.init_image:
+        p.error("--init-image cannot be combined with --interpolate-seeds/--interpolate-prompt")
+    if a.sampler != "ddim" and a.eta != 0:
+        p.error(f"--eta applies to the ddim sampler only; {a.sampler} is deterministic")
+    if interpolating and a.eta != 0:
+        p.error("interpolation needs a deterministic sampler: --eta 0")
+    if a.init_image and not 0 <= a.strength <= 1:
+        p.error(f"--strength must be in [0, 1], got {a.strength}")
+    if a.frames < 2:
+        p.error(f"--frames must be at least 2, got {a.frames}")
     cfg = parse_config(a)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if interpolating:
+        seeds = tuple(a.interpolate_seeds or (a.seed, a.seed))
+        return interpolate_images(cfg, a.prompt, a.negative, other_prompt=a.interpolate_prompt, seeds=seeds,
+                                  frames=a.frames, scale=a.cfg, steps=a.steps, sampler=a.sampler, out=a.out,
+                                  checkpoint=a.checkpoint)
     return sample_images(cfg, a.prompt, a.negative, scale=a.cfg, steps=a.steps, eta=a.eta, sampler=a.sampler,
-                         seed=a.seed, n=a.n, out=a.out, checkpoint=a.checkpoint)
+                         seed=a.seed, n=a.n, out=a.out, checkpoint=a.checkpoint, init_image=a.init_image,
+                         strength=a.strength)
 
 
 if __name__ == "__main__":

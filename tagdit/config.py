@@ -64,7 +64,8 @@ class ShardsConfig(Section):
 class TrainConfig(Section):
     """Optimisation settings shared by the VAE and the DiT trainers."""
 
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # global batch of one optimizer step (all ranks, all accumulated micro-batches)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step: each rank's is batch_size / (nproc * grad_accum)
     steps: int = Field(1000, ge=1)  # total optimizer steps (the seed counted epochs)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -77,8 +78,10 @@ class TrainConfig(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: int = Field(1, ge=1)  # >1 launches torchrun DDP
-    compile: bool = False  # torch.compile on GPU
-    shuffle_buffer: int = Field(1000, ge=1)
+    compile: bool = False  # torch.compile the training forward (inductor; CPU needs a C compiler)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
+    shuffle_buffer: int = Field(1000, ge=1)  # samples per loader worker's shuffle buffer
+    loader_workers: int = Field(2, ge=0)  # decoding processes per rank, each with its own shards; 0 = in a thread
     keep_checkpoints: int | None = Field(None, ge=1)  # keep the newest N (plus pinned ones); None = keep all
 
 
@@ -182,6 +185,12 @@ class DiTConfig(Section):
     shuffle_tags: bool = True
     min_snr_gamma: float | None = Field(None, gt=0)  # Min-SNR-γ loss weighting; None = L_simple (the seed)
     val_samples: int = Field(64, ge=1)  # fixed (latent, t, noise) triples for validation loss
+    # sample grids from the EMA weights while training (TensorBoard samples/grid + Prefect artifact);
+    # they never change the checkpoints, so these four stay out of the cache key and the run identity
+    sample_every: int | None = Field(None, ge=1)  # steps between grids; None = off
+    sample_prompts: list[str] = []  # empty = a few frequent captions of the val latents, fixed at start
+    sample_seeds: list[int] = [0, 1]  # grid columns
+    sample_steps: int = Field(20, ge=1)  # DDIM steps (CFG scale: evaluate.cfg)
     train: DiTTrainConfig = DiTTrainConfig()
 
     @field_validator("model", mode="before")
@@ -236,9 +245,11 @@ class PrefectConfig(Section):
     retry_delay_seconds: float = Field(10, ge=0)
     timeout_seconds: dict[str, float] = {}  # optional per-stage limits, e.g. {train_dit: 86400}
     eval_tag: str = "eval"  # evaluation's own concurrency slot, so a nightly run never waits for training
-    task_runner: Literal["thread", "dask"] = "thread"  # runs the data stages' chunks; dask needs prefect-dask
+    # where crop chunks, tag chunks and encode shards run (tagdit.chunks): this machine's threads and
+    # forked processes, or a Dask cluster (needs the `dask` extra; every worker must see the same paths)
+    task_runner: Literal["local", "dask"] = "local"
     dask_address: str | None = None  # an existing Dask scheduler (tcp://host:8786); None = a local cluster
-    dask_workers: int = Field(2, ge=1)  # processes of the local Dask cluster
+    dask_workers: int = Field(2, ge=1)  # worker processes of that local cluster
 
 
 class RunConfig(Section):

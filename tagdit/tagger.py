@@ -9,8 +9,9 @@ images) and the demo tagger.
 from __future__ import annotations
 
 import logging
-import queue
+import os
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic import BaseModel
 
 from tagdit.formats.selected_tags import CHARACTER, GENERAL, RATING, TagLabels, display_name
 from tagdit.formats.wd_image import wd_preprocess
+from tagdit.prefetch import prefetch
 
 if TYPE_CHECKING:
     from tagdit.config import TaggerConfig
@@ -82,7 +84,7 @@ def select_tags(
 
 
 def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, CPU always."""
+    """CUDA first when this onnxruntime build has it (`pip install tagdit[gpu]`), CPU always."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -209,6 +211,7 @@ class WDTagger:
         batch_size: int = 16,
         providers: Sequence[str] | None = None,
         threads: int = 0,
+        preprocess_threads: int | None = None,
     ):
         import onnxruntime as ort
 
@@ -219,7 +222,13 @@ class WDTagger:
         opts.log_severity_level = 3
         # no busy-waiting between runs: the preprocessing thread needs those cycles (docs/design.md §6)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(model_path), opts, providers=list(providers or default_providers()))
+        providers = list(providers or default_providers())
+        self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
+        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in self.session.get_providers():
+            log.warning("tagger: onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries missing or "
+                        "not matching?); tagging on %s", self.session.get_providers())
+        # images preprocessed at once: a fast GPU model (fixed batch 1 especially) outruns one thread
+        self.preprocess_threads = preprocess_threads or min(4, os.cpu_count() or 1)
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
         n, h, w, c = inp.shape  # NHWC; the batch dim is an int when fixed, a str/None when dynamic
@@ -251,10 +260,6 @@ class WDTagger:
         """PIL image -> (S, S, 3) float32 BGR 0-255, the reference recipe."""
         return wd_preprocess(img, self.size)
 
-    def preprocess_into(self, img: Image.Image, out: np.ndarray) -> np.ndarray:
-        """`preprocess` writing into a preallocated (S, S, 3) float32 slot."""
-        return wd_preprocess(img, self.size, out)
-
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) preprocessed -> (N, T) probabilities; splits N for fixed-batch models."""
         step = self.fixed_batch or len(batch) or 1
@@ -266,48 +271,48 @@ class WDTagger:
         return select_tags(probs, self.labels, self.general_threshold, self.character_threshold,
                            self.mcut, self.exclude)
 
+    def _preprocessed(self, images: Iterable[Image.Image | object]) -> Iterator[np.ndarray | object]:
+        """Each image as (S, S, 3), in input order, `preprocess_threads` at a time; BATCH_END passes."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        ahead = 2 * self.preprocess_threads  # images in flight: enough to keep every thread busy
+        pool = ThreadPoolExecutor(self.preprocess_threads, thread_name_prefix="wd-preprocess")
+        pending: deque = deque()
+        try:
+            for img in images:
+                pending.append(img if img is BATCH_END else pool.submit(self.preprocess, img))
+                while len(pending) > ahead:
+                    item = pending.popleft()
+                    yield item if item is BATCH_END else item.result()
+            while pending:
+                item = pending.popleft()
+                yield item if item is BATCH_END else item.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _batches(self, images: Iterable[Image.Image | object]) -> Iterator[np.ndarray]:
+        """Preprocessed batches (n <= batch_size, S, S, 3); a BATCH_END closes one early."""
+        shape = (self.batch_size, self.size, self.size, 3)
+        batch, n = np.empty(shape, np.float32), 0  # (B, S, S, 3)
+        for item in self._preprocessed(images):
+            if item is not BATCH_END:
+                batch[n] = item
+                n += 1
+            if n and (n == self.batch_size or item is BATCH_END):
+                yield batch[:n]
+                batch, n = np.empty(shape, np.float32), 0
+        if n:
+            yield batch[:n]
+
     def probabilities(self, images: Iterable[Image.Image | object]) -> Iterator[np.ndarray]:
-        """(T,) probabilities per image, preprocessing the next batch while this one runs.
+        """(T,) probabilities per image; the next batches are preprocessed (in a thread pool) while
+        this one runs, so a fixed-batch-1 model on a GPU is not starved by one preprocessing core.
 
         A `BATCH_END` item closes the current batch early: results can differ in the last float
         bits with batch composition, so callers that need reproducible bytes pin batches to units.
         """
-        q: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
-
-        def produce() -> None:
-            try:
-                shape = (self.batch_size, self.size, self.size, 3)
-                batch, n = np.empty(shape, np.float32), 0  # (B, S, S, 3)
-                for img in images:
-                    if img is not BATCH_END:
-                        self.preprocess_into(img, batch[n])
-                        n += 1
-                    if n and (n == self.batch_size or img is BATCH_END):
-                        q.put(batch[:n])
-                        batch, n = np.empty(shape, np.float32), 0
-                        if stop.is_set():
-                            return
-                if n:
-                    q.put(batch[:n])
-                q.put(None)
-            except BaseException as e:  # re-raised in the consumer
-                q.put(e)
-
-        worker = threading.Thread(target=produce, name="wd-preprocess", daemon=True)
-        worker.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield from self.predict(item)
-        finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
+        for batch in prefetch(self._batches(images), depth=2, name="wd-batches"):
+            yield from self.predict(batch)
 
     def tag_images(self, images: Iterable[Image.Image | object]) -> Iterator[TagResult]:
         """TagResult per image, in input order."""

@@ -2,7 +2,8 @@
 
 Layers (webdataset style): `crop_image` (one file's bytes -> encoded crop, or a `Reject` with a
 reason) -> `process_chunk` (a chunk of files -> one parquet file, written atomically) -> `crop_stage`
-(lists the files, runs the missing chunks on a process pool) -> `crop_task` (the Prefect wrapper).
+(lists the files, runs the missing chunks as `crop_chunk_task`s on the stage's task runner, see
+`tagdit.chunks`) -> `crop_task` (the Prefect wrapper).
 Chunk files carry a digest of their inputs in their name, so a killed run resumes and a changed
 file recomputes only its chunk.
 """
@@ -16,8 +17,6 @@ import os
 import re
 import shutil
 import stat
-import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from prefect import get_run_logger, task
 
+from tagdit.chunks import chunk_runner, offload, run_units, unit_task
 from tagdit.config import PipelineConfig
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text
 from tagdit.formats.wd_image import centre_box, pad_square, to_rgb_on_white
@@ -198,6 +198,12 @@ def process_chunk(source: Path, files: list[SourceFile], p: CropParams, dst: Pat
     return ok, len(rows) - ok
 
 
+@unit_task(name="crop-chunk", run_name="crop {dst.name}")
+def crop_chunk_task(source: Path, files: list[SourceFile], p: CropParams, dst: Path) -> tuple[int, int]:
+    """One crop chunk (on the local runner's process pool when it has one); returns (ok, rejected)."""
+    return offload(process_chunk, source, files, p, dst)
+
+
 def chunk_digest(files: list[SourceFile], p: CropParams) -> str:
     code = CROP.code_key()
     stamps = [f"{f.rel}:{f.size}:{f.mtime_ns}:{f.sidecar}:{f.sidecar_stamp}" for f in files]
@@ -236,7 +242,11 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
     dsts = [out / f"chunk-{i:06d}-{chunk_digest(c, p)}.parquet" for i, c in enumerate(chunks)]
     todo = [i for i, d in enumerate(dsts) if not d.exists()]
     log.info("crop: %d images in %d chunks under %s; %d chunks to do", len(files), len(chunks), source, len(todo))
-    _run_chunks(source, [chunks[i] for i in todo], p, [dsts[i] for i in todo], _workers(cfg.crop.workers))
+    if todo:
+        workers = min(_workers(cfg.crop.workers), len(todo))
+        params = [{"source": source, "files": chunks[i], "p": p, "dst": dsts[i]} for i in todo]
+        with chunk_runner(cfg.prefect, threads=workers, processes=workers) as runner:
+            run_units(runner, crop_chunk_task, params, "crop", [len(chunks[i]) for i in todo], "img")
     for stale in set(out.glob("chunk-*.parquet")) - set(dsts):
         stale.unlink()
     meta = [pq.read_table(d, columns=["ok"]).column("ok").to_pylist() for d in dsts]
@@ -245,29 +255,6 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
             "source": str(source)}
     log.info("crop: %d found, %d cropped, %d rejected", len(files), ok, len(files) - ok)
     return CROP.write_stamp(cfg, {}, dsts, info)
-
-
-def _run_chunks(source: Path, chunks: list, p: CropParams, dsts: list[Path], workers: int) -> None:
-    """Run chunks in-process (one worker or one chunk) or on a process pool."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(len(c) for c in chunks), desc="crop", unit="img", disable=len(chunks) < 2)
-    if workers == 1 or len(chunks) < 2:
-        for c, d in zip(chunks, dsts, strict=True):
-            process_chunk(source, c, p, d)
-            bar.update(len(c))
-    else:
-        import multiprocessing as mp
-
-        # fork: workers start in milliseconds with everything imported, and no `__main__` guard is
-        # needed; they only run PIL/pyarrow code (Python re-initialises logging locks after fork).
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
-            futs = {pool.submit(process_chunk, source, c, p, d): len(c) for c, d in zip(chunks, dsts, strict=True)}
-            for fut in as_completed(futs):
-                fut.result()
-                bar.update(futs[fut])
-    bar.close()
 
 
 @task(name="crop", cache_key_fn=stage_cache_key(CROP), persist_result=True)

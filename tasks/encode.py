@@ -2,10 +2,12 @@
 
 Every image shard becomes a latent shard with the same keys: posterior `mean.npy` / `logvar.npy`
 (float16, (z, h, w)), `flip_mean.npy` / `flip_logvar.npy` for the mirrored image when
-`latents.flip`, and the image's `json`. Images are decoded in a thread pool ahead of batched
-encoding; each latent shard is written atomically, so a killed run resumes at the first missing
-shard. `stats.json` holds the latent scale factor = 1 / std of posterior samples over the whole
-train split (Chan et al.'s parallel variance in float64, fixed seed) — the only place it is stored.
+`latents.flip`, and the image's `json`. Each missing shard is an `encode_shard_task` on the stage's
+task runner (`tagdit.chunks`), with the VAE loaded once per worker process; its images are decoded
+in a thread pool ahead of batched encoding, and it is written atomically, so a killed run resumes
+at the first missing shard. `stats.json` holds the latent scale factor = 1 / std of posterior
+samples over the whole train split (Chan et al.'s parallel variance in float64, fixed seed) — the
+only place it is stored.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import os
 import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
+from tagdit.chunks import chunk_runner, run_units, unit_task
 from tagdit.config import PipelineConfig
 from tagdit.files import atomic_path, remove_stale_temps, sha256_file, write_json_atomic
 from tagdit.formats.image_shards import decode_image, image_bytes, image_shards
@@ -164,37 +168,75 @@ def _prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool) -> No
     write_json_atomic(marker, identity)
 
 
-def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_dir: Path,
-                   vae_id: str, force: bool = False) -> LatentStats:
-    """Encode every image shard missing from `out_dir`, then write `stats.json`; returns the stats."""
-    from concurrent.futures import ThreadPoolExecutor
+@dataclass(frozen=True)
+class EncodeParams:
+    """What an encode worker needs besides the shard: the VAE, where it runs, the settings."""
 
-    from tqdm.auto import tqdm
+    vae_ckpt: Path
+    use_ema: bool
+    weights_sha: str  # part of the loaded-model key: a rewritten checkpoint is loaded again
+    device: str
+    resolution: int
+    flip: bool
+    batch_size: int
 
+
+_VAES: dict[tuple, tuple[Any, Any]] = {}  # this process's loaded VAE and its device
+
+
+def loaded_vae(p: EncodeParams) -> tuple[Any, Any]:
+    """(VAE on its device, the device), loaded once per worker process."""
     from models.vae import load_vae
     from tagdit.train.devices import select_device
 
+    key = (str(p.vae_ckpt), p.use_ema, p.weights_sha, p.device)
+    if key not in _VAES:
+        _VAES.clear()  # one model at a time
+        device = select_device(p.device)
+        model, _ = load_vae(p.vae_ckpt, ema=p.use_ema)
+        _VAES[key] = (model.to(device), device)
+    return _VAES[key]
+
+
+@unit_task(name="encode-shard", run_name="encode {src.name}")
+def encode_shard_task(src: Path, dst: Path, p: EncodeParams) -> int:
+    """One latent shard, with this worker process's loaded VAE; returns the number of samples."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, device = loaded_vae(p)
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        n = encode_shard(model, src, dst, resolution=p.resolution, flip=p.flip, batch_size=p.batch_size,
+                         device=device, pool=pool)
+    log.info("encode: %s -> %d latents", src.name, n)
+    return n
+
+
+def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_dir: Path,
+                   vae_id: str, force: bool = False) -> LatentStats:
+    """Encode every image shard missing from `out_dir`, then write `stats.json`; returns the stats."""
+    from tagdit.train.checkpoints import resolve_checkpoint
+
     lc = cfg.latents
-    weights = Path(vae_ckpt) / ("ema.safetensors" if lc.use_ema else "model.safetensors")
-    weights_sha = sha256_file(weights)
+    ckpt = resolve_checkpoint(vae_ckpt)
+    weights_sha = sha256_file(ckpt / ("ema.safetensors" if lc.use_ema else "model.safetensors"))
     _prepare_out_dir(out_dir, _identity(cfg, weights_sha), force)
-    device = select_device(cfg.vae.train.device)
-    model, ckpt = load_vae(vae_ckpt, ema=lc.use_ema)
-    model.to(device)
     todo = [(split, p) for split in ("train", "val") for p in image_shards(dataset_dir, split)]
     if not todo:
         raise FileNotFoundError(f"no image shards under {dataset_dir}/images: run prepare-data first")
     wanted = {p.name for _, p in todo}
     for stale in set(out_dir.glob("*.tar")) - {out_dir / n for n in wanted}:
         stale.unlink()
-    missing = [(s, p) for s, p in todo if not (out_dir / p.name).exists()]
+    missing = [src for _, src in todo if not (out_dir / src.name).exists()]
     log.info("encode: %d of %d shards to encode into %s (%d already complete)",
              len(missing), len(todo), out_dir, len(todo) - len(missing))
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        for _, src in tqdm(missing, desc="encode", unit="shard", disable=len(missing) < 2):
-            n = encode_shard(model, src, out_dir / src.name, resolution=cfg.data.resolution, flip=lc.flip,
-                             batch_size=lc.batch_size, device=device, pool=pool)
-            log.info("encode: %s -> %d latents", src.name, n)
+    p = EncodeParams(ckpt, lc.use_ema, weights_sha, cfg.vae.train.device, cfg.data.resolution, lc.flip,
+                     lc.batch_size)
+    try:
+        with chunk_runner(cfg.prefect) as runner:  # locally one shard at a time: the model uses the device
+            run_units(runner, encode_shard_task, [{"src": s, "dst": out_dir / s.name, "p": p} for s in missing],
+                      "encode", unit_name="shard")
+    finally:
+        _VAES.clear()  # the local runner's model; a Dask worker keeps its own
     stats = LatentStats(**latent_stats(latent_shard_paths(out_dir, "train")), vae_checkpoint_sha256=weights_sha,
                         vae_id=vae_id, vae_checkpoint=str(ckpt), weights="ema" if lc.use_ema else "raw",
                         seed=STATS_SEED, samples="one posterior sample per train image (unflipped)")

@@ -2,7 +2,9 @@
 
 One tag chunk per crop chunk, named by a digest of the crop chunk's bytes, the tagger files and the
 tag settings: a killed run resumes at the first missing chunk, a changed crop chunk re-tags only
-itself. Rows: key, tags (score order), scores (sidecar tags score 1.0), categories, rating.
+itself. Each missing chunk is a `tag_chunk_task` on the stage's task runner (`tagdit.chunks`), with
+the ONNX tagger loaded once per worker process. Rows: key, tags (score order), scores (sidecar tags
+score 1.0), categories, rating.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
+from tagdit.chunks import chunk_runner, run_units, unit_task
 from tagdit.config import PipelineConfig, TaggerConfig
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text
 from tagdit.formats.selected_tags import UNKNOWN, display_name
@@ -28,7 +30,7 @@ from tagdit.stage import (
     file_fingerprint,
     stage_cache_key,
 )
-from tagdit.tagger import BATCH_END, TagResult, resolve_tagger
+from tagdit.tagger import ResolvedTagger, TagResult, WDTagger, resolve_tagger
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +68,42 @@ def _ok_rows(crop_chunk: Path, columns: list[str]) -> pa.Table:
     return pq.read_table(crop_chunk, columns=["ok", *columns]).filter(pc.field("ok"))
 
 
-def tag_chunks(tagger, crop_chunks: list[Path], dsts: list[Path], tcfg: TaggerConfig) -> None:
-    """Tag crop chunks as one stream (preprocessing never waits at chunk boundaries); each tag
-    chunk is written atomically as soon as its last image is tagged."""
+def tag_chunk(tagger, crop_chunk: Path, dst: Path, tcfg: TaggerConfig) -> int:
+    """Tag one crop chunk into `dst` (atomic); returns the rows written."""
     from PIL import Image
-    from tqdm import tqdm
 
-    def images() -> Iterator:
-        for c in crop_chunks:
-            for b in _ok_rows(c, ["image"]).column("image").to_pylist():
-                yield Image.open(io.BytesIO(b))
-            yield BATCH_END  # batches never straddle chunks: a resumed run gets the same floats
-
-    results = tagger.tag_images(images())
+    table = _ok_rows(crop_chunk, ["key", "sidecar", "image"])
+    images = (Image.open(io.BytesIO(b)) for b in table.column("image").to_pylist())
+    results = tagger.tag_images(images)  # batches never straddle chunks: a resumed run gets the same floats
     category = tagger.labels.category_of()
-    for c, dst in tqdm(list(zip(crop_chunks, dsts, strict=True)), desc="tag", unit="chunk", disable=len(dsts) < 2):
-        meta = _ok_rows(c, ["key", "sidecar"]).to_pydict()
-        rows = []
-        for key, side in zip(meta["key"], meta["sidecar"], strict=True):
-            res = next(results)
-            tags, scores = merge_tags(res, parse_sidecar(side, tcfg.exclude), tcfg.sidecar)
-            cats = [category.get(t, UNKNOWN) for t in tags]
-            rows.append({"key": key, "tags": tags, "scores": scores, "categories": cats, "rating": res.rating})
-        with atomic_path(dst) as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=TAG_SCHEMA), tmp)
-    if next(results, None) is not None:
-        raise RuntimeError("crop chunks changed while they were being tagged")
+    rows = []
+    for key, side, res in zip(table.column("key").to_pylist(), table.column("sidecar").to_pylist(), results,
+                              strict=True):
+        tags, scores = merge_tags(res, parse_sidecar(side, tcfg.exclude), tcfg.sidecar)
+        cats = [category.get(t, UNKNOWN) for t in tags]
+        rows.append({"key": key, "tags": tags, "scores": scores, "categories": cats, "rating": res.rating})
+    with atomic_path(dst) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=TAG_SCHEMA), tmp)
+    return len(rows)
+
+
+_TAGGERS: dict[str, WDTagger] = {}  # this process's loaded tagger, keyed on its files and settings
+
+
+def loaded_tagger(tagger: ResolvedTagger, tcfg: TaggerConfig) -> WDTagger:
+    """The ONNX tagger for these files and settings, loaded once per worker process."""
+    key = tagger.model_dump_json() + tcfg.model_dump_json()
+    if key not in _TAGGERS:
+        _TAGGERS.clear()  # one model at a time
+        _TAGGERS[key] = WDTagger(tagger.model, tagger.tags_csv, tcfg.general_threshold, tcfg.character_threshold,
+                                 tcfg.mcut, tcfg.exclude, tcfg.batch_size)
+    return _TAGGERS[key]
+
+
+@unit_task(name="tag-chunk", run_name="tag {dst.name}")
+def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig) -> int:
+    """One tag chunk, with this worker process's loaded tagger; returns the rows written."""
+    return tag_chunk(loaded_tagger(tagger, tcfg), crop_chunk, dst, tcfg)
 
 
 TAG = Stage(
@@ -113,8 +125,6 @@ def chunk_digest(cfg: PipelineConfig, crop_chunk: Path) -> str:
 
 def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> StageRecord:
     """Run (or resume) the tag stage on the crop stage's chunks; returns its record."""
-    from tagdit.tagger import WDTagger
-
     if not force and (rec := TAG.valid_record(cfg, {"crop": crop})):
         return rec
     out = TAG.out_dir(cfg, {"crop": crop})
@@ -127,8 +137,13 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
     todo = [i for i, d in enumerate(dsts) if not d.exists()]
     log.info("tag: %d chunks, %d to do", len(dsts), len(todo))
     if todo:
-        tagger = WDTagger.from_config(cfg.tagger)
-        tag_chunks(tagger, [crop_chunks[i] for i in todo], [dsts[i] for i in todo], cfg.tagger)
+        params = [{"crop_chunk": crop_chunks[i], "dst": dsts[i], "tagger": resolve_tagger(cfg.tagger),
+                   "tcfg": cfg.tagger} for i in todo]
+        try:
+            with chunk_runner(cfg.prefect) as runner:  # locally one chunk at a time: ONNX uses every core
+                run_units(runner, tag_chunk_task, params, "tag", unit_name="chunk")
+        finally:
+            _TAGGERS.clear()  # the local runner's session; a Dask worker keeps its own
     for stale in set(out.glob("chunk-*.parquet")) - set(dsts):
         stale.unlink()
     n = sum(pq.read_metadata(d).num_rows for d in dsts)

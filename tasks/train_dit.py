@@ -25,11 +25,14 @@ from tasks.trainer import TRAIN_MODULES, TrainerStage, epoch_stream, start_rank
 
 log = logging.getLogger(__name__)
 
+# Sample grids never change the checkpoints (tests/test_train_samples.py): out of the key and identity.
+SAMPLE_FIELDS = ("sample_every", "sample_prompts", "sample_seeds", "sample_steps")
+
 STAGE = Stage(
     name="train_dit",
     modules=("tasks.train_dit", "tagdit.formats.latent_shards", "models.vae:AutoencoderKL", "models.dit",
              "models.diffusion", "tagdit.vocab", *TRAIN_MODULES),
-    sections=("dit",),
+    sections=tuple(f"dit.{k}" for k in DiTConfig.model_fields if k not in SAMPLE_FIELDS),
     out_dir=lambda cfg, up: cfg.run_dir / "dit",
 )
 
@@ -112,11 +115,16 @@ def make_val_fn(latents_dir: Path, vocab: Vocab, cfg: PipelineConfig, alpha_bar,
     return val_fn
 
 
-def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir: Path):
-    """Train in this process: alone, or as one rank under torchrun. Returns fit's TrainResult."""
+def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir: Path, *,
+              vae_checkpoint: str | Path | None = None):
+    """Train in this process: alone, or as one rank under torchrun. Returns fit's TrainResult.
+
+    `vae_checkpoint` decodes the sample grids (`dit.sample_every`); default: the one stats.json names.
+    """
     from models.dit import DiT
     from tagdit.train.checkpoints import count_parameters
     from tagdit.train.loop import fit
+    from tagdit.train.samples import make_sample_monitor
 
     tc = cfg.dit.train
     r = start_rank(tc, "dit")
@@ -132,10 +140,11 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     alpha_bar = model.alpha_bar.to(r.device)  # (T,) float64; stored with the checkpoint
     decode = partial(decode_latent, vocab=vocab, dit=cfg.dit)
     val_fn = make_val_fn(latents_dir, vocab, cfg, alpha_bar, stats, r.device)  # every rank: fit syncs around it
+    monitor = make_sample_monitor(cfg, vocab, latents_dir, vae_checkpoint, r.device) if r.is_main else None
     return fit(model=model,
                loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, min_snr_gamma=cfg.dit.min_snr_gamma),
                stream=epoch_stream(shard_urls(latents_dir, "train"), decode, tc, r), cfg=tc, out_dir=out_dir,
-               model_config=model.config_dict(), device=r.device, val_fn=val_fn, desc="train_dit")
+               model_config=model.config_dict(), device=r.device, val_fn=val_fn, monitor=monitor, desc="train_dit")
 
 
 def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...]) -> dict[str, Any]:
@@ -146,7 +155,16 @@ def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...]) -> dict[str, Any]:
             "vocab": str(vocab_path), "latents": str(latents_dir)}
 
 
-TRAINER = TrainerStage(
+class DiTTrainerStage(TrainerStage):
+    """The trainer skeleton, with the sample-grid settings left out of the run identity."""
+
+    def identity(self, cfg: PipelineConfig, upstream: dict[str, StageRecord]) -> dict[str, Any]:
+        ident = super().identity(cfg, upstream)
+        ident["dit"] = {k: v for k, v in ident["dit"].items() if k not in SAMPLE_FIELDS}
+        return ident
+
+
+TRAINER = DiTTrainerStage(
     stage=STAGE,
     module="tasks.train_dit",
     section="dit",

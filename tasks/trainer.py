@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 
 # The training code whose version is part of a trainer stage's cache key.
 TRAIN_MODULES = ("tasks.trainer", "tagdit.train.loop", "tagdit.train.optim", "tagdit.train.checkpoints",
-                 "tagdit.train.stream", "tagdit.train.devices")
+                 "tagdit.train.stream", "tagdit.train.tar_samples", "tagdit.train.devices")
 # Settings that may change between runs without invalidating the checkpoints (resume continues).
+# nproc / loader_workers change how shards are split: a resumed run restarts the epoch it was in (logged).
 RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile",
-             "keep_checkpoints")
+             "keep_checkpoints", "grad_accum", "loader_workers")
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -63,26 +64,27 @@ class Rank:
 
 
 def start_rank(tc: TrainConfig, section: str) -> Rank:
-    """Join the torchrun group (if any), check the batch splits evenly, pick the device, seed the init."""
+    """Join the torchrun group (if any), check the batch splits into micro-batches, pick the device, seed the init."""
     import torch
 
     from tagdit.train.devices import select_device
     from tagdit.train.launch import init_distributed
 
     rank, world, _ = init_distributed()
-    if tc.batch_size % world:
-        raise ValueError(f"{section}.train.batch_size {tc.batch_size} is not divisible by {world} processes")
+    if tc.batch_size % (world * tc.grad_accum):
+        raise ValueError(f"{section}.train.batch_size {tc.batch_size} does not split into {world} processes x "
+                         f"{tc.grad_accum} micro-batches (grad_accum): make it a multiple of {world * tc.grad_accum}")
     device = select_device(tc.device)
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     return Rank(rank, world, device)
 
 
 def epoch_stream(urls: list[str], decode: Callable[[dict[str, Any]], Any], tc: TrainConfig, r: Rank) -> EpochStream:
-    """This rank's share of the shuffled, resumable training batches."""
+    """This rank's shards as shuffled, resumable micro-batches of batch_size / (world · grad_accum)."""
     from tagdit.train.stream import EpochStream
 
-    return EpochStream(urls, decode, batch_size=tc.batch_size // r.world, seed=tc.seed,
-                       shuffle_buffer=tc.shuffle_buffer, rank=r.rank, world_size=r.world)
+    return EpochStream(urls, decode, batch_size=tc.batch_size // (r.world * tc.grad_accum), seed=tc.seed,
+                       shuffle_buffer=tc.shuffle_buffer, rank=r.rank, world_size=r.world, workers=tc.loader_workers)
 
 
 def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: str) -> None:

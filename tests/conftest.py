@@ -74,3 +74,11 @@ def corpus(tmp_path_factory) -> Path:
 def world(corpus, wd_model) -> tuple[Path, Path]:
     """(source folder, tagger folder): the inputs of the crop -> tag -> shard stages."""
     return corpus, wd_model
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The config of a drawable run: a tiny DiT trained a few CPU steps, an untrained f = 8 VAE (64 px)."""
+    from tests.run_fixtures import write_tiny_run
+
+    return write_tiny_run(tmp_path_factory.mktemp("run"))

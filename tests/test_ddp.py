@@ -1,7 +1,9 @@
-"""DDP on CPU with the gloo backend: two processes match one, and the task's torchrun path trains."""
+"""DDP on CPU with the gloo backend: two processes match one (with and without gradient accumulation), and the
+task's torchrun path trains."""
 
 import json
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -71,3 +73,128 @@ def test_train_task_runs_torchrun_ddp_when_nproc_is_2(tmp_path):
     assert record.info["step"] == 4 and meta["metrics"]["loss"] > 0 and record.info["val_loss"] > 0
     weights = load_weights(cfg.run_dir / "dit" / "ckpt-0000004" / "model.safetensors")[0]
     assert weights["final_layer.linear.weight"].abs().sum() > 0  # trained away from the zero init
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def mse(model, x, step):
+    return ((model(x) - x.sin()) ** 2).mean(), {}
+
+
+GLOBAL_BATCH = 8
+
+
+class Slices:
+    """Step s's global batch data[8s : 8s+8], dealt to the ranks, each rank's share to its micro-batches."""
+
+    def __init__(self, rank: int, world: int, grad_accum: int):
+        self.data = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
+        self.rank, self.world, self.grad_accum = rank, world, grad_accum
+        self.batch_size = GLOBAL_BATCH // (world * grad_accum)
+
+    def __iter__(self):
+        for s in range(len(self.data) // GLOBAL_BATCH):
+            for m in range(self.grad_accum):
+                start = s * GLOBAL_BATCH + (self.rank * self.grad_accum + m) * self.batch_size
+                yield self.data[start:start + self.batch_size]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def fit_tiny(out: str, rank: int, world: int, grad_accum: int) -> None:
+    from tagdit.config import TrainConfig
+    from tagdit.train.loop import fit
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=4, batch_size=GLOBAL_BATCH, lr=1e-2, warmup_steps=1, checkpoint_every=4,
+                      grad_accum=grad_accum)
+    fit(model=Tiny(), loss_fn=mse, stream=Slices(rank, world, grad_accum), cfg=cfg, out_dir=out, model_config={},
+        device=torch.device("cpu"))
+
+
+def noisy_mse(model, x, step):
+    """A loss drawing from each rank's own RNG: resuming must restore every rank's RNG state."""
+    return ((model(x) - x.sin() - 0.01 * torch.randn_like(x)) ** 2).mean(), {}
+
+
+def decode_x(raw):
+    return torch.tensor([json.loads(raw["json"])["x"] / 20])
+
+
+def fit_stream(out: str, urls: list[str], rank: int, world: int) -> None:
+    """4 steps of a global batch of 8 in 2 micro-batches per rank, from shard-split streams; checkpoints at 2 and 4."""
+    from tagdit.config import TrainConfig
+    from tagdit.train.loop import fit
+    from tagdit.train.stream import EpochStream
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=4, batch_size=GLOBAL_BATCH, lr=1e-2, warmup_steps=1, checkpoint_every=2, grad_accum=2)
+    stream = EpochStream(urls, decode_x, batch_size=GLOBAL_BATCH // (2 * world), seed=0, shuffle_buffer=3,
+                         rank=rank, world_size=world)
+    fit(model=Tiny(), loss_fn=noisy_mse, stream=stream, cfg=cfg, out_dir=out, model_config={},
+        device=torch.device("cpu"))
+
+
+def _ddp_worker(rank: int, world: int, root: str, urls: list[str]) -> None:
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rdv", rank=rank, world_size=world)
+    try:
+        fit_tiny(f"{root}/accum", rank, world, grad_accum=2)
+        fit_stream(f"{root}/straight", urls, rank, world)
+        fit_stream(f"{root}/killed", urls, rank, world)
+        dist.barrier()
+        if rank == 0:  # as if killed after the step-2 checkpoint
+            shutil.rmtree(Path(root, "killed", "ckpt-0000004"))
+            Path(root, "killed", "latest").write_text("ckpt-0000002\n")
+        dist.barrier()
+        fit_stream(f"{root}/killed", urls, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Two gloo ranks: a grad-accumulation run, and a stream run straight through and resumed mid-way."""
+    from tests.test_training import write_shards
+
+    root = tmp_path_factory.mktemp("ddp")
+    urls = write_shards(root, n_shards=4, per_shard=7)
+    mp.spawn(_ddp_worker, args=(2, str(root), urls), nprocs=2, join=True)
+    return root
+
+
+def test_ddp_with_grad_accum_matches_one_process_on_the_same_global_batch(ddp_runs, tmp_path):
+    from tagdit.train.checkpoints import load_model_weights
+
+    fit_tiny(str(tmp_path / "one"), rank=0, world=1, grad_accum=1)
+    ddp, one = load_model_weights(ddp_runs / "accum", ema=False)[0], load_model_weights(tmp_path / "one", ema=False)[0]
+    torch.manual_seed(0)
+    start = Tiny().state_dict()
+    assert all(torch.allclose(ddp[k], one[k], atol=1e-5) for k in one)
+    assert not all(torch.allclose(one[k], start[k]) for k in one)  # it trained
+
+
+def test_ddp_resume_with_grad_accum_is_exact(ddp_runs):
+    from tagdit.train.checkpoints import load_model_weights
+
+    straight, resumed = (load_model_weights(ddp_runs / d, ema=False)[0] for d in ("straight", "killed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    state = torch.load(ddp_runs / "killed" / "ckpt-0000002" / "state.pt", weights_only=True)
+    assert [r["stream"]["world"] for r in state["ranks"]] == [2, 2]
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])  # each rank's own

@@ -239,3 +239,96 @@ def test_batch_end_marker_pins_batches_without_changing_order(wd_model):
     probs = list(tagger.probabilities([*imgs[:3], BATCH_END, *imgs[3:], BATCH_END]))
     assert sizes == [3, 3] and len(probs) == 6
     np.testing.assert_allclose(np.stack(probs), real(np.stack([tagger.preprocess(i) for i in imgs])), atol=1e-4)
+
+
+@pytest.mark.parametrize(("available", "want"), [
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+     ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["AzureExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),
+])
+def test_default_providers_put_cuda_first_when_onnxruntime_has_it(monkeypatch, available, want):
+    import onnxruntime
+
+    from tagdit.tagger import default_providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
+    assert default_providers() == want
+
+
+def test_tagger_asks_for_cuda_when_available_and_warns_when_it_cannot_start(monkeypatch, wd_model, caplog):
+    import onnxruntime
+
+    asked, real = [], onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *a, providers: asked.append(providers) or real(
+        *a, providers=["CPUExecutionProvider"]))  # this machine's build has no CUDA provider
+    tagger = WDTagger.from_dir(wd_model)
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]
+    assert tagger.session.get_providers() == ["CPUExecutionProvider"] and "CUDA provider" in caplog.text
+    assert "red" in next(tagger.tag_images([Image.new("RGB", (30, 30), (255, 0, 0))])).tags
+
+
+class CountingSession:
+    """An onnxruntime session that records the batch size of every run."""
+
+    def __init__(self, session):
+        self.session, self.batches = session, []
+
+    def run(self, outputs, feeds):
+        self.batches.append(len(next(iter(feeds.values()))))
+        return self.session.run(outputs, feeds)
+
+
+def test_fixed_batch_1_model_runs_per_image_and_dynamic_model_in_batches(tmp_path, wd_model):
+    rng = np.random.default_rng(2)
+    colours = rng.integers(0, 256, (7, 1, 1, 3))  # distinct mean colours: distinct probabilities
+    imgs = [Image.fromarray(np.clip(c + rng.integers(-20, 21, (30 + i, 40, 3)), 0, 255).astype(np.uint8))
+            for i, c in enumerate(colours)]
+    fixed = WDTagger.from_dir(build_wd_model(tmp_path / "fixed", fixed_batch=1), preprocess_threads=3)
+    dynamic = WDTagger.from_dir(wd_model, batch_size=3, preprocess_threads=3)
+    fixed.session, dynamic.session = CountingSession(fixed.session), CountingSession(dynamic.session)
+    a, b = np.stack(list(fixed.probabilities(imgs))), np.stack(list(dynamic.probabilities(imgs)))
+    assert fixed.session.batches == [1] * 7 and dynamic.session.batches == [3, 3, 1]
+    x = np.stack([fixed.preprocess(i) for i in imgs])  # (7, S, S, 3), in input order
+    def run(tagger, sizes):  # the session on x in consecutive batches of `sizes`
+        starts = np.cumsum([0, *sizes])
+        return np.concatenate([tagger.session.session.run(None, {tagger.input_name: x[i:j]})[0]
+                               for i, j in zip(starts[:-1], starts[1:], strict=True)])
+
+    np.testing.assert_array_equal(a, run(fixed, [1] * 7))  # in input order, whatever thread was first
+    np.testing.assert_array_equal(b, run(dynamic, [3, 3, 1]))
+    np.testing.assert_allclose(b, a, atol=2e-3)  # float sums differ a little with the batch size
+    assert np.abs(np.diff(a, axis=0)).max() > 0.1
+
+
+def test_preprocessing_overlaps_in_several_threads(wd_model):
+    import threading
+
+    tagger = WDTagger.from_dir(wd_model, preprocess_threads=2)
+    meet = threading.Barrier(2, timeout=10)  # the first two images must be preprocessed at the same time
+    calls, real = [], tagger.preprocess
+
+    def slow_preprocess(img):
+        calls.append(threading.current_thread().name)
+        if len(calls) <= 2:
+            meet.wait()
+        return real(img)
+
+    tagger.preprocess = slow_preprocess
+    imgs = [Image.new("RGB", (20, 20), c) for c in [(255, 0, 0), (0, 0, 255), (0, 0, 0)] * 2]
+    results = list(tagger.tag_images(imgs))
+    assert [("red" in r.tags, "blue" in r.tags) for r in results] == [(True, False), (False, True), (False, False)] * 2
+    assert len(set(calls)) == 2 and all(n.startswith("wd-preprocess") for n in calls)
+
+
+def test_closing_the_stream_early_stops_the_preprocessing_threads(wd_model):
+    import threading
+
+    tagger = WDTagger.from_dir(wd_model, batch_size=2, preprocess_threads=2)
+    before = threading.active_count()
+    endless = (Image.new("RGB", (20, 20), (255, 0, 0)) for _ in iter(int, 1))
+    probs = tagger.probabilities(endless)
+    assert len([next(probs) for _ in range(5)]) == 5
+    probs.close()
+    assert threading.active_count() == before

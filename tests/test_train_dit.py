@@ -1,5 +1,4 @@
 import json
-import logging
 import random
 import shutil
 from pathlib import Path
@@ -9,29 +8,14 @@ import torch
 
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from models.dit import load_dit
-from tagdit.config import load_config
 from tagdit.formats.latent_shards import LatentStats
-from tagdit.stage import StageRecord
 from tagdit.train.checkpoints import load_weights
 from tagdit.vocab import Vocab, augment_tags
 from tasks.train_dit import STAGE, decode_latent, shard_urls, train_dit_stage
 from tests.latent_fixtures import write_latent_fixture
-
-TINY = ["dit.model=demo", "dit.model.patch=2", "dit.model.mlp_ratio=4", "dit.model.width=64", "dit.model.depth=2", "dit.model.heads=2", "dit.model.tag_heads=2",
-        "dit.model.max_tags=4", "dit.train.device=cpu", "dit.train.batch_size=16", "dit.train.warmup_steps=10",
-        "dit.train.lr=2e-3", "dit.train.weight_decay=0", "dit.train.ema_decay=0.9", "dit.val_samples=8"]
-
+from tests.run_fixtures import config, fake_vae_run, records, sample_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def records(latents_dir):
-    fake = {"out_dir": str(latents_dir), "key": "k", "info": {}}
-    return StageRecord(stage="encode", fingerprint="lat", **fake), StageRecord(stage="shard", fingerprint="sh", **fake)
-
-
-def config(root, *extra):
-    return load_config(None, [f"data.root={root}", "data.name=ds", f"run.root={root}/runs", *TINY, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -140,45 +124,6 @@ def test_vocab_parses_prompts_and_reports_unknown_tags():
     assert known == ["blue hair", "smile", "^_^"] and unknown == ["hat", "<cls>"]
     assert vocab.encode(["smile", "hat"], 4) == [2, 4, 1, 0, 0]
     assert vocab.encode(["smile"] * 6, 4) == [2, 4, 4, 4, 4] and vocab.null(3) == [2, 0, 0, 0]
-
-
-def fake_vae_run(cfg, latents):
-    """A tiny untrained VAE checkpoint and the stamps the sample command looks up."""
-    from models.vae import build_vae
-    from tagdit.config import VAE_PRESETS
-    from tagdit.train.checkpoints import save_weights
-
-    vae_dir = cfg.run_dir / "vae"
-    vae = build_vae(VAE_PRESETS["demo"].model_copy(update={"widths": [8, 8, 8, 8][:3], "groups": 4}))
-    save_weights(vae_dir / "ckpt-0000001" / "ema.safetensors", vae.state_dict(), vae.cfg.model_dump())
-    (vae_dir / "ckpt-0000001" / "meta.json").write_text("{}")
-    (vae_dir / "latest").write_text("ckpt-0000001\n")
-    stamp = {"record": {"stage": "train_vae", "key": "k", "out_dir": str(vae_dir), "fingerprint": "f",
-                        "info": {"vae_id": "fixture", "checkpoint": str(vae_dir / "ckpt-0000001")}}, "files": {}}
-    (vae_dir / ".stage-train_vae.json").write_text(json.dumps(stamp))
-    stamp["record"].update(stage="encode", out_dir=str(latents))
-    (latents / ".stage-encode.json").write_text(json.dumps(stamp))
-
-
-def sample_args(cfg, *extra):
-    return ["--set", f"data.root={cfg.data.root}", "--set", "data.name=ds", "--set", f"run.root={cfg.run.root}",
-            "--set", "evaluate.device=cpu", *extra]
-
-
-def test_sample_command_writes_images_and_reports_unknown_tags(trained, tmp_path, caplog, monkeypatch):
-    from flows import sample
-
-    cfg, latents, record = trained
-    fake_vae_run(cfg, latents)
-    out = tmp_path / "out.png"
-    args = sample_args(cfg, "--prompt", "red hair, Smile, purple_cape", "--negative", "hat",
-                       "--cfg", "3", "--steps", "4", "--eta", "1", "--n", "2", "--out", str(out))
-    with caplog.at_level(logging.WARNING):
-        result = sample.main(args)
-    from PIL import Image
-
-    assert Image.open(out).size[0] >= 2 * 64
-    assert result["unknown_tags"] == ["purple_cape"] and "purple_cape" in caplog.text
 
 
 def test_sampling_uses_the_schedule_the_checkpoint_was_trained_with(trained, tmp_path, monkeypatch):

@@ -81,20 +81,21 @@ def loss_fn(model, batch, step):
     return loss, {"mse": loss.detach()}
 
 
-def run_fit(tmp_path, out, steps, urls, loss=loss_fn):
+def run_fit(tmp_path, out, steps, urls, loss=loss_fn, grad_accum=1):
     torch.manual_seed(0)
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=3,
-                      log_every=1, val_every=5)
-    stream = EpochStream(urls, decode, batch_size=4, seed=0, shuffle_buffer=5)
+                      log_every=1, val_every=5, grad_accum=grad_accum)
+    stream = EpochStream(urls, decode, batch_size=4 // grad_accum, seed=0, shuffle_buffer=5)
     return fit(model=Tiny(), loss_fn=loss, stream=stream, cfg=cfg, out_dir=out,
                model_config={"kind": "tiny"}, device=torch.device("cpu"),
                val_fn=lambda m, step, w: {"val": float(step)})
 
 
-def test_fit_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_fit_resumes_exactly(tmp_path, grad_accum):
     urls = write_shards(tmp_path)
-    straight = run_fit(tmp_path, tmp_path / "a", 10, urls)
-    run_fit(tmp_path, tmp_path / "b", 10, urls)
+    straight = run_fit(tmp_path, tmp_path / "a", 10, urls, grad_accum=grad_accum)
+    run_fit(tmp_path, tmp_path / "b", 10, urls, grad_accum=grad_accum)
     # simulate a kill after the step-6 checkpoint: drop later checkpoints, point latest at 6
     ck = Checkpoints(tmp_path / "b")
     for d in (tmp_path / "b").glob("ckpt-*"):
@@ -103,7 +104,7 @@ def test_fit_resumes_exactly(tmp_path):
 
             shutil.rmtree(d)
     (tmp_path / "b" / "latest").write_text("ckpt-0000006\n")
-    resumed = run_fit(tmp_path, tmp_path / "b", 10, urls)
+    resumed = run_fit(tmp_path, tmp_path / "b", 10, urls, grad_accum=grad_accum)
     assert resumed.step == straight.step == 10
     for ema in (True, False):
         wa, cfg_a, _ = load_model_weights(tmp_path / "a", ema=ema)
@@ -176,3 +177,37 @@ def test_after_step_hook_runs_each_step_and_its_state_resumes(tmp_path):
     resumed = Counter()
     run(resumed, 5)
     assert seen == [1, 2, 3, 4, 4, 5] and resumed.n == 5
+
+
+def mse(model, batch, step):
+    """A loss without randomness: micro-batches and the full batch see exactly the same function."""
+    x = batch / 20
+    return ((model(x) - x.sin()) ** 2).mean(), {"mse": torch.tensor(0.0)}
+
+
+def test_grad_accum_update_equals_one_step_on_the_full_batch(tmp_path):
+    urls = write_shards(tmp_path)
+
+    def train(out, grad_accum):
+        torch.manual_seed(0)
+        model, grads = Tiny(), []
+        cfg = TrainConfig(steps=3, batch_size=8, lr=1e-2, warmup_steps=1, checkpoint_every=3, grad_clip=None,
+                          grad_accum=grad_accum)
+        stream = EpochStream(urls, decode, batch_size=8 // grad_accum, seed=0, shuffle_buffer=5)
+        fit(model=model, loss_fn=mse, stream=stream, cfg=cfg, out_dir=tmp_path / out, model_config={},
+            device=torch.device("cpu"),
+            after_step=lambda batch, step: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()])) or {})
+        return load_model_weights(tmp_path / out, ema=False)[0], grads
+
+    (full, full_grads), (accum, accum_grads) = train("full", 1), train("accum", 2)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full_grads, accum_grads, strict=True))
+    assert all(torch.allclose(full[k], accum[k], atol=1e-5) for k in full)
+    assert not torch.equal(full_grads[0], full_grads[1])
+
+
+def test_a_batch_that_does_not_split_into_micro_batches_is_a_clear_error():
+    from tasks.trainer import start_rank
+
+    with pytest.raises(ValueError, match="multiple of 4"):
+        start_rank(TrainConfig(batch_size=6, grad_accum=4, device="cpu"), "dit")
+    assert start_rank(TrainConfig(batch_size=8, grad_accum=4, device="cpu"), "dit").world == 1

@@ -7,6 +7,7 @@ a discriminator) an `after_step(batch, step)` hook plus its state-carrying objec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, Any]]]  # (model, batch, step) -> loss, logs
 ValFn = Callable[[nn.Module, int, Any], dict[str, float]]  # (EMA module, step, writer) -> metrics
 AfterStep = Callable[[Any, int], dict[str, Any]]  # (batch, step taken) -> logs; e.g. a discriminator update
+Monitor = Callable[[nn.Module, int, Any], None]  # (EMA module, step taken, writer); rank 0; e.g. sample grids
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,15 +64,14 @@ class _State:
     metrics: dict[str, float] = field(default_factory=dict)
     last_good: Path | None = None
 
-    def state_dict(self) -> dict[str, Any]:
-        """The contents of a checkpoint's `state.pt`."""
+    def state_dict(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        """The contents of a checkpoint's `state.pt`; `ranks`: every rank's `_rank_states` entry."""
         return {
             "step": self.step,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "ema_n_averaged": self.ema.state_dict()["n_averaged"],
-            "stream": self.stream.state_dict(),
-            "rng": rng_state(),
+            "ranks": ranks,
             "extra": {k: v.state_dict() for k, v in self.extra.items()},
         }
 
@@ -132,7 +133,25 @@ def _due(step: int, every: int, total: int) -> bool:
     return step % every == 0 or step == total
 
 
-def _restore_or_seed(st: _State, ckpt: Path | None, seed: int, desc: str) -> None:
+def _rank_states(st: _State, world: int) -> list[dict[str, Any]]:
+    """Every rank's stream position and RNG state, in rank order (a collective under DDP)."""
+    mine = {"stream": st.stream.state_dict(), "rng": rng_state()}
+    if world == 1:
+        return [mine]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _restore_rank(st: _State, state: dict[str, Any], rank: int) -> None:
+    """This rank's stream position and RNG; a checkpoint of another world size restarts the stream's epoch."""
+    ranks = state.get("ranks") or [{"stream": state["stream"], "rng": state["rng"]}]  # before per-rank states
+    mine = ranks[min(rank, len(ranks) - 1)]
+    st.stream.load_state_dict(mine["stream"])  # logs and restarts the epoch if the split differs
+    set_rng_state(mine["rng"])
+
+
+def _restore_or_seed(st: _State, ckpt: Path | None, seed: int, desc: str, rank: int = 0) -> None:
     """Continue from checkpoint `ckpt` exactly (weights, optimiser, stream, RNG), or seed a fresh run."""
     if ckpt is None:
         seed_everything(seed)
@@ -143,20 +162,19 @@ def _restore_or_seed(st: _State, ckpt: Path | None, seed: int, desc: str) -> Non
     st.ema.load_state_dict({**st.ema.state_dict(), **ema_weights, "n_averaged": state["ema_n_averaged"]})
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
-    st.stream.load_state_dict(state["stream"])
     for name, obj in st.extra.items():
         obj.load_state_dict(state["extra"][name])
-    set_rng_state(state["rng"])
+    _restore_rank(st, state, rank)
     st.step, st.last_good = int(state["step"]), ckpt
     st.metrics = json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
     log.info("%s: resumed from %s (step %d)", desc, ckpt, st.step)
 
 
 def _wrap_model(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
-    """The module the loss runs: DDP across ranks, compiled on GPU when asked."""
+    """The module the loss runs: DDP across ranks, torch.compile'd (inductor, GPU or CPU) when asked."""
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile and device.type == "cuda":
+    if cfg.compile:
         model = torch.compile(model)
     return model
 
@@ -174,21 +192,47 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.stack(norms).norm() if norms else torch.zeros(())
 
 
-def _train_step(st: _State, train_model: nn.Module, loss_fn: LossFn, batch: Any, cfg: TrainConfig,
+def _no_sync(train_model: nn.Module, accumulating: bool) -> Any:
+    """DDP's no_sync() while accumulating: gradients are all-reduced on a step's last micro-batch only."""
+    ddp = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    if accumulating and isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def _mean_logs(logs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-micro-batch logs averaged (tensors stay on the device: no sync)."""
+    return logs[0] if len(logs) == 1 else {k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}
+
+
+def _train_step(st: _State, train_model: nn.Module, loss_fn: LossFn, batches: list[Any], cfg: TrainConfig,
                 device: torch.device, world: int, desc: str) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor | None]:
-    """One optimiser step: (loss, logs, clipped grad norm or None); stops every rank on a NaN/inf loss."""
-    with autocast(device):
-        loss, logs = loss_fn(train_model, batch, st.step)
-    finite = torch.isfinite(loss.detach()).float()
+    """One optimiser step over its micro-batches: (mean loss, mean logs, clipped grad norm or None).
+
+    Each micro-batch's loss is scaled by 1 / len(batches), so the accumulated gradient is the full
+    batch's. A NaN/inf loss on any micro-batch of any rank stops every rank before the update.
+    """
+    st.opt.zero_grad(set_to_none=True)
+    losses, logs = [], []
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with _no_sync(train_model, not last):
+            with autocast(device, cfg.precision):
+                loss, micro_logs = loss_fn(train_model, batch, st.step)
+            losses.append(loss.detach())
+            logs.append(micro_logs)
+            if not last:
+                (loss / len(batches)).backward()
+    loss_mean = torch.stack(losses).mean()
+    finite = torch.isfinite(torch.stack(losses)).all().float()
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() < 1:
         raise NonFiniteLossError(
-            f"{desc}: loss became {loss.item()} at step {st.step + 1}; stopped. "
+            f"{desc}: loss became {loss_mean.item()} at step {st.step + 1}; stopped. "
             f"Last good checkpoint: {st.last_good or 'none yet'}"
         )
-    st.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss / len(batches)).backward()
     grad_norm = None
     if cfg.grad_clip is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
@@ -196,7 +240,7 @@ def _train_step(st: _State, train_model: nn.Module, loss_fn: LossFn, batch: Any,
     st.sched.step()
     st.ema.update(st.model)
     st.step += 1
-    return loss, logs, grad_norm
+    return loss_mean, _mean_logs(logs), grad_norm
 
 
 def _log(st: _State, loss: torch.Tensor, logs: dict[str, Any], grad_norm: torch.Tensor | None,
@@ -211,11 +255,12 @@ def _log(st: _State, loss: torch.Tensor, logs: dict[str, Any], grad_norm: torch.
     st.metrics["loss"] = scalars["loss"]
 
 
-def _validate(st: _State, val_fn: ValFn | None, writer: Any, device: torch.device, rank: int, world: int) -> None:
+def _validate(st: _State, val_fn: ValFn | None, writer: Any, device: torch.device, rank: int, world: int,
+              precision: str = "auto") -> None:
     """Rank 0 scores the EMA model; every rank waits for it."""
     if rank == 0 and val_fn is not None:
         st.ema.module.eval()
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, precision):
             st.metrics.update(val_fn(st.ema.module, st.step, writer))
         for k, v in st.metrics.items():
             if k != "loss":
@@ -226,9 +271,10 @@ def _validate(st: _State, val_fn: ValFn | None, writer: Any, device: torch.devic
 
 def _save_checkpoint(st: _State, ckpts: Checkpoints, model_config: dict, desc: str, writer: Any,
                      rank: int, world: int, keep: int | None = None) -> None:
-    """Rank 0 writes `ckpt-<step>/`; every rank then points `last_good` at it."""
+    """Rank 0 writes `ckpt-<step>/` (with every rank's stream position and RNG); all point `last_good` at it."""
+    ranks = _rank_states(st, world)
     if rank == 0:
-        ckpts.save(st.step, model=st.model, ema=st.ema, config=model_config, state=st.state_dict(),
+        ckpts.save(st.step, model=st.model, ema=st.ema, config=model_config, state=st.state_dict(ranks),
                    meta={"metrics": st.metrics, "desc": desc})
         if keep:
             for gone in ckpts.prune(keep):
@@ -237,6 +283,20 @@ def _save_checkpoint(st: _State, ckpts: Checkpoints, model_config: dict, desc: s
     if world > 1:
         dist.barrier()
     st.last_good = ckpts.latest()
+
+
+def _log_batch(stream: EpochStream, cfg: TrainConfig, world: int, writer: Any, desc: str) -> None:
+    """The effective batch of one optimiser step, once at the start (log and TensorBoard text)."""
+    micro = getattr(stream, "batch_size", None)
+    if micro is None:
+        return
+    text = (f"effective batch {micro * cfg.grad_accum * world} = micro-batch {micro} x grad_accum "
+            f"{cfg.grad_accum} x {world} ranks")
+    log.info("%s: %s", desc, text)
+    writer.add_text("train/batch", text, 0)
+    if micro * cfg.grad_accum * world != cfg.batch_size:
+        log.warning("%s: the stream's micro-batches make an effective batch of %d, not train.batch_size %d",
+                    desc, micro * cfg.grad_accum * world, cfg.batch_size)
 
 
 def fit(
@@ -251,12 +311,16 @@ def fit(
     val_fn: ValFn | None = None,
     extra: dict[str, Any] | None = None,
     after_step: AfterStep | None = None,
+    monitor: Monitor | None = None,
     desc: str = "train",
 ) -> TrainResult:
     """Train `model` for `cfg.steps` optimizer steps, resuming from `out_dir/latest` if present.
 
     `extra`: objects with state_dict/load_state_dict saved in and restored from every checkpoint.
-    `after_step(batch, step)`: run after each optimiser step (its logs join the training scalars).
+    `after_step(batch, step)`: run after each optimiser step (its logs join the training scalars);
+    with `cfg.grad_accum` > 1 it sees the step's last micro-batch.
+    `monitor(ema_module, step, writer)`: rank 0, after each step's validation (e.g. sample grids); it
+    decides itself when it is due and must leave the RNG state as it found it.
     """
     out_dir = Path(out_dir)
     rank, world = _rank_world()
@@ -266,27 +330,32 @@ def fit(
     opt = make_optimizer(model, cfg, device)
     st = _State(model, ema, opt, make_scheduler(opt, cfg), stream, extra or {})
     ckpts = Checkpoints(out_dir)
-    _restore_or_seed(st, ckpts.latest(), cfg.seed + rank, desc)
+    _restore_or_seed(st, ckpts.latest(), cfg.seed + rank, desc, rank)
     if st.step >= cfg.steps:
         return st.result()
     train_model = _wrap_model(model, cfg, device, world)
     writer = _open_writer(out_dir) if rank == 0 else None
+    if rank == 0:
+        _log_batch(stream, cfg, world, writer, desc)
     progress = _Progress(desc, cfg.steps, st.step, enabled=rank == 0)
     batches: Iterator[Any] = iter(stream)
     logged = st.step
     model.train()
     try:
         while st.step < cfg.steps:
-            batch = _to_device(next(batches), device)
-            loss, logs, grad_norm = _train_step(st, train_model, loss_fn, batch, cfg, device, world, desc)
+            micro = [_to_device(next(batches), device) for _ in range(cfg.grad_accum)]
+            loss, logs, grad_norm = _train_step(st, train_model, loss_fn, micro, cfg, device, world, desc)
+            batch = micro[-1]
             if after_step is not None:
-                with autocast(device):
+                with autocast(device, cfg.precision):
                     logs = {**logs, **after_step(batch, st.step)}
             if rank == 0 and _due(st.step, cfg.log_every, cfg.steps):
                 _log(st, loss, logs, grad_norm, writer, progress, logged)
                 logged = st.step
             if _due(st.step, cfg.val_every, cfg.steps):
-                _validate(st, val_fn, writer, device, rank, world)
+                _validate(st, val_fn, writer, device, rank, world, cfg.precision)
+            if monitor is not None and rank == 0:
+                monitor(st.ema.module, st.step, writer)
             if _due(st.step, cfg.checkpoint_every, cfg.steps):
                 _save_checkpoint(st, ckpts, model_config, desc, writer, rank, world, cfg.keep_checkpoints)
     finally:

@@ -1,0 +1,160 @@
+"""Sample grids from the EMA weights while the DiT trains: TensorBoard `samples/grid` + a Prefect artifact.
+
+`SampleMonitor` is `fit`'s rank-0 `monitor`. It draws with a `Painter` whose DiT is the current EMA
+module, inside `torch.random.fork_rng` and with explicit per-seed generators, so a run with
+sampling on writes bit-identical checkpoints to one with it off, and resumes just the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from tagdit.config import PipelineConfig, SamplerConfig
+from tagdit.painter import Painter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = 4  # grid rows when dit.sample_prompts is empty
+CAPTION_POOL = 512  # val captions the default prompts are picked from
+
+
+def val_captions(latents_dir: Path, limit: int = CAPTION_POOL) -> list[dict]:
+    """The json of the first `limit` validation latents (their tags and scores)."""
+    import json
+
+    from webdataset.tariterators import tarfile_samples
+
+    from tagdit.formats.latent_shards import latent_shard_paths
+
+    metas = []
+    for raw in tarfile_samples({"url": str(u)} for u in latent_shard_paths(latents_dir, "val")):
+        metas.append(json.loads(raw["json"]))
+        if len(metas) == limit:
+            break
+    return metas
+
+
+def sample_prompts(cfg: PipelineConfig, vocab: Any, latents_dir: Path) -> list[list[str]]:
+    """The grid's rows: `dit.sample_prompts` parsed, or a few frequent val captions (fixed at start)."""
+    from tasks.evaluate import default_prompts
+
+    max_tags = cfg.dit.model.max_tags
+    if cfg.dit.sample_prompts:
+        prompts = []
+        for p in cfg.dit.sample_prompts:
+            known, unknown = vocab.parse_prompt(p)
+            if unknown:
+                log.warning("sample prompt %r: tags not in the vocabulary are left out: %s", p, unknown)
+            prompts.append(known[:max_tags])
+        return prompts
+    prompts = default_prompts([(None, m) for m in val_captions(latents_dir)], vocab, DEFAULT_PROMPTS, max_tags)
+    return prompts or [[]]  # no tagged val latents: one unconditional row
+
+
+def artifact_key(run_name: str) -> str:
+    """`tagdit-train-samples-<run>` with the run name reduced to what artifact keys allow."""
+    return "tagdit-train-samples-" + (re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-") or "run")
+
+
+def publish_artifact(grid: Image.Image, step: int, key: str) -> bool:
+    """The grid as a markdown artifact when inside a Prefect flow/task run; False outside one."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return False
+        from tagdit.grid import png_data_uri
+
+        create_markdown_artifact(key=key, markdown=f"# DiT samples, step {step}\n\n![samples]({png_data_uri(grid)})",
+                                 description=f"EMA samples at step {step}")
+        return True
+    except Exception as e:  # monitoring must never stop training
+        log.warning("could not publish the sample grid artifact: %s", e)
+        return False
+
+
+@dataclass
+class SampleMonitor:
+    """Every `every` steps (and at the last), a prompts x seeds grid from the EMA weights."""
+
+    painter: Painter  # VAE, vocabulary, latent stats, device; its `dit` is replaced by the EMA module
+    prompts: list[list[str]]
+    seeds: list[int]
+    sampler: SamplerConfig
+    cfg_scale: float
+    every: int
+    total: int
+    key: str  # Prefect artifact key
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def render(self, dit: Any) -> Image.Image:
+        """The grid (rows = prompts, columns = seeds); the global RNG state is left untouched."""
+        import torch
+
+        from tagdit.grid import render_grid
+
+        device = torch.device(self.painter.device)
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        was_training = dit.training
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            dit.eval()
+            try:
+                negs = [[] for _ in self.prompts]
+                images = replace(self.painter, dit=dit).draw(self.prompts, negs, self.sampler, self.cfg_scale,
+                                                             self.seeds)
+            finally:
+                dit.train(was_training)
+        n = len(self.prompts)
+        rows = [[images[s * n + i] for s in range(len(self.seeds))] for i in range(n)]  # seed-major -> rows
+        captions = [", ".join(p) or "(unconditional)" for p in self.prompts]
+        return render_grid(rows, captions, [f"seed {s}" for s in self.seeds])
+
+    def __call__(self, ema_module: Any, step: int, writer: Any) -> None:
+        if not self.due(step):
+            return
+        import numpy as np
+
+        try:
+            grid = self.render(ema_module)
+        except Exception:  # e.g. out of memory: a missing grid must not end a long run
+            log.exception("samples: no grid at step %d", step)
+            return
+        writer.add_image("samples/grid", np.asarray(grid), step, dataformats="HWC")
+        publish_artifact(grid, step, self.key)
+        log.info("samples: grid of %d prompts x %d seeds at step %d", len(self.prompts), len(self.seeds), step)
+
+
+def make_sample_monitor(cfg: PipelineConfig, vocab: Any, latents_dir: Path, vae_checkpoint: str | Path | None,
+                        device: Any) -> SampleMonitor | None:
+    """The monitor `dit.sample_every` asks for (None when off); loads the VAE onto `device`.
+
+    The VAE is the one the latents were encoded with (stats.json's `vae_checkpoint`) unless
+    `vae_checkpoint` names another; a missing one fails at start, not hours into training.
+    """
+    from models.vae import load_vae
+    from tagdit.formats.latent_shards import LatentStats
+
+    if cfg.dit.sample_every is None:
+        return None
+    stats = LatentStats.load(latents_dir)
+    where = vae_checkpoint or stats.vae_checkpoint
+    if not where or not Path(where).exists():
+        raise FileNotFoundError(f"dit.sample_every needs the VAE to decode samples, but {where!r} (from "
+                                f"{'the caller' if vae_checkpoint else Path(latents_dir) / 'stats.json'}) does not "
+                                "exist. Set dit.sample_every=null or restore that checkpoint.")
+    vae, ckpt = load_vae(where)
+    painter = Painter(dit=None, vae=vae.to(device), vocab=vocab, stats=stats, device=device,
+                      checkpoint=ckpt)  # the DiT drawn with is the live EMA module, passed per grid
+    return SampleMonitor(painter=painter, prompts=sample_prompts(cfg, vocab, latents_dir),
+                         seeds=list(cfg.dit.sample_seeds), sampler=SamplerConfig(name="train", steps=cfg.dit.sample_steps),
+                         cfg_scale=cfg.evaluate.cfg, every=cfg.dit.sample_every, total=cfg.dit.train.steps,
+                         key=artifact_key(cfg.run.name))

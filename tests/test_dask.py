@@ -1,0 +1,112 @@
+"""The data stages on a Dask LocalCluster of two worker processes write the same bytes as locally."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tagdit.chunks import chunk_runner, offload, run_units, unit_task
+from tagdit.config import ConfigError, PrefectConfig, load_config
+from tests.test_prepare_data import make_images, outputs, overrides
+
+DASK = ["prefect.task_runner=dask", "prefect.dask_workers=2"]
+
+
+@unit_task(name="where", run_name="where {i}")
+def where(i: int) -> tuple[bool, int]:
+    """(inside a Prefect task run?, pid of the process that did the work)."""
+    from prefect.context import TaskRunContext
+
+    return TaskRunContext.get() is not None, offload(os.getpid)
+
+
+def test_local_runner_runs_units_as_task_runs_on_forked_processes(prefect_env):
+    from prefect import flow
+
+    @flow
+    def units() -> list[tuple[bool, int]]:
+        with chunk_runner(PrefectConfig(), threads=2, processes=2) as runner:
+            return run_units(runner, where, [{"i": i} for i in range(6)], "units")
+
+    in_flow = units()
+    with chunk_runner(PrefectConfig(), threads=2, processes=2) as runner:  # a library call: no API
+        plain = run_units(runner, where, [{"i": i} for i in range(6)], "units")
+    for results, task_runs in ((in_flow, True), (plain, False)):
+        assert {r[0] for r in results} == {task_runs}
+        pids = {r[1] for r in results}
+        assert os.getpid() not in pids and 1 <= len(pids) <= 2
+
+
+def test_dask_without_the_extra_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # import fails
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[dask\]"'):
+        with chunk_runner(PrefectConfig(task_runner="dask")):
+            pass
+
+
+@pytest.fixture
+def dask_runners(monkeypatch):
+    """Every runner `chunk_runner` got from `dask_runner` (a spy)."""
+    import tagdit.chunks
+
+    made, real = [], tagdit.chunks.dask_runner
+    monkeypatch.setattr(tagdit.chunks, "dask_runner", lambda pc: made.append(real(pc)) or made[-1])
+    return made
+
+
+def vae_checkpoint(folder: Path) -> Path:
+    """A random-init tiny VAE saved as a checkpoint folder (raw == EMA)."""
+    from models.vae import build_vae
+    from tagdit.train.checkpoints import save_weights
+    from tests.model_fixtures import TINY_VAE
+
+    torch.manual_seed(0)
+    model = build_vae(TINY_VAE)
+    folder.mkdir(parents=True)
+    for name in ("model.safetensors", "ema.safetensors"):
+        save_weights(folder / name, model.state_dict(), TINY_VAE.model_dump(mode="json"))
+    (folder / "meta.json").write_text(json.dumps({"step": 1}))
+    return folder
+
+
+# A local Dask cluster per stage: about 90 s on 2 cores. One torch thread here, like a Dask worker
+# (its nanny sets OMP_NUM_THREADS=1): CPU convolutions round differently with other thread counts.
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_dask_cluster_writes_byte_identical_shards_and_latents(prefect_env, tmp_path, wd_model, dask_runners):
+    from prefect import flow
+
+    pytest.importorskip("prefect_dask")
+
+    import tasks.encode as enc
+    from flows.prepare_data import prepare_data_flow
+
+    src = make_images(tmp_path / "src", 25)
+    world = (src, wd_model)
+    local = [*overrides(tmp_path / "local", world), "crop.workers=2"]  # the forked process pool too
+    on_dask = [*overrides(tmp_path / "dask", world), *DASK]
+    a, b = prepare_data_flow(overrides=local), prepare_data_flow(overrides=on_dask)
+    assert [type(r).__name__ for r in dask_runners] == ["DaskTaskRunner"] * 2  # crop, tag
+    assert a.fingerprint == b.fingerprint and a.info["found"] == 26
+    want, got = outputs(tmp_path / "local" / "t"), outputs(tmp_path / "dask" / "t")
+    assert {"vocab.json", "manifest.parquet", "rejects.parquet", "tags.parquet"} <= set(want)
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+
+    ckpt, ds = vae_checkpoint(tmp_path / "vae"), tmp_path / "local" / "t"
+    settings = ["data.resolution=32", "latents.batch_size=4", "vae.train.device=cpu"]
+
+    @flow
+    def encode_both() -> tuple[Path, Path]:
+        for name, extra in (("lat-local", []), ("lat-dask", DASK)):
+            enc.encode_latents(load_config(None, [*settings, *extra]), ds, ckpt, tmp_path / name, "x")
+        return tmp_path / "lat-local", tmp_path / "lat-dask"
+
+    lat_local, lat_dask = encode_both()
+    assert len(dask_runners) == 3
+    tars = sorted(p.name for p in lat_local.glob("*.tar"))
+    assert tars and tars == sorted(p.name for p in lat_dask.glob("*.tar"))
+    for name in [*tars, "stats.json"]:
+        assert (lat_local / name).read_bytes() == (lat_dask / name).read_bytes(), name

@@ -1,0 +1,119 @@
+"""The sample command: plain text-to-image, img2img from an image file, seed/prompt interpolation."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flows import sample
+from tagdit.config import SamplerConfig
+from tagdit.painter import painter_for_run, read_image
+from tests.run_fixtures import sample_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = SamplerConfig(name="t", steps=3)
+
+
+def tiles(path, n, tile=64, pad=4, header=16):
+    """The n images of a one-row grid written by render_grid, as arrays."""
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    return [grid[header:header + tile, pad + j * (tile + pad):pad + j * (tile + pad) + tile] for j in range(n)]
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A 90x60 RGBA image with a transparent corner: centre-cropped and put on white for img2img."""
+    a = np.random.default_rng(0).integers(0, 255, (60, 90, 4), dtype=np.uint8)
+    a[..., 3] = 255
+    a[:10, :10, 3] = 0
+    path = tmp_path / "init.png"
+    Image.fromarray(a, "RGBA").save(path)
+    return path
+
+
+def test_sample_command_writes_images_and_reports_unknown_tags(tiny_run, tmp_path, caplog):
+    out = tmp_path / "out.png"
+    args = sample_args(tiny_run, "--prompt", "red hair, Smile, purple_cape", "--negative", "hat",
+                       "--cfg", "3", "--steps", "4", "--eta", "1", "--n", "2", "--out", str(out))
+    with caplog.at_level(logging.WARNING):
+        result = sample.main(args)
+    assert Image.open(out).size[0] >= 2 * 64
+    assert result["unknown_tags"] == ["purple_cape"] and "purple_cape" in caplog.text
+
+
+def test_strength_one_is_plain_sampling_with_the_same_seed(tiny_run, tmp_path, photo):
+    common = ["--prompt", "smile, hat", "--steps", "3", "--n", "2", "--seed", "5"]
+    sample.main(sample_args(tiny_run, *common, "--out", str(tmp_path / "plain.png")))
+    sample.main(sample_args(tiny_run, *common, "--init-image", str(photo), "--strength", "1",
+                            "--out", str(tmp_path / "i2i.png")))
+    plain, i2i = tiles(tmp_path / "plain.png", 2), tiles(tmp_path / "i2i.png", 2)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, i2i, strict=True))
+    assert not np.array_equal(plain[0], plain[1])  # each image its own noise
+
+
+def test_strength_zero_is_the_vae_round_trip_of_the_centre_crop(tiny_run, tmp_path, photo):
+    sample.main(sample_args(tiny_run, "--prompt", "smile", "--steps", "3", "--n", "1", "--init-image", str(photo),
+                            "--strength", "0", "--out", str(tmp_path / "s0.png")))
+    painter = painter_for_run(tiny_run)
+    z = painter.encode_image(read_image(photo.read_bytes()))
+    assert z.shape == (1, *painter.stats.latent_shape)
+    assert np.array_equal(tiles(tmp_path / "s0.png", 1)[0], np.asarray(painter.decode(z)[0]))
+
+
+def test_img2img_sees_only_the_centre_square_composited_on_white(tiny_run):
+    painter = painter_for_run(tiny_run)
+    rgb = np.random.default_rng(1).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((60, 90, 1), 255, np.uint8)], axis=2)
+    rgba[20:30, 40:50] = (7, 200, 9, 0)  # transparent: white, whatever its colour
+    rgb[20:30, 40:50] = 255
+    other = rgba.copy()
+    other[:, :8] = other[:, -8:] = 0  # well outside the centre 60x60 square (and the resize filter's reach)
+    z = [painter.encode_image(Image.fromarray(a)) for a in (rgb, rgba, other)]
+    assert painter.resolution == 64 and torch.equal(z[0], z[1]) and torch.equal(z[1], z[2])
+    rgb[30, 45] = 0
+    assert not torch.equal(painter.encode_image(Image.fromarray(rgb)), z[0])
+
+
+def test_interpolation_writes_a_strip_and_an_animation_whose_ends_are_the_plain_samples(tiny_run, tmp_path):
+    out = tmp_path / "interp.png"
+    result = sample.main(sample_args(tiny_run, "--prompt", "smile", "--interpolate-prompt", "red hair, hat",
+                                     "--interpolate-seeds", "3", "9", "--frames", "4", "--steps", "3",
+                                     "--out", str(out)))
+    frames = tiles(out, 4)
+    anim = Image.open(result["animation"])
+    assert result["animation"] == str(tmp_path / "interp.gif") and anim.n_frames == 4 + 2  # there and back
+    painter = painter_for_run(tiny_run)
+    ends = [painter.sample(painter.parse(p)[0], painter.parse("")[0], SamplerConfig(name="t", steps=3), 4.0, s, 1)[0]
+            for p, s in (("smile", 3), ("red hair, hat", 9))]
+    for got, want in ((frames[0], ends[0]), (frames[-1], ends[1])):
+        assert np.abs(got.astype(int) - np.asarray(want).astype(int)).max() <= 1
+    assert not np.array_equal(frames[1], frames[0]) and not np.array_equal(frames[1], frames[-1])
+
+
+def test_seed_only_interpolation_keeps_the_prompt(tiny_run, tmp_path):
+    out = tmp_path / "seeds.png"
+    sample.main(sample_args(tiny_run, "--prompt", "smile", "--interpolate-seeds", "0", "1", "--frames", "3",
+                            "--steps", "2", "--out", str(out)))
+    assert Image.open(out).size[0] == 3 * 68 + 4 and Image.open(tmp_path / "seeds.gif").n_frames == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init-image", "x.png", "--interpolate-seeds", "0", "1"], "cannot be combined"),
+    (["--init-image", "x.png", "--strength", "1.5"], "--strength must be in [0, 1]"),
+    (["--sampler", "dpmpp_2m", "--eta", "1"], "ddim sampler only"),
+    (["--interpolate-seeds", "0", "1", "--frames", "1"], "at least 2"),
+])
+def test_bad_flag_combinations_are_refused_with_a_message(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "smile", *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_an_unreadable_init_image_is_a_clear_error(tiny_run, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match="not a readable image"):
+        sample.main(sample_args(tiny_run, "--prompt", "smile", "--init-image", str(bad), "--out", str(tmp_path / "o.png")))

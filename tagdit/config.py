@@ -224,6 +224,9 @@ class EvaluateConfig(Section):
     ]
     metric_samples: int = Field(4, ge=1)  # generated images per prompt for tag fidelity
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torchvision's inception_v3_google-0cc3c7bd.pth for kid_inception; None = torch hub's cache if
+    # the file is there, else only kid_tagger is reported (never downloaded)
+    inception_weights: Path | None = None
 
 
 class DemoConfig(Section):

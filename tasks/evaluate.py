@@ -7,6 +7,7 @@ of resume) and `metrics.json`. The flow publishes them as a Prefect markdown art
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -28,23 +29,29 @@ from tagdit.stage import Stage, StageRecord, stage_cache_key
 log = logging.getLogger(__name__)
 
 
-def _tagger_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    """The tagger's resolved commit and file hashes (resolved once per process: no Hub request here)."""
+def _extra_inputs(cfg: PipelineConfig) -> dict[str, str]:
+    """The tagger's resolved commit and file hashes (resolved once per process: no Hub request here),
+    and the Inception-v3 weights' sha256 when they are found (they decide whether kid_inception exists)."""
+    from models.inception import find_inception_weights
+    from tagdit.stage import file_fingerprint
     from tagdit.tagger import resolve_tagger
 
-    return resolve_tagger(cfg.tagger).key_inputs()
+    inputs = resolve_tagger(cfg.tagger).key_inputs()
+    if (weights := find_inception_weights(cfg.evaluate.inception_weights)) is not None:
+        inputs["inception_v3"] = file_fingerprint(weights)
+    return inputs
 
 
 EVALUATE = Stage(
     name="evaluate",
     modules=("tasks.evaluate", "tagdit.painter", "tagdit.grid", "models.sampling", "models.diffusion", "models.dit",
-             "models.vae", "models.kid", "tagdit.vocab", "tagdit.tagger:TagResult", "tagdit.tagger:mcut_threshold",
-             "tagdit.tagger:select_tags",
+             "models.vae", "models.kid", "models.inception", "tagdit.vocab", "tagdit.tagger:TagResult",
+             "tagdit.tagger:mcut_threshold", "tagdit.tagger:select_tags",
              "tagdit.formats.image_shards", "tagdit.formats.latent_shards", "tagdit.formats.wd_image",
              "tagdit.formats.selected_tags", "tagdit.metrics"),
     sections=("evaluate", "tagger"),
     out_dir=lambda cfg, up: cfg.run_dir / "eval",
-    extra_inputs=_tagger_inputs,
+    extra_inputs=_extra_inputs,
 )
 
 
@@ -131,13 +138,46 @@ def draw_for_metrics(cfg: PipelineConfig, painter: Painter, conds: list[list[str
     return cond_imgs, uncond_imgs
 
 
+def _kid(real: np.ndarray, fake: np.ndarray) -> float | None:
+    """KID's mean (models.kid defaults), None when either set has fewer than 2 images."""
+    from models.kid import kid
+
+    return kid(real, fake, seed=0)[0] if len(real) > 1 and len(fake) > 1 else None
+
+
+@functools.cache
+def _inception_missing(where: Path) -> None:
+    """Say once per process why kid_inception is absent."""
+    log.info("evaluate: no Inception-v3 weights, so only kid_tagger is reported; for kid_inception put "
+             "torchvision's inception_v3_google-0cc3c7bd.pth at %s or set evaluate.inception_weights", where)
+
+
+def inception_kid(cfg: PipelineConfig, device: Any, reals: list[Image.Image],
+                  samples: dict[str, list[Image.Image]]) -> dict[str, float | None] | None:
+    """KID over Inception-v3 pool features of each sample set against the real images; None when no
+    weights are found (`evaluate.inception_weights`, else torch hub's cache: never downloaded)."""
+    from models.inception import (
+        find_inception_weights,
+        hub_cache_path,
+        inception_features,
+        load_inception,
+    )
+
+    path = find_inception_weights(cfg.evaluate.inception_weights)
+    if path is None:
+        _inception_missing(hub_cache_path())
+        return None
+    model = load_inception(path, device)
+    feat_real = inception_features(model, reals)  # (N, 2048)
+    return {name: _kid(feat_real, inception_features(model, imgs)) for name, imgs in samples.items()}
+
+
 def tag_fidelity(cfg: PipelineConfig, painter: Painter, tagger: Any, prompts: list[list[str]],
                  reals: list[tuple[Image.Image, dict]], recs: list[Image.Image]) -> dict[str, Any]:
     """Recall/precision of prompted tags for CFG samples, unconditional samples (the floor), real
     images (the ceiling: only those with an in-vocabulary tag) and their VAE reconstructions (the
-    ceiling any latent model can reach); KID over the tagger's score vectors against the real ones."""
-    from models.kid import kid
-
+    ceiling any latent model can reach); KID against the real images over the tagger's score vectors
+    (`kid_tagger`) and, when its weights are found, over Inception-v3 features (`kid_inception`)."""
     m = cfg.evaluate.metric_samples
     conds = [p for p in prompts for _ in range(m)]
     cond_imgs, uncond_imgs = draw_for_metrics(cfg, painter, conds)
@@ -160,10 +200,13 @@ def tag_fidelity(cfg: PipelineConfig, painter: Painter, tagger: Any, prompts: li
         "unconditional": fidelity(pred_uncond, conds),
         "real": fidelity([pred_real[i] for i in tagged], [real_caps[i] for i in tagged]),
         "reconstructed": fidelity([pred_rec[i] for i in tagged], [real_caps[i] for i in tagged]),
-        "kid_tagger": {name: kid(feat_real, feats, seed=0)[0] if len(feat_real) > 1 and len(feats) > 1 else None
-                       for name, feats in (("cfg", feat_cond), ("unconditional", feat_uncond))},
+        "kid_tagger": {"cfg": _kid(feat_real, feat_cond), "unconditional": _kid(feat_real, feat_uncond)},
         "per_prompt": per_prompt,
     }
+    kid_inception = inception_kid(cfg, painter.device, [im for im, _ in reals],
+                                  {"cfg": cond_imgs, "unconditional": uncond_imgs})
+    if kid_inception is not None:
+        out["kid_inception"] = kid_inception
     out["tag_recall_ratio"] = out["cfg"]["recall"] / max(out["real"]["recall"], 1e-9)
     return out
 
@@ -220,9 +263,10 @@ def log_to_tensorboard(cfg: PipelineConfig, grids: dict[str, str], metrics: dict
         for name, path in grids.items():
             writer.add_image(f"grid/{name}", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
         writer.add_scalar("eval/tag_recall_ratio", metrics["tag_recall_ratio"], step)
-        for name, value in metrics["kid_tagger"].items():
-            if value is not None:
-                writer.add_scalar(f"eval/kid_tagger_{name}", value, step)
+        for kind in ("kid_tagger", "kid_inception"):
+            for name, value in metrics.get(kind, {}).items():
+                if value is not None:
+                    writer.add_scalar(f"eval/{kind}_{name}", value, step)
 
 
 def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents: StageRecord,
@@ -260,7 +304,7 @@ def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents
     log_to_tensorboard(cfg, grids, metrics, dit_meta["step"])
     info = {"dir": str(out), "metrics": str(out / "metrics.json"), "grids": grids, "dit_checkpoint": ckpt.name,
             "tag_recall_ratio": metrics["tag_recall_ratio"], "vae_psnr_db": metrics["vae_psnr_db"],
-            "kid_tagger": metrics["kid_tagger"],
+            "kid_tagger": metrics["kid_tagger"], "kid_inception": metrics.get("kid_inception"),
             "recall": {k: metrics[k]["recall"] for k in ("cfg", "unconditional", "real", "reconstructed")}}
     return EVALUATE.write_stamp(cfg, upstream, [*(Path(g) for g in grids.values()), out / "metrics.json"], info)
 
@@ -289,9 +333,9 @@ def artifact_markdown(record: StageRecord) -> str:
                      ("real", "real validation images (ceiling)"),
                      ("reconstructed", "their VAE reconstructions (the VAE's ceiling)")):
         lines.append(f"| {label} | {m[k]['recall']:.3f} | {m[k]['precision']:.3f} |")
-    kid = m.get("kid_tagger", {})
+    kids = " · ".join(f"{kind} (CFG): {m[kind].get('cfg')}" for kind in ("kid_tagger", "kid_inception") if kind in m)
     lines += ["", f"**tag_recall_ratio** (CFG / real): {m['tag_recall_ratio']:.3f} · VAE PSNR: "
-              f"{m['vae_psnr_db']:.2f} dB · DiT val loss: {m['dit_val_loss']} · kid_tagger (CFG): {kid.get('cfg')}",
+              f"{m['vae_psnr_db']:.2f} dB · DiT val loss: {m['dit_val_loss']} · {kids}",
               "", "Full-size files (on the machine that ran the evaluation):"]
     lines += [f"- {name}: `{Path(p).resolve()}`" for name, p in m["grids"].items()]
     lines.append(f"- metrics: `{Path(record.info['metrics']).resolve()}`")
@@ -301,12 +345,12 @@ def artifact_markdown(record: StageRecord) -> str:
 def metrics_table(record: StageRecord) -> list[dict[str, Any]]:
     """The headline metrics as table rows (a Prefect table artifact with a stable key per run)."""
     m = json.loads(Path(record.info["metrics"]).read_text())
-    kid = m.get("kid_tagger", {})
     rows = [{"metric": "dit_checkpoint", "value": m["dit_checkpoint"]},
             {"metric": "tag_recall_ratio", "value": round(m["tag_recall_ratio"], 4)}]
     rows += [{"metric": f"recall_{k}", "value": round(m[k]["recall"], 4)}
              for k in ("cfg", "unconditional", "real", "reconstructed")]
-    rows += [{"metric": f"kid_tagger_{k}", "value": None if v is None else round(v, 5)} for k, v in kid.items()]
+    rows += [{"metric": f"{kind}_{k}", "value": None if v is None else round(v, 5)}
+             for kind in ("kid_tagger", "kid_inception") for k, v in m.get(kind, {}).items()]
     rows += [{"metric": "vae_psnr_db", "value": round(m["vae_psnr_db"], 3)},
              {"metric": "dit_val_loss", "value": m["dit_val_loss"]}]
     return rows

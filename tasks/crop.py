@@ -1,5 +1,9 @@
 """Crop stage: every decodable image under `data.source` -> a square RGB crop at the dataset size.
 
+Every file found becomes a row: a crop, or a reject with its reason (vector files, stray text,
+hidden files, undecodable images); a `name.txt` beside an image is that image's sidecar, not a file
+of its own. Hidden folders are not walked.
+
 Layers (webdataset style): `crop_image` (one file's bytes -> encoded crop, or a `Reject` with a
 reason) -> `process_chunk` (a chunk of files -> one parquet file, written atomically) -> `crop_stage`
 (lists the files, runs the missing chunks as `crop_chunk_task`s on the stage's task runner, see
@@ -33,8 +37,10 @@ from tagdit.stage import Stage, StageRecord, stage_cache_key, tree_fingerprint
 
 log = logging.getLogger(__name__)
 
-# Pillow's readable extensions, minus stubs, vector and video formats it cannot decode alone.
-_NOT_RASTER = {".eps", ".ps", ".mpeg", ".mpg", ".h5", ".hdf", ".bufr", ".grib", ".emf", ".wmf"}
+# Vector formats: rejected by name ("not a raster image"), never decoded.
+VECTOR_EXTS = frozenset({".svg", ".svgz", ".eps", ".epsf", ".epsi", ".ps", ".pdf", ".ai", ".emf", ".wmf"})
+# Pillow's readable extensions, minus vector formats and stubs (video, HDF, GRIB) it cannot decode alone.
+_NOT_RASTER = VECTOR_EXTS | {".mpeg", ".mpg", ".h5", ".hdf", ".bufr", ".grib"}
 Image.init()
 IMAGE_EXTS = frozenset(e for e, f in Image.EXTENSION.items() if f in Image.OPEN) - _NOT_RASTER
 CHUNK_SCHEMA = pa.schema([
@@ -80,22 +86,27 @@ def sample_key(rel: str) -> str:
     return f"{stem}-{sha256_text(rel)[:8]}"
 
 
-def list_images(source: Path) -> list[SourceFile]:
-    """Files under `source` with an image extension (any case), sorted; hidden files are skipped."""
-    found = []
+def list_sources(source: Path) -> tuple[list[SourceFile], int]:
+    """(every file under `source` but sidecars, sorted; the number of sidecars). Hidden folders are skipped.
+
+    A sidecar is `stem.txt` beside an image file `stem.<image extension>`; any other file, hidden
+    ones included, is listed so that the crop stage accounts for it (a crop or a reject).
+    """
+    found, sidecars = [], 0
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names = set(filenames)
+        stems = {os.path.splitext(fn)[0] for fn in filenames if _is_image_name(fn)}
         for fn in sorted(filenames):
             stem, ext = os.path.splitext(fn)
-            if ext.lower() not in IMAGE_EXTS or fn.startswith("."):
+            if ext == ".txt" and stem in stems:
+                sidecars += 1
                 continue
             p = Path(dirpath) / fn
             try:
                 st = p.stat()
             except OSError:  # dangling link: found, and rejected as unreadable later
                 st = p.lstat()
-            side = f"{stem}.txt" if f"{stem}.txt" in names else None
+            side = f"{stem}.txt" if _is_image_name(fn) and f"{stem}.txt" in filenames else None
             side_stamp = ""
             if side:
                 sst = (Path(dirpath) / side).stat()
@@ -103,7 +114,41 @@ def list_images(source: Path) -> list[SourceFile]:
             rel = p.relative_to(source).as_posix()
             side_rel = (Path(rel).parent / side).as_posix() if side else None
             found.append(SourceFile(rel, st.st_size, st.st_mtime_ns, side_rel, side_stamp))
-    return sorted(found, key=lambda f: f.rel)
+    return sorted(found, key=lambda f: f.rel), sidecars
+
+
+def _is_image_name(fn: str) -> bool:
+    return not fn.startswith(".") and os.path.splitext(fn)[1].lower() in IMAGE_EXTS
+
+
+def check_kind(path: Path) -> None:
+    """Reject what is not a raster image before reading it whole: hidden, vector and non-image files.
+
+    A file under an unusual extension that Pillow identifies from its header passes (and is decoded).
+    """
+    ext = path.suffix.lower()
+    if path.name.startswith("."):
+        raise Reject("hidden file")
+    if ext in VECTOR_EXTS:
+        raise Reject(f"not a raster image (vector format {ext})")
+    if ext in IMAGE_EXTS:
+        return
+    if ext == ".txt":
+        raise Reject("unreadable image: a .txt file with no image of the same name (not a sidecar)")
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below
+            raise Reject("unreadable: not a regular file")
+        if st.st_size == 0:
+            raise Reject("unreadable image: empty file")
+        with Image.open(path):  # reads the header only
+            return
+    except Image.DecompressionBombError:  # an image, and too big: the decode records why
+        return
+    except Image.UnidentifiedImageError:
+        raise Reject(f"unreadable image: not an image format Pillow can open ({ext or 'no extension'})") from None
+    except OSError as e:
+        raise Reject(f"unreadable image: {e.strerror or type(e).__name__}") from None
 
 
 def _decoded(data: bytes, p: CropParams) -> tuple[Image.Image, tuple[int, int]]:
@@ -175,6 +220,7 @@ def crop_row(source: Path, f: SourceFile, p: CropParams) -> dict:
     row = {"key": sample_key(f.rel), "source": f.rel, "ok": False, "reason": None, "sha256": None,
            "orig_size": None, "crop_box": None, "image": None, "sidecar": None}
     try:
+        check_kind(source / f.rel)
         data = _read_source(source / f.rel)
         row["sha256"] = hashlib.sha256(data).hexdigest()
         row["image"], row["orig_size"], row["crop_box"] = crop_image(data, p)
@@ -216,6 +262,7 @@ def _workers(n: int) -> int:
 
 CROP = Stage(
     name="crop",
+    version=2,  # 2: a row for every file found (non-images rejected with a reason), sidecars counted apart
     modules=("tasks.crop", "tagdit.formats.wd_image"),
     sections=("data.resolution", "crop.mode", "crop.min_size", "crop.max_pixels", "crop.chunk_size",
               "shards.image_format", "shards.jpeg_quality"),
@@ -237,11 +284,12 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
     if not source.is_dir():
         raise FileNotFoundError(f"data.source={str(source)!r} is not a folder")
     p, cs = CropParams.from_config(cfg), cfg.crop.chunk_size
-    files = list_images(source)
+    files, sidecars = list_sources(source)
     chunks = [files[i : i + cs] for i in range(0, len(files), cs)]
     dsts = [out / f"chunk-{i:06d}-{chunk_digest(c, p)}.parquet" for i, c in enumerate(chunks)]
     todo = [i for i, d in enumerate(dsts) if not d.exists()]
-    log.info("crop: %d images in %d chunks under %s; %d chunks to do", len(files), len(chunks), source, len(todo))
+    log.info("crop: %d files (+ %d sidecars) in %d chunks under %s; %d chunks to do", len(files), sidecars,
+             len(chunks), source, len(todo))
     if todo:
         workers = min(_workers(cfg.crop.workers), len(todo))
         params = [{"source": source, "files": chunks[i], "p": p, "dst": dsts[i]} for i in todo]
@@ -251,9 +299,10 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
         stale.unlink()
     meta = [pq.read_table(d, columns=["ok"]).column("ok").to_pylist() for d in dsts]
     ok = sum(sum(m) for m in meta)
-    info = {"found": len(files), "ok": ok, "rejected": len(files) - ok, "chunks": [d.name for d in dsts],
-            "source": str(source)}
-    log.info("crop: %d found, %d cropped, %d rejected", len(files), ok, len(files) - ok)
+    info = {"found": len(files), "sidecars": sidecars, "ok": ok, "rejected": len(files) - ok,
+            "chunks": [d.name for d in dsts], "source": str(source)}
+    log.info("crop: %d found = %d cropped + %d rejected (and %d sidecars)", len(files), ok, len(files) - ok,
+             sidecars)
     return CROP.write_stamp(cfg, {}, dsts, info)
 
 
@@ -261,5 +310,6 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
 def crop_task(cfg: PipelineConfig, force: bool = False) -> StageRecord:
     """Prefect task: square crops of every image under data.source."""
     rec = crop_stage(cfg, force=force)
-    get_run_logger().info("crop: %(found)d images found, %(ok)d cropped, %(rejected)d rejected", rec.info)
+    get_run_logger().info("crop: %(found)d files found = %(ok)d cropped + %(rejected)d rejected "
+                          "(and %(sidecars)d sidecars)", {"sidecars": 0, **rec.info})
     return rec

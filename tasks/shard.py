@@ -184,11 +184,12 @@ def _finalise(cfg, up, out, shards, stats, counts, progress_path) -> StageRecord
     found, sharded = crop.info["found"], counts["train"] + counts["val"]
     if found != sharded + len(rejects):
         raise RuntimeError(f"accounting broken: found {found} != sharded {sharded} + rejected {len(rejects)}")
-    log.info("shard: found %d = sharded %d (train %d, val %d in %d+%d shards) + rejected %d; vocab %d tags",
-             found, sharded, counts["train"], counts["val"], len(shards["train"]), len(shards["val"]),
-             len(rejects), len(vocab) - len(SPECIALS))
-    info = {"found": found, "sharded": sharded, "rejected": len(rejects), "n_train": counts["train"],
-            "n_val": counts["val"], "train_shards": shards["train"], "val_shards": shards["val"],
+    sidecars = crop.info.get("sidecars", 0)  # `name.txt` tag files: read with their image, not counted as found
+    log.info("shard: found %d = sharded %d (train %d, val %d in %d+%d shards) + rejected %d (and %d sidecars); "
+             "vocab %d tags", found, sharded, counts["train"], counts["val"], len(shards["train"]),
+             len(shards["val"]), len(rejects), sidecars, len(vocab) - len(SPECIALS))
+    info = {"found": found, "sharded": sharded, "rejected": len(rejects), "sidecars": sidecars,
+            "n_train": counts["train"], "n_val": counts["val"], "train_shards": shards["train"], "val_shards": shards["val"],
             "vocab_size": len(vocab), "image_format": cfg.shards.image_format, "images": str(images),
             "manifest": str(out / "manifest.parquet"), "vocab": str(out / "vocab.json")}
     files = shard_paths + [out / name for name in TABLES]
@@ -200,5 +201,6 @@ def shard_task(cfg: PipelineConfig, crop: StageRecord, tag: StageRecord, force: 
     """Prefect task: WebDataset shards + manifest, rejects, tag table and vocabulary."""
     rec = shard_stage(cfg, crop, tag, force=force)
     get_run_logger().info("shard: found %(found)d = sharded %(sharded)d (train %(n_train)d, val %(n_val)d) "
-                          "+ rejected %(rejected)d; vocabulary %(vocab_size)d ids", rec.info)
+                          "+ rejected %(rejected)d (and %(sidecars)d sidecars); vocabulary %(vocab_size)d ids",
+                          {"sidecars": 0, **rec.info})
     return rec

@@ -1,5 +1,9 @@
 """Tag stage: WD 1.4 tags for every crop, merged with sidecar `name.txt` tags; one file per chunk.
 
+The tagger sees each crop's square cut from the SOURCE file at the source's resolution (reduced by
+an integer factor only while it stays at least the tagger's size), never the small dataset-size crop:
+the tagger then applies its own recipe (white square, BICUBIC to 448 px).
+
 One tag chunk per crop chunk, named by a digest of the crop chunk's bytes, the tagger files and the
 tag settings: a killed run resumes at the first missing chunk, a changed crop chunk re-tags only
 itself. Each missing chunk is a `tag_chunk_task` on the stage's task runner (`tagdit.chunks`), with
@@ -9,9 +13,15 @@ score 1.0), categories, rating.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import math
 import shutil
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +33,7 @@ from tagdit.chunks import chunk_runner, run_units, unit_task
 from tagdit.config import PipelineConfig, TaggerConfig
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text
 from tagdit.formats.selected_tags import UNKNOWN, display_name
+from tagdit.formats.wd_image import WHITE, to_rgb_on_white
 from tagdit.stage import (
     Stage,
     StageRecord,
@@ -68,12 +79,76 @@ def _ok_rows(crop_chunk: Path, columns: list[str]) -> pa.Table:
     return pq.read_table(crop_chunk, columns=["ok", *columns]).filter(pc.field("ok"))
 
 
-def tag_chunk(tagger, crop_chunk: Path, dst: Path, tcfg: TaggerConfig) -> int:
-    """Tag one crop chunk into `dst` (atomic); returns the rows written."""
+_OPEN_LOCK = threading.Lock()  # Pillow's pixel limit is a global: the decode threads take turns to lift it
+
+
+def _open_unlimited(data: bytes):
+    """Image.open without Pillow's bomb check: the crop stage applied `crop.max_pixels` to these very bytes."""
     from PIL import Image
 
-    table = _ok_rows(crop_chunk, ["key", "sidecar", "image"])
-    images = (Image.open(io.BytesIO(b)) for b in table.column("image").to_pylist())
+    with _OPEN_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data))  # reads the header only; the check runs here
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int], min_side: int):
+    """The crop's square `box` (upright source pixels) cut from the source file, on white, as RGB.
+
+    Decoded at the source's resolution, reduced by an integer factor (JPEG DCT scaling, then
+    `Image.reduce`) only as far as the square keeps a side >= `min_side`. The pad mode's box reaches
+    past the image: the outside is white, as the crop stage pads.
+    """
+    from PIL import Image, ImageOps
+
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise RuntimeError(f"{path} changed since the crop stage read it: run the crop stage again")
+    (ow, oh), (left, top, right, _) = orig_size, box
+    side = right - left
+    k = max(1, side // min_side)  # any reduction by <= k keeps the side >= min_side
+    img = _open_unlimited(data)
+    if k > 1 and img.format == "JPEG":  # decodes at 1/2, 1/4 or 1/8 size, never below the request
+        img.draft(img.mode, (math.ceil(img.width / k), math.ceil(img.height / k)))
+    img = to_rgb_on_white(ImageOps.exif_transpose(img))
+    k2 = (side * img.width) // (ow * min_side)  # the further integer reduction that keeps side >= min_side
+    if k2 > 1:
+        img = img.reduce(k2)
+    fx, fy = img.width / ow, img.height / oh
+    x, y, s = round(left * fx), round(top * fy), max(1, round(side * fx))
+    if x >= 0 and y >= 0 and x + s <= img.width and y + s <= img.height:
+        return img.crop((x, y, x + s, y + s))
+    square = Image.new("RGB", (s, s), WHITE)
+    square.paste(img, (-x, -y))
+    return square
+
+
+def _in_order(fn: Callable, items: list, threads: int) -> Iterator:
+    """fn(item) for each item, in order, `threads` at a time (Pillow decodes without the GIL)."""
+    ahead = 2 * threads
+    with ThreadPoolExecutor(threads, thread_name_prefix="tag-decode") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def source_images(crop_chunk: Path, source: Path, min_side: int, threads: int) -> Iterator:
+    """The tagger's view of every cropped row of a crop chunk: its square cut from the source file."""
+    table = _ok_rows(crop_chunk, ["source", "sha256", "orig_size", "crop_box"]).to_pylist()
+    return _in_order(lambda r: source_square(source / r["source"], r["sha256"], r["orig_size"], r["crop_box"],
+                                             min_side), table, threads)
+
+
+def tag_chunk(tagger, crop_chunk: Path, dst: Path, tcfg: TaggerConfig, source: Path) -> int:
+    """Tag one crop chunk into `dst` (atomic), reading the sources under `source`; returns the rows written."""
+    table = _ok_rows(crop_chunk, ["key", "sidecar"])
+    images = source_images(crop_chunk, source, tagger.size, tagger.preprocess_threads)
     results = tagger.tag_images(images)  # batches never straddle chunks: a resumed run gets the same floats
     category = tagger.labels.category_of()
     rows = []
@@ -101,13 +176,14 @@ def loaded_tagger(tagger: ResolvedTagger, tcfg: TaggerConfig) -> WDTagger:
 
 
 @unit_task(name="tag-chunk", run_name="tag {dst.name}")
-def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig) -> int:
+def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig, source: Path) -> int:
     """One tag chunk, with this worker process's loaded tagger; returns the rows written."""
-    return tag_chunk(loaded_tagger(tagger, tcfg), crop_chunk, dst, tcfg)
+    return tag_chunk(loaded_tagger(tagger, tcfg), crop_chunk, dst, tcfg, source)
 
 
 TAG = Stage(
     name="tag",
+    version=2,  # 2: the tagger reads the source file's square, not the dataset-size crop
     modules=("tasks.tag", "tagdit.tagger", "tagdit.formats.selected_tags", "tagdit.formats.wd_image"),
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
               "tagger.sidecar"),
@@ -138,7 +214,7 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
     log.info("tag: %d chunks, %d to do", len(dsts), len(todo))
     if todo:
         params = [{"crop_chunk": crop_chunks[i], "dst": dsts[i], "tagger": resolve_tagger(cfg.tagger),
-                   "tcfg": cfg.tagger} for i in todo]
+                   "tcfg": cfg.tagger, "source": Path(crop.info["source"])} for i in todo]
         try:
             with chunk_runner(cfg.prefect) as runner:  # locally one chunk at a time: ONNX uses every core
                 run_units(runner, tag_chunk_task, params, "tag", unit_name="chunk")

@@ -1,6 +1,7 @@
 """Stage train_vae: image shards -> KL-VAE checkpoints (raw + EMA) in `<run>/vae/`.
 
-Loss `models.vae_loss` (`w_l1·L1 + w_perc·VGG19 perceptual + w_kl·KL`, every term a mean), trained
+Loss `models.vae_loss` (`w_l1·L1 + w_perc·VGG19 perceptual + w_kl·KL`, every term a mean; from
+`vae.disc_start` also a PatchGAN hinge term, its discriminator updated after each step), trained
 with `tagdit.train.loop.fit` on a resumable `EpochStream` of the image shards with a random
 horizontal flip seeded per sample. Validation: PSNR of the EMA model's reconstructions (from the
 posterior mean) on the val shards, plus a few reconstructions in TensorBoard. The stage skeleton
@@ -22,7 +23,7 @@ from tagdit.files import sha256_file
 from tagdit.formats.image_shards import decode_image, image_bytes, image_shards, read_samples
 from tagdit.metrics import psnr
 from tagdit.stage import Stage, StageRecord, stage_cache_key
-from tasks.trainer import TRAIN_MODULES, TrainerStage, epoch_stream, run_logger, start_rank
+from tasks.trainer import TRAIN_MODULES, Rank, TrainerStage, epoch_stream, run_logger, start_rank
 
 STAGE = Stage(
     name="train_vae",
@@ -42,10 +43,43 @@ def decode_train(raw: dict[str, Any], resolution: int):
     return decode_image(image_bytes(raw), resolution, flip)
 
 
-def vae_loss(model, x, step: int, *, criterion, last_layer=None):
-    """The VAE objective (`models.vae_loss.VAELoss`) on one batch x (B, 3, H, W) in [-1, 1]."""
+def vae_loss(model, x, step: int, *, criterion, last_layer=None, stash: dict | None = None):
+    """The VAE objective (`models.vae_loss.VAELoss`) on one batch x (B, 3, H, W) in [-1, 1].
+
+    `stash["recon"]` keeps the detached reconstruction for the discriminator step that follows.
+    """
     recon, mean, logvar = model(x)  # (B, 3, H, W), (B, z, h, w) x2
+    if stash is not None:
+        stash["recon"] = recon.detach()
     return criterion(x, recon, mean, logvar, step, last_layer=last_layer)
+
+
+def discriminator_step(criterion, r: Rank, lr: float, stash: dict):
+    """(extra, after_step) for `fit`: the PatchGAN, its AdamW (β 0.5/0.9, taming-transformers) and its update.
+
+    `after_step(x, step)` trains D on x and the generator step's stashed reconstruction, on the
+    same steps the generator's GAN term is on (`step` counts steps taken, so the generator's was step − 1).
+    Under DDP the update runs through a DDP wrapper sharing D's parameters, so every rank's D stays equal.
+    """
+    import torch
+
+    disc = criterion.discriminator
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
+    ddp_disc = None
+    if r.world > 1:
+        ddp_disc = torch.nn.parallel.DistributedDataParallel(
+            disc, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+
+    def after_step(x, step: int) -> dict[str, Any]:
+        if not criterion.disc_active(step - 1):
+            return {}
+        d_loss, logs = criterion.discriminator_loss(x, stash.pop("recon"), disc=ddp_disc)
+        d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_opt.step()
+        return logs
+
+    return {"disc": disc, "d_opt": d_opt}, after_step
 
 
 def load_val_images(dataset_dir: Path, resolution: int, limit: int = VAL_LIMIT):
@@ -94,8 +128,10 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
         run_logger().info("VAE: %.2fM parameters, f=%d, z=%d", count_parameters(model) / 1e6,
                           model.downsample_factor, cfg.vae.model.z_channels)
     criterion = build_vae_loss(cfg.vae).to(r.device)
-    if criterion.discriminator is not None:  # its step belongs in fit(after_step=..., extra=...)
-        raise NotImplementedError("vae.disc_start is set, but the trainer does not train the discriminator yet")
+    stash: dict[str, Any] = {}
+    extra, after_step = {}, None
+    if criterion.discriminator is not None:
+        extra, after_step = discriminator_step(criterion, r, tc.lr, stash)
     val_fn = None
     if r.is_main:
         val_images = load_val_images(dataset_dir, res)
@@ -103,9 +139,11 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
             val_fn = make_val_fn(val_images, tc.batch_size, r.device)
         else:
             run_logger().warning("no validation shards in %s: validation PSNR is off", dataset_dir)
-    return fit(model=model, loss_fn=partial(vae_loss, criterion=criterion, last_layer=model.last_layer),
-               stream=epoch_stream(urls, partial(decode_train, resolution=res), tc, r), cfg=tc, out_dir=out_dir,
-               model_config=cfg.vae.model.model_dump(mode="json"), device=r.device, val_fn=val_fn, desc="train_vae")
+    loss_fn = partial(vae_loss, criterion=criterion, last_layer=model.last_layer,
+                      stash=stash if after_step is not None else None)
+    return fit(model=model, loss_fn=loss_fn, stream=epoch_stream(urls, partial(decode_train, resolution=res), tc, r),
+               cfg=tc, out_dir=out_dir, model_config=cfg.vae.model.model_dump(mode="json"), device=r.device,
+               val_fn=val_fn, extra=extra, after_step=after_step, desc="train_vae")
 
 
 def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...] = ()) -> dict[str, Any]:

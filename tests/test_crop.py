@@ -8,7 +8,7 @@ from PIL import Image
 
 from tagdit.config import load_config
 from tasks.crop import CropParams, Reject, _decoded, crop_image, crop_stage, sample_key
-from tests.wd_fixture import BAD, GOOD
+from tests.wd_fixture import BAD, GOOD, OTHER
 
 
 def config(tmp_path, source, *extra):
@@ -30,9 +30,9 @@ def pixels(row) -> np.ndarray:
 def test_every_valid_kind_is_cropped_and_every_bad_input_rejected_with_reason(tmp_path, corpus):
     rec = crop_stage(config(tmp_path, corpus, "crop.chunk_size=4"))
     by_src = {r["source"]: r for r in rows(rec)}
-    assert rec.info["found"] == GOOD + BAD == len(by_src)
-    assert (rec.info["ok"], rec.info["rejected"]) == (GOOD, BAD)
-    assert "notes.txt" not in by_src and "red.txt" not in by_src
+    assert rec.info["found"] == GOOD + BAD + OTHER == len(by_src)
+    assert (rec.info["ok"], rec.info["rejected"], rec.info["sidecars"]) == (GOOD, BAD + OTHER, 1)
+    assert "red.txt" not in by_src  # red.jpg's sidecar
     reasons = {s: r["reason"] for s, r in by_src.items() if not r["ok"]}
     assert "empty" in reasons["empty.png"]
     assert "not a decodable image" in reasons["not_an_image.jpg"]
@@ -90,7 +90,7 @@ def test_sample_keys_are_stable_unique_and_webdataset_safe():
 def test_parallel_workers_write_the_same_chunks_as_one_process(tmp_path, corpus):
     one = crop_stage(config(tmp_path / "one", corpus, "crop.chunk_size=5"))
     two = crop_stage(config(tmp_path / "two", corpus, "crop.chunk_size=5", "crop.workers=2"))
-    assert one.info["chunks"] == two.info["chunks"] and len(one.info["chunks"]) == 4
+    assert one.info["chunks"] == two.info["chunks"] and len(one.info["chunks"]) == -(-(GOOD + BAD + OTHER) // 5)
     for c in one.info["chunks"]:
         assert open(f"{one.out_dir}/{c}", "rb").read() == open(f"{two.out_dir}/{c}", "rb").read()
     assert one.fingerprint == two.fingerprint
@@ -110,3 +110,41 @@ def test_changed_image_recomputes_only_its_chunk(tmp_path):
     changed = [a != b for a, b in zip(first.info["chunks"], second.info["chunks"], strict=True)]
     assert changed == [False, True, False] and second.fingerprint != first.fingerprint
     assert sorted(p.name for p in (tmp_path / "shards/t/work/crop").glob("chunk-*")) == sorted(second.info["chunks"])
+
+
+def test_every_file_found_is_a_crop_or_a_reject_with_its_reason(tmp_path, wd_model):
+    from tasks.shard import shard_stage
+    from tasks.tag import tag_stage
+
+    src = tmp_path / "awkward"
+    (src / "sub").mkdir(parents=True)
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # hidden folder: not walked
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(src / "a.png")
+    (src / "a.txt").write_text("smile\n")  # a's sidecar
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(src / "sub" / "photo", "PNG")  # a PNG without an extension
+    (src / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (src / "doc.pdf").write_bytes(b"%PDF-1.4\n%%EOF\n")
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "zero").write_bytes(b"")
+    (src / "notes.txt").write_text("no image called notes\n")
+    (src / "data.json").write_text("{}")
+    (src / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (src / "sub" / "layers.psd").write_bytes(b"8BPS not really a photoshop file")
+    cfg = config(tmp_path, src, f"tagger.path={wd_model}", "crop.chunk_size=3", "shards.val_fraction=0")
+    crop = crop_stage(cfg)
+    assert (crop.info["found"], crop.info["ok"], crop.info["rejected"], crop.info["sidecars"]) == (10, 2, 8, 1)
+    shards = shard_stage(cfg, crop, tag_stage(cfg, crop))
+    assert shards.info["found"] == 10 == shards.info["sharded"] + shards.info["rejected"]
+    reasons = {r["path"]: r["reason"] for r in pq.read_table(tmp_path / "shards/t/rejects.parquet").to_pylist()}
+    assert set(reasons) == {"logo.svg", "doc.pdf", "empty.jpg", "zero", "notes.txt", "data.json", ".DS_Store",
+                            "sub/layers.psd"}
+    assert reasons["logo.svg"].startswith("not a raster image") and reasons["doc.pdf"].startswith("not a raster image")
+    assert reasons["empty.jpg"] == "empty file" and reasons["zero"] == "unreadable image: empty file"
+    assert reasons["notes.txt"].startswith("unreadable image:") and "not a sidecar" in reasons["notes.txt"]
+    assert reasons["data.json"] == "unreadable image: not an image format Pillow can open (.json)"
+    assert reasons[".DS_Store"] == "hidden file"
+    assert "decode failed" in reasons["sub/layers.psd"] or "not a decodable image" in reasons["sub/layers.psd"]
+    manifest = pq.read_table(tmp_path / "shards/t/manifest.parquet").to_pylist()
+    assert sorted(r["source"] for r in manifest) == ["a.png", "sub/photo"]
+    assert "smile" in next(r for r in manifest if r["source"] == "a.png")["tags"]

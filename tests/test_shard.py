@@ -9,7 +9,7 @@ from tagdit.formats.image_shards import MTIME
 from tasks.crop import crop_stage
 from tasks.shard import TagStats, shard_stage, val_keys
 from tasks.tag import tag_stage
-from tests.wd_fixture import BAD, GOOD
+from tests.wd_fixture import BAD, GOOD, OTHER
 
 CONTRACT_KEYS = {"tags", "scores", "rating", "source", "orig_size", "crop_box", "sha256"}
 
@@ -30,7 +30,7 @@ def test_webdataset_reads_every_shard_back_and_accounting_holds(tmp_path, world)
 
     _, rec = run_all(tmp_path, world)
     out = Path(rec.out_dir)
-    assert rec.info["found"] == GOOD + BAD == rec.info["sharded"] + rec.info["rejected"]
+    assert rec.info["found"] == GOOD + BAD + OTHER == rec.info["sharded"] + rec.info["rejected"]
     names = rec.info["train_shards"] + rec.info["val_shards"]
     assert sorted(p.name for p in (out / "images").glob("*.tar")) == sorted(names)
     assert rec.info["val_shards"] == ["val-000000.tar"] and rec.info["train_shards"][0] == "train-000000.tar"
@@ -47,7 +47,7 @@ def test_webdataset_reads_every_shard_back_and_accounting_holds(tmp_path, world)
     assert sorted(m["key"] for m in manifest) == sorted(s["__key__"] for s in seen)
     assert all(m["shard"] in names and m["split"] == m["shard"][:-11] for m in manifest)
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
-    assert len(rejects) == BAD and all(r["stage"] == "crop" and r["reason"] for r in rejects)
+    assert len(rejects) == BAD + OTHER and all(r["stage"] == "crop" and r["reason"] for r in rejects)
     assert {r["path"] for r in rejects} >= {"empty.png", "truncated.jpg", "unreadable.jpg"}
     tags = {r["tag"]: r for r in pq.read_table(out / "tags.parquet").to_pylist()}
     assert tags["red"]["count"] == sum("red" in m["tags"] for m in manifest)

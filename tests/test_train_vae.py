@@ -117,3 +117,45 @@ def test_random_flip_is_drawn_from_the_sample_seed(dataset):
         flips.append(torch.equal(x, plain.flip(-1)))
         assert flips[-1] or torch.equal(x, plain)
     assert 0 < sum(flips) < 16
+
+
+DISC = ("vae.disc_start=2", "vae.disc_channels=8", "vae.disc_layers=2")
+
+
+def disc_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["extra"]
+
+
+def test_discriminator_trains_from_disc_start_and_not_before(tmp_path, dataset):
+    cfg = make_cfg(tmp_path, dataset, *DISC, "vae.train.steps=3", "vae.train.checkpoint_every=1")
+    tv.train_vae(cfg, dataset, tmp_path / "run")
+    s1, s2, s3 = (disc_state(tmp_path / "run" / f"ckpt-000000{i}") for i in (1, 2, 3))
+    assert s1["disc"].keys() == s3["disc"].keys()
+    assert all(torch.equal(s1["disc"][k], s2["disc"][k]) for k in s1["disc"])  # steps 1-2: untouched
+    assert not s2["d_opt"]["state"]  # never stepped
+    assert any(not torch.equal(s2["disc"][k], s3["disc"][k]) for k in s2["disc"])  # step 3 (index 2): trained
+    assert s3["d_opt"]["state"] and tuple(s3["d_opt"]["param_groups"][0]["betas"]) == (0.5, 0.9)
+
+
+def test_resume_after_the_discriminator_started_matches_an_uninterrupted_run(tmp_path, dataset, monkeypatch):
+    cfg = make_cfg(tmp_path, dataset, *DISC)
+    straight: list = []
+    recording_loss(monkeypatch, straight)
+    tv.train_vae(cfg, dataset, tmp_path / "a")
+
+    resumed: list = []
+    recording_loss(monkeypatch, resumed, stop_at=6)  # killed in step 7; resumes from ckpt-4 (D trained since 3)
+    with pytest.raises(Stop):
+        tv.train_vae(cfg, dataset, tmp_path / "b")
+    recording_loss(monkeypatch, resumed)
+    tv.train_vae(cfg, dataset, tmp_path / "b")
+
+    assert straight == resumed[:4] + resumed[6:]
+    a, b = tmp_path / "a" / "ckpt-0000008", tmp_path / "b" / "ckpt-0000008"
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_weights(a / name)[0], load_weights(b / name)[0]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    da, db = disc_state(a), disc_state(b)
+    assert all(torch.equal(da["disc"][k], db["disc"][k]) for k in da["disc"])
+    ea, eb = da["d_opt"]["state"], db["d_opt"]["state"]
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[i]["exp_avg"], eb[i]["exp_avg"]) for i in ea)

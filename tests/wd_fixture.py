@@ -76,6 +76,7 @@ def build_wd_model(folder: str | Path, size: int = 448, fixed_batch: int | None 
 
 GOOD = 13  # images make_corpus writes that must become samples
 BAD = 6  # images it writes that must be rejected
+OTHER = 3  # non-image files it writes, rejected too (red.txt is red.jpg's sidecar: not counted)
 
 
 def _jpeg_with_orientation(img, orientation: int) -> bytes:
@@ -132,7 +133,7 @@ def make_corpus(root: str | Path) -> Path:
     save("tiny.png", Image.new("RGB", (10, 10), (255, 0, 0)))
     save("bomb.png", Image.new("L", (1200, 1000), 0))  # > the 1e6-pixel limit the tests configure
     (root / "unreadable.jpg").symlink_to(root / "does-not-exist.jpg")  # root can read chmod 000 files
-    # not images: ignored, not counted
+    # not images: rejected with a reason (OTHER), except the sidecar red.txt
     (root / "notes.txt").write_text("not an image\n")
     (root / ".hidden.jpg").write_text("editor backup, hidden: skipped\n")
     (root / "labels.json").write_text("{}\n")

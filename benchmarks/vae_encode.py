@@ -4,9 +4,10 @@ Ours: `tasks.encode.encode_latents` over image shards (decoding in a thread pool
 encoding, image + mirrored image in one forward, latent shards written, scale factor measured).
 Baseline: for each image file, decode it with PIL, encode it alone, then its mirror alone — the
 same posteriors, no batching, no streaming, nothing written. Both use the demo config's VAE (random
-init: throughput does not depend on the weights) at the demo resolution.
+init: throughput does not depend on the weights) at the demo resolution. Rounds alternate between
+the two (each encodes every image once; ours into a fresh latent directory) and the median counts.
 
-    .venv/bin/python benchmarks/vae_encode.py [--n 1000]
+    .venv/bin/python benchmarks/vae_encode.py [--n 300] [--rounds 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -52,7 +55,9 @@ def baseline(files: list[Path], model, res: int, flip: bool) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=500, help="images")
+    ap.add_argument("--n", type=int, default=300, help="images")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -65,11 +70,14 @@ def main() -> None:
     from tagdit.formats.image_shards import image_shards
     from tasks.encode import encode_latents
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rates: dict[str, list[float]] = {"ours": [], "baseline": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cfg = load_config(args.config, [f"data.root={work}", "data.name=bench", "vae.train.device=cpu"])
         res = cfg.data.resolution
-        dataset = demo_world_shards(work / "bench", n=args.n, res=res, val_fraction=0.05, per_shard=250)
+        dataset = demo_world_shards(work / "bench", n=args.n, res=res, val_fraction=0.05, per_shard=150)
         files = []
         for shard in image_shards(dataset, "train") + image_shards(dataset, "val"):
             for raw in tarfile_samples([{"url": str(shard)}]):
@@ -80,19 +88,20 @@ def main() -> None:
         model = build_vae(cfg.vae.model).eval()
         ckpt = save_checkpoint(model, cfg.vae.model.model_dump(mode="json"), work / "vae" / "ckpt-0000000")
         baseline(files[:8], model, res, cfg.latents.flip)  # warm-up
+        for r in range(args.rounds):
+            t = time.perf_counter()
+            baseline(files, model, res, cfg.latents.flip)
+            rates["baseline"].append(len(files) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            stats = encode_latents(cfg, dataset, ckpt, work / f"latents-{r}", "bench")
+            rates["ours"].append(len(files) / (time.perf_counter() - t))
 
-        t = time.perf_counter()
-        baseline(files, model, res, cfg.latents.flip)
-        base_s = time.perf_counter() - t
-        t = time.perf_counter()
-        stats = encode_latents(cfg, dataset, ckpt, work / "latents", "bench")
-        ours_s = time.perf_counter() - t
-
-    n = len(files)
-    ours, base = n / ours_s, n / base_s
-    print(f"{n} images at {res} px, flip={cfg.latents.flip}, batch {cfg.latents.batch_size}, "
-          f"{torch.get_num_threads()} threads: encode stage {ours_s:.1f} s (latent shards + stats, "
-          f"scale factor {stats.scale_factor:.4f}), per-file loop {base_s:.1f} s")
+    ours, base = (statistics.median(rates[k]) for k in ("ours", "baseline"))
+    for k, v in rates.items():
+        print(f"{k}: {statistics.median(v):.1f} img/s (spread {min(v):.1f}-{max(v):.1f}, rounds {[round(x, 1) for x in v]})")
+    print(f"{len(files)} images at {res} px, flip={cfg.latents.flip}, batch {cfg.latents.batch_size}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; ours = encode stage "
+          f"(latent shards + stats, scale factor {stats.scale_factor:.4f}), baseline = per-file loop")
     print(f"RESULT vae_encode ours={ours:.1f} img/s baseline={base:.1f} ratio={ours / base:.2f}")
 
 

@@ -1,20 +1,15 @@
-"""The whole pipeline, as users run it: through a real Prefect server + worker, and killed mid-run."""
+"""The whole pipeline from the CLI, killed mid-training and re-run (deployments: tests/test_deployments.py)."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-
-from tests.prefect_server import PrefectServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests" / "pipeline.yaml"
@@ -32,57 +27,6 @@ def path_overrides(tmp: Path) -> list[str]:
         f"data.root={tmp}/shards",
         f"run.root={tmp}/runs",
     ]
-
-
-def api(server: PrefectServer, path: str, body: dict | None = None) -> dict | list:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/api{path}", data=data,
-                                 method="POST" if body is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def run_deployment(server: PrefectServer, overrides: list[str]) -> str:
-    """`prefect deployment run full-pipeline/demo --watch`; returns the flow run id."""
-    r = server.cli("deployment", "run", "full-pipeline/demo", "--param", f"config={CONFIG}",
-                   "--param", f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout", "600",
-                   cwd=ROOT, timeout=660)
-    assert "Completed" in r.stdout, r.stdout[-3000:]
-    return re.search(r"UUID: ([0-9a-f-]{36})", r.stdout).group(1)
-
-
-def test_deployment_runs_the_pipeline_then_hits_every_cache(tmp_path):
-    overrides = path_overrides(tmp_path)
-    with PrefectServer(tmp_path / "prefect") as server:
-        server.env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
-        server.cli("work-pool", "create", "tagdit", "--type", "process")
-        server.cli("concurrency-limit", "create", "gpu", "1")  # as the README sets it up
-        server.env["PWD"] = str(ROOT)  # prefect.yaml's pull step is `{{ $PWD }}` at deploy time
-        server.cli("--no-prompt", "deploy", "--all", cwd=ROOT)
-        server.spawn(["worker", "start", "--pool", "tagdit"], "worker.log")
-
-        first = run_deployment(server, overrides)
-        assert list((tmp_path / "shards/tiny/images").glob("train-*.tar"))
-        assert (tmp_path / "runs/tiny/vae/latest").is_file() and (tmp_path / "runs/tiny/dit/latest").is_file()
-        assert len(list((tmp_path / "runs/tiny/eval").glob("*/grid-*.png"))) == 2
-        metrics = json.loads(next((tmp_path / "runs/tiny/eval").glob("*/metrics.json")).read_text())
-        assert {"tag_recall_ratio", "cfg", "unconditional", "real", "reconstructed", "vae_psnr_db"} <= metrics.keys()
-        gpu_tasks = {r["name"].rsplit("-", 1)[0] for r in api(server, "/task_runs/filter", {
-            "flow_runs": {"id": {"any_": [first]}}, "task_runs": {"tags": {"all_": ["gpu"]}}})}
-        assert gpu_tasks == {"train_vae", "encode", "train_dit", "evaluate"}, gpu_tasks
-        artifacts = api(server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["tagdit-eval-tiny"]}}})
-        assert artifacts and "data:image/png;base64," in artifacts[0]["data"]
-
-        second = run_deployment(server, overrides)
-        assert second != first
-        runs = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [second]}}})
-        states = {r["name"]: r["state"]["name"] for r in runs}
-        assert len(runs) >= 8 and set(states.values()) == {"Cached"}, states
-
-        nightly = api(server, "/deployments/name/evaluate/nightly")
-        assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
-        assert nightly["schedules"][0]["active"] and nightly["parameters"]["nightly"] is True
 
 
 def cli_pipeline(tmp: Path, *extra: str) -> subprocess.Popen:

@@ -5,10 +5,11 @@ delete the other's live files). Each folder gets a global concurrency limit of 1
 (`tagdit-<folder name>-<hash of its absolute path>`, created on first use; see it in the UI under
 *Concurrency*). A second flow run waits for the slot and says in its log what it waits for.
 
-A holder file `<folder>/.tagdit-lock.json` names the flow run, host and process holding the slot.
-When a holder died without releasing (SIGKILL, a lost machine, an ephemeral server that went down
-with it), the slot is taken back: the holder's process is gone (same host) or its flow run is in a
-final state. Within one process the same folder may be locked again (nested stages): a no-op.
+A holder file beside the folder (`.<folder name>.tagdit-lock.json`, outside it so that a stage may
+move or delete its folder) names the flow run, host and process holding the slot. When a holder
+died without releasing (SIGKILL, a lost machine, an ephemeral server that went down with it), the
+slot is taken back: the holder's process is gone (same host), its flow run is in a final state, or
+no holder file has appeared for `ORPHAN_SECONDS` while the slot stays taken. Within one process the same folder may be locked again (nested stages): a no-op.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from tagdit.files import sha256_text, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-HOLDER_FILE = ".tagdit-lock.json"
+HOLDER_SUFFIX = ".tagdit-lock.json"
+ORPHAN_SECONDS = 30.0  # a taken slot with no holder file for this long has lost its holder
 POLL_SECONDS = 5.0  # how often a waiting flow run re-checks (and logs) the holder
 LEASE_SECONDS = 120  # a dead holder's slot expires after this, where the server keeps its lease
 _held = threading.local()  # names this thread holds (re-entry is a no-op)
@@ -54,9 +56,14 @@ def _ensure_limit(client: Any, name: str) -> None:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
+def holder_file(folder: Path) -> Path:
+    """Where the holder of `folder`'s slot is recorded (beside the folder, not in it)."""
+    return folder.parent / f".{folder.name}{HOLDER_SUFFIX}"
+
+
 def _holder(folder: Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / HOLDER_FILE).read_text())
+        return json.loads(holder_file(folder).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -104,12 +111,14 @@ def _wait_for_slot(client: Any, name: str, folder: Path, purpose: str) -> None:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
     started = time.monotonic()
+    orphan_since: float | None = None
     while True:
         limit = client.read_global_concurrency_limit_by_name(name)
         if limit.active_slots < limit.limit:
             return
         holder = _holder(folder)
-        if _holder_is_dead(client, holder):
+        orphan_since = (orphan_since or time.monotonic()) if not holder else None
+        if _holder_is_dead(client, holder) or (orphan_since and time.monotonic() - orphan_since > ORPHAN_SECONDS):
             log.warning("%s: the holder of %s (%s) is gone; taking its slot back", purpose, folder, holder)
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
             return
@@ -136,11 +145,11 @@ def exclusive(folder: str | Path, purpose: str = "tagdit") -> Iterator[None]:
         _ensure_limit(client, name)
         _wait_for_slot(client, name, folder, purpose)
     with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
-        write_json_atomic(folder / HOLDER_FILE, {"flow_run_id": _current_flow_run_id(), "host": socket.gethostname(),
+        write_json_atomic(holder_file(folder), {"flow_run_id": _current_flow_run_id(), "host": socket.gethostname(),
                                                  "pid": os.getpid(), "since": time.time(), "purpose": purpose})
         _held.names = held | {name}
         try:
             yield
         finally:
             _held.names = held
-            (folder / HOLDER_FILE).unlink(missing_ok=True)
+            holder_file(folder).unlink(missing_ok=True)

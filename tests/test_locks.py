@@ -6,7 +6,7 @@ import json
 import threading
 import time
 
-from tagdit.locks import HOLDER_FILE, exclusive, lock_name
+from tagdit.locks import exclusive, holder_file, lock_name
 
 
 def test_lock_names_are_stable_valid_prefect_names(tmp_path):
@@ -39,12 +39,12 @@ def test_a_second_holder_waits_until_the_first_releases(prefect_env, monkeypatch
     second.join(30)
     order = [e for e, _ in events]
     assert order == ["a in", "a out", "b in", "b out"]
-    assert not (folder / HOLDER_FILE).exists()
+    assert not holder_file(folder).exists()
 
 
 def test_the_same_folder_can_be_locked_again_inside_its_own_lock(prefect_env):
     with exclusive(prefect_env / "run", "outer"), exclusive(prefect_env / "run", "inner"):
-        assert json.loads((prefect_env / "run" / HOLDER_FILE).read_text())["purpose"] == "outer"
+        assert json.loads(holder_file(prefect_env / "run").read_text())["purpose"] == "outer"
 
 
 def test_a_dead_holders_slot_is_taken_back(prefect_env):
@@ -58,7 +58,7 @@ def test_a_dead_holders_slot_is_taken_back(prefect_env):
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active_slots=1))
     import socket
 
-    (folder / HOLDER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 17}))
+    holder_file(folder).write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 17}))
     done = threading.Event()
 
     def take() -> None:
@@ -80,3 +80,21 @@ def test_the_zombie_automation_is_created_once(prefect_env, capsys):
     assert "exists already" in capsys.readouterr().out
     auto = Automation.read(name=zombies.NAME)
     assert auto.trigger.within.total_seconds() == 135 and auto.actions[0].state.value == "CRASHED"
+
+
+def test_a_taken_slot_without_any_holder_is_taken_back(prefect_env, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    import tagdit.locks
+
+    monkeypatch.setattr(tagdit.locks, "POLL_SECONDS", 0.2)
+    monkeypatch.setattr(tagdit.locks, "ORPHAN_SECONDS", 1.0)
+    folder = prefect_env / "orphan"
+    with get_client(sync_client=True) as client:  # e.g. a holder file lost with a deleted folder
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock_name(folder), limit=1,
+                                                                            active_slots=1))
+    done = threading.Event()
+    t = threading.Thread(target=lambda: exclusive(folder, "x").__enter__() and None or done.set(), daemon=True)
+    t.start()
+    assert done.wait(30), "an orphaned slot was never taken back"

@@ -37,10 +37,15 @@ VAL_LIMIT = 512  # validation images kept in memory (uint8) for PSNR
 VAL_SHOW = 8  # reconstructions written to TensorBoard
 
 
-def decode_train(raw: dict[str, Any], resolution: int):
-    """Training example: the image with a horizontal flip drawn from the sample's own seed."""
-    flip = random.Random(raw.get("__seed__", 0)).random() < 0.5
-    return decode_image(image_bytes(raw), resolution, flip)
+def decode_train(raw: dict[str, Any], resolution: int, crop: int | None = None, f: int = 1):
+    """Training example: the image with a horizontal flip (and a `crop`-pixel square at a multiple of
+    f, when given) drawn from the sample's own seed."""
+    rng = random.Random(raw.get("__seed__", 0))
+    x = decode_image(image_bytes(raw), resolution, rng.random() < 0.5)  # (3, R, R)
+    if crop is None or crop >= resolution:
+        return x
+    i, j = (rng.randrange((resolution - crop) // f + 1) * f for _ in range(2))
+    return x[:, i : i + crop, j : j + crop].contiguous()  # (3, crop, crop)
 
 
 def vae_loss(model, x, step: int, *, criterion, last_layer=None, stash: dict | None = None):
@@ -141,7 +146,8 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
             run_logger().warning("no validation shards in %s: validation PSNR is off", dataset_dir)
     loss_fn = partial(vae_loss, criterion=criterion, last_layer=model.last_layer,
                       stash=stash if after_step is not None else None)
-    return fit(model=model, loss_fn=loss_fn, stream=epoch_stream(urls, partial(decode_train, resolution=res), tc, r),
+    decode = partial(decode_train, resolution=res, crop=cfg.vae.train_crop, f=model.downsample_factor)
+    return fit(model=model, loss_fn=loss_fn, stream=epoch_stream(urls, decode, tc, r),
                cfg=tc, out_dir=out_dir, model_config=cfg.vae.model.model_dump(mode="json"), device=r.device,
                val_fn=val_fn, extra=extra, after_step=after_step, desc="train_vae")
 

@@ -119,6 +119,38 @@ def test_random_flip_is_drawn_from_the_sample_seed(dataset):
     assert 0 < sum(flips) < 16
 
 
+def test_train_crop_is_a_seeded_window_on_the_latent_grid(dataset):
+    from webdataset.tariterators import tarfile_samples
+
+    from tagdit.formats.image_shards import image_shards
+
+    raw = next(iter(tarfile_samples([{"url": str(image_shards(dataset, "train")[0])}])))
+    corners = set()
+    for seed in range(24):
+        whole = tv.decode_train({**raw, "__seed__": seed}, 32)  # same flip as the crop below
+        x = tv.decode_train({**raw, "__seed__": seed}, 32, crop=16, f=4)
+        assert x.shape == (3, 16, 16)
+        assert torch.equal(x, tv.decode_train({**raw, "__seed__": seed}, 32, crop=16, f=4))
+        hits = [(i, j) for i in range(0, 17, 4) for j in range(0, 17, 4)
+                if torch.equal(x, whole[:, i : i + 16, j : j + 16])]
+        assert hits, "the crop is a window of the (flipped) image at a multiple of f"
+        corners.add(hits[0])
+    assert len(corners) > 3
+
+
+def test_train_crop_must_fit_the_latent_grid(tmp_path, dataset):
+    with pytest.raises(ValueError, match="multiple of the VAE's f"):
+        make_cfg(tmp_path, dataset, "vae.train_crop=12")  # TINY_VAE: f = 8
+
+
+def test_training_on_crops_validates_whole_images(tmp_path, dataset):
+    cfg = make_cfg(tmp_path, dataset, "vae.train_crop=16", "vae.train.steps=4")
+    rec = tv.train_vae_stage(cfg, shard_record(dataset))
+    assert rec.info["val_psnr"] > 0  # PSNR over whole 32 px validation images
+    model, _ = load_vae(Path(rec.info["checkpoint"]))
+    assert model(torch.zeros(1, 3, 32, 32), sample=False)[0].shape == (1, 3, 32, 32)
+
+
 DISC = ("vae.disc_start=2", "vae.disc_channels=8", "vae.disc_layers=2")
 
 

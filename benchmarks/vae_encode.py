@@ -1,13 +1,14 @@
 """Latent pre-encoding throughput: the encode stage vs a plain per-file loop, same model, same images.
 
 Ours: `tasks.encode.encode_latents` over image shards (decoding in a thread pool ahead of batched
-encoding, image + mirrored image in one forward, latent shards written, scale factor measured).
+encoding, image + mirrored image through the encoder in cache-sized chunks on a CPU, glibc's heap
+keeping freed activations, latent shards written, scale factor measured).
 Baseline: for each image file, decode it with PIL, encode it alone, then its mirror alone — the
 same posteriors, no batching, no streaming, nothing written. Both use the demo config's VAE (random
 init: throughput does not depend on the weights) at the demo resolution. Rounds alternate between
 the two (each encodes every image once; ours into a fresh latent directory) and the median counts.
 
-    .venv/bin/python benchmarks/vae_encode.py [--n 300] [--rounds 5] [--threads 1]
+    .venv/bin/python benchmarks/vae_encode.py [--n 300] [--rounds 5] [--threads 1] [--set latents.batch_size=16]
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -75,7 +77,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {"ours": [], "baseline": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cfg = load_config(args.config, [f"data.root={work}", "data.name=bench", "vae.train.device=cpu"])
+        cfg = load_config(args.config, [f"data.root={work}", "data.name=bench", "vae.train.device=cpu", *args.set])
         res = cfg.data.resolution
         dataset = demo_world_shards(work / "bench", n=args.n, res=res, val_fraction=0.05, per_shard=150)
         files = []
@@ -95,6 +97,7 @@ def main() -> None:
             t = time.perf_counter()
             stats = encode_latents(cfg, dataset, ckpt, work / f"latents-{r}", "bench")
             rates["ours"].append(len(files) / (time.perf_counter() - t))
+            print(f"round {r}: baseline {rates['baseline'][-1]:.1f} img/s, ours {rates['ours'][-1]:.1f} img/s", flush=True)
 
     ours, base = (statistics.median(rates[k]) for k in ("ours", "baseline"))
     for k, v in rates.items():

@@ -38,20 +38,39 @@ def reference_prepare(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(padded, dtype=np.float32)[:, :, ::-1]
 
 
-def test_preprocessing_matches_reference_wd_recipe():
+def recipe_images() -> list[Image.Image]:
+    """Alpha, RGB, tall, square, greyscale, a large one (down-scaled) and one already at 448."""
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (37, 61, 4), dtype=np.uint8)
-    images = [
+    return [
         Image.fromarray(rgba, "RGBA"),
         Image.fromarray(rgba[..., :3], "RGB"),
         Image.fromarray(rng.integers(0, 256, (80, 20, 3), dtype=np.uint8), "RGB"),
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB"),  # already square
         Image.fromarray(rgba[..., 0], "L"),
+        Image.fromarray(rng.integers(0, 256, (700, 530, 3), dtype=np.uint8), "RGB"),
+        Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8), "RGB"),
     ]
-    for img in images:
+
+
+def test_preprocessing_follows_the_reference_wd_recipe_within_two_levels():
+    for img in recipe_images():
         ours, ref = wd_preprocess(img, 448), reference_prepare(img, 448)
         assert ours.dtype == np.float32 and ours.shape == (448, 448, 3)
-        np.testing.assert_array_equal(ours, ref)
+        diff = np.abs(ours - ref)
+        assert diff.max() <= 2  # torch's antialiased bicubic vs Pillow's: rounding only
+        assert (diff > 0).mean() < 0.02
+        if img.size == (448, 448):
+            np.testing.assert_array_equal(ours, ref)  # no resize: identical
+
+
+def test_the_faster_resize_leaves_the_tags_alone(wd_model):
+    tagger = WDTagger.from_dir(wd_model)
+    images = recipe_images()
+    ours = tagger.predict(np.stack([wd_preprocess(img, 448) for img in images]))
+    ref = tagger.predict(np.stack([np.ascontiguousarray(reference_prepare(img, 448)) for img in images]))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-3)
+    assert [tagger.select_tags(p).tags for p in ours] == [tagger.select_tags(p).tags for p in ref]
 
 
 def test_tagger_reads_interface_from_session_and_tags_by_colour(wd_model):

@@ -71,9 +71,23 @@ def wd_square(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.BICUBIC) if img.width != size else img
 
 
+def resize_bicubic(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 through torch's antialiased bicubic (a = -0.5, as
+    Pillow's BICUBIC): ~3x faster than Pillow at 448 px, each pixel within 2 levels of Pillow's
+    (most identical; tests/test_tagger.py checks the tags do not move)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W), channels-last strides
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
+
+
 def wd_preprocess(img: Image.Image, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Reference WD input: (size, size, 3) float32 BGR 0-255, written into `out` when given."""
-    rgb = np.asarray(wd_square(img, size))  # (S, S, 3) uint8
+    """WD input: (size, size, 3) float32 BGR 0-255, written into `out` when given. The recipe of
+    `wd_square` with the resize of `resize_bicubic`."""
+    rgb = np.array(pad_square(to_rgb_on_white(img)))  # (s, s, 3) uint8, writable
+    if rgb.shape[0] != size:
+        rgb = resize_bicubic(rgb, size)  # (S, S, 3)
     if out is None:
         out = np.empty((size, size, 3), np.float32)
     for c in range(3):  # RGB -> BGR and uint8 -> float32; per channel is 5x faster than a reversed view

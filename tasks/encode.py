@@ -48,18 +48,6 @@ STAGE = Stage(
 )
 STATS_SEED = 0  # seed of the posterior samples behind the scale factor
 STATS_CHUNK = 256  # latents per variance update
-# On a CPU the encoder runs fastest when its widest activation stays cache-sized: the demo VAE encodes
-# batches of 8-16 at 64 px ~1.7x as fast per image as batches of 128 (benchmarks/vae_encode.py).
-CPU_ACTIVATION_BYTES = 8 << 20
-
-
-def forward_chunk(model, resolution: int, device) -> int | None:
-    """Images per encoder forward: on a CPU as many as keep the first level's activation (float32)
-    within CPU_ACTIVATION_BYTES (at least 1); elsewhere None = the whole batch at once."""
-    if device.type != "cpu":
-        return None
-    per_image = model.cfg.widths[0] * resolution * resolution * 4
-    return max(1, CPU_ACTIVATION_BYTES // per_image)
 
 
 def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2) -> Iterator[tuple[list[dict], Any]]:
@@ -88,29 +76,19 @@ def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int 
         yield g, torch.stack([f.result() for f in futures])
 
 
-def encode_in_chunks(model, x, chunk: int | None):
-    """model.encode(x), `chunk` images per forward (None: all at once): (mean, logvar)."""
-    import torch
-
-    if not chunk or chunk >= x.shape[0]:
-        return model.encode(x)
-    parts = [model.encode(c) for c in x.split(chunk)]
-    return tuple(torch.cat(t) for t in zip(*parts, strict=True))
-
-
 def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, batch_size: int, device, pool) -> int:
     """Encode one image shard into `dst` (written atomically); returns the number of samples."""
     import numpy as np
     import torch
     import webdataset as wds
 
-    n, chunk = 0, forward_chunk(model, resolution, device)
+    n = 0
     with atomic_path(dst) as tmp, wds.TarWriter(str(tmp), mtime=0) as w, torch.inference_mode():
         for raws, x in image_batches(src, resolution, batch_size, pool):
             x = x.to(device)  # (B, 3, R, R)
             if flip:
-                x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): both through the encoder
-            mean, logvar = encode_in_chunks(model, x, chunk)  # (B or 2B, z, h, w)
+                x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): one encode for both
+            mean, logvar = model.encode(x)  # (B or 2B, z, h, w); cache-sized chunks on a CPU
             mean = mean.float().cpu().numpy().astype(np.float16)
             logvar = logvar.float().cpu().numpy().astype(np.float16)
             for i, raw in enumerate(raws):

@@ -80,32 +80,12 @@ def test_without_flip_only_the_posterior_is_stored(tmp_path, dataset, vae_ckpt):
     assert {k for k in lat if not k.startswith("__")} == {"mean.npy", "logvar.npy", "json"}
 
 
-def test_cpu_forwards_keep_the_first_activation_cache_sized():
-    model = build_vae(TINY_VAE)  # 8 channels at full resolution: 8·R²·4 bytes per image
-    cpu = torch.device("cpu")
-    assert enc.forward_chunk(model, 64, cpu) == enc.CPU_ACTIVATION_BYTES // (8 * 64 * 64 * 4) == 64
-    assert enc.forward_chunk(model, 4096, cpu) == 1  # never less than one image
-    assert enc.forward_chunk(model, 64, torch.device("cuda")) is None  # a GPU takes the whole batch
-
-
 def test_the_cpu_heap_keeps_freed_activations_on_glibc():
     import platform
 
     from tagdit.train.devices import retain_cpu_heap
 
     assert retain_cpu_heap() is (platform.libc_ver()[0] == "glibc")
-
-
-def test_chunked_encoding_equals_one_forward():
-    torch.manual_seed(0)
-    model = build_vae(TINY_VAE).eval()
-    x = torch.randn(7, 3, 32, 32)
-    with torch.inference_mode():
-        whole = model.encode(x)
-        chunked = enc.encode_in_chunks(model, x, 3)  # 3 + 3 + 1
-    assert [t.shape for t in chunked] == [t.shape for t in whole]
-    for a, b in zip(chunked, whole, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_running_moments_are_exact_on_chunks_far_from_zero():

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
+import models.vae as vae_mod
 from models.vae import AttnBlock, AutoencoderKL, ResBlock, build_vae, load_vae
 from models.vae_loss import VAELoss
 from tagdit.config import VAE_PRESETS, VAEModelConfig
 from tagdit.train.checkpoints import count_parameters
+from tests.model_fixtures import TINY_VAE
 
 TINY = VAEModelConfig(widths=[8, 16, 16], blocks_per_level=1, up_blocks=1, groups=4, heads=2)
 SEED_PARAMETERS = 32_591_703  # the seed's KL-VAE, counted from its layer list below
@@ -133,3 +135,30 @@ def test_a_few_dozen_steps_cut_the_loss_sharply_and_use_the_latent():
         recon, _, _ = model(x, sample=False)
     ignore_latent = (x - x.median(0).values).abs().mean()  # best L1 of a decoder that ignores z
     assert (recon - x).abs().mean() < 0.6 * ignore_latent
+
+
+def test_cpu_inference_runs_in_cache_sized_chunks():
+    model = build_vae(TINY_VAE)  # 8 channels at full resolution: 8·H·W·4 bytes per image
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        assert model.images_per_forward(64 * 64, cpu) == vae_mod.CPU_ACTIVATION_BYTES // (8 * 64 * 64 * 4)
+        assert model.images_per_forward(4096 * 4096, cpu) == 1  # never less than one image
+        assert model.images_per_forward(64 * 64, torch.device("cuda")) is None  # a GPU takes the batch
+    assert model.images_per_forward(64 * 64, cpu) is None  # training: one forward
+
+
+def test_chunked_inference_equals_one_forward(monkeypatch):
+    torch.manual_seed(0)
+    model = build_vae(TINY_VAE).eval()
+    x = torch.randn(7, 3, 32, 32)
+    whole = [t.detach() for t in model.encode(x)]  # autograd on: one forward
+    z = whole[0]
+    image = model.decode(z).detach()
+    monkeypatch.setattr(vae_mod, "CPU_ACTIVATION_BYTES", 3 * 8 * 32 * 32 * 4)  # 3 images per forward
+    with torch.no_grad():
+        assert model.images_per_forward(32 * 32, x.device) == 3
+        chunked = model.encode(x)  # 3 + 3 + 1
+        chunked_image = model.decode(z)
+    assert chunked_image.is_contiguous()
+    for a, b in zip([*chunked, chunked_image], [*whole, image], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

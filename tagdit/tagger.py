@@ -217,12 +217,15 @@ class WDTagger:
 
         self.model_path, self.tags_csv = Path(model_path), Path(tags_csv)
         self.labels = TagLabels.from_csv(tags_csv)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (all cores)
-        opts.log_severity_level = 3
-        # no busy-waiting between runs: the preprocessing thread needs those cycles (docs/design.md §6)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = list(providers or default_providers())
+        # On a CPU, `runs` single-threaded runs at once (one per core by default) instead of one run
+        # split over the cores: no run waits for a thread whose core is preprocessing (docs/design.md §6)
+        self.runs = (threads or os.cpu_count() or 1) if providers == ["CPUExecutionProvider"] else 1
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1 if self.runs > 1 else threads  # 0 = onnxruntime's default (all cores)
+        opts.log_severity_level = 3
+        # no busy-waiting between runs: the preprocessing threads need those cycles
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
         if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in self.session.get_providers():
             log.warning("tagger: onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries missing or "
@@ -307,12 +310,30 @@ class WDTagger:
     def probabilities(self, images: Iterable[Image.Image | object]) -> Iterator[np.ndarray]:
         """(T,) probabilities per image; the next batches are preprocessed (in a thread pool) while
         this one runs, so a fixed-batch-1 model on a GPU is not starved by one preprocessing core.
+        On a CPU `runs` batches run at once, each on one thread; results keep the input order.
 
         A `BATCH_END` item closes the current batch early: results can differ in the last float
         bits with batch composition, so callers that need reproducible bytes pin batches to units.
         """
-        for batch in prefetch(self._batches(images), depth=2, name="wd-batches"):
-            yield from self.predict(batch)
+        batches = prefetch(self._batches(images), depth=2, name="wd-batches")
+        if self.runs == 1:
+            for batch in batches:
+                yield from self.predict(batch)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.runs, thread_name_prefix="wd-run") as pool:  # session.run is thread-safe
+            pending: deque = deque()
+            try:
+                for batch in batches:
+                    pending.append(pool.submit(self.predict, batch))
+                    while len(pending) > self.runs:
+                        yield from pending.popleft().result()
+                while pending:
+                    yield from pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
     def tag_images(self, images: Iterable[Image.Image | object]) -> Iterator[TagResult]:
         """TagResult per image, in input order."""

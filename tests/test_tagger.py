@@ -102,6 +102,18 @@ def test_fixed_batch_model_gives_same_probabilities(tmp_path, wd_model):
     np.testing.assert_allclose(fixed.predict(batch), a, rtol=0, atol=1e-4)
 
 
+def test_concurrent_cpu_runs_keep_the_input_order(wd_model):
+    one = WDTagger.from_dir(wd_model, batch_size=2, threads=1, providers=["CPUExecutionProvider"])
+    three = WDTagger.from_dir(wd_model, batch_size=2, threads=3, providers=["CPUExecutionProvider"])
+    assert (one.runs, three.runs) == (1, 3)
+    rng = np.random.default_rng(2)
+    imgs = [Image.new("RGB", (30 + i, 40), tuple(int(c) for c in rng.integers(0, 256, 3))) for i in range(11)]
+    a = np.stack(list(one.probabilities(imgs)))  # (11, T)
+    b = np.stack(list(three.probabilities(imgs)))  # 6 batches, 3 at a time
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    assert len({tuple(np.round(p, 4)) for p in a}) > 5  # the images differ, so an order mix-up would show
+
+
 def test_select_tags_thresholds_are_strict_and_character_threshold_separate():
     labels = TagLabels(["general", "sensitive", "questionable", "explicit", "a", "b", "char"],
                        np.array([9, 9, 9, 9, 0, 0, 4]))

@@ -216,6 +216,9 @@ class SamplerConfig(Section):
     sampler: Literal["ddim", "dpmpp_2m"] = "ddim"  # generalised DDIM, or DPM-Solver++(2M) (deterministic)
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0)  # DDIM only: 0 = DDIM, 1 = DDPM-like
+    # also report the tag recall of this sampler's CFG samples (same prompts and seeds) next to the
+    # first sampler's, which always has it: e.g. DPM-Solver++(2M) at 20 steps against DDIM at 50
+    recall: bool = False
 
     @model_validator(mode="after")
     def _eta_is_ddims(self) -> SamplerConfig:

@@ -125,17 +125,33 @@ def tagger_reads(tagger: Any, images: list[Image.Image]) -> tuple[list[list[str]
     return [tagger.select_tags(p).tags for p in probs], np.stack(probs) if probs else np.zeros((0, 0))
 
 
-def draw_for_metrics(cfg: PipelineConfig, painter: Painter, conds: list[list[str]]) -> tuple[list, list]:
-    """(CFG samples, unconditional samples): one each per prompt row, in bounded batches."""
-    sampler = cfg.evaluate.samplers[0]
+def draw_for_metrics(cfg: PipelineConfig, painter: Painter, conds: list[list[str]],
+                     sampler: SamplerConfig | None = None, unconditional: bool = True) -> tuple[list, list]:
+    """(CFG samples, unconditional samples): one each per prompt row, in bounded batches, by
+    `sampler` (default: the first); the unconditional list is empty when not asked for."""
+    sampler = sampler or cfg.evaluate.samplers[0]
     cond_imgs, uncond_imgs = [], []
-    for start in range(0, len(conds), 32):  # each batch holds k CFG rows + k null rows
+    for start in range(0, len(conds), 32):  # each batch holds k CFG rows (+ k null rows)
         chunk = conds[start:start + 32]
         k = len(chunk)
-        imgs = painter.draw(chunk + [[]] * k, [[]] * (2 * k), sampler, cfg.evaluate.cfg, seeds=1000 + start)
+        rows = chunk + [[]] * k if unconditional else chunk
+        imgs = painter.draw(rows, [[]] * len(rows), sampler, cfg.evaluate.cfg, seeds=1000 + start)
         cond_imgs += imgs[:k]
         uncond_imgs += imgs[k:]
     return cond_imgs, uncond_imgs
+
+
+def sampler_recall(cfg: PipelineConfig, painter: Painter, tagger: Any, conds: list[list[str]],
+                   first: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Tag fidelity of the CFG samples per sampler: the first sampler's (`first`, already measured)
+    and every other one with `recall: true`, drawn for the same prompt rows and seeds."""
+    samplers = cfg.evaluate.samplers
+    out = {samplers[0].name: {"sampler": samplers[0].sampler, "steps": samplers[0].steps, **first}}
+    for s in samplers[1:]:
+        if s.recall:
+            imgs, _ = draw_for_metrics(cfg, painter, conds, s, unconditional=False)
+            out[s.name] = {"sampler": s.sampler, "steps": s.steps, **fidelity(tagger_reads(tagger, imgs)[0], conds)}
+    return out
 
 
 def _kid(real: np.ndarray, fake: np.ndarray) -> float | None:
@@ -203,6 +219,7 @@ def tag_fidelity(cfg: PipelineConfig, painter: Painter, tagger: Any, prompts: li
         "kid_tagger": {"cfg": _kid(feat_real, feat_cond), "unconditional": _kid(feat_real, feat_uncond)},
         "per_prompt": per_prompt,
     }
+    out["sampler_recall"] = sampler_recall(cfg, painter, tagger, conds, out["cfg"])
     kid_inception = inception_kid(cfg, painter.device, [im for im, _ in reals],
                                   {"cfg": cond_imgs, "unconditional": uncond_imgs})
     if kid_inception is not None:
@@ -263,6 +280,8 @@ def log_to_tensorboard(cfg: PipelineConfig, grids: dict[str, str], metrics: dict
         for name, path in grids.items():
             writer.add_image(f"grid/{name}", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
         writer.add_scalar("eval/tag_recall_ratio", metrics["tag_recall_ratio"], step)
+        for name, r in metrics.get("sampler_recall", {}).items():
+            writer.add_scalar(f"eval/recall_cfg_{name}", r["recall"], step)
         for kind in ("kid_tagger", "kid_inception"):
             for name, value in metrics.get(kind, {}).items():
                 if value is not None:
@@ -305,7 +324,8 @@ def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents
     info = {"dir": str(out), "metrics": str(out / "metrics.json"), "grids": grids, "dit_checkpoint": ckpt.name,
             "tag_recall_ratio": metrics["tag_recall_ratio"], "vae_psnr_db": metrics["vae_psnr_db"],
             "kid_tagger": metrics["kid_tagger"], "kid_inception": metrics.get("kid_inception"),
-            "recall": {k: metrics[k]["recall"] for k in ("cfg", "unconditional", "real", "reconstructed")}}
+            "recall": {k: metrics[k]["recall"] for k in ("cfg", "unconditional", "real", "reconstructed")},
+            "sampler_recall": {name: r["recall"] for name, r in metrics["sampler_recall"].items()}}
     return EVALUATE.write_stamp(cfg, upstream, [*(Path(g) for g in grids.values()), out / "metrics.json"], info)
 
 
@@ -333,6 +353,9 @@ def artifact_markdown(record: StageRecord) -> str:
                      ("real", "real validation images (ceiling)"),
                      ("reconstructed", "their VAE reconstructions (the VAE's ceiling)")):
         lines.append(f"| {label} | {m[k]['recall']:.3f} | {m[k]['precision']:.3f} |")
+    for name, r in list(m.get("sampler_recall", {}).items())[1:]:
+        lines.append(f"| CFG {m['cfg_scale']} samples ({name}: {r['sampler']}, {r['steps']} steps) "
+                     f"| {r['recall']:.3f} | {r['precision']:.3f} |")
     kids = " · ".join(f"{kind} (CFG): {m[kind].get('cfg')}" for kind in ("kid_tagger", "kid_inception") if kind in m)
     lines += ["", f"**tag_recall_ratio** (CFG / real): {m['tag_recall_ratio']:.3f} · VAE PSNR: "
               f"{m['vae_psnr_db']:.2f} dB · DiT val loss: {m['dit_val_loss']} · {kids}",
@@ -349,6 +372,8 @@ def metrics_table(record: StageRecord) -> list[dict[str, Any]]:
             {"metric": "tag_recall_ratio", "value": round(m["tag_recall_ratio"], 4)}]
     rows += [{"metric": f"recall_{k}", "value": round(m[k]["recall"], 4)}
              for k in ("cfg", "unconditional", "real", "reconstructed")]
+    rows += [{"metric": f"recall_cfg_{name}", "value": round(r["recall"], 4)}
+             for name, r in m.get("sampler_recall", {}).items()]
     rows += [{"metric": f"{kind}_{k}", "value": None if v is None else round(v, 5)}
              for kind in ("kid_tagger", "kid_inception") for k, v in m.get(kind, {}).items()]
     rows += [{"metric": "vae_psnr_db", "value": round(m["vae_psnr_db"], 3)},

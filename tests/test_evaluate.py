@@ -77,6 +77,13 @@ def test_artifacts_have_the_grid_the_metrics_and_paths_but_no_file_links(tmp_pat
     md = artifact_markdown(record)
     assert "data:image/png;base64," in md
     assert md.count("| 0.500 | 0.600 |") == 4
+    metrics["sampler_recall"] = {"ddim50": {"sampler": "ddim", "steps": 50, **row},
+                                 "dpmpp20": {"sampler": "dpmpp_2m", "steps": 20, "recall": 0.25, "precision": 0.5}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert "| CFG 4.0 samples (dpmpp20: dpmpp_2m, 20 steps) | 0.250 | 0.500 |" in artifact_markdown(record)
+    table = {row["metric"]: row["value"] for row in metrics_table(record)}
+    assert table["recall_cfg_ddim50"] == 0.5 and table["recall_cfg_dpmpp20"] == 0.25
+    md = artifact_markdown(record)
     assert str(grid.resolve()) in md and "file://" not in md and "tag_recall_ratio" in md
     table = {row["metric"]: row["value"] for row in metrics_table(record)}
     assert table["dit_checkpoint"] == "ckpt-0000010" and table["tag_recall_ratio"] == 0.9
@@ -112,6 +119,31 @@ class ColourTagger:
 
     def select_tags(self, p):
         return SimpleNamespace(tags=["red"] if p[0] > p[1] + 0.2 else [])
+
+
+class SamplerPainter(NoisePainter):
+    """Red for prompted rows, except with the sampler named `grey` (grey for every row)."""
+
+    def draw(self, conds, negs, sampler, cfg_scale, seeds):
+        imgs = super().draw(conds, negs, sampler, cfg_scale, seeds)
+        rng = np.random.default_rng(seeds)
+        return [noise_image(rng, (128, 128, 128)) for _ in conds] if sampler.name == "grey" else imgs
+
+
+def test_each_sampler_asked_for_reports_the_recall_of_its_cfg_samples(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception weights
+    samplers = ('evaluate.samplers=[{name: ddim50}, {name: ddpm, eta: 1.0}, '
+                '{name: dpmpp20, sampler: dpmpp_2m, steps: 20, recall: true}, {name: grey, recall: true}]')
+    cfg = load_config(None, ["evaluate.metric_samples=3", samplers])
+    rng = np.random.default_rng(0)
+    reals = [(noise_image(rng, (200, 40, 40)), {"tags": ["red"]}) for _ in range(3)]
+    got = tag_fidelity(cfg, SamplerPainter(Vocab([*SPECIALS, "red"])), ColourTagger(), [["red"]], reals,
+                       [im for im, _ in reals])
+    by = got["sampler_recall"]
+    assert list(by) == ["ddim50", "dpmpp20", "grey"]  # the first always; ddpm was not asked for
+    assert by["ddim50"]["recall"] == got["cfg"]["recall"] == 1.0
+    assert (by["dpmpp20"]["sampler"], by["dpmpp20"]["steps"], by["dpmpp20"]["recall"]) == ("dpmpp_2m", 20, 1.0)
+    assert by["grey"]["recall"] == 0.0 and by["grey"]["n"] == 3
 
 
 def live_inception() -> InceptionV3:

@@ -1,4 +1,5 @@
-"""Device choice and numeric precision: CUDA under torchrun, TF32, bf16 autocast (GPU, or CPU on request)."""
+"""Device choice and numeric precision: CUDA under torchrun, TF32, bf16 autocast (GPU, or CPU on request);
+on a CPU, a heap that keeps freed activation memory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+CPU_MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
+CPU_TRIM_THRESHOLD = 1 << 30
+
 
 def select_device(pref: str = "auto") -> torch.device:
     """`auto` picks CUDA when present; under torchrun each rank takes its LOCAL_RANK GPU."""
@@ -19,13 +26,6 @@ def select_device(pref: str = "auto") -> torch.device:
             raise RuntimeError("device 'cuda' was requested but CUDA is not available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-log = logging.getLogger(__name__)
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-CPU_MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
-CPU_TRIM_THRESHOLD = 1 << 30
 
 
 def configure_backends(device: torch.device) -> None:

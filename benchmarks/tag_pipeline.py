@@ -1,8 +1,9 @@
 """Tag stage throughput vs a bare onnxruntime `session.run` loop on ready-made inputs, same model.
 
-Ours: the whole tag stage on 64 px crops (parquet read, PNG decode, WD preprocessing in a
-background thread overlapped with inference, tag selection, parquet write). Baseline: the same
-model's `session.run` over already-preprocessed batches of the same size. Model: the demo tagger
+Ours: the whole tag stage on 512 source images of 96 px (parquet read, each crop's square read and
+decoded from its source file, WD preprocessing in a thread pool overlapped with inference, one
+single-threaded onnxruntime run per core, tag selection, parquet write). Baseline: the same model in
+a default session (every core per run) over already-preprocessed batches of the same size. Model: the demo tagger
 (shards/demo-tagger) when built, else the demo tagger's architecture untrained (same compute),
 else the tests' tiny WD-interface model.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -163,16 +164,32 @@ def test_two_experiments_on_one_dataset_keep_to_their_own_folders(deployed):
     assert not list((tmp / "runs").glob("*.superseded-*"))
 
 
+def waiting_logs(server: PrefectServer, ids: list[str]) -> list[str]:
+    logs = api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": ids}}})
+    return [log["message"] for log in logs if "waiting for exclusive access" in log["message"]]
+
+
 def test_two_prepare_data_runs_at_once_give_the_single_runs_shards(deployed):
     server, tmp = deployed
     twin = path_overrides(tmp) + ["data.name=twin"]
-    ids = [start(server, "prepare-data/default", twin) for _ in range(2)]
+    # hold the dataset folder's slot until a run says it waits, so the runs surely meet the lock
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from tagdit.locks import exclusive\n"
+         f"with exclusive({str(tmp / 'shards/twin')!r}, 'test'):\n    print('held', flush=True); sys.stdin.read()"],
+        env=server.env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        ids = [start(server, "prepare-data/default", twin) for _ in range(2)]
+        deadline = time.time() + 300
+        while not waiting_logs(server, ids) and time.time() < deadline:
+            time.sleep(1)
+    finally:
+        holder.communicate("", timeout=60)
     assert [wait(server, i) for i in ids] == ["Completed", "Completed"]
     for name in ("images/train-000000.tar", "images/val-000000.tar", "manifest.parquet", "tags.parquet",
                  "vocab.json"):
         assert (tmp / "shards/twin" / name).read_bytes() == (tmp / "shards/tiny" / name).read_bytes(), name
-    logs = api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": ids}}})
-    assert any("waiting for exclusive access" in log["message"] for log in logs)
+    assert waiting_logs(server, ids)
 
 
 def rank_processes(out_dir: Path) -> list[str]:

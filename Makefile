@@ -26,9 +26,14 @@ $(VENV)/.bench: $(VENV)/.installed
 demo: venv
 	$(PY) -m flows.full_pipeline --config configs/demo.yaml
 
-# The whole test suite (CPU, no network). CI runs exactly this.
+# Another CPU's numerics on this one: MKL, oneDNN and ATen held to SSE4.2-era kernels.
+OTHER_ISA = MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 ATEN_CPU_CAPABILITY=default
+
+# The whole test suite (CPU, no network), then the float-sensitive tests once more under another
+# instruction set (~2 min). CI runs exactly this.
 test: venv
 	$(PY) -m pytest -q
+	$(OTHER_ISA) $(PY) -m pytest -q -m "numerics and not slow"
 
 # Every benchmark script; each ends with a RESULT line.
 bench: $(VENV)/.bench

@@ -14,6 +14,7 @@ from tagdit.stage import StageRecord
 from tagdit.train.checkpoints import load_weights
 from tests.latent_fixtures import write_latent_fixture
 from tests.model_fixtures import random_dit
+from tests.numerics import assert_close_to_scale
 
 
 def batch():
@@ -53,7 +54,7 @@ def test_ddp_gloo_two_processes_match_single_process_gradients(tmp_path):
     x_t, t, tags, eps = batch()
     eps_loss(single(x_t, t, tags), eps).backward()
     ddp_grads = torch.load(tmp_path / "g.pt", weights_only=True)
-    assert torch.allclose(ddp_grads, grads(single), rtol=1e-4, atol=1e-6)
+    assert_close_to_scale(ddp_grads, grads(single))  # all-reduced halves vs one batch
     assert grads(single).abs().sum() > 0
 
 
@@ -186,7 +187,8 @@ def test_ddp_with_grad_accum_matches_one_process_on_the_same_global_batch(ddp_ru
     ddp, one = load_model_weights(ddp_runs / "accum", ema=False)[0], load_model_weights(tmp_path / "one", ema=False)[0]
     torch.manual_seed(0)
     start = Tiny().state_dict()
-    assert all(torch.allclose(ddp[k], one[k], atol=1e-5) for k in one)
+    for k in one:
+        assert_close_to_scale(ddp[k], one[k])
     assert not all(torch.allclose(one[k], start[k]) for k in one)  # it trained
 
 

@@ -11,6 +11,7 @@ from models.interpolate import (
 )
 from models.sampling import encode_prompts, sample_latents
 from tests.model_fixtures import random_dit
+from tests.numerics import assert_close_to_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,6 +70,6 @@ def test_interpolation_end_frames_are_the_two_prompts_samples():
     for frame, tags, seed in ((frames[0], tags_a, 0), (frames[-1], tags_b, 1)):
         ref = sample_latents(model, tags[None], null[None], alpha_bar=ab, shape=(1, 4, 8, 8), steps=4,
                              sampler="dpmpp_2m", scale=3.0, generator=torch.Generator().manual_seed(seed))
-        assert torch.allclose(frame, ref[0], atol=1e-5)
+        assert_close_to_scale(frame, ref[0])  # batch of 3 vs batch of 1: other GEMM kernels
     y_a, _ = encode_prompts(model, tags_a[None], null[None])
     assert not torch.allclose(frames[1], frames[0], atol=1e-2) and y_a.shape == (1, 32)

@@ -11,6 +11,7 @@ from tagdit.train.checkpoints import Checkpoints, load_model_weights
 from tagdit.train.loop import NonFiniteLossError, fit
 from tagdit.train.optim import lr_factor
 from tagdit.train.stream import EpochStream
+from tests.numerics import assert_close_to_scale
 
 
 def write_shards(root, n_shards=3, per_shard=7):
@@ -200,8 +201,10 @@ def test_grad_accum_update_equals_one_step_on_the_full_batch(tmp_path):
         return load_model_weights(tmp_path / out, ema=False)[0], grads
 
     (full, full_grads), (accum, accum_grads) = train("full", 1), train("accum", 2)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full_grads, accum_grads, strict=True))
-    assert all(torch.allclose(full[k], accum[k], atol=1e-5) for k in full)
+    for a, b in zip(full_grads, accum_grads, strict=True):
+        assert_close_to_scale(b, a)  # two half-batch sums vs one: another summation order
+    for k in full:
+        assert_close_to_scale(accum[k], full[k])
     assert not torch.equal(full_grads[0], full_grads[1])
 
 

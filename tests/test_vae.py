@@ -7,6 +7,7 @@ from models.vae_loss import VAELoss
 from tagdit.config import VAE_PRESETS, VAEModelConfig
 from tagdit.train.checkpoints import count_parameters
 from tests.model_fixtures import TINY_VAE
+from tests.numerics import assert_close_to_scale
 
 TINY = VAEModelConfig(widths=[8, 16, 16], blocks_per_level=1, up_blocks=1, groups=4, heads=2)
 SEED_PARAMETERS = 32_591_703  # the seed's KL-VAE, counted from its layer list below
@@ -161,4 +162,4 @@ def test_chunked_inference_equals_one_forward(monkeypatch):
         chunked_image = model.decode(z)
     assert chunked_image.is_contiguous()
     for a, b in zip([*chunked, chunked_image], [*whole, image], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close_to_scale(a, b)  # batches of 3 vs 7: other kernels

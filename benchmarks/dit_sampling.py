@@ -7,7 +7,7 @@ tag embeddings once per sampling run (they do not depend on x_t or t); the peer 
 labels per step.
 
     python benchmarks/dit_sampling.py                                     # demo preset, CPU, fp32
-    python benchmarks/dit_sampling.py --preset seed-260m --device cuda --dtype bf16
+    python benchmarks/dit_sampling.py --preset original-264m --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from models.dit import DiT
 from models.sampling import sample_latents
 from tagdit.config import DIT_PRESETS
 
-LATENT = {"demo": 16, "seed-260m": 32}  # demo: 64 px at f = 4, seed: 256 px at f = 8
+LATENT = {"demo": 16, "original-264m": 32}  # demo: 64 px at f = 4, seed: 256 px at f = 8
 NULL_CLASS = 1000  # diffusers' DiT keeps one extra label embedding for the unconditional branch
 
 

@@ -3,16 +3,16 @@
 Same width/depth/heads/patch/tokens/MLP ratio, same batch, dtype and optimiser, same run. The peer is
 class-conditioned (its design); ours also runs its tag encoder on every step. Rounds alternate
 between the two models, each lasts at least `--min-round` seconds, and the median round counts,
-so background load hits both alike. Sizes (`--size`, default both demo and seed256):
+so background load hits both alike. Sizes (`--size`, default both demo and original256):
 
 - demo: the demo preset, 16x16x4 latents, patch 4 -> 16 tokens (RESULT dit_train_step);
-- seed256: the seed's token count (32x32 latents, patch 2 -> 256 tokens) at a CPU-sized width,
+- original256: the original's token count (32x32 latents, patch 2 -> 256 tokens) at a CPU-sized width,
   384 wide, 6 deep, 6 heads, MLP 2 (RESULT dit_train_step_256);
-- seed-260m: the seed's model itself, for GPUs (RESULT dit_train_step_260m).
+- original-264m: the original's model itself, for GPUs (RESULT dit_train_step_260m).
 
-    python benchmarks/dit_train_step.py                                   # demo + seed256, CPU, fp32
+    python benchmarks/dit_train_step.py                                   # demo + original256, CPU, fp32
     python benchmarks/dit_train_step.py --size demo --compile             # both models torch.compile'd
-    python benchmarks/dit_train_step.py --size seed-260m --device cuda --dtype bf16
+    python benchmarks/dit_train_step.py --size original-264m --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from models.dit import DiT
 from tagdit.config import DIT_PRESETS, DiTModelConfig, TrainConfig
-from tagdit.train.checkpoints import count_parameters
+from tagdit.formats.checkpoints import count_parameters
 from tagdit.train.optim import make_optimizer
 
 
@@ -45,10 +45,10 @@ class Size:
 
 SIZES = {
     "demo": Size(DIT_PRESETS["demo"], 16, 64, 64, "dit_train_step"),  # 64 px at f = 4
-    # the seed's 256 tokens (256 px at f = 8, patch 2) at a width a CPU trains in seconds per step
-    "seed256": Size(DiTModelConfig(patch=2, width=384, depth=6, heads=6, tag_heads=6, mlp_ratio=2.0, dropout=0.0,
+    # the original's 256 tokens (256 px at f = 8, patch 2) at a width a CPU trains in seconds per step
+    "original256": Size(DiTModelConfig(patch=2, width=384, depth=6, heads=6, tag_heads=6, mlp_ratio=2.0, dropout=0.0,
                                    max_tags=16), 32, 8, 32, "dit_train_step_256"),
-    "seed-260m": Size(DIT_PRESETS["seed-260m"], 32, 4, 32, "dit_train_step_260m"),
+    "original-264m": Size(DIT_PRESETS["original-264m"], 32, 4, 32, "dit_train_step_260m"),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense TFLOP/s
 
@@ -194,10 +194,10 @@ def bench_size(size_name: str, a: argparse.Namespace, device: torch.device) -> N
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="both", choices=["both", *SIZES], help="both = demo + seed256")
+    p.add_argument("--size", default="both", choices=["both", *SIZES], help="both = demo + original256")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--batch", type=int, default=None, help="default: per size (demo 64; seed256 8 CPU / 32 GPU)")
+    p.add_argument("--batch", type=int, default=None, help="default: per size (demo 64; original256 8 CPU / 32 GPU)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-round", type=float, default=1.0, help="seconds per round, at least")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (first step: compile time)")
@@ -210,7 +210,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    for size_name in (["demo", "seed256"] if a.size == "both" else [a.size]):
+    for size_name in (["demo", "original256"] if a.size == "both" else [a.size]):
         bench_size(size_name, a, device)
 
 

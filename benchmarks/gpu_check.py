@@ -1,14 +1,14 @@
 """One GPU check: DiT and VAE training steps (bf16, eager vs torch.compile), the tagger on CUDA, a short train_dit stage.
 
 Four parts, one line each, then RESULT lines:
-  1. the seed-260m DiT at 256 px (32x32x4 latents, patch 2) training step in bf16, eager and
+  1. the original-264m DiT at 256 px (32x32x4 latents, patch 2) training step in bf16, eager and
      torch.compile'd: images/s, peak memory, MFU (analytic FLOPs as benchmarks/dit_train_step.py counts them);
-  2. the seed VAE's training step (models/vae.py seed preset + models/vae_loss.py, VGG19 with random
+  2. the original VAE's training step (models/vae.py original preset + models/vae_loss.py, VGG19 with random
      weights): bf16 vs fp32 images/s and peak memory;
   3. the tagger (the demo tagger, else its architecture untrained) through WDTagger with the default
      providers (CUDA first), fixed batch 1 and dynamic batch, vs the CPU provider;
-  4. the seed-256 preset's train_dit stage on synthetic 256 px latents: 50 steps (compilation), then
-     resumed to --stage-steps, with validation, two sample grids (untrained seed VAE) and checkpoints.
+  4. the original-256 preset's train_dit stage on synthetic 256 px latents: 50 steps (compilation), then
+     resumed to --stage-steps, with validation, two sample grids (untrained original VAE) and checkpoints.
 
     python benchmarks/gpu_check.py                 # one H100/H200: about 4 minutes, at most 8
     python benchmarks/gpu_check.py --smoke         # tiny sizes on CPU (< 2 minutes): the same code paths
@@ -39,7 +39,7 @@ from tagdit.config import DIT_PRESETS, VAE_PRESETS, DiTModelConfig, TrainConfig,
 
 @dataclass(frozen=True)
 class Sizes:
-    """What `--smoke` shrinks; the full sizes are the seed's (256 px, f = 8, batch 32 / 16)."""
+    """What `--smoke` shrinks; the full sizes are the original's (256 px, f = 8, batch 32 / 16)."""
 
     dit: DiTModelConfig
     latent: int  # latent side: 32 = 256 px at f = 8
@@ -56,7 +56,7 @@ class Sizes:
     stage: list[str] = field(default_factory=list)  # part 4 overrides
 
 
-FULL = Sizes(dit=DIT_PRESETS["seed-260m"], latent=32, dit_batch=32, vae=VAE_PRESETS["seed"], vae_res=256,
+FULL = Sizes(dit=DIT_PRESETS["original-264m"], latent=32, dit_batch=32, vae=VAE_PRESETS["original"], vae_res=256,
              vae_batch=16, warmup=3, steps=20, rounds=3, compile_backend="inductor", tagger_images=512, stage_steps=300,
              stage=["dit.train.compile=true", "dit.sample_every=150", "dit.val_samples=64"])
 TINY_DIT = DiTModelConfig(patch=2, width=64, depth=2, heads=2, tag_heads=2, max_tags=4, mlp_ratio=4)
@@ -139,7 +139,7 @@ def vae_part(s: Sizes, device: torch.device) -> dict[str, float]:
     from models.perceptual import VGGPerceptualLoss
     from models.vae import build_vae
     from models.vae_loss import VAELoss
-    from tagdit.train.devices import autocast
+    from tagdit.devices import autocast
     from tagdit.train.optim import make_optimizer
     from tasks.train_vae import vae_loss
 
@@ -187,7 +187,7 @@ def tagger_part(s: Sizes, tmp: Path) -> dict[str, float]:
     from PIL import Image
     from tag_pipeline import model_dir
 
-    from tagdit.tagger import WDTagger, default_providers
+    from tagdit.data.tagger import WDTagger, default_providers
 
     folder, what = model_dir(tmp)
     rng = np.random.default_rng(0)
@@ -218,12 +218,12 @@ def sample_grid_steps(tb_dir: Path) -> list[int]:
 
 
 def stage_part(s: Sizes, device: torch.device, tmp: Path, extra: list[str]) -> dict[str, float]:
-    """Part 4: the seed-256 train_dit stage on synthetic latents: 50 steps, then resumed to stage_steps."""
+    """Part 4: the original-256 train_dit stage on synthetic latents: 50 steps, then resumed to stage_steps."""
     from models.vae import build_vae
     from tagdit.config import load_config
+    from tagdit.formats.checkpoints import save_weights
     from tagdit.formats.latent_shards import LatentStats
-    from tagdit.stage import StageRecord
-    from tagdit.train.checkpoints import save_weights
+    from tagdit.orchestrate.stage import StageRecord
     from tasks.train_dit import train_dit_stage
     from tests.latent_fixtures import write_latent_fixture
 
@@ -242,11 +242,11 @@ def stage_part(s: Sizes, device: torch.device, tmp: Path, extra: list[str]) -> d
     fake = {"out_dir": str(latents), "key": "k", "info": {}}
     ups = (StageRecord(stage="encode", fingerprint="lat", **fake), StageRecord(stage="shard", fingerprint="sh", **fake))
     first = min(50, s.stage_steps // 2)
-    cfg = load_config(ROOT / "configs" / "seed-256.yaml", [*base, f"dit.train.steps={first}"])
+    cfg = load_config(ROOT / "configs" / "original-256.yaml", [*base, f"dit.train.steps={first}"])
     t0 = time.perf_counter()
     train_dit_stage(cfg, *ups)
     warm = time.perf_counter() - t0
-    cfg = load_config(ROOT / "configs" / "seed-256.yaml", [*base, f"dit.train.steps={s.stage_steps}"])
+    cfg = load_config(ROOT / "configs" / "original-256.yaml", [*base, f"dit.train.steps={s.stage_steps}"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()

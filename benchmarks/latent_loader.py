@@ -23,27 +23,25 @@ import torch
 from models.diffusion import make_alpha_bar
 from models.dit import DiT
 from tagdit.config import load_config
-from tagdit.formats.latent_shards import LatentStats, latent_sample
+from tagdit.data.vocab import Vocab
+from tagdit.formats.latent_shards import LatentShardWriter, LatentStats, latent_shard_name
 from tagdit.train.optim import make_optimizer
 from tagdit.train.stream import EpochStream
-from tagdit.vocab import Vocab
 from tasks.train_dit import decode_latent, dit_loss, shard_urls
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def write_shards(root: Path, n: int, per_shard: int = 500, shape=(4, 16, 16), n_tags: int = 60) -> Vocab:
-    import webdataset as wds
-
     rng = np.random.default_rng(0)
     tags = [f"tag {i}" for i in range(n_tags)]
     for s in range((n + per_shard - 1) // per_shard):
-        with wds.TarWriter(str(root / f"train-{s:06d}.tar"), mtime=0) as w:
+        with LatentShardWriter(root / latent_shard_name("train", s)) as w:
             for i in range(min(per_shard, n - s * per_shard)):
                 meta = json.dumps({"tags": list(rng.choice(tags, 8, replace=False))}).encode()
                 mean, flip_mean = (rng.normal(size=shape).astype(np.float16) for _ in range(2))
                 logvar = np.full(shape, -4, np.float16)
-                w.write(latent_sample(f"k{s:03d}{i:05d}", meta, mean, logvar, flip_mean, logvar))
+                w.write(f"k{s:03d}{i:05d}", meta, mean, logvar, flip_mean, logvar)
     return Vocab.from_tags(tags)
 
 

@@ -1,9 +1,9 @@
-"""Samples/s one rank's latent loader delivers at world size 8 on 2 cores vs the seed DiT's per-GPU demand.
+"""Samples/s one rank's latent loader delivers at world size 8 on 2 cores vs the original DiT's per-GPU demand.
 
-Rank 0 of 8 (rank arguments, no process group) streams synthetic latent shards at the seed's shape
+Rank 0 of 8 (rank arguments, no process group) streams synthetic latent shards at the original's shape
 (mean + logvar 4x32x32 fp16 plus the flipped pair, flips on, tags) through `EpochStream` +
 `decode_latent` + collate with `train.loader_workers` worker processes, pinned to at most 2 cores.
-The demand is what one H100 trains on: bf16 dense peak 989 TFLOP/s at 50% MFU over the seed DiT's
+The demand is what one H100 trains on: bf16 dense peak 989 TFLOP/s at 50% MFU over the original DiT's
 training FLOPs per image (3x its forward FLOPs, counted by torch's FlopCounterMode on the meta
 device: 32x32x4 latents, patch 2 -> 256 tokens). Goal: ratio >= 2. The RESULT is wall-clock, so on a
 busy machine it is low; the line before it also gives the rate from CPU time.
@@ -27,23 +27,23 @@ import numpy as np
 import torch
 
 from tagdit.config import DIT_PRESETS, load_config
-from tagdit.formats.latent_shards import latent_sample
+from tagdit.data.vocab import Vocab
+from tagdit.formats.latent_shards import LatentShardWriter, latent_shard_name
 from tagdit.train.stream import EpochStream
-from tagdit.vocab import Vocab
 from tasks.train_dit import decode_latent, shard_urls
 
 H100_BF16_DENSE = 989e12  # FLOP/s
 MFU = 0.5
-SHAPE = (4, 32, 32)  # the seed's latents: 256 px images, f = 8, z = 4
+SHAPE = (4, 32, 32)  # the original's latents: 256 px images, f = 8, z = 4
 
 
 def train_flops_per_image(vocab_size: int) -> float:
-    """3 x the seed DiT's forward FLOPs at batch 1 (matmuls and attention; counted, not run)."""
+    """3 x the original DiT's forward FLOPs at batch 1 (matmuls and attention; counted, not run)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from models.dit import DiT
 
-    model_cfg = DIT_PRESETS["seed-260m"]
+    model_cfg = DIT_PRESETS["original-264m"]
     with torch.device("meta"):
         model = DiT(model_cfg, vocab_size=vocab_size, latent_size=SHAPE[1], in_channels=SHAPE[0])
         x_t, t = torch.zeros(1, *SHAPE), torch.zeros(1, dtype=torch.long)
@@ -54,18 +54,16 @@ def train_flops_per_image(vocab_size: int) -> float:
 
 
 def write_shards(root: Path, n_shards: int, per_shard: int, n_tags: int = 1000) -> Vocab:
-    """Synthetic latent shards at the seed's shape, with flipped posteriors and 8-30 tags each."""
-    import webdataset as wds
-
+    """Synthetic latent shards at the original's shape, with flipped posteriors and 8-30 tags each."""
     rng = np.random.default_rng(0)
     tags = [f"tag_{i}" for i in range(n_tags)]
     for s in range(n_shards):
-        with wds.TarWriter(str(root / f"train-{s:06d}.tar"), mtime=0) as w:
+        with LatentShardWriter(root / latent_shard_name("train", s)) as w:
             for i in range(per_shard):
                 meta = json.dumps({"tags": list(rng.choice(tags, rng.integers(8, 31), replace=False))}).encode()
                 mean, flip_mean = (rng.normal(size=SHAPE).astype(np.float16) for _ in range(2))
                 logvar = rng.normal(-4, 0.5, size=SHAPE).astype(np.float16)
-                w.write(latent_sample(f"k{s:04d}{i:05d}", meta, mean, logvar, flip_mean, logvar))
+                w.write(f"k{s:04d}{i:05d}", meta, mean, logvar, flip_mean, logvar)
     return Vocab.from_tags(tags)
 
 
@@ -122,7 +120,7 @@ def main() -> None:
     flops = train_flops_per_image(len(vocab))
     demand = H100_BF16_DENSE * MFU / flops
     ours, by_cpu = statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
-    print(f"seed DiT: {flops / 3e9:.1f} GFLOP forward, {flops / 1e9:.1f} GFLOP per trained image -> "
+    print(f"original DiT: {flops / 3e9:.1f} GFLOP forward, {flops / 1e9:.1f} GFLOP per trained image -> "
           f"{demand:.0f} images/s per H100 at {MFU:.0%} MFU")
     print(f"rank 0 of {a.world}, {workers} loader workers, <= 2 cores, batch {a.batch}: {ours:.0f} samples/s "
           f"(rounds {[round(r[0]) for r in rounds]}; load average {os.getloadavg()[0]:.1f} on "

@@ -56,7 +56,7 @@ def empty_tags(cfg, crop):
     """A tag-stage record with no tags, so the timing covers crop + encode + shard only."""
     import pyarrow.parquet as pq
 
-    from tagdit.stage import StageRecord
+    from tagdit.orchestrate.stage import StageRecord
     from tasks.tag import TAG_SCHEMA
 
     out = cfg.dataset_dir / "work" / "bench-tags"

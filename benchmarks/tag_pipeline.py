@@ -77,7 +77,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from tagdit.config import load_config
-    from tagdit.tagger import WDTagger, default_providers
+    from tagdit.data.tagger import WDTagger, default_providers
     from tasks.crop import crop_stage
     from tasks.tag import tag_stage
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def save_checkpoint(model, cfg_json: dict, ckpt: Path) -> Path:
-    from tagdit.train.checkpoints import save_weights
+    from tagdit.formats.checkpoints import save_weights
 
     ckpt.mkdir(parents=True)
     for name in ("model.safetensors", "ema.safetensors"):

@@ -1,8 +1,8 @@
-"""VAE report: demo-budget validation PSNR (goal >= 30 dB at 64 px), seed preset size and step memory.
+"""VAE report: demo-budget validation PSNR (goal >= 30 dB at 64 px), original preset size and step memory.
 
 Trains the VAE exactly as configs/demo.yaml says (the demo's VAE budget) on the demo shards
 (`shards/demo/images`) if they exist, else on demo-world images sharded here (same generator,
-same centre crop), and reports the EMA model's PSNR on the held-out shards. Then the seed preset
+same centre crop), and reports the EMA model's PSNR on the held-out shards. Then the original preset
 (80/160/320): parameter count and the peak memory of one training step at 256 px, batch 16, on
 this machine (CPU: process RSS, with the VGG19 perceptual loss; GPU: torch.cuda peak).
 
@@ -72,7 +72,7 @@ def demo_psnr(config: str, work: Path) -> tuple[float, float, int, str]:
 
 
 def _step_memory(batch: int, res: int, q) -> None:
-    """Child process: one seed-preset training step; reports peak memory (bytes) and seconds."""
+    """Child process: one original-preset training step; reports peak memory (bytes) and seconds."""
     import resource
 
     import psutil
@@ -82,12 +82,12 @@ def _step_memory(batch: int, res: int, q) -> None:
     from models.vae import build_vae
     from models.vae_loss import VAELoss
     from tagdit.config import VAE_PRESETS
-    from tagdit.train.devices import select_device
+    from tagdit.devices import select_device
     from tasks.train_vae import vae_loss
 
     device = select_device("auto")
     torch.manual_seed(0)
-    model = build_vae(VAE_PRESETS["seed"]).to(device)
+    model = build_vae(VAE_PRESETS["original"]).to(device)
     perceptual = build_perceptual(pretrained=False).to(device)  # same size as the ImageNet VGG19
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(batch, 3, res, res, device=device) * 2 - 1
@@ -97,7 +97,7 @@ def _step_memory(batch: int, res: int, q) -> None:
         before = torch.cuda.memory_allocated()
     t = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss, _ = vae_loss(model, x, 0, criterion=VAELoss(perceptual=perceptual))  # the seed's weights
+        loss, _ = vae_loss(model, x, 0, criterion=VAELoss(perceptual=perceptual))  # the original's weights
     loss.backward()
     opt.step()
     seconds = time.perf_counter() - t
@@ -140,12 +140,12 @@ def seed_memory(res: int = 256, batch: int = 16) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    ap.add_argument("--skip-memory", action="store_true", help="skip the seed-preset memory probe")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the original-preset memory probe")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from models.vae import build_vae
     from tagdit.config import VAE_PRESETS, load_config
-    from tagdit.train.checkpoints import count_parameters
+    from tagdit.formats.checkpoints import count_parameters
 
     cfg = load_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +153,7 @@ def main() -> None:
     print(f"demo VAE ({cfg.vae.model.widths}, {count_parameters(build_vae(cfg.vae.model)) / 1e6:.2f}M params): "
           f"{steps} steps at batch {cfg.vae.train.batch_size}, {cfg.data.resolution} px in {seconds:.0f} s on {source}; "
           f"val PSNR {psnr:.2f} dB")
-    print(f"seed preset (80/160/320): {count_parameters(build_vae(VAE_PRESETS['seed'])):,} parameters")
+    print(f"original preset (80/160/320): {count_parameters(build_vae(VAE_PRESETS['original'])):,} parameters")
     if not args.skip_memory:
         print(seed_memory())
     print(f"RESULT vae_psnr ours={psnr:.2f} dB baseline=30 ratio={psnr / 30:.3f}")

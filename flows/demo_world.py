@@ -13,14 +13,14 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from tagdit.cli import flow_main
 from tagdit.config import load_config
-from tagdit.runner import expand_force, run_stage
-from tagdit.stage import StageRecord
+from tagdit.orchestrate.cli import flow_main
+from tagdit.orchestrate.runner import expand_force, run_stage
+from tagdit.orchestrate.stage import StageRecord
 
 
 @flow(name="demo-world")
-def demo_world(
+def demo_world_flow(
     config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
 ) -> StageRecord:
     """Build the demo world + demo tagger (cached); returns the stage record."""
@@ -44,4 +44,4 @@ def demo_world(
 
 
 if __name__ == "__main__":
-    flow_main(demo_world, "Build the synthetic demo world and its WD-interface demo tagger.")
+    flow_main(demo_world_flow, "Build the synthetic demo world and its WD-interface demo tagger.")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from tagdit.cli import flow_main
 from tagdit.config import PipelineConfig, load_config
-from tagdit.records import upstream_records
-from tagdit.runner import expand_force, run_stage
-from tagdit.stage import StageRecord
+from tagdit.orchestrate.cli import flow_main
+from tagdit.orchestrate.runner import expand_force, run_stage
+from tagdit.orchestrate.stage import StageRecord
+from tasks.records import upstream_records
 
 
 def artifact_key(kind: str, cfg: PipelineConfig) -> str:
@@ -31,7 +31,7 @@ def publish(cfg: PipelineConfig, record: StageRecord) -> None:
     """Markdown artifact (embedded grid, metrics, file paths) and a metrics table artifact."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.evaluate import artifact_markdown, metrics_table
+    from tagdit.evaluation.report import artifact_markdown, metrics_table
 
     checkpoint = record.info.get("dit_checkpoint", "?")
     create_markdown_artifact(markdown=artifact_markdown(record), key=artifact_key("eval", cfg),
@@ -50,7 +50,7 @@ def evaluate_flow(
     nightly: bool = False,
 ) -> dict:
     """Evaluate the run's DiT: its finished training, or with `nightly` its latest checkpoint."""
-    from tagdit.train.checkpoints import Checkpoints
+    from tagdit.formats.checkpoints import Checkpoints
     from tasks.evaluate import EVALUATE, evaluate_task
 
     cfg = load_config(config, overrides)

@@ -1,4 +1,4 @@
-"""full-pipeline flow: (demo world) -> prepare-data -> train-vae -> encode-latents -> train-dit -> evaluate.
+"""full-pipeline flow: (demo world) -> prepare-data -> train-vae -> encode -> train-dit -> evaluate.
 
     python -m flows.full_pipeline --config configs/demo.yaml [--set key=value ...] [--force STAGE]
 
@@ -13,14 +13,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tagdit.cli import flow_main
 from tagdit.config import load_config
-from tagdit.runner import PIPELINE_ORDER, expand_force, run_stage
-from tagdit.stage import StageRecord
+from tagdit.orchestrate.cli import flow_main
+from tagdit.orchestrate.runner import PIPELINE_ORDER, expand_force, run_stage
+from tagdit.orchestrate.stage import StageRecord
 
 
 @flow(name="full-pipeline")
-def full_pipeline(
+def full_pipeline_flow(
     config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
 ) -> dict[str, Any]:
     """Run every stage in order; returns where the outputs are and the headline numbers."""
@@ -37,9 +37,9 @@ def full_pipeline(
         records["demo"] = run_stage(build_demo_task, DEMO, cfg, force="demo" in forced)
     records.update(prepare_data(cfg, force=[s for s in ("crop", "tag", "shard") if s in forced][:1]))
     shards = records["shard"]
-    vae = run_stage(train_vae.train_vae_task, train_vae.STAGE, cfg, force="train_vae" in forced, shards=shards)
-    latents = run_stage(encode.encode_task, encode.STAGE, cfg, force="encode" in forced, shards=shards, vae=vae)
-    dit = run_stage(train_dit.train_dit_task, train_dit.STAGE, cfg, force="train_dit" in forced,
+    vae = run_stage(train_vae.train_vae_task, train_vae.TRAIN_VAE, cfg, force="train_vae" in forced, shards=shards)
+    latents = run_stage(encode.encode_task, encode.ENCODE, cfg, force="encode" in forced, shards=shards, vae=vae)
+    dit = run_stage(train_dit.train_dit_task, train_dit.TRAIN_DIT, cfg, force="train_dit" in forced,
                     latents=latents, shards=shards)
     ev = run_stage(evaluate.evaluate_task, evaluate.EVALUATE, cfg, force="evaluate" in forced,
                    shards=shards, vae=vae, latents=latents, dit=dit)
@@ -61,4 +61,4 @@ def full_pipeline(
 
 
 if __name__ == "__main__":
-    flow_main(full_pipeline, "Run the whole tagdit pipeline (cached, resumable).")
+    flow_main(full_pipeline_flow, "Run the whole tagdit pipeline (cached, resumable).")

@@ -9,10 +9,10 @@ from collections.abc import Iterable
 
 from prefect import flow
 
-from tagdit.cli import flow_main
 from tagdit.config import PipelineConfig, load_config
-from tagdit.runner import expand_force, run_stage
-from tagdit.stage import StageRecord
+from tagdit.orchestrate.cli import flow_main
+from tagdit.orchestrate.runner import expand_force, run_stage
+from tagdit.orchestrate.stage import StageRecord
 from tasks.crop import CROP, crop_task
 from tasks.shard import SHARD, shard_task
 from tasks.tag import TAG, tag_task
@@ -22,7 +22,7 @@ STAGES = ("crop", "tag", "shard")
 
 def prepare_data(cfg: PipelineConfig, force: Iterable[str] | None = None) -> dict[str, StageRecord]:
     """Run crop -> tag -> shard inside the calling flow; returns every stage's record."""
-    from tagdit.locks import exclusive
+    from tagdit.orchestrate.locks import exclusive
 
     f = expand_force(list(force or []), STAGES)  # a named stage and every stage after it
     with exclusive(cfg.dataset_dir, "prepare-data"):  # crop, tag and shard of one run never interleave with another's

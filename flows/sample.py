@@ -17,10 +17,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
-
-from tagdit.cli import config_parser, parse_config
-from tagdit.config import PipelineConfig, SamplerConfig, load_config
+from tagdit.config import PipelineConfig, SamplerConfig
+from tagdit.orchestrate.cli import config_parser, parse_config
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +57,9 @@ def sample_images(
     strength: float = 0.6,
 ) -> dict[str, Any]:
     """Generate `n` images for one prompt (from `init_image` when given), write them as one captioned row to `out`."""
-    from tagdit.grid import render_grid
-    from tagdit.painter import painter_for_run, read_image
+    from tagdit.sampling.grid import render_grid
+    from tagdit.sampling.painter import read_image
+    from tasks.records import painter_for_run
 
     method = SamplerConfig(name="cli", sampler=sampler, steps=steps, eta=eta)
     image = read_image(Path(init_image).read_bytes()) if init_image else None
@@ -97,8 +96,8 @@ def interpolate_images(
 ) -> dict[str, Any]:
     """Frames from (prompt, seeds[0]) to (other_prompt or prompt, seeds[1]): a strip PNG at `out`
     and the same frames as an animated GIF beside it (`out` with suffix .gif), looping back and forth."""
-    from tagdit.grid import render_grid
-    from tagdit.painter import painter_for_run
+    from tagdit.sampling.grid import render_grid
+    from tasks.records import painter_for_run
 
     method = SamplerConfig(name="cli", sampler=sampler, steps=steps)
     painter = painter_for_run(cfg, checkpoint)
@@ -114,17 +113,6 @@ def interpolate_images(
     loop[0].save(anim, save_all=True, append_images=loop[1:], duration=frame_ms, loop=0)
     log.info("wrote %s and %s (%d frames, checkpoint %s)", out, anim, frames, painter.checkpoint)
     return {"out": str(out), "animation": str(anim), "checkpoint": str(painter.checkpoint), "unknown_tags": unknown}
-
-
-@flow(name="sample")
-def sample_flow(prompt: str, negative: str = "", cfg_scale: float = 4.0, steps: int = 50, eta: float = 0.0,
-                sampler: str = "ddim", seed: int = 0, n: int = 4, out: str = "out.png", checkpoint: str | None = None,
-                init_image: str | None = None, strength: float = 0.6,
-                config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Deployment entry: the same as the command line (without interpolation)."""
-    return sample_images(load_config(config, overrides), prompt, negative, scale=cfg_scale, steps=steps, eta=eta,
-                         sampler=sampler, seed=seed, n=n, out=out, checkpoint=checkpoint, init_image=init_image,
-                         strength=strength)
 
 
 def _parser() -> argparse.ArgumentParser:

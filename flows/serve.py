@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tagdit.cli import config_parser, parse_config
+from tagdit.orchestrate.cli import config_parser, parse_config
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import uvicorn
 
-    from tagdit.painter import painter_for_run
     from tagdit.web.app import create_app
+    from tasks.records import painter_for_run
 
     painter = painter_for_run(cfg, a.checkpoint)
     app = create_app(painter, cfg.run_dir / "samples-web")

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tagdit.cli import flow_main
 from tagdit.config import load_config
-from tagdit.records import shard_record
-from tagdit.runner import expand_force, run_stage
-from tagdit.stage import StageRecord
+from tagdit.orchestrate.cli import flow_main
+from tagdit.orchestrate.runner import expand_force, run_stage
+from tagdit.orchestrate.stage import StageRecord
+from tasks.records import shard_record
 
 
 @flow(name="train-vae")
@@ -22,11 +22,11 @@ def train_vae_flow(
     config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
 ) -> StageRecord:
     """Train (or resume, or reuse) the VAE on the dataset's image shards; returns its record."""
-    from tasks.train_vae import STAGE, train_vae_task
+    from tasks.train_vae import TRAIN_VAE, train_vae_task
 
     cfg = load_config(config, overrides)
-    forced = STAGE.name in expand_force(force, (STAGE.name,))  # --force train_vae
-    record = run_stage(train_vae_task, STAGE, cfg, force=forced, shards=shard_record(cfg))
+    forced = TRAIN_VAE.name in expand_force(force, (TRAIN_VAE.name,))  # --force train_vae
+    record = run_stage(train_vae_task, TRAIN_VAE, cfg, force=forced, shards=shard_record(cfg))
     get_run_logger().info("train-vae: %s (vae_id %s, val PSNR %s dB, %s parameters)", record.info["checkpoint"],
                           record.info["vae_id"], record.info["val_psnr"], record.info["params"])
     return record

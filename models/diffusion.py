@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 def cosine_alpha_bar(timesteps: int = 1000, start: float = 0.999, end: float = 0.001) -> Tensor:
-    """The seed's cosine schedule: ᾱ_t = cos²(φ_t), φ linear in t from acos(√start) to acos(√end).
+    """The original's cosine schedule: ᾱ_t = cos²(φ_t), φ linear in t from acos(√start) to acos(√end).
 
     Like Nichol & Dhariwal 2021 (improved DDPM) but clamped so ᾱ runs from ≈0.999 down to exactly
     0.001 at t = T-1 (1/√ᾱ stays finite when sampling): φ_t = φ_0 + (t+1)/T · (φ_end - φ_0).
@@ -25,7 +25,7 @@ def cosine_alpha_bar(timesteps: int = 1000, start: float = 0.999, end: float = 0
 
 
 def linear_alpha_bar(timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
-    """The seed's linear schedule: β linear from beta_start to beta_end (scaled by 1000/T), ᾱ = ∏(1-β)."""
+    """The original's linear schedule: β linear from beta_start to beta_end (scaled by 1000/T), ᾱ = ∏(1-β)."""
     scale = 1000 / timesteps
     betas = torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, dim=0)  # (T,)
@@ -52,11 +52,6 @@ def q_sample(x0: Tensor, t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
     signal = _gather(alpha_bar.sqrt(), t, x0)  # (B, 1, 1, 1)
     noise = _gather((1 - alpha_bar).sqrt(), t, x0)
     return signal * x0 + noise * eps
-
-
-def sample_timesteps(batch: int, timesteps: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """t ~ Uniform{0, …, T-1} (B,) long."""
-    return torch.randint(0, timesteps, (batch,), generator=generator, device=device)
 
 
 def eps_loss(eps_pred: Tensor, eps: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""PatchGAN discriminator and hinge losses (latent-diffusion's autoencoder GAN, off in the seed).
+"""PatchGAN discriminator and hinge losses (latent-diffusion's autoencoder GAN, off in the original).
 
 `PatchDiscriminator` is taming-transformers' NLayerDiscriminator (Isola et al. 2017, pix2pix): stride-2
 4x4 convs, LeakyReLU 0.2, one logit per ~70x70 patch at 3 layers. GroupNorm replaces BatchNorm so

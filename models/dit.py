@@ -1,15 +1,14 @@
 """Tag-conditioned latent Diffusion Transformer (Peebles & Xie 2023, "Scalable Diffusion Models
-with Transformers") as the seed built it: adaLN-Zero blocks over latent patches, conditioned on
+with Transformers") as the original built it: adaLN-Zero blocks over latent patches, conditioned on
 c = t_emb + cls_emb, where cls_emb is the [cls] output of a small Transformer over the image's tags.
 
-Unlike the seed, the MLP residual is gated by gate_mlp (the seed reused gate_msa there).
+Unlike the original, the MLP residual is gated by gate_mlp (the original reused gate_msa there).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.config import DiTModelConfig
 from models.diffusion import make_alpha_bar
-from tagdit.config import DiTModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear -> GELU -> dropout -> Linear (exact erf GELU, as the seed's Keras `gelu`; faster on CPU than tanh)."""
+    """Linear -> GELU -> dropout -> Linear (exact erf GELU, as the original's Keras `gelu`; faster on CPU than tanh)."""
 
     def __init__(self, width: int, hidden: int, dropout: float = 0.0):
         super().__init__()
@@ -279,18 +278,3 @@ def build_dit(config: dict[str, Any], schedule: str | None = None, timesteps: in
         schedule=str(config["schedule"]),
         timesteps=int(config["timesteps"]),
     )
-
-
-def load_dit(ckpt_dir_or_run_dir: str | Path, ema: bool = True, map_location: str | torch.device = "cpu", *,
-             schedule: str | None = None, timesteps: int | None = None) -> DiT:
-    """Rebuild a DiT from a checkpoint dir (`ckpt-NNNNNNN/`) or a run dir (its `latest`), in eval mode.
-
-    Sample with its `alpha_bar` (the schedule it was trained with); `schedule`/`timesteps` are the
-    fallback for old checkpoints that do not record one (see `build_dit`).
-    """
-    from tagdit.train.checkpoints import load_model_weights
-
-    state, config, _ = load_model_weights(Path(ckpt_dir_or_run_dir), ema=ema)
-    model = build_dit(config, schedule, timesteps)
-    model.load_state_dict(state)
-    return model.to(map_location).eval()

@@ -1,4 +1,4 @@
-"""VGG19 perceptual loss (the seed's): L1 between features at conv1_1 … conv5_1, weighted 1/32 … 1.
+"""VGG19 perceptual loss (the original's): L1 between features at conv1_1 … conv5_1, weighted 1/32 … 1.
 
 The network is built here with torchvision's layer indices (`features.N`), so torchvision's
 ImageNet weights load without a torchvision dependency: from a local file, from the Hugging Face
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tagdit.config import VAEConfig
+from models.config import VGG_REPO, VGG_REVISION
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ TORCH_HUB_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's file, as torch hub caches
 VGG19_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                               512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
 # Indices in `features` of the ReLUs after conv1_1, conv2_1, conv3_1, conv4_1, conv5_1 (Keras'
-# block*_conv1 outputs, which include the activation) and the seed's weights for them.
+# block*_conv1 outputs, which include the activation) and the original's weights for them.
 FEATURE_LAYERS = (1, 6, 11, 20, 29)
 FEATURE_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,9 +133,9 @@ class VGGPerceptualLoss(nn.Module):
         return sum(w * F.l1_loss(a, b) for w, a, b in zip(FEATURE_WEIGHTS, fx, fy, strict=True))
 
 
-def build_perceptual(vae: VAEConfig | None = None, pretrained: bool = True) -> VGGPerceptualLoss:
-    """The loss with ImageNet weights from `vae.vgg_weights`, else the Hub / torch hub (`pretrained=False`: random)."""
+def build_perceptual(weights: str | Path | None = None, repo: str = VGG_REPO, revision: str = VGG_REVISION,
+                     pretrained: bool = True) -> VGGPerceptualLoss:
+    """The loss with ImageNet weights from the file `weights`, else the Hub / torch hub (`pretrained=False`: random)."""
     if not pretrained:
         return VGGPerceptualLoss()
-    vae = vae or VAEConfig()
-    return VGGPerceptualLoss(find_vgg19_weights(vae.vgg_weights, vae.vgg_repo, vae.vgg_revision))
+    return VGGPerceptualLoss(find_vgg19_weights(weights, repo, revision))

@@ -32,7 +32,7 @@ def _start(t_start: int | None, timesteps: int) -> int:
 
 
 def ddim_timesteps(steps: int, timesteps: int = 1000, t_start: int | None = None) -> Tensor:
-    """The seed's schedule of visited steps: round(linspace(t_start, 0, steps)), e.g. 999 … 0 (long).
+    """The original's schedule of visited steps: round(linspace(t_start, 0, steps)), e.g. 999 … 0 (long).
 
     t_start (default T-1) is where the input sits, e.g. a noised image for img2img."""
     t0 = _start(t_start, timesteps)

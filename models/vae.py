@@ -1,22 +1,20 @@
-"""KL-regularised autoencoder (the seed's KL-VAE): f = 2**len(widths), diagonal Gaussian posterior.
+"""KL-regularised autoencoder (the original's KL-VAE): f = 2**len(widths), diagonal Gaussian posterior.
 
 Encoder: conv → per level [res-blocks, stride-2 conv] → res-blocks → res, attention, res → GroupNorm,
 swish, conv to 2·z channels → 1x1 quant_conv (mean, logvar). Decoder: 1x1 post_quant_conv → conv →
 res, attention, res → per level [res-blocks, nearest x2, conv] → res-blocks → GroupNorm, swish, conv,
-tanh, so images live in [-1, 1]. At the seed preset this is the original project's layer list
+tanh, so images live in [-1, 1]. At the original preset this is the original project's layer list
 exactly (docs/design.md §5), 32.6M parameters. The latent scale factor is *not* here: it is measured
 over the data by the encode stage and stored in the latents' `stats.json`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tagdit.config import VAEModelConfig
+from models.config import VAEModelConfig
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp as in LDM's DiagonalGaussianDistribution
 # Without autograd on a CPU, encode/decode run in chunks whose full-resolution activation stays
@@ -223,13 +221,3 @@ class AutoencoderKL(nn.Module):
 def build_vae(cfg: VAEModelConfig | dict) -> AutoencoderKL:
     """A fresh VAE from a config or its JSON dump (as stored in checkpoints)."""
     return AutoencoderKL(cfg if isinstance(cfg, VAEModelConfig) else VAEModelConfig.model_validate(cfg))
-
-
-def load_vae(ckpt_dir_or_run_dir: str | Path, ema: bool = True) -> tuple[AutoencoderKL, Path]:
-    """Rebuild a trained VAE from a checkpoint (or a run dir's `latest`) in eval mode, on CPU."""
-    from tagdit.train.checkpoints import load_model_weights
-
-    state, config, ckpt_dir = load_model_weights(Path(ckpt_dir_or_run_dir), ema=ema)
-    model = build_vae(config)
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False), ckpt_dir

@@ -1,9 +1,9 @@
-"""The KL-VAE objective, the seed's form: every term a mean over its elements.
+"""The KL-VAE objective, the original's form: every term a mean over its elements.
 
     L = w_l1 · mean|x − x̂| + w_perc · perceptual(x̂, x) + w_kl · mean KL(q(z|x) ‖ N(0, 1))
         [+ λ_adaptive · w_disc · (−mean D(x̂))   from `disc_start`, when a discriminator is given]
 
-The seed's weights are 10, 1 and 1e-5 with no discriminator. Averaging the KL over latent elements
+The original's weights are 10, 1 and 1e-5 with no discriminator. Averaging the KL over latent elements
 (not summing it) is what keeps 1e-5 a gentle regulariser: summed, it is h·w·z times stronger.
 """
 
@@ -14,9 +14,8 @@ import logging
 import torch
 import torch.nn as nn
 
-from models.discriminator import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+from models.discriminator import adaptive_weight, generator_loss, hinge_d_loss
 from models.vae import AutoencoderKL
-from tagdit.config import VAEConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +90,3 @@ class VAELoss(nn.Module):
         logs = {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
                 "logits_fake": logits_fake.mean().detach()}
         return d_loss, logs
-
-
-def build_vae_loss(vae: VAEConfig) -> VAELoss:
-    """The loss `vae` describes: VGG19 weights resolved when w_perc > 0, a PatchGAN when disc_start is set."""
-    perceptual = None
-    if vae.w_perc > 0:
-        from models.perceptual import build_perceptual
-
-        perceptual = build_perceptual(vae)
-    else:
-        log.warning("perceptual loss is OFF (vae.w_perc=0): training with L1 + KL only")
-    disc = None
-    if vae.disc_start is not None:
-        disc = PatchDiscriminator(vae.disc_channels, vae.disc_layers)
-    return VAELoss(vae.w_l1, vae.w_perc, vae.w_kl, perceptual=perceptual, discriminator=disc,
-                   w_disc=vae.w_disc, disc_start=vae.disc_start)

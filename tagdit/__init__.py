@@ -1,4 +1,9 @@
-"""tagdit: a Prefect pipeline that trains a tag-conditioned latent Diffusion Transformer."""
+"""tagdit: a Prefect pipeline that trains a tag-conditioned latent Diffusion Transformer.
+
+The library, in layers that import only downward: orchestrate/ (Prefect glue) · evaluation/, web/ ·
+train/ · sampling/ · demo/ · data/ · formats/ · config, files, devices. It never imports tasks/ or
+flows/; models/ (pure torch) is below all of it (docs/design.md §1).
+"""
 
 import logging
 

@@ -12,6 +12,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.config import (
+    DIT_PRESETS,
+    VAE_PRESETS,
+    VGG_REPO,
+    VGG_REVISION,
+    DiTModelConfig,
+    VAEModelConfig,
+)
+
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
@@ -26,7 +35,7 @@ class DataConfig(Section):
     source: Path = Path("shards/demo-world/images")  # input image folder (walked recursively)
     name: str = "demo"  # dataset name: shards land in <root>/<name>/
     root: Path = Path("shards")  # shards root
-    resolution: int = Field(64, ge=16)  # square crop size; the seed trained at 256
+    resolution: int = Field(64, ge=16)  # square crop size; the original trained at 256
 
 
 class CropConfig(Section):
@@ -53,7 +62,7 @@ class ShardsConfig(Section):
     image_format: Literal["jpg", "png"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
     samples_per_shard: int = Field(1000, ge=1)
-    val_fraction: float = Field(0.01, ge=0, lt=1)  # the seed's 1% validation split
+    val_fraction: float = Field(0.01, ge=0, lt=1)  # the original's 1% validation split
     min_tag_count: int = Field(5, ge=1)  # tags rarer than this stay out of the DiT vocabulary
     max_vocab: int = Field(1000, ge=3)  # vocabulary cap, special ids included
 
@@ -66,12 +75,12 @@ class TrainConfig(Section):
 
     batch_size: int = Field(16, ge=1)  # global batch of one optimizer step (all ranks, all accumulated micro-batches)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step: each rank's is batch_size / (nproc * grad_accum)
-    steps: int = Field(1000, ge=1)  # total optimizer steps (the seed counted epochs)
+    steps: int = Field(1000, ge=1)  # total optimizer steps (the original counted epochs)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)  # linear warm-up, then cosine decay to zero
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None = no clipping (the seed clipped nothing)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None = no clipping (the original clipped nothing)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     val_every: int = Field(250, ge=1)
@@ -86,7 +95,7 @@ class TrainConfig(Section):
 
 
 class VAETrainConfig(TrainConfig):
-    """The seed's VAE optimisation: AdamW 1e-4, wd 0.01, 6000 warm-up steps, EMA 0.999, batch 16."""
+    """The original's VAE optimisation: AdamW 1e-4, wd 0.01, 6000 warm-up steps, EMA 0.999, batch 16."""
 
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -95,7 +104,7 @@ class VAETrainConfig(TrainConfig):
 
 
 class DiTTrainConfig(TrainConfig):
-    """The seed's DiT optimisation: AdamW 5e-5, wd 1e-4, 10k warm-up steps, EMA 0.999, batch 32."""
+    """The original's DiT optimisation: AdamW 5e-5, wd 1e-4, 10k warm-up steps, EMA 0.999, batch 32."""
 
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-5, gt=0)
@@ -103,40 +112,17 @@ class DiTTrainConfig(TrainConfig):
     warmup_steps: int = Field(10_000, ge=0)
 
 
-class VAEModelConfig(Section):
-    """KL-VAE architecture (the seed: 80/160/320, f = 8, z = 4, ~32.6M parameters)."""
-
-    widths: list[int] = [80, 160, 320]  # channels of the level before each downsampling: f = 2**len(widths)
-    blocks_per_level: int = Field(2, ge=1)  # encoder res-blocks per level; also the decoder's last level
-    up_blocks: int = Field(3, ge=1)  # decoder res-blocks before each upsampling (the seed: one more)
-    z_channels: int = Field(4, ge=1)
-    groups: int = Field(16, ge=1)  # GroupNorm groups
-    attention: bool = True  # one self-attention block at each bottleneck
-    heads: int = Field(8, ge=1)  # attention heads (head width = widths[-1] / heads)
-    quant_conv: bool = True  # LDM's 1x1 quant_conv / post_quant_conv around the latent
-
-
-VAE_PRESETS: dict[str, VAEModelConfig] = {
-    # The demo's 64 px world at f = 4 (16x16x4 latents), no attention so that it trains on 32 px
-    # crops: ~24 dB in ~3 CPU-minutes where widths 16/32 with attention on whole images reach ~20 dB.
-    # f = 2 reaches ~30 dB in the same time, but the DiT cannot learn its latents in the demo's
-    # minutes (docs/design.md §5).
-    "demo": VAEModelConfig(widths=[32, 32], blocks_per_level=1, up_blocks=1, groups=8, heads=4, attention=False),
-    "seed": VAEModelConfig(),
-}
-
-
 class VAEConfig(Section):
-    """The VAE stage: architecture, the seed's loss weights (each term a mean), optional PatchGAN."""
+    """The VAE stage: architecture, the original's loss weights (each term a mean), optional PatchGAN."""
 
-    model: VAEModelConfig = VAE_PRESETS["seed"]
+    model: VAEModelConfig = VAE_PRESETS["original"]
     w_l1: float = Field(10.0, ge=0)  # mean |x - x_rec| over pixels
     w_perc: float = Field(1.0, ge=0)  # VGG19 perceptual loss; 0 disables it (no weights needed)
     w_kl: float = Field(1e-5, ge=0)  # KL(q(z|x) || N(0, I)) averaged over latent elements
     vgg_weights: Path | None = None  # local VGG19 file (.safetensors or torchvision .pth); wins over the Hub
-    vgg_repo: str = "timm/vgg19.tv_in1k"  # Hub re-host of torchvision's vgg19-dcbb9e9d.pth
-    vgg_revision: str = "128d4708565b3a414bcbb9bbad440b2fe37b9f18"  # pinned: the weights never change
-    disc_start: int | None = Field(None, ge=0)  # PatchGAN hinge loss from this step; None = off (the seed)
+    vgg_repo: str = VGG_REPO  # Hub re-host of torchvision's vgg19-dcbb9e9d.pth
+    vgg_revision: str = VGG_REVISION  # pinned: the weights never change
+    disc_start: int | None = Field(None, ge=0)  # PatchGAN hinge loss from this step; None = off (the original)
     w_disc: float = Field(0.5, ge=0)  # times the adaptive weight ||grad L_rec|| / ||grad L_g||
     disc_channels: int = Field(64, ge=1)  # PatchGAN base width (taming-transformers: 64)
     disc_layers: int = Field(3, ge=1)  # PatchGAN stride-2 layers (70x70 receptive field at 3)
@@ -165,37 +151,14 @@ class LatentsConfig(Section):
     use_ema: bool = True
 
 
-class DiTModelConfig(Section):
-    """Tag-conditioned DiT architecture (the seed: patch 2, 1024 wide, 16 deep, 16 heads)."""
-
-    patch: int = 2
-    width: int = 1024
-    depth: int = 16
-    heads: int = 16
-    mlp_ratio: float = 2.0  # the seed's value (DiT used 4.0)
-    dropout: float = 0.1
-    tag_layers: int = 2  # Transformer blocks of the tag encoder
-    tag_heads: int = 16
-    max_tags: int = 16  # tag sequence length after [cls] is max_tags + 1
-    grad_checkpointing: bool = False
-
-
-DIT_PRESETS: dict[str, DiTModelConfig] = {
-    # Sized for the demo's 16x16x4 latents: patch 4 -> 16 tokens; mlp 2 as in the seed; the demo
-    # world has at most 9 tags per image, so 10 tag slots (the tag encoder costs per slot).
-    "demo": DiTModelConfig(patch=4, width=256, depth=6, heads=4, tag_heads=4, mlp_ratio=2.0, dropout=0.0, max_tags=10),
-    "seed-260m": DiTModelConfig(),
-}
-
-
 class DiTConfig(Section):
-    model: DiTModelConfig = DIT_PRESETS["seed-260m"]
+    model: DiTModelConfig = DIT_PRESETS["original-264m"]
     schedule: Literal["cosine", "linear"] = "cosine"
     timesteps: int = 1000
     caption_drop: float = Field(0.2, ge=0, le=1)  # whole caption dropped -> null condition (CFG)
     tag_drop: float = Field(0.1, ge=0, le=1)  # each remaining tag dropped
     shuffle_tags: bool = True
-    min_snr_gamma: float | None = Field(None, gt=0)  # Min-SNR-γ loss weighting; None = L_simple (the seed)
+    min_snr_gamma: float | None = Field(None, gt=0)  # Min-SNR-γ loss weighting; None = L_simple (the original)
     val_samples: int = Field(64, ge=1)  # fixed (latent, t, noise) triples for validation loss
     # sample grids from the EMA weights while training (TensorBoard samples/grid + Prefect artifact);
     # they never change the checkpoints, so these four stay out of the cache key and the run identity
@@ -263,7 +226,7 @@ class PrefectConfig(Section):
     retry_delay_seconds: float = Field(10, ge=0)
     timeout_seconds: dict[str, float] = {}  # optional per-stage limits, e.g. {train_dit: 86400}
     eval_tag: str = "eval"  # evaluation's own concurrency slot, so a nightly run never waits for training
-    # where crop chunks, tag chunks and encode shards run (tagdit.chunks): this machine's threads and
+    # where crop chunks, tag chunks and encode shards run (tagdit.orchestrate.chunks): this machine's threads and
     # forked processes, or a Dask cluster (needs the `dask` extra; every worker must see the same paths)
     task_runner: Literal["local", "dask"] = "local"
     dask_address: str | None = None  # an existing Dask scheduler (tcp://host:8786); None = a local cluster

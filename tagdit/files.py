@@ -59,3 +59,16 @@ def remove_stale_temps(folder: str | Path) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) within the process."""
+    p = Path(path)
+    st = p.stat()
+    k = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if k not in _FILE_HASHES:
+        _FILE_HASHES[k] = sha256_file(p)
+    return _FILE_HASHES[k]

@@ -7,7 +7,7 @@ of its own. Hidden folders are not walked.
 Layers (webdataset style): `crop_image` (one file's bytes -> encoded crop, or a `Reject` with a
 reason) -> `process_chunk` (a chunk of files -> one parquet file, written atomically) -> `crop_stage`
 (lists the files, runs the missing chunks as `crop_chunk_task`s on the stage's task runner, see
-`tagdit.chunks`) -> `crop_task` (the Prefect wrapper).
+`tagdit.orchestrate.chunks`) -> `crop_task` (the Prefect wrapper).
 Chunk files carry a digest of their inputs in their name, so a killed run resumes and a changed
 file recomputes only its chunk.
 """
@@ -29,11 +29,11 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from prefect import get_run_logger, task
 
-from tagdit.chunks import chunk_runner, offload, run_units, unit_task
 from tagdit.config import PipelineConfig
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text
 from tagdit.formats.wd_image import centre_box, pad_square, to_rgb_on_white
-from tagdit.stage import Stage, StageRecord, stage_cache_key, tree_fingerprint
+from tagdit.orchestrate.chunks import chunk_runner, offload, run_units, unit_task
+from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key, tree_fingerprint
 
 log = logging.getLogger(__name__)
 

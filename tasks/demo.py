@@ -18,13 +18,15 @@ from typing import Any
 from prefect import task
 
 from tagdit.config import PipelineConfig
-from tagdit.files import remove_stale_temps, sha256_text, write_json_atomic
-from tagdit.stage import Stage, StageRecord, code_version, stage_cache_key
+from tagdit.files import remove_stale_temps, sha256_text
+from tagdit.orchestrate.markers import marker_matches, write_marker
+from tagdit.orchestrate.stage import Stage, StageRecord, code_version, stage_cache_key
 
 log = logging.getLogger(__name__)
 
 WORLD_MODULES = ("tagdit.demo.labels", "tagdit.demo.draw", "tagdit.demo.world")
-TAGGER_MODULES = (*WORLD_MODULES, "tagdit.demo.tagger_data", "tagdit.demo.tagger")
+TAGGER_MODULES = (*WORLD_MODULES, "tagdit.demo.tagger_data", "tagdit.demo.tagger", "tagdit.data.tagger",
+                  "tagdit.formats.selected_tags", "tagdit.formats.wd_image")
 TAGGER_FILES = ("model.onnx", "selected_tags.csv", "report.json")
 EVAL_IMAGES = 400  # held-out world images the tagger report is measured on (fewer if the world is smaller)
 
@@ -54,21 +56,6 @@ def tagger_key(cfg: PipelineConfig) -> str:
                        str(min(EVAL_IMAGES, d.n_images)))
 
 
-def _marker_ok(marker: Path, key: str) -> bool:
-    """True when a unit's marker has this key and every file it lists still has its size."""
-    try:
-        stamp = json.loads(marker.read_text())
-        root = marker.parent
-        return stamp["key"] == key and all((root / rel).stat().st_size == size for rel, size in stamp["files"].items())
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def _write_marker(marker: Path, key: str, files: list[Path]) -> None:
-    root = marker.parent
-    write_json_atomic(marker, {"key": key, "files": {f.relative_to(root).as_posix(): f.stat().st_size for f in files}})
-
-
 def world_files(out: Path) -> list[Path]:
     return sorted(p for p in (out / "images").rglob("*") if p.is_file()) + [out / "labels.json"]
 
@@ -78,7 +65,7 @@ def build_world_unit(cfg: PipelineConfig) -> dict[str, Any]:
     from tagdit.demo.world import generate_world, load_labels
 
     out, marker, key = cfg.demo.out, cfg.demo.out / ".world-done.json", world_key(cfg)
-    if _marker_ok(marker, key):
+    if marker_matches(marker, key):
         log.info("demo world: up to date in %s", out)
         return load_labels(out)["summary"]
     marker.unlink(missing_ok=True)
@@ -86,7 +73,7 @@ def build_world_unit(cfg: PipelineConfig) -> dict[str, Any]:
     for tmp in out.glob(".images.tmp-*"):  # a killed generation's half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
     summary = generate_world(out, cfg.demo.n_images, cfg.demo.seed).model_dump()
-    _write_marker(marker, key, world_files(out))
+    write_marker(marker, key, world_files(out))
     return summary
 
 
@@ -95,13 +82,13 @@ def build_tagger_unit(cfg: PipelineConfig) -> dict[str, Any]:
     from tagdit.demo.tagger import build_demo_tagger
 
     out, marker, key = cfg.demo.tagger_out, cfg.demo.tagger_out / ".tagger-done.json", tagger_key(cfg)
-    if _marker_ok(marker, key):
+    if marker_matches(marker, key):
         log.info("demo tagger: up to date in %s", out)
         return json.loads((out / "report.json").read_text())
     marker.unlink(missing_ok=True)
     report = build_demo_tagger(out, seed=cfg.demo.seed, world_seed=cfg.demo.seed, n_train=cfg.demo.tagger_images,
                                epochs=cfg.demo.tagger_epochs, n_eval=min(EVAL_IMAGES, cfg.demo.n_images))
-    _write_marker(marker, key, [out / f for f in TAGGER_FILES])
+    write_marker(marker, key, [out / f for f in TAGGER_FILES])
     return report
 
 

@@ -3,7 +3,7 @@
 Every image shard becomes a latent shard with the same keys: posterior `mean.npy` / `logvar.npy`
 (float16, (z, h, w)), `flip_mean.npy` / `flip_logvar.npy` for the mirrored image when
 `latents.flip`, and the image's `json`. Each missing shard is an `encode_shard_task` on the stage's
-task runner (`tagdit.chunks`), with the VAE loaded once per worker process; its images are decoded
+task runner (`tagdit.orchestrate.chunks`), with the VAE loaded once per worker process; its images are decoded
 in a thread pool ahead of batched encoding, and it is written atomically, so a killed run resumes
 at the first missing shard. `stats.json` holds the latent scale factor = 1 / std of posterior
 samples over the whole train split (Chan et al.'s parallel variance in float64, fixed seed) — the
@@ -13,7 +13,6 @@ only place it is stored.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -25,24 +24,27 @@ from typing import Any
 
 from prefect import task
 
-from tagdit.chunks import chunk_runner, run_units, unit_task
 from tagdit.config import PipelineConfig
-from tagdit.files import atomic_path, remove_stale_temps, sha256_file, write_json_atomic
-from tagdit.formats.image_shards import decode_image, image_bytes, image_shards
+from tagdit.files import remove_stale_temps, sha256_file
+from tagdit.formats.image_shards import decode_image, image_bytes, image_shards, iter_image_samples
 from tagdit.formats.latent_shards import (
     STATS_FILE,
+    LatentShardWriter,
     LatentStats,
-    latent_sample,
+    iter_latent_samples,
     latent_shard_paths,
     read_posterior,
 )
-from tagdit.stage import Stage, StageRecord, code_version, stage_cache_key
+from tagdit.orchestrate.chunks import chunk_runner, run_units, unit_task
+from tagdit.orchestrate.markers import marker_matches, write_marker
+from tagdit.orchestrate.stage import Stage, StageRecord, code_version, stage_cache_key
 
 log = logging.getLogger(__name__)
 
-STAGE = Stage(
+ENCODE = Stage(
     name="encode",
-    modules=("tasks.encode", "tagdit.formats.image_shards", "tagdit.formats.latent_shards", "models.vae"),
+    modules=("tasks.encode", "tagdit.formats.image_shards", "tagdit.formats.latent_shards", "tagdit.formats.checkpoints",
+             "tagdit.formats.trained_models:load_vae", "tagdit.devices", "models.vae", "models.config"),
     sections=("latents", "data.resolution"),
     out_dir=lambda cfg, up: cfg.dataset_dir / f"latents-{up['vae'].info['vae_id']}",
 )
@@ -53,11 +55,10 @@ STATS_CHUNK = 256  # latents per variance update
 def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2) -> Iterator[tuple[list[dict], Any]]:
     """(raw samples, images (B, 3, R, R)) in shard order; `pool` decodes `ahead` batches early."""
     import torch
-    from webdataset.tariterators import tarfile_samples
 
     def groups() -> Iterator[list[dict]]:
         group: list[dict] = []
-        for raw in tarfile_samples([{"url": str(src)}]):
+        for raw in iter_image_samples(src):
             group.append(raw)
             if len(group) == batch_size:
                 yield group
@@ -80,10 +81,8 @@ def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, ba
     """Encode one image shard into `dst` (written atomically); returns the number of samples."""
     import numpy as np
     import torch
-    import webdataset as wds
 
-    n = 0
-    with atomic_path(dst) as tmp, wds.TarWriter(str(tmp), mtime=0) as w, torch.inference_mode():
+    with LatentShardWriter(dst) as w, torch.inference_mode():
         for raws, x in image_batches(src, resolution, batch_size, pool):
             x = x.to(device)  # (B, 3, R, R)
             if flip:
@@ -94,9 +93,8 @@ def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, ba
             for i, raw in enumerate(raws):
                 j = len(raws) + i  # the mirrored image's row when flipping
                 flipped = (mean[j], logvar[j]) if flip else ()
-                w.write(latent_sample(raw["__key__"], raw["json"], mean[i], logvar[i], *flipped))
-            n += len(raws)
-    return n
+                w.write(raw["__key__"], raw["json"], mean[i], logvar[i], *flipped)
+    return w.count
 
 
 class RunningMoments:
@@ -127,7 +125,6 @@ class RunningMoments:
 def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, Any]:
     """Scale factor = 1 / std of one posterior sample z = mean + exp(logvar / 2)·eps per image."""
     import torch
-    from webdataset.tariterators import tarfile_samples
 
     from models.vae import AutoencoderKL
 
@@ -135,7 +132,7 @@ def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, An
     for index, path in enumerate(shards):
         g = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per shard: independent of resume
         means, logvars = [], []
-        for raw in itertools.chain(tarfile_samples([{"url": str(path)}]), [None]):  # None: flush
+        for raw in itertools.chain(iter_latent_samples([path]), [None]):  # None: flush
             if raw is not None:
                 m, lv = read_posterior(raw)
                 means.append(torch.from_numpy(m).float())
@@ -155,17 +152,17 @@ def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, An
 def _identity(cfg: PipelineConfig, weights_sha: str) -> dict[str, Any]:
     """What existing latent shards must share with this run to be kept."""
     return {"weights_sha256": weights_sha, "flip": cfg.latents.flip, "resolution": cfg.data.resolution,
-            "code": code_version(*STAGE.modules)}
+            "code": code_version(*ENCODE.modules)}
 
 
 def _prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool) -> None:
     """Drop latents made by other settings (they are derived data); keep matching complete shards."""
     marker = out_dir / "encode.json"
-    if out_dir.exists() and (force or not marker.is_file() or json.loads(marker.read_text()) != identity):
+    if out_dir.exists() and (force or not marker_matches(marker, identity)):
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
-    write_json_atomic(marker, identity)
+    write_marker(marker, identity)
 
 
 @dataclass(frozen=True)
@@ -186,8 +183,8 @@ _VAES: dict[tuple, tuple[Any, Any]] = {}  # this process's loaded VAE and its de
 
 def loaded_vae(p: EncodeParams) -> tuple[Any, Any]:
     """(VAE on its device, the device), loaded once per worker process."""
-    from models.vae import load_vae
-    from tagdit.train.devices import configure_backends, select_device
+    from tagdit.devices import configure_backends, select_device
+    from tagdit.formats.trained_models import load_vae
 
     key = (str(p.vae_ckpt), p.use_ema, p.weights_sha, p.device)
     if key not in _VAES:
@@ -215,7 +212,7 @@ def encode_shard_task(src: Path, dst: Path, p: EncodeParams) -> int:
 def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_dir: Path,
                    vae_id: str, force: bool = False) -> LatentStats:
     """Encode every image shard missing from `out_dir`, then write `stats.json`; returns the stats."""
-    from tagdit.train.checkpoints import resolve_checkpoint
+    from tagdit.formats.checkpoints import resolve_checkpoint
 
     lc = cfg.latents
     ckpt = resolve_checkpoint(vae_ckpt)
@@ -249,19 +246,19 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
 def encode_stage(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, force: bool = False) -> StageRecord:
     """The stage: cached record, or encode the missing shards and stamp the outputs."""
     upstream = {"shards": shards, "vae": vae}
-    if not force and (rec := STAGE.valid_record(cfg, upstream)):
+    if not force and (rec := ENCODE.valid_record(cfg, upstream)):
         return rec
-    out_dir = STAGE.out_dir(cfg, upstream)
+    out_dir = ENCODE.out_dir(cfg, upstream)
     stats = encode_latents(cfg, Path(shards.out_dir), Path(vae.info["checkpoint"]), out_dir,
                            vae.info["vae_id"], force=force)
     train, val = latent_shard_paths(out_dir, "train"), latent_shard_paths(out_dir, "val")
     info = {"latents": str(out_dir), "stats": str(out_dir / STATS_FILE), "vae_id": vae.info["vae_id"],
             "train_shards": [p.name for p in train], "val_shards": [p.name for p in val],
             **stats.model_dump(include={"scale_factor", "mean", "std", "count", "latent_shape"})}
-    return STAGE.write_stamp(cfg, upstream, [*train, *val, out_dir / STATS_FILE], info)
+    return ENCODE.write_stamp(cfg, upstream, [*train, *val, out_dir / STATS_FILE], info)
 
 
-@task(name="encode", cache_key_fn=stage_cache_key(STAGE), persist_result=True, tags=["gpu"])
+@task(name="encode", cache_key_fn=stage_cache_key(ENCODE), persist_result=True, tags=["gpu"])
 def encode_task(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, force: bool = False) -> StageRecord:
     """Encode the image shards into latent shards and measure the latent scale factor."""
     return encode_stage(cfg, shards, vae, force=force)

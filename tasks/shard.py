@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig
+from tagdit.data.vocab import SPECIALS, Vocab
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text, write_json_atomic
 from tagdit.formats.image_shards import ShardFile, image_sample
 from tagdit.formats.selected_tags import RATING
-from tagdit.stage import Stage, StageRecord, stage_cache_key
-from tagdit.vocab import SPECIALS, Vocab
+from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class TagStats:
 
 SHARD = Stage(
     name="shard",
-    modules=("tasks.shard", "tagdit.formats.image_shards", "tagdit.vocab:Vocab", "tagdit.vocab:SPECIALS",
+    modules=("tasks.shard", "tagdit.formats.image_shards", "tagdit.data.vocab:Vocab", "tagdit.data.vocab:SPECIALS",
              "tagdit.formats.selected_tags:RATING"),
     sections=("shards.image_format", "shards.samples_per_shard", "shards.val_fraction",
               "shards.min_tag_count", "shards.max_vocab"),

@@ -6,7 +6,7 @@ the tagger then applies its own recipe (white square, BICUBIC to 448 px).
 
 One tag chunk per crop chunk, named by a digest of the crop chunk's bytes, the tagger files and the
 tag settings: a killed run resumes at the first missing chunk, a changed crop chunk re-tags only
-itself. Each missing chunk is a `tag_chunk_task` on the stage's task runner (`tagdit.chunks`), with
+itself. Each missing chunk is a `tag_chunk_task` on the stage's task runner (`tagdit.orchestrate.chunks`), with
 the ONNX tagger loaded once per worker process. Rows: key, tags (score order), scores (sidecar tags
 score 1.0), categories, rating.
 """
@@ -29,19 +29,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from tagdit.chunks import chunk_runner, run_units, unit_task
 from tagdit.config import PipelineConfig, TaggerConfig
+from tagdit.data.tagger import ResolvedTagger, TagResult, WDTagger, resolve_tagger
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text
 from tagdit.formats.selected_tags import UNKNOWN, display_name
 from tagdit.formats.wd_image import WHITE, to_rgb_on_white
-from tagdit.stage import (
+from tagdit.orchestrate.chunks import chunk_runner, run_units, unit_task
+from tagdit.orchestrate.stage import (
     Stage,
     StageRecord,
     config_sections,
     file_fingerprint,
     stage_cache_key,
 )
-from tagdit.tagger import ResolvedTagger, TagResult, WDTagger, resolve_tagger
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: Ta
 TAG = Stage(
     name="tag",
     version=2,  # 2: the tagger reads the source file's square, not the dataset-size crop
-    modules=("tasks.tag", "tagdit.tagger", "tagdit.formats.selected_tags", "tagdit.formats.wd_image"),
+    modules=("tasks.tag", "tagdit.data.tagger", "tagdit.formats.selected_tags", "tagdit.formats.wd_image"),
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
               "tagger.sidecar"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "tag",

@@ -18,9 +18,16 @@ from typing import Any
 from prefect import task
 
 from tagdit.config import DiTConfig, PipelineConfig
-from tagdit.formats.latent_shards import LatentStats, has_flip, latent_shard_paths, read_posterior
-from tagdit.stage import Stage, StageRecord, stage_cache_key
-from tagdit.vocab import Vocab, augment_tags
+from tagdit.data.vocab import Vocab, augment_tags
+from tagdit.formats.latent_shards import (
+    LatentStats,
+    has_flip,
+    iter_latent_samples,
+    latent_shard_paths,
+    read_meta,
+    read_posterior,
+)
+from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 from tasks.trainer import TRAIN_MODULES, TrainerStage, epoch_stream, start_rank
 
 log = logging.getLogger(__name__)
@@ -28,10 +35,10 @@ log = logging.getLogger(__name__)
 # Sample grids never change the checkpoints (tests/test_train_samples.py): out of the key and identity.
 SAMPLE_FIELDS = ("sample_every", "sample_prompts", "sample_seeds", "sample_steps")
 
-STAGE = Stage(
+TRAIN_DIT = Stage(
     name="train_dit",
     modules=("tasks.train_dit", "tagdit.formats.latent_shards", "models.vae:AutoencoderKL", "models.dit",
-             "models.diffusion", "tagdit.vocab", *TRAIN_MODULES),
+             "models.diffusion", "tagdit.data.vocab", *TRAIN_MODULES),
     sections=tuple(f"dit.{k}" for k in DiTConfig.model_fields if k not in SAMPLE_FIELDS),
     out_dir=lambda cfg, up: cfg.run_dir / "dit",
 )
@@ -51,7 +58,7 @@ def decode_latent(raw: dict[str, Any], *, vocab: Vocab, dit: DiTConfig, augment:
     rng = random.Random(raw.get("__seed__", 0))
     flipped = augment and has_flip(raw) and rng.random() < 0.5
     mean, logvar = read_posterior(raw, flipped)
-    tags = json.loads(raw["json"])["tags"]
+    tags = read_meta(raw)["tags"]
     if augment:
         tags = augment_tags(tags, rng, caption_drop=dit.caption_drop, tag_drop=dit.tag_drop,
                             shuffle=dit.shuffle_tags, max_tags=dit.model.max_tags)
@@ -80,14 +87,12 @@ def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, stats: Laten
 def make_val_fn(latents_dir: Path, vocab: Vocab, cfg: PipelineConfig, alpha_bar, stats: LatentStats, device):
     """Validation loss on fixed (latent, t, noise) triples from the val shards (posterior means)."""
     import torch
-    from webdataset.tariterators import tarfile_samples
 
     from models.diffusion import eps_loss, q_sample
 
-    urls = shard_urls(latents_dir, "val")
     n = cfg.dit.val_samples
     raws = []
-    for raw in tarfile_samples({"url": u} for u in urls):
+    for raw in iter_latent_samples(latent_shard_paths(latents_dir, "val")):
         raws.append(raw)
         if len(raws) == n:
             break
@@ -122,7 +127,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     `vae_checkpoint` decodes the sample grids (`dit.sample_every`); default: the one stats.json names.
     """
     from models.dit import DiT
-    from tagdit.train.checkpoints import count_parameters
+    from tagdit.formats.checkpoints import count_parameters
     from tagdit.train.loop import fit
     from tagdit.train.samples import make_sample_monitor
 
@@ -165,7 +170,7 @@ class DiTTrainerStage(TrainerStage):
 
 
 TRAINER = DiTTrainerStage(
-    stage=STAGE,
+    stage=TRAIN_DIT,
     module="tasks.train_dit",
     section="dit",
     inputs=("latents", "vocab"),
@@ -180,7 +185,7 @@ def train_dit_stage(cfg: PipelineConfig, latents: StageRecord, shards: StageReco
     return TRAINER.run(cfg, {"latents": latents, "shards": shards}, force)
 
 
-@task(name="train_dit", cache_key_fn=stage_cache_key(STAGE), persist_result=True, tags=["gpu"])
+@task(name="train_dit", cache_key_fn=stage_cache_key(TRAIN_DIT), persist_result=True, tags=["gpu"])
 def train_dit_task(cfg: PipelineConfig, latents: StageRecord, shards: StageRecord, force: bool = False) -> StageRecord:
     """Train the tag-conditioned DiT on the encoded latents."""
     return train_dit_stage(cfg, latents, shards, force=force)

@@ -18,16 +18,16 @@ from typing import Any
 
 from prefect import task
 
-from tagdit.config import PipelineConfig
+from tagdit.config import PipelineConfig, VAEConfig
+from tagdit.data.metrics import psnr
 from tagdit.files import sha256_file
 from tagdit.formats.image_shards import decode_image, image_bytes, image_shards, read_samples
-from tagdit.metrics import psnr
-from tagdit.stage import Stage, StageRecord, stage_cache_key
+from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 from tasks.trainer import TRAIN_MODULES, Rank, TrainerStage, epoch_stream, run_logger, start_rank
 
-STAGE = Stage(
+TRAIN_VAE = Stage(
     name="train_vae",
-    modules=("tasks.train_vae", "tagdit.formats.image_shards", "tagdit.metrics", "models.vae", "models.vae_loss",
+    modules=("tasks.train_vae", "tagdit.formats.image_shards", "tagdit.data.metrics", "models.vae", "models.vae_loss",
              "models.perceptual", "models.discriminator", *TRAIN_MODULES),
     sections=("vae", "data.resolution"),
     out_dir=lambda cfg, up: cfg.run_dir / "vae",
@@ -119,8 +119,7 @@ def make_val_fn(val_images, batch_size: int, device):
 def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
     """Train in this process: alone, or as one rank under torchrun. Returns fit's TrainResult."""
     from models.vae import build_vae
-    from models.vae_loss import build_vae_loss
-    from tagdit.train.checkpoints import count_parameters
+    from tagdit.formats.checkpoints import count_parameters
     from tagdit.train.loop import fit
 
     tc, res = cfg.vae.train, cfg.data.resolution
@@ -160,7 +159,7 @@ def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...] = ()) -> dict[str, Any]
 
 
 TRAINER = TrainerStage(
-    stage=STAGE,
+    stage=TRAIN_VAE,
     module="tasks.train_vae",
     section="vae",
     inputs=("dataset",),
@@ -171,12 +170,31 @@ TRAINER = TrainerStage(
 )
 
 
+def build_vae_loss(vae: VAEConfig) -> Any:
+    """The loss `vae` describes: VGG19 weights resolved when w_perc > 0, a PatchGAN when disc_start is set."""
+    from models.discriminator import PatchDiscriminator
+    from models.vae_loss import VAELoss
+
+    perceptual = None
+    if vae.w_perc > 0:
+        from models.perceptual import build_perceptual
+
+        perceptual = build_perceptual(vae.vgg_weights, vae.vgg_repo, vae.vgg_revision)
+    else:
+        run_logger().warning("perceptual loss is OFF (vae.w_perc=0): training with L1 + KL only")
+    disc = None
+    if vae.disc_start is not None:
+        disc = PatchDiscriminator(vae.disc_channels, vae.disc_layers)
+    return VAELoss(vae.w_l1, vae.w_perc, vae.w_kl, perceptual=perceptual, discriminator=disc,
+                   w_disc=vae.w_disc, disc_start=vae.disc_start)
+
+
 def train_vae_stage(cfg: PipelineConfig, shards: StageRecord, force: bool = False) -> StageRecord:
     """The stage: cached record, or train (resuming) and stamp the final checkpoint."""
     return TRAINER.run(cfg, {"shards": shards}, force)
 
 
-@task(name="train_vae", cache_key_fn=stage_cache_key(STAGE), persist_result=True, tags=["gpu"])
+@task(name="train_vae", cache_key_fn=stage_cache_key(TRAIN_VAE), persist_result=True, tags=["gpu"])
 def train_vae_task(cfg: PipelineConfig, shards: StageRecord, force: bool = False) -> StageRecord:
     """Train the KL-VAE on the image shards."""
     return train_vae_stage(cfg, shards, force=force)

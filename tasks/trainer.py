@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from tagdit.config import PipelineConfig, TrainConfig
 from tagdit.files import write_json_atomic
-from tagdit.stage import Stage, StageRecord
+from tagdit.orchestrate.markers import marker_matches, write_marker
+from tagdit.orchestrate.stage import Stage, StageRecord
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The training code whose version is part of a trainer stage's cache key.
-TRAIN_MODULES = ("tasks.trainer", "tagdit.train.loop", "tagdit.train.optim", "tagdit.train.checkpoints",
-                 "tagdit.train.stream", "tagdit.train.tar_samples", "tagdit.train.devices")
+TRAIN_MODULES = ("tasks.trainer", "tagdit.train.loop", "tagdit.train.optim", "tagdit.formats.checkpoints",
+                 "tagdit.train.stream", "tagdit.train.tar_samples", "tagdit.train.loader_workers", "tagdit.devices",
+                 "models.config")
 # Settings that may change between runs without invalidating the checkpoints (resume continues).
 # nproc / loader_workers change how shards are split: a resumed run restarts the epoch it was in (logged).
 RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile",
@@ -67,7 +69,7 @@ def start_rank(tc: TrainConfig, section: str) -> Rank:
     """Join the torchrun group (if any), check the batch splits into micro-batches, pick the device, seed the init."""
     import torch
 
-    from tagdit.train.devices import select_device
+    from tagdit.devices import select_device
     from tagdit.train.launch import init_distributed
 
     rank, world, _ = init_distributed()
@@ -96,18 +98,18 @@ def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: 
     marker = out_dir / "identity.json"
     if force and out_dir.exists():
         shutil.rmtree(out_dir)
-    elif out_dir.exists() and (not marker.is_file() or json.loads(marker.read_text()) != identity):
+    elif out_dir.exists() and not marker_matches(marker, identity):
         if any(out_dir.iterdir()):
             aside = out_dir.with_name(f"{out_dir.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
             why = "another configuration" if marker.is_file() else "unknown configuration (no identity.json)"
             run_logger().warning("%s holds a %s run of %s; moved it to %s", out_dir, what, why, aside)
             out_dir.rename(aside)
-    write_json_atomic(marker, identity)
+    write_marker(marker, identity)
 
 
 def checkpoint_facts(ckpt: Path) -> dict[str, Any]:
     """What every trainer's stamp records: checkpoint, step, last training loss, parameter count."""
-    from tagdit.train.checkpoints import load_weights
+    from tagdit.formats.checkpoints import load_weights
 
     meta = json.loads((ckpt / "meta.json").read_text())
     state, _ = load_weights(ckpt / "ema.safetensors")
@@ -154,7 +156,7 @@ class TrainerStage:
 
     def run(self, cfg: PipelineConfig, upstream: dict[str, StageRecord], force: bool = False) -> StageRecord:
         """The stage: cached record, or train (resuming) and stamp the final checkpoint."""
-        from tagdit.train.checkpoints import Checkpoints
+        from tagdit.formats.checkpoints import Checkpoints
 
         if not force and (rec := self.stage.valid_record(cfg, upstream)):
             return rec

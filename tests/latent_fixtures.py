@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tagdit.formats.latent_shards import LatentStats, latent_sample
-from tagdit.vocab import Vocab
+from tagdit.data.vocab import Vocab
+from tagdit.formats.latent_shards import LatentShardWriter, LatentStats, latent_shard_name
 
 TAGS = ["red hair", "blue hair", "smile", "hat", "glasses", "^_^"]
 
@@ -35,8 +35,6 @@ def write_latent_fixture(
     seed: int = 0,
 ) -> Path:
     """Write `<dataset_dir>/vocab.json` and `<dataset_dir>/latents-fixture/` (shards + stats.json)."""
-    import webdataset as wds
-
     rng = np.random.default_rng(seed)
     patterns = {t: rng.normal(0, 2.0, shape).astype(np.float32) for t in TAGS}
     out = Path(dataset_dir) / "latents-fixture"
@@ -45,14 +43,14 @@ def write_latent_fixture(
     index = 0
     for split, n in (("train", n_train), ("val", n_val)):
         for shard in range((n + per_shard - 1) // per_shard):
-            with wds.TarWriter(str(out / f"{split}-{shard:06d}.tar"), mtime=0) as w:
+            with LatentShardWriter(out / latent_shard_name(split, shard)) as w:
                 for _ in range(min(per_shard, n - shard * per_shard)):
                     tags = [t for t in TAGS if rng.random() < 0.4] or [TAGS[0]]
                     mean = sum(patterns[t] for t in tags) / len(tags)
                     logvar = np.full(shape, -6.0, np.float32)
                     meta = json.dumps({"tags": tags + ["rare tag"], "scores": [0.9] * (len(tags) + 1)}).encode()
                     flipped = (mean[:, :, ::-1], logvar) if flip else ()
-                    w.write(latent_sample(f"img{index:05d}", meta, mean, logvar, *flipped))
+                    w.write(f"img{index:05d}", meta, mean, logvar, *flipped)
                     index += 1
     fixture_stats(scale_factor, shape, n_train).save(out)
     return out

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tagdit.config import PipelineConfig, load_config
-from tagdit.stage import StageRecord
+from tagdit.orchestrate.stage import StageRecord
 from tests.latent_fixtures import write_latent_fixture
 
 TINY = ["dit.model=demo", "dit.model.patch=2", "dit.model.mlp_ratio=4", "dit.model.width=64", "dit.model.depth=2", "dit.model.heads=2", "dit.model.tag_heads=2",
@@ -30,7 +30,7 @@ def fake_vae_run(cfg: PipelineConfig, latents: Path) -> None:
     """A tiny untrained VAE checkpoint (f = 8) and the stamps the sample command looks up."""
     from models.vae import build_vae
     from tagdit.config import VAE_PRESETS
-    from tagdit.train.checkpoints import save_weights
+    from tagdit.formats.checkpoints import save_weights
 
     vae_dir = cfg.run_dir / "vae"
     vae = build_vae(VAE_PRESETS["demo"].model_copy(update={"widths": [8, 8, 8], "groups": 4}))

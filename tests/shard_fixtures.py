@@ -11,9 +11,9 @@ import json
 import random
 from pathlib import Path
 
+from tagdit.data.vocab import Vocab
 from tagdit.formats.image_shards import image_sample
-from tagdit.stage import StageRecord
-from tagdit.vocab import Vocab
+from tagdit.orchestrate.stage import StageRecord
 
 TAGS = ["circle", "square", "red", "blue", "green"]
 COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 180, 60)}

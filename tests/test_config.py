@@ -2,14 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from tagdit.cli import flow_main
 from tagdit.config import ConfigError, load_config
+from tagdit.orchestrate.cli import flow_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_presets_load_with_the_seed_settings():
-    seed = load_config(ROOT / "configs/seed-256.yaml")
+    seed = load_config(ROOT / "configs/original-256.yaml")
     assert seed.data.resolution == 256
     assert seed.vae.model.widths == [80, 160, 320] and seed.vae.model.z_channels == 4
     m = seed.dit.model

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tagdit.chunks import chunk_runner, offload, run_units, unit_task
 from tagdit.config import ConfigError, PrefectConfig, load_config
+from tagdit.orchestrate.chunks import chunk_runner, offload, run_units, unit_task
 from tests.test_prepare_data import make_images, outputs, overrides
 
 DASK = ["prefect.task_runner=dask", "prefect.dask_workers=2"]
@@ -50,17 +50,17 @@ def test_dask_without_the_extra_names_it(monkeypatch):
 @pytest.fixture
 def dask_runners(monkeypatch):
     """Every runner `chunk_runner` got from `dask_runner` (a spy)."""
-    import tagdit.chunks
+    import tagdit.orchestrate.chunks
 
-    made, real = [], tagdit.chunks.dask_runner
-    monkeypatch.setattr(tagdit.chunks, "dask_runner", lambda pc: made.append(real(pc)) or made[-1])
+    made, real = [], tagdit.orchestrate.chunks.dask_runner
+    monkeypatch.setattr(tagdit.orchestrate.chunks, "dask_runner", lambda pc: made.append(real(pc)) or made[-1])
     return made
 
 
 def vae_checkpoint(folder: Path) -> Path:
     """A random-init tiny VAE saved as a checkpoint folder (raw == EMA)."""
     from models.vae import build_vae
-    from tagdit.train.checkpoints import save_weights
+    from tagdit.formats.checkpoints import save_weights
     from tests.model_fixtures import TINY_VAE
 
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from models.dit import DiT
 from tagdit.config import load_config
-from tagdit.stage import StageRecord
-from tagdit.train.checkpoints import load_weights
+from tagdit.formats.checkpoints import load_weights
+from tagdit.orchestrate.stage import StageRecord
 from tests.latent_fixtures import write_latent_fixture
 from tests.model_fixtures import random_dit
 from tests.numerics import assert_close_to_scale
@@ -181,7 +181,7 @@ def ddp_runs(tmp_path_factory):
 
 
 def test_ddp_with_grad_accum_matches_one_process_on_the_same_global_batch(ddp_runs, tmp_path):
-    from tagdit.train.checkpoints import load_model_weights
+    from tagdit.formats.checkpoints import load_model_weights
 
     fit_tiny(str(tmp_path / "one"), rank=0, world=1, grad_accum=1)
     ddp, one = load_model_weights(ddp_runs / "accum", ema=False)[0], load_model_weights(tmp_path / "one", ema=False)[0]
@@ -193,7 +193,7 @@ def test_ddp_with_grad_accum_matches_one_process_on_the_same_global_batch(ddp_ru
 
 
 def test_ddp_resume_with_grad_accum_is_exact(ddp_runs):
-    from tagdit.train.checkpoints import load_model_weights
+    from tagdit.formats.checkpoints import load_model_weights
 
     straight, resumed = (load_model_weights(ddp_runs / d, ema=False)[0] for d in ("straight", "killed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tagdit.data.tagger import WDTagger
 from tagdit.demo import world
-from tagdit.tagger import WDTagger
 
 # A reduced build (the default trains on 2000 images x 5 epochs, batch 32): enough for the interface
 # tests and a meaningful accuracy floor, in about 30 s on 2 cores.
@@ -99,7 +99,7 @@ def test_report_numbers_are_reproduced_through_onnxruntime_on_other_images(tagge
 
 
 def test_demo_stage_is_cached_and_rebuilds_only_a_missing_unit(prefect_env):
-    from flows.demo_world import demo_world
+    from flows.demo_world import demo_world_flow as demo_world
 
     root = prefect_env
     overrides = [f"demo.out={root}/w", f"demo.tagger_out={root}/t", "demo.n_images=12", "demo.tagger_images=24",

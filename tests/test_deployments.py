@@ -123,12 +123,12 @@ DEPLOYMENTS = [  # every deployment in prefect.yaml with the stage its `force` n
     ("demo-world/default", ["demo"]),
     ("prepare-data/default", ["crop"]),
     ("train-vae/default", ["train_vae"]),
-    ("encode-latents/default", ["encode"]),
+    ("encode/default", ["encode"]),
     ("train-dit/default", ["train_dit"]),
     ("evaluate/default", ["evaluate"]),
     ("evaluate/nightly", ["evaluate"]),
     ("full-pipeline/demo", ["evaluate"]),
-    ("full-pipeline/seed-256", ["evaluate"]),  # with the tiny config: the deployment, not the model size
+    ("full-pipeline/original-256", ["evaluate"]),  # with the tiny config: the deployment, not the model size
 ]
 
 
@@ -174,7 +174,7 @@ def test_two_prepare_data_runs_at_once_give_the_single_runs_shards(deployed):
     twin = path_overrides(tmp) + ["data.name=twin"]
     # hold the dataset folder's slot until a run says it waits, so the runs surely meet the lock
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from tagdit.locks import exclusive\n"
+        [sys.executable, "-c", "import sys; from tagdit.orchestrate.locks import exclusive\n"
          f"with exclusive({str(tmp / 'shards/twin')!r}, 'test'):\n    print('held', flush=True); sys.stdin.read()"],
         env=server.env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

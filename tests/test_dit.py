@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from models.diffusion import cosine_alpha_bar, eps_loss, linear_alpha_bar, min_snr_weight, q_sample
-from models.dit import DiT, DiTBlock, build_dit, load_dit, patchify, unpatchify
+from models.dit import DiT, DiTBlock, build_dit, patchify, unpatchify
 from tagdit.config import DIT_PRESETS
-from tagdit.train.checkpoints import count_parameters, save_weights
+from tagdit.formats.checkpoints import count_parameters, save_weights
+from tagdit.formats.trained_models import load_dit
 from tests.model_fixtures import TINY_DIT
 from tests.numerics import assert_close_to_scale
 
@@ -95,7 +96,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_seed_preset_has_264m_parameters():
     with torch.device("meta"):  # count without allocating
-        model = DiT(DIT_PRESETS["seed-260m"], vocab_size=161, latent_size=32, in_channels=4)  # 158 tags + 3
+        model = DiT(DIT_PRESETS["original-264m"], vocab_size=161, latent_size=32, in_channels=4)  # 158 tags + 3
     assert count_parameters(model) == pytest.approx(264e6, rel=0.005)
 
 
@@ -138,7 +139,7 @@ def test_schedules_match_the_seed():
     assert torch.all(ab[1:] < ab[:-1])
     lin = linear_alpha_bar(1000)
     assert lin[0].item() == pytest.approx(1 - 0.00085) and torch.all(lin[1:] < lin[:-1])
-    assert lin[-1].sqrt().item() == pytest.approx(0.0397, abs=2e-4)  # the seed's comment: 0.03973617
+    assert lin[-1].sqrt().item() == pytest.approx(0.0397, abs=2e-4)  # the original's comment: 0.03973617
 
 
 def test_q_sample_and_l_simple():

@@ -9,12 +9,13 @@ import torch
 from webdataset.tariterators import tarfile_samples
 
 import tasks.encode as enc
-from models.vae import build_vae, load_vae
+from models.vae import build_vae
 from tagdit.config import load_config
 from tagdit.files import sha256_file
+from tagdit.formats.checkpoints import save_weights
 from tagdit.formats.image_shards import decode_image, image_bytes, image_shards
 from tagdit.formats.latent_shards import npy_bytes
-from tagdit.train.checkpoints import save_weights
+from tagdit.formats.trained_models import load_vae
 from tests.model_fixtures import TINY_VAE, as_override
 from tests.shard_fixtures import shard_record
 
@@ -83,7 +84,7 @@ def test_without_flip_only_the_posterior_is_stored(tmp_path, dataset, vae_ckpt):
 def test_the_cpu_heap_keeps_freed_activations_on_glibc():
     import platform
 
-    from tagdit.train.devices import retain_cpu_heap
+    from tagdit.devices import retain_cpu_heap
 
     assert retain_cpu_heap() is (platform.libc_ver()[0] == "glibc")
 
@@ -150,7 +151,7 @@ def test_encoding_resumes_per_shard_and_gives_identical_bytes(tmp_path, dataset,
 
 
 def test_train_vae_and_encode_latents_flows_run_and_cache(prefect_env, dataset):
-    from flows.encode_latents import encode_latents_flow
+    from flows.encode import encode_flow
     from flows.train_vae import train_vae_flow
 
     shard_record(dataset)  # the stamp prepare-data would have left
@@ -159,9 +160,9 @@ def test_train_vae_and_encode_latents_flows_run_and_cache(prefect_env, dataset):
                  "vae.w_perc=0", "vae.train.steps=2", "vae.train.batch_size=4", "vae.train.warmup_steps=1",
                  "latents.batch_size=4"]
     vae = train_vae_flow(overrides=overrides)
-    latents = encode_latents_flow(overrides=overrides)
+    latents = encode_flow(overrides=overrides)
     assert Path(latents.out_dir).name == f"latents-{vae.info['vae_id']}"
     stats = json.loads(Path(latents.info["stats"]).read_text())
     assert stats["scale_factor"] == latents.info["scale_factor"] > 0
-    again = encode_latents_flow(overrides=overrides)
+    again = encode_flow(overrides=overrides)
     assert again.cached and again.fingerprint == latents.fingerprint

@@ -15,21 +15,15 @@ from PIL import Image
 from models.inception import InceptionV3
 from models.vae import build_vae
 from tagdit.config import VAE_PRESETS, load_config
+from tagdit.data.vocab import SPECIALS, Vocab
+from tagdit.evaluation.fidelity import _inception_missing, fidelity, reconstruct, tag_fidelity
+from tagdit.evaluation.report import artifact_markdown, log_to_tensorboard, metrics_table
 from tagdit.files import sha256_file
-from tagdit.painter import Painter
-from tagdit.stage import StageRecord
-from tagdit.vocab import SPECIALS, Vocab
-from tasks.evaluate import (
-    _extra_inputs,
-    _inception_missing,
-    artifact_markdown,
-    default_prompts,
-    fidelity,
-    log_to_tensorboard,
-    metrics_table,
-    reconstruct,
-    tag_fidelity,
-)
+from tagdit.formats.eval_metrics import EvalMetrics
+from tagdit.orchestrate.stage import StageRecord
+from tagdit.sampling.painter import Painter
+from tagdit.sampling.prompts import default_prompts
+from tasks.evaluate import _extra_inputs
 
 
 def reals_with(captions: list[list[str]]) -> list[tuple[Image.Image, dict]]:
@@ -78,7 +72,7 @@ def test_artifacts_have_the_grid_the_metrics_and_paths_but_no_file_links(tmp_pat
     assert "data:image/png;base64," in md
     assert md.count("| 0.500 | 0.600 |") == 4
     metrics["sampler_recall"] = {"ddim50": {"sampler": "ddim", "steps": 50, **row},
-                                 "dpmpp20": {"sampler": "dpmpp_2m", "steps": 20, "recall": 0.25, "precision": 0.5}}
+                                 "dpmpp20": {"sampler": "dpmpp_2m", "steps": 20, "recall": 0.25, "precision": 0.5, "n": 4}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert "| CFG 4.0 samples (dpmpp20: dpmpp_2m, 20 steps) | 0.250 | 0.500 |" in artifact_markdown(record)
     table = {row["metric"]: row["value"] for row in metrics_table(record)}
@@ -180,9 +174,9 @@ def test_tag_fidelity_reports_kid_inception_only_when_weights_are_in_torch_hubs_
 
 
 def test_the_stage_key_holds_the_inception_weights_hash_only_when_they_are_found(tmp_path: Path, monkeypatch):
-    import tagdit.tagger
+    import tagdit.data.tagger
 
-    monkeypatch.setattr(tagdit.tagger, "resolve_tagger", lambda tcfg: SimpleNamespace(key_inputs=lambda: {"commit": "c"}))
+    monkeypatch.setattr(tagdit.data.tagger, "resolve_tagger", lambda tcfg: SimpleNamespace(key_inputs=lambda: {"commit": "c"}))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     assert _extra_inputs(load_config()) == {"commit": "c"}
     hub_file = tmp_path / "hub" / "checkpoints" / "inception_v3_google-0cc3c7bd.pth"
@@ -222,7 +216,7 @@ def test_artifacts_and_tensorboard_show_kid_inception_when_present(tmp_path: Pat
         def add_scalar(self, tag, value, step): scalars[tag] = value
 
     monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", Writer)
-    log_to_tensorboard(load_config(None, [f"run.root={tmp_path}"]), metrics["grids"], metrics, step=10)
+    log_to_tensorboard(load_config(None, [f"run.root={tmp_path}"]), EvalMetrics(**metrics, dit_step=10))
     assert scalars == {"eval/tag_recall_ratio": 0.9, "eval/kid_tagger_cfg": 0.01, "eval/kid_tagger_unconditional": 0.2,
                        "eval/kid_inception_cfg": 0.03}
     del metrics["kid_inception"]

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tagdit.data.metrics import psnr
+from tagdit.data.vocab import SPECIALS, Vocab
 from tagdit.formats.image_shards import (
     MTIME,
     ShardFile,
@@ -19,11 +21,14 @@ from tagdit.formats.image_shards import (
     read_samples,
 )
 from tagdit.formats.latent_shards import (
+    LatentShardWriter,
     LatentStats,
     has_flip,
-    latent_sample,
+    iter_latent_samples,
+    latent_shard_name,
     latent_shard_paths,
     npy_bytes,
+    read_meta,
     read_npy,
     read_posterior,
 )
@@ -36,8 +41,6 @@ from tagdit.formats.selected_tags import (
     write_tags_csv,
 )
 from tagdit.formats.wd_image import centre_box, centre_crop, pad_square
-from tagdit.metrics import psnr
-from tagdit.vocab import SPECIALS, Vocab
 from tests.latent_fixtures import fixture_stats
 
 META = {"tags": ["blue hair", "smile"], "scores": [0.912345, 0.5], "rating": "general", "source": "a/b.png",
@@ -90,17 +93,15 @@ def test_posterior_sample_is_mean_plus_std_times_seeded_noise():
 
 
 def test_latent_sample_round_trips_with_and_without_flip(tmp_path):
-    import webdataset as wds
-    from webdataset.tariterators import tarfile_samples
-
     rng = np.random.default_rng(0)
     mean, logvar, fmean = (rng.normal(size=(4, 2, 2)).astype(np.float32) for _ in range(3))
-    with wds.TarWriter(str(tmp_path / "train-000000.tar"), mtime=0) as w:
-        w.write(latent_sample("a", b"{}", mean, logvar))
-        w.write(latent_sample("b", b"{}", mean, logvar, fmean, logvar))
+    with LatentShardWriter(tmp_path / latent_shard_name("train", 0)) as w:
+        w.write("a", b'{"tags": ["x"]}', mean, logvar)
+        w.write("b", b"{}", mean, logvar, fmean, logvar)
     assert latent_shard_paths(tmp_path, "train") == [tmp_path / "train-000000.tar"]
-    a, b = tarfile_samples([{"url": str(tmp_path / "train-000000.tar")}])
-    assert not has_flip(a) and has_flip(b)
+    assert [p.name for p in tmp_path.iterdir()] == ["train-000000.tar"]  # no temporary file left
+    a, b = iter_latent_samples(latent_shard_paths(tmp_path, "train"))
+    assert not has_flip(a) and has_flip(b) and read_meta(a) == {"tags": ["x"]}
     m, lv = read_posterior(a)
     assert m.dtype == lv.dtype == np.float16 and np.array_equal(m, mean.astype(np.float16))
     assert np.array_equal(read_posterior(b, flipped=True)[0], fmean.astype(np.float16))

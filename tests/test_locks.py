@@ -6,7 +6,7 @@ import json
 import threading
 import time
 
-from tagdit.locks import exclusive, holder_file, lock_name
+from tagdit.orchestrate.locks import exclusive, holder_file, lock_name
 
 
 def test_lock_names_are_stable_valid_prefect_names(tmp_path):
@@ -17,9 +17,9 @@ def test_lock_names_are_stable_valid_prefect_names(tmp_path):
 
 
 def test_a_second_holder_waits_until_the_first_releases(prefect_env, monkeypatch):
-    import tagdit.locks
+    import tagdit.orchestrate.locks
 
-    monkeypatch.setattr(tagdit.locks, "POLL_SECONDS", 0.2)
+    monkeypatch.setattr(tagdit.orchestrate.locks, "POLL_SECONDS", 0.2)
     folder = prefect_env / "dataset"
     events: list[tuple[str, float]] = []
 
@@ -73,7 +73,7 @@ def test_a_dead_holders_slot_is_taken_back(prefect_env):
 def test_the_zombie_automation_is_created_once(prefect_env, capsys):
     from prefect.automations import Automation
 
-    from tagdit import zombies
+    from tagdit.orchestrate import zombies
 
     zombies.main(["--heartbeat-seconds", "45"])
     zombies.main([])
@@ -86,10 +86,10 @@ def test_a_taken_slot_without_any_holder_is_taken_back(prefect_env, monkeypatch)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    import tagdit.locks
+    import tagdit.orchestrate.locks
 
-    monkeypatch.setattr(tagdit.locks, "POLL_SECONDS", 0.2)
-    monkeypatch.setattr(tagdit.locks, "ORPHAN_SECONDS", 1.0)
+    monkeypatch.setattr(tagdit.orchestrate.locks, "POLL_SECONDS", 0.2)
+    monkeypatch.setattr(tagdit.orchestrate.locks, "ORPHAN_SECONDS", 1.0)
     folder = prefect_env / "orphan"
     with get_client(sync_client=True) as client:  # e.g. a holder file lost with a deleted folder
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock_name(folder), limit=1,

@@ -15,8 +15,8 @@ from models.perceptual import (
     vgg19_features,
 )
 from models.vae import build_vae
-from models.vae_loss import build_vae_loss
 from tagdit.config import VAEConfig, VAEModelConfig
+from tasks.train_vae import build_vae_loss
 
 REPO, REV = VAEConfig().vgg_repo, VAEConfig().vgg_revision
 
@@ -69,7 +69,7 @@ def test_a_local_file_wins_and_loads_torchvision_keys(tmp_path, no_sources, name
         save_file(state, path)
     else:
         torch.save(state, path)
-    loss = build_perceptual(VAEConfig(vgg_weights=path))
+    loss = build_perceptual(path)
     assert torch.equal(loss.features[28].weight, state["features.28.weight"])
     with pytest.raises(ValueError, match="lacks"):
         VGGPerceptualLoss({"features.0.weight": torch.zeros(64, 3, 3, 3)})

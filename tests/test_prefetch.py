@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from tagdit.prefetch import prefetch
+from tagdit.data.prefetch import prefetch
 
 
 def test_prefetch_yields_everything_in_order():

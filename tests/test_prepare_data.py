@@ -135,10 +135,10 @@ def test_flow_hits_cache_and_recomputes_what_changed(prefect_env, tmp_path, worl
     s4 = stamps(ds)
     assert [s4[k] != s3[k] for k in (".stage-crop.json", ".stage-tag.json", ".stage-shard.json")] == [False, True, True]
 
-    import tagdit.stage
+    import tagdit.orchestrate.stage
 
-    real = tagdit.stage.code_version
-    monkeypatch.setattr(tagdit.stage, "code_version", lambda *m: real(*m) + ("x" if "tasks.shard" in m else ""))
+    real = tagdit.orchestrate.stage.code_version
+    monkeypatch.setattr(tagdit.orchestrate.stage, "code_version", lambda *m: real(*m) + ("x" if "tasks.shard" in m else ""))
     prepare_data_flow(overrides=args)  # shard stage code changed
     s5 = stamps(ds)
     assert [s5[k] != s4[k] for k in (".stage-crop.json", ".stage-tag.json", ".stage-shard.json")] == [False, False, True]

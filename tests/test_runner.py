@@ -6,9 +6,9 @@ import pytest
 from prefect import flow, task
 
 from tagdit.config import ConfigError, load_config
-from tagdit.runner import expand_force, retry_after_crash, task_options
+from tagdit.orchestrate.runner import expand_force, retry_after_crash, task_options
 from tagdit.train.loop import NonFiniteLossError
-from tasks.encode import STAGE as ENCODE
+from tasks.encode import ENCODE
 from tasks.evaluate import EVALUATE
 from tasks.shard import SHARD
 

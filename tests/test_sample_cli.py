@@ -9,7 +9,8 @@ from PIL import Image
 
 from flows import sample
 from tagdit.config import SamplerConfig
-from tagdit.painter import painter_for_run, read_image
+from tagdit.sampling.painter import read_image
+from tasks.records import painter_for_run
 from tests.numerics import assert_images_close
 from tests.run_fixtures import sample_args
 

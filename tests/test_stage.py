@@ -3,8 +3,8 @@ from pathlib import Path
 from prefect import flow, task
 
 from tagdit.config import load_config
-from tagdit.runner import run_stage
-from tagdit.stage import Stage, StageRecord, stage_cache_key
+from tagdit.orchestrate.runner import run_stage
+from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
 CALLS: list[str] = []
 
@@ -61,7 +61,7 @@ def test_run_stage_reports_cache_hits(prefect_env):
 
 
 def test_force_expands_to_following_stages():
-    from tagdit.runner import expand_force
+    from tagdit.orchestrate.runner import expand_force
 
     assert expand_force(["train_dit"]) == {"train_dit", "evaluate"}
     assert expand_force(None) == set()
@@ -100,7 +100,7 @@ def _key_of(tmp_path, monkeypatch, src: str, *entries: str) -> str:
     """Write `src` as module `kv_toy` on sys.path and take the stage key of `entries`."""
     import importlib
 
-    from tagdit.stage import code_version
+    from tagdit.orchestrate.stage import code_version
 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "kv_toy.py").write_text(src)

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from tagdit.config import load_config
+from tagdit.data.tagger import WDTagger
 from tagdit.formats.wd_image import centre_box
-from tagdit.tagger import WDTagger
 from tasks.crop import crop_stage
 from tasks.tag import parse_sidecar, source_square, tag_stage
 from tests.wd_fixture import GOOD, _jpeg_with_orientation, build_wd_model

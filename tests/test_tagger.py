@@ -6,10 +6,7 @@ import pytest
 from PIL import Image
 
 from tagdit.config import TaggerConfig
-from tagdit.files import sha256_file
-from tagdit.formats.selected_tags import TagLabels, display_name
-from tagdit.formats.wd_image import wd_preprocess
-from tagdit.tagger import (
+from tagdit.data.tagger import (
     MODEL_FILE,
     TAGS_FILE,
     TaggerNotFoundError,
@@ -19,6 +16,9 @@ from tagdit.tagger import (
     resolve_tagger,
     select_tags,
 )
+from tagdit.files import sha256_file
+from tagdit.formats.selected_tags import TagLabels, display_name
+from tagdit.formats.wd_image import wd_preprocess
 from tests.wd_fixture import build_wd_model
 
 
@@ -260,7 +260,7 @@ def test_tagging_and_repeated_cache_keys_ask_the_hub_once_per_file(hf_cache, wor
 
 
 def test_batch_end_marker_pins_batches_without_changing_order(wd_model):
-    from tagdit.tagger import BATCH_END
+    from tagdit.data.tagger import BATCH_END
 
     tagger = WDTagger.from_dir(wd_model, batch_size=4)
     imgs = [Image.new("RGB", (20, 20), (i * 40, 0, 255 - i * 40)) for i in range(6)]
@@ -280,7 +280,7 @@ def test_batch_end_marker_pins_batches_without_changing_order(wd_model):
 def test_default_providers_put_cuda_first_when_onnxruntime_has_it(monkeypatch, available, want):
     import onnxruntime
 
-    from tagdit.tagger import default_providers
+    from tagdit.data.tagger import default_providers
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
     assert default_providers() == want

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
-from models.dit import load_dit
+from tagdit.data.vocab import Vocab, augment_tags
+from tagdit.formats.checkpoints import load_weights
 from tagdit.formats.latent_shards import LatentStats
-from tagdit.train.checkpoints import load_weights
-from tagdit.vocab import Vocab, augment_tags
-from tasks.train_dit import STAGE, decode_latent, shard_urls, train_dit_stage
+from tagdit.formats.trained_models import load_dit
+from tasks.train_dit import TRAIN_DIT, decode_latent, shard_urls, train_dit_stage
 from tests.latent_fixtures import write_latent_fixture
 from tests.run_fixtures import config, fake_vae_run, records, sample_args
 
@@ -51,7 +51,7 @@ def test_tiny_dit_overfits_a_few_latents(trained):
 
 def test_finished_stage_is_reused_and_stamped(trained):
     cfg, latents, record = trained
-    assert STAGE.valid_record(cfg, dict(zip(("latents", "shards"), records(latents), strict=True))) == record
+    assert TRAIN_DIT.valid_record(cfg, dict(zip(("latents", "shards"), records(latents), strict=True))) == record
     again = train_dit_stage(cfg, *records(latents))  # no training: the stamped record comes back
     assert again == record
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tagdit.data.vocab import Vocab
+from tagdit.formats.checkpoints import load_weights
 from tagdit.formats.latent_shards import LatentStats
-from tagdit.train.checkpoints import load_weights
 from tagdit.train.samples import artifact_key, publish_artifact, sample_prompts
-from tagdit.vocab import Vocab
-from tasks.train_dit import STAGE, TRAINER, train_dit_stage
+from tasks.train_dit import TRAIN_DIT, TRAINER, train_dit_stage
 from tests.latent_fixtures import TAGS, write_latent_fixture
 from tests.run_fixtures import config, fake_vae_run, records
 
@@ -87,9 +87,9 @@ def test_sample_settings_are_not_part_of_the_cache_key_or_run_identity(tmp_path)
     a = config(tmp_path)
     b = config(tmp_path, "dit.sample_every=5", "dit.sample_prompts=[smile]", "dit.sample_seeds=[3]",
                "dit.sample_steps=7")
-    assert STAGE.key(a, ups) == STAGE.key(b, ups) and TRAINER.identity(a, ups) == TRAINER.identity(b, ups)
+    assert TRAIN_DIT.key(a, ups) == TRAIN_DIT.key(b, ups) and TRAINER.identity(a, ups) == TRAINER.identity(b, ups)
     c = config(tmp_path, "dit.caption_drop=0.3")  # a training setting still is
-    assert STAGE.key(a, ups) != STAGE.key(c, ups) and TRAINER.identity(a, ups) != TRAINER.identity(c, ups)
+    assert TRAIN_DIT.key(a, ups) != TRAIN_DIT.key(c, ups) and TRAINER.identity(a, ups) != TRAINER.identity(c, ups)
 
 
 def test_sampling_without_a_vae_fails_at_start(tmp_path):

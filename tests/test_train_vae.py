@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import tasks.train_vae as tv
-from models.vae import load_vae
 from tagdit.config import load_config
-from tagdit.train.checkpoints import load_weights
+from tagdit.formats.checkpoints import load_weights
+from tagdit.formats.trained_models import load_vae
 from tagdit.train.loop import NonFiniteLossError
 from tasks.trainer import TrainerStage
 from tests.model_fixtures import TINY_VAE, as_override

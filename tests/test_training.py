@@ -7,7 +7,7 @@ import webdataset as wds
 from torch import nn
 
 from tagdit.config import TrainConfig
-from tagdit.train.checkpoints import Checkpoints, load_model_weights
+from tagdit.formats.checkpoints import Checkpoints, load_model_weights
 from tagdit.train.loop import NonFiniteLossError, fit
 from tagdit.train.optim import lr_factor
 from tagdit.train.stream import EpochStream

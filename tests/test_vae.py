@@ -2,15 +2,16 @@ import pytest
 import torch
 
 import models.vae as vae_mod
-from models.vae import AttnBlock, AutoencoderKL, ResBlock, build_vae, load_vae
+from models.vae import AttnBlock, AutoencoderKL, ResBlock, build_vae
 from models.vae_loss import VAELoss
 from tagdit.config import VAE_PRESETS, VAEModelConfig
-from tagdit.train.checkpoints import count_parameters
+from tagdit.formats.checkpoints import count_parameters
+from tagdit.formats.trained_models import load_vae
 from tests.model_fixtures import TINY_VAE
 from tests.numerics import assert_close_to_scale
 
 TINY = VAEModelConfig(widths=[8, 16, 16], blocks_per_level=1, up_blocks=1, groups=4, heads=2)
-SEED_PARAMETERS = 32_591_703  # the seed's KL-VAE, counted from its layer list below
+ORIGINAL_PARAMETERS = 32_591_703  # the original's KL-VAE, counted from its layer list below
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,7 +61,7 @@ def test_latents_are_image_size_over_8_with_z_channels(h, w):
 
 
 def test_seed_preset_has_three_downsamplings_and_attention():
-    model = build_vae(VAE_PRESETS["seed"])
+    model = build_vae(VAE_PRESETS["original"])
     assert model.downsample_factor == 8
     attn = [m for m in model.modules() if isinstance(m, AttnBlock)]
     assert len(attn) == 2 and all(a.heads == 8 for a in attn)  # encoder + decoder bottleneck
@@ -70,8 +71,8 @@ def test_seed_preset_has_three_downsamplings_and_attention():
 
 def test_seed_preset_parameter_count_matches_the_original_layer_list():
     expected = seed_parameter_count()
-    assert expected == SEED_PARAMETERS
-    assert abs(count_parameters(build_vae(VAE_PRESETS["seed"])) - expected) <= 0.01 * expected
+    assert expected == ORIGINAL_PARAMETERS
+    assert abs(count_parameters(build_vae(VAE_PRESETS["original"])) - expected) <= 0.01 * expected
 
 
 def test_demo_preset_builds_at_f4_with_the_same_layout():
@@ -83,7 +84,7 @@ def test_demo_preset_builds_at_f4_with_the_same_layout():
 
 
 def test_checkpoint_config_round_trip_rebuilds_the_same_model(tmp_path):
-    from tagdit.train.checkpoints import save_weights
+    from tagdit.formats.checkpoints import save_weights
 
     torch.manual_seed(0)
     model = build_vae(TINY).eval()

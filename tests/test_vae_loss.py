@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 
 from models.discriminator import PatchDiscriminator
-from models.vae_loss import VAELoss, build_vae_loss
+from models.vae_loss import VAELoss
 from tagdit.config import VAEConfig, load_config
+from tasks.train_vae import build_vae_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -57,8 +58,8 @@ def test_build_from_config_adds_the_patchgan_only_with_disc_start():
 
 
 def test_seed_config_is_the_seeds_loss_without_discriminator_or_clipping():
-    vae = load_config(CONFIGS / "seed-256.yaml").vae
+    vae = load_config(CONFIGS / "original-256.yaml").vae
     assert (vae.w_l1, vae.w_perc, vae.w_kl, vae.disc_start) == (10.0, 1.0, 1e-5, None)
-    assert vae.train.grad_clip is None  # the seed's clipnorm = NULL
+    assert vae.train.grad_clip is None  # the original's clipnorm = NULL
     demo = load_config(CONFIGS / "demo.yaml").vae
     assert demo.disc_start is None and (demo.w_l1, demo.w_kl) == (10.0, 1e-5)

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tagdit.config import SamplerConfig
-from tagdit.painter import painter_for_run
 from tagdit.web.app import create_app
+from tasks.records import painter_for_run
 from tests.numerics import assert_images_close
 from tests.run_fixtures import sample_args
 

@@ -5,7 +5,7 @@ The exported graph takes what a WD 1.4 tagger takes (docs/design.md §6: `input_
 a 7x7 average pool (448 -> 64, so CPU inference is cheap), then the CNN. Training therefore uses the
 pooled 64 px equivalent of the WD preprocessing (`tagger_data.wd_pooled_view`), for both whole source
 images and 64 px centre crops (what the dataset and the DiT produce). Accuracy is measured through
-onnxruntime on the exported file with `tagdit.tagger.WDTagger`, on world images it never saw.
+onnxruntime on the exported file with `tagdit.data.tagger.WDTagger`, on world images it never saw.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def export_onnx(cnn: DemoCNN, path: Path, opset: int = 18) -> int:
 
 def evaluate(model_dir: Path, world_seed: int, n_eval: int, res: int = 64, offset: int = 0) -> dict[str, Any]:
     """Per-tag precision / recall of the exported tagger on world images, full and 64 px crops."""
-    from tagdit.tagger import WDTagger
+    from tagdit.data.tagger import WDTagger
 
     tagger = WDTagger.from_dir(model_dir, batch_size=32)
     items = [world.make_item(world_seed, i) for i in range(offset, offset + n_eval)]

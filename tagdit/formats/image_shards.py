@@ -88,6 +88,13 @@ def decode_image(data: bytes, resolution: int, flip: bool = False):
     return x.float() / 127.5 - 1.0
 
 
+def iter_image_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Raw samples of one image shard in order (read them with `image_bytes` / `decode_image`)."""
+    from webdataset.tariterators import tarfile_samples
+
+    yield from tarfile_samples([{"url": str(path)}])
+
+
 def read_samples(dataset_dir: Path, split: str, limit: int | None = None) -> Iterator[tuple[bytes, dict]]:
     """(encoded image, json metadata) of up to `limit` samples of one split, in shard order."""
     from webdataset.tariterators import tarfile_samples

@@ -9,13 +9,15 @@ works on `to_model(z)` = scale · z, and the VAE decodes `to_vae(z)` = z / scale
 from __future__ import annotations
 
 import io
+import json
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from tagdit.files import write_json_atomic
+from tagdit.files import atomic_path, write_json_atomic
 
 STATS_FILE = "stats.json"
 FLIP = "flip_"  # member prefix of the mirrored image's posterior
@@ -58,7 +60,12 @@ def read_npy(raw: bytes):
     return np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=size).reshape(shape).copy()
 
 
-def latent_sample(key: str, meta: bytes, mean, logvar, flip_mean=None, flip_logvar=None) -> dict[str, Any]:
+def latent_shard_name(split: str, index: int) -> str:
+    """`train-000003.tar`: the name of a split's shard `index`."""
+    return f"{split}-{index:06d}.tar"
+
+
+def _latent_sample(key: str, meta: bytes, mean, logvar, flip_mean=None, flip_logvar=None) -> dict[str, Any]:
     """One shard sample from (z, h, w) posterior arrays (stored as float16); flips when given."""
     import numpy as np
 
@@ -69,6 +76,47 @@ def latent_sample(key: str, meta: bytes, mean, logvar, flip_mean=None, flip_logv
     if flip_mean is not None:
         sample[FLIP + "mean.npy"], sample[FLIP + "logvar.npy"] = fp16(flip_mean), fp16(flip_logvar)
     return sample
+
+
+class LatentShardWriter:
+    """Writes one latent shard: a temporary file renamed into place on a clean exit, fixed mtimes
+    (the same posteriors give the same bytes).
+
+        with LatentShardWriter(dst) as w:
+            w.write(key, meta_json_bytes, mean, logvar[, flip_mean, flip_logvar])
+    """
+
+    def __init__(self, dst: str | Path):
+        self.dst = Path(dst)
+
+    def __enter__(self) -> LatentShardWriter:
+        import webdataset as wds
+
+        self._atomic = atomic_path(self.dst)
+        tmp = self._atomic.__enter__()
+        self._tar = wds.TarWriter(str(tmp), mtime=0)
+        self.count = 0
+        return self
+
+    def write(self, key: str, meta: bytes, mean, logvar, flip_mean=None, flip_logvar=None) -> None:
+        self._tar.write(_latent_sample(key, meta, mean, logvar, flip_mean, flip_logvar))
+        self.count += 1
+
+    def __exit__(self, *exc) -> None:
+        self._tar.close()
+        self._atomic.__exit__(*exc)
+
+
+def iter_latent_samples(paths: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+    """Raw samples of latent shards in order (read them with `read_posterior`, `read_meta`)."""
+    from webdataset.tariterators import tarfile_samples
+
+    yield from tarfile_samples({"url": str(p)} for p in paths)
+
+
+def read_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw sample's json (the image shard's: tags, scores, source)."""
+    return json.loads(raw["json"])
 
 
 def has_flip(raw: dict[str, Any]) -> bool:

@@ -20,14 +20,14 @@ import torch.distributed as dist
 from torch import nn
 
 from tagdit.config import TrainConfig
-from tagdit.train.checkpoints import (
+from tagdit.devices import autocast, configure_backends
+from tagdit.formats.checkpoints import (
     Checkpoints,
     load_weights,
     rng_state,
     seed_everything,
     set_rng_state,
 )
-from tagdit.train.devices import autocast, configure_backends
 from tagdit.train.optim import EMA, make_optimizer, make_scheduler
 from tagdit.train.stream import EpochStream
 
@@ -274,7 +274,7 @@ def _save_checkpoint(st: _State, ckpts: Checkpoints, model_config: dict, desc: s
     """Rank 0 writes `ckpt-<step>/` (with every rank's stream position and RNG); all point `last_good` at it."""
     ranks = _rank_states(st, world)
     if rank == 0:
-        ckpts.save(st.step, model=st.model, ema=st.ema, config=model_config, state=st.state_dict(ranks),
+        ckpts.save(st.step, model=st.model, ema=st.ema.module, config=model_config, state=st.state_dict(ranks),
                    meta={"metrics": st.metrics, "desc": desc})
         if keep:
             for gone in ckpts.prune(keep):

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from tagdit.config import PipelineConfig, SamplerConfig
-from tagdit.painter import Painter
+from tagdit.sampling.painter import Painter
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +26,11 @@ CAPTION_POOL = 512  # val captions the default prompts are picked from
 
 def val_captions(latents_dir: Path, limit: int = CAPTION_POOL) -> list[dict]:
     """The json of the first `limit` validation latents (their tags and scores)."""
-    import json
-
-    from webdataset.tariterators import tarfile_samples
-
-    from tagdit.formats.latent_shards import latent_shard_paths
+    from tagdit.formats.latent_shards import iter_latent_samples, latent_shard_paths, read_meta
 
     metas = []
-    for raw in tarfile_samples({"url": str(u)} for u in latent_shard_paths(latents_dir, "val")):
-        metas.append(json.loads(raw["json"]))
+    for raw in iter_latent_samples(latent_shard_paths(latents_dir, "val")):
+        metas.append(read_meta(raw))
         if len(metas) == limit:
             break
     return metas
@@ -42,7 +38,7 @@ def val_captions(latents_dir: Path, limit: int = CAPTION_POOL) -> list[dict]:
 
 def sample_prompts(cfg: PipelineConfig, vocab: Any, latents_dir: Path) -> list[list[str]]:
     """The grid's rows: `dit.sample_prompts` parsed, or a few frequent val captions (fixed at start)."""
-    from tasks.evaluate import default_prompts
+    from tagdit.sampling.prompts import default_prompts
 
     max_tags = cfg.dit.model.max_tags
     if cfg.dit.sample_prompts:
@@ -70,7 +66,7 @@ def publish_artifact(grid: Image.Image, step: int, key: str) -> bool:
 
         if FlowRunContext.get() is None and TaskRunContext.get() is None:
             return False
-        from tagdit.grid import png_data_uri
+        from tagdit.sampling.grid import png_data_uri
 
         create_markdown_artifact(key=key, markdown=f"# DiT samples, step {step}\n\n![samples]({png_data_uri(grid)})",
                                  description=f"EMA samples at step {step}")
@@ -100,7 +96,7 @@ class SampleMonitor:
         """The grid (rows = prompts, columns = seeds); the global RNG state is left untouched."""
         import torch
 
-        from tagdit.grid import render_grid
+        from tagdit.sampling.grid import render_grid
 
         device = torch.device(self.painter.device)
         cuda = [device.index or 0] if device.type == "cuda" else []
@@ -140,8 +136,8 @@ def make_sample_monitor(cfg: PipelineConfig, vocab: Any, latents_dir: Path, vae_
     The VAE is the one the latents were encoded with (stats.json's `vae_checkpoint`) unless
     `vae_checkpoint` names another; a missing one fails at start, not hours into training.
     """
-    from models.vae import load_vae
     from tagdit.formats.latent_shards import LatentStats
+    from tagdit.formats.trained_models import load_vae
 
     if cfg.dit.sample_every is None:
         return None

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tagdit.prefetch import prefetch
+from tagdit.data.prefetch import prefetch
 from tagdit.train.loader_workers import END, WorkerProcess
 from tagdit.train.tar_samples import tar_samples
 

@@ -34,8 +34,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from tagdit.config import SamplerConfig
-from tagdit.painter import MAX_IMAGE_SIDE, Painter, read_image
-from tagdit.vocab import SPECIALS, normalize_tag
+from tagdit.data.vocab import SPECIALS, normalize_tag
+from tagdit.sampling.painter import MAX_IMAGE_SIDE, Painter, read_image
 from tagdit.web.forms import (
     MAX_BODY_BYTES,
     MAX_UPLOAD_BYTES,
@@ -137,12 +137,8 @@ async def read_init_image(upload: UploadFile) -> Image.Image:
     return read_image(data, MAX_IMAGE_SIDE)
 
 
-def create_app(painter: Painter, out_dir: str | Path) -> FastAPI:
-    """The page's app over a loaded painter, writing into `out_dir` (e.g. `<run>/samples-web`)."""
-    app = FastAPI(title="tagdit sampling page", docs_url=None, redoc_url=None, openapi_url=None)
-    studio = Studio(painter, Path(out_dir))
-    app.state.studio = studio
-
+def add_error_handlers(app: FastAPI) -> None:
+    """Every failure answers as JSON `{"error": …}` with its status; crashes are logged with their traceback."""
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
         return error(413, str(e))
@@ -159,6 +155,14 @@ def create_app(painter: Painter, out_dir: str | Path) -> FastAPI:
     async def crashed(request: Request, e: Exception) -> JSONResponse:
         log.exception("request %s failed", request.url.path)
         return error(500, f"the server failed ({type(e).__name__}); the details are in its log")
+
+
+def create_app(painter: Painter, out_dir: str | Path) -> FastAPI:
+    """The page's app over a loaded painter, writing into `out_dir` (e.g. `<run>/samples-web`)."""
+    app = FastAPI(title="tagdit sampling page", docs_url=None, redoc_url=None, openapi_url=None)
+    studio = Studio(painter, Path(out_dir))
+    app.state.studio = studio
+    add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

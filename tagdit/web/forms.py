@@ -18,7 +18,7 @@ MAX_BODY_BYTES = MAX_UPLOAD_BYTES + MAX_FORM_BYTES
 
 def limits() -> dict[str, float]:
     """The limits as the page shows them."""
-    from tagdit.painter import MAX_IMAGE_SIDE
+    from tagdit.sampling.painter import MAX_IMAGE_SIDE
 
     return {"n": MAX_IMAGES, "steps": MAX_STEPS, "cfg": MAX_CFG, "upload_mb": MAX_UPLOAD_BYTES // 2**20,
             "image_side": MAX_IMAGE_SIDE}

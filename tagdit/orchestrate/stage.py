@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tagdit.config import PipelineConfig
-from tagdit.files import sha256_file, sha256_text, write_json_atomic
+from tagdit.files import file_fingerprint, sha256_file, sha256_text, write_json_atomic
 
 
 class StageRecord(BaseModel):
@@ -93,19 +93,6 @@ def code_version(*entries: str) -> str:
     return sha256_text(*sorted(code_digest(e) for e in set(entries)))[:16]
 
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """sha256 of a file, memoised on (path, size, mtime) within the process."""
-    p = Path(path)
-    st = p.stat()
-    k = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if k not in _FILE_HASHES:
-        _FILE_HASHES[k] = sha256_file(p)
-    return _FILE_HASHES[k]
-
-
 def tree_fingerprint(root: str | Path) -> str:
     """Cheap fingerprint of a folder tree: relative paths, sizes and mtimes (no byte hashing)."""
     root = Path(root)
@@ -146,7 +133,7 @@ class Stage:
     out_dir: Callable[[PipelineConfig, dict[str, StageRecord]], Path]
     extra_inputs: Callable[[PipelineConfig], dict[str, str]] = field(default=lambda cfg: {})
     version: int = 1  # output format version: bump by hand when the outputs change meaning or layout
-    # the folder whose global concurrency slot a flow run holds while the stage runs (tagdit.locks);
+    # the folder whose global concurrency slot a flow run holds while the stage runs (tagdit.orchestrate.locks);
     # None = out_dir. Data stages lock the whole dataset folder.
     lock: Callable[[PipelineConfig, dict[str, StageRecord]], Path] | None = None
 

@@ -1,11 +1,11 @@
 """Mark flow runs whose worker died as Crashed: a Prefect automation on missing heartbeats.
 
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60 prefect worker start --pool tagdit   # on every worker
-    python -m tagdit.zombies                                                  # once per server
+    python -m tagdit.orchestrate.zombies                                                  # once per server
 
 A flow run from a deployment then sends a heartbeat event every 60 s; when none arrives for three
 intervals (and the run did not finish), the automation sets it to Crashed. Re-running the deployment
-resumes from its checkpoints, and its folder lock is taken back from the dead run (tagdit.locks).
+resumes from its checkpoints, and its folder lock is taken back from the dead run (tagdit.orchestrate.locks).
 """
 
 from __future__ import annotations

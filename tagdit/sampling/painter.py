@@ -123,7 +123,7 @@ class Painter:
         import torch
 
         from models.sampling import sample_latents
-        from tagdit.train.devices import autocast
+        from tagdit.devices import autocast
 
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
         tags = torch.cat([self.ids(c) for c in conds]).repeat(len(seeds), 1)  # (S·B, L)
@@ -141,7 +141,7 @@ class Painter:
         import torch
 
         from models.sampling import sample_latents
-        from tagdit.train.devices import autocast
+        from tagdit.devices import autocast
 
         with torch.no_grad(), autocast(self.device):
             z = sample_latents(self.dit, cond, neg, alpha_bar=self.dit.alpha_bar, shape=(n, *self.stats.latent_shape),
@@ -156,7 +156,7 @@ class Painter:
         import torch
 
         from models.sampling import img2img_latents
-        from tagdit.train.devices import autocast
+        from tagdit.devices import autocast
 
         z0 = self.encode_image(image).repeat(n, 1, 1, 1)  # (n, C, h, w)
         with torch.no_grad(), autocast(self.device):
@@ -176,7 +176,7 @@ class Painter:
 
         from models.interpolate import blend_embeddings, frame_weights, slerp
         from models.sampling import encode_prompts, sample_from_embeddings
-        from tagdit.train.devices import autocast
+        from tagdit.devices import autocast
 
         if sampler.eta != 0:
             raise ValueError("interpolation needs a deterministic sampler (eta = 0): fresh noise would differ per frame")
@@ -196,11 +196,10 @@ class Painter:
 def load_painter(cfg: PipelineConfig, checkpoint: str | Path, vae_checkpoint: str | Path,
                  latents_dir: str | Path) -> Painter:
     """A painter from explicit files; the DiT's noise schedule comes from its checkpoint."""
-    from models.dit import load_dit
-    from models.vae import load_vae
-    from tagdit.train.checkpoints import resolve_checkpoint
-    from tagdit.train.devices import select_device
-    from tagdit.vocab import Vocab
+    from tagdit.data.vocab import Vocab
+    from tagdit.devices import select_device
+    from tagdit.formats.checkpoints import resolve_checkpoint
+    from tagdit.formats.trained_models import load_dit, load_vae
 
     device = select_device(cfg.evaluate.device)
     ckpt = resolve_checkpoint(checkpoint)
@@ -211,12 +210,3 @@ def load_painter(cfg: PipelineConfig, checkpoint: str | Path, vae_checkpoint: st
     vae, _ = load_vae(Path(vae_checkpoint))
     return Painter(dit=dit, vae=vae.to(device).eval(), vocab=vocab, stats=LatentStats.load(latents_dir),
                    device=device, checkpoint=ckpt)
-
-
-def painter_for_run(cfg: PipelineConfig, checkpoint: str | Path | None = None) -> Painter:
-    """The run's painter: its latest DiT checkpoint (or `checkpoint`), its VAE and latents."""
-    from tagdit.records import latents_record, vae_record
-
-    vae = vae_record(cfg)
-    return load_painter(cfg, checkpoint or cfg.run_dir / "dit", vae.info["checkpoint"],
-                        latents_record(cfg, vae).out_dir)

@@ -2,7 +2,7 @@
 
 A stage flow run alone (`python -m flows.train_dit …`), the evaluator and the sample CLI all need the
 records of the stages before them. Each finished stage leaves its record in a stamp beside its
-outputs (`tagdit.stage`); this module is the one place that knows where each stamp lives and which
+outputs (`tagdit.orchestrate.stage`); this module is the one place that knows where each stamp lives and which
 flow to run when it is missing.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tagdit.config import PipelineConfig
-from tagdit.stage import StageRecord, require_stamp
+from tagdit.orchestrate.stage import StageRecord, require_stamp
+from tagdit.sampling.painter import Painter, load_painter
 
 
 def shard_record(cfg: PipelineConfig) -> StageRecord:
@@ -23,24 +24,24 @@ def shard_record(cfg: PipelineConfig) -> StageRecord:
 
 def vae_record(cfg: PipelineConfig) -> StageRecord:
     """The finished VAE training of `cfg.run_dir`."""
-    from tasks.train_vae import STAGE
+    from tasks.train_vae import TRAIN_VAE
 
-    return require_stamp(STAGE.out_dir(cfg, {}), STAGE.name, "train-vae")
+    return require_stamp(TRAIN_VAE.out_dir(cfg, {}), TRAIN_VAE.name, "train-vae")
 
 
 def latents_record(cfg: PipelineConfig, vae: StageRecord | None = None) -> StageRecord:
     """The encode stage's record, found through the VAE run that names its latents folder."""
-    from tasks.encode import STAGE
+    from tasks.encode import ENCODE
 
     vae = vae or vae_record(cfg)
-    return require_stamp(STAGE.out_dir(cfg, {"vae": vae}), STAGE.name, "encode-latents")
+    return require_stamp(ENCODE.out_dir(cfg, {"vae": vae}), ENCODE.name, "encode")
 
 
 def dit_record(cfg: PipelineConfig) -> StageRecord:
     """The finished DiT training of `cfg.run_dir`."""
-    from tasks.train_dit import STAGE
+    from tasks.train_dit import TRAIN_DIT
 
-    return require_stamp(STAGE.out_dir(cfg, {}), STAGE.name, "train-dit")
+    return require_stamp(TRAIN_DIT.out_dir(cfg, {}), TRAIN_DIT.name, "train-dit")
 
 
 def checkpoint_record(checkpoint: str | Path) -> StageRecord:
@@ -61,3 +62,10 @@ def upstream_records(cfg: PipelineConfig, dit_checkpoint: str | Path | None = No
     vae = vae_record(cfg)
     dit = checkpoint_record(dit_checkpoint) if dit_checkpoint is not None else dit_record(cfg)
     return {"shards": shard_record(cfg), "vae": vae, "latents": latents_record(cfg, vae), "dit": dit}
+
+
+def painter_for_run(cfg: PipelineConfig, checkpoint: str | Path | None = None) -> Painter:
+    """The run's painter: its latest DiT checkpoint (or `checkpoint`), its VAE and latents."""
+    vae = vae_record(cfg)
+    return load_painter(cfg, checkpoint or cfg.run_dir / "dit", vae.info["checkpoint"],
+                        latents_record(cfg, vae).out_dir)

@@ -98,7 +98,7 @@ def augment_tags(
 ) -> list[str]:
     """Training-time conditioning: drop the whole caption (-> null), shuffle, drop each tag, cap.
 
-    The seed's order: caption dropped with p = caption_drop, then tags shuffled, then each tag
+    The original's order: caption dropped with p = caption_drop, then tags shuffled, then each tag
     dropped with p = tag_drop; at most `max_tags` survive.
     """
     if rng.random() < caption_drop:

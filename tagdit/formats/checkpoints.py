@@ -12,16 +12,13 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from tagdit.files import write_bytes_atomic, write_json_atomic
-
-if TYPE_CHECKING:
-    from tagdit.train.optim import EMA
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
@@ -147,7 +144,7 @@ class Checkpoints:
         step: int,
         *,
         model: nn.Module,
-        ema: EMA,
+        ema: nn.Module,  # the EMA copy of `model`
         config: dict,
         state: dict[str, Any],
         meta: dict[str, Any],
@@ -159,7 +156,7 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_weights(tmp / "model.safetensors", model.state_dict(), config)
-            save_weights(tmp / "ema.safetensors", ema.module.state_dict(), config)
+            save_weights(tmp / "ema.safetensors", ema.state_dict(), config)
             torch.save(state, tmp / "state.pt")
             write_json_atomic(tmp / "meta.json", {"step": step, **meta})
             shutil.rmtree(final, ignore_errors=True)  # an incomplete folder from a killed run

@@ -1,7 +1,7 @@
 """Running a stage's Prefect task from a flow: folder lock, cache check on disk, retries, timeouts.
 
 `run_stage` is the one way a flow calls a stage. It
-  1. holds the global concurrency slot of the folder the stage writes (`tagdit.locks`), so two
+  1. holds the global concurrency slot of the folder the stage writes (`tagdit.orchestrate.locks`), so two
      flow runs on one dataset or run never interleave,
   2. checks the stage's stamp on disk: outputs missing or changed -> the task runs with
      `refresh_cache=True`; on a cache hit the record checked on disk is the one returned,
@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from tagdit.config import ConfigError, PipelineConfig
-from tagdit.stage import Stage, StageRecord
+from tagdit.orchestrate.stage import Stage, StageRecord
 
 PIPELINE_ORDER = ("demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate")
 RESUMING_STAGES = ("train_vae", "encode", "train_dit")  # a retry continues where the crash stopped
@@ -70,7 +70,7 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
     """Call a stage's Prefect task under its folder lock, bypassing the cache when outputs are missing."""
     from prefect import get_run_logger
 
-    from tagdit.locks import exclusive
+    from tagdit.orchestrate.locks import exclusive
 
     logger = get_run_logger()
     with exclusive(stage.lock_dir(cfg, upstream), f"stage {stage.name}"):

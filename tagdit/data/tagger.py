@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel
 
+from tagdit.data.prefetch import prefetch
 from tagdit.formats.selected_tags import CHARACTER, GENERAL, RATING, TagLabels, display_name
 from tagdit.formats.wd_image import wd_preprocess
-from tagdit.prefetch import prefetch
 
 if TYPE_CHECKING:
     from tagdit.config import TaggerConfig
@@ -182,7 +182,7 @@ def resolve_tagger(tcfg: TaggerConfig) -> ResolvedTagger:
     process; later calls, e.g. from cache-key computations, make no Hub request. File hashes are
     memoised on (path, size, mtime), so a changed local model is noticed.
     """
-    from tagdit.stage import file_fingerprint
+    from tagdit.files import file_fingerprint
 
     if tcfg.path is not None:
         model, tags = _local_files(tcfg.path)

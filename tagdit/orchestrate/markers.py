@@ -1,0 +1,42 @@
+"""Resume markers: does the partial work in a folder belong to this key?
+
+A stage's finished outputs are judged by its stamp (`Stage.valid_record`). Work in progress — a
+training run's checkpoints, latent shards written so far, one demo unit — is judged by a marker
+beside it: the key (or identity) it was made under, and optionally the files it vouches for with
+their sizes. One reader and one writer for every such marker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tagdit.files import write_json_atomic
+
+
+def marker_matches(marker: Path, key: Any) -> bool:
+    """True when `marker` was written for `key` and every file it lists still has its size."""
+    try:
+        stamp = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if isinstance(stamp, dict) and set(stamp) == {"key", "files"}:
+        root = marker.parent
+        try:
+            sizes_ok = all((root / rel).stat().st_size == size for rel, size in stamp["files"].items())
+        except OSError:
+            return False
+        return stamp["key"] == key and sizes_ok
+    return stamp == key  # a bare identity (training runs, latent folders)
+
+
+def write_marker(marker: Path, key: Any, files: Iterable[Path] | None = None) -> None:
+    """Record `key` (and, when given, the sizes of `files` under the marker's folder)."""
+    if files is None:
+        write_json_atomic(marker, key)
+        return
+    root = marker.parent
+    write_json_atomic(marker, {"key": key, "files": {Path(f).relative_to(root).as_posix(): Path(f).stat().st_size
+                                                     for f in files}})

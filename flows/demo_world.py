@@ -15,11 +15,12 @@ from prefect import flow, get_run_logger
 
 from tagdit.config import load_config
 from tagdit.orchestrate.cli import flow_main
+from tagdit.orchestrate.naming import run_namer
 from tagdit.orchestrate.runner import expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 
 
-@flow(name="demo-world")
+@flow(name="demo-world", flow_run_name=run_namer("demo-world", "dataset"))
 def demo_world_flow(
     config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
 ) -> StageRecord:

@@ -12,12 +12,13 @@ from prefect import flow, get_run_logger
 
 from tagdit.config import load_config
 from tagdit.orchestrate.cli import flow_main
+from tagdit.orchestrate.naming import run_namer
 from tagdit.orchestrate.runner import expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 from tasks.records import shard_record, vae_record
 
 
-@flow(name="encode")
+@flow(name="encode", flow_run_name=run_namer("encode"))
 def encode_flow(
     config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
 ) -> StageRecord:

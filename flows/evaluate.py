@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 
 from tagdit.config import PipelineConfig, load_config
 from tagdit.orchestrate.cli import flow_main
+from tagdit.orchestrate.naming import run_namer
 from tagdit.orchestrate.runner import expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 from tasks.records import upstream_records
@@ -42,7 +43,7 @@ def publish(cfg: PipelineConfig, record: StageRecord) -> None:
                           record.info["metrics"])
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name=run_namer("evaluate"))
 def evaluate_flow(
     config: str | None = None,
     overrides: list[str] | None = None,

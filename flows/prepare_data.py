@@ -11,6 +11,7 @@ from prefect import flow
 
 from tagdit.config import PipelineConfig, load_config
 from tagdit.orchestrate.cli import flow_main
+from tagdit.orchestrate.naming import run_namer
 from tagdit.orchestrate.runner import expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 from tasks.crop import CROP, crop_task
@@ -32,7 +33,7 @@ def prepare_data(cfg: PipelineConfig, force: Iterable[str] | None = None) -> dic
     return {"crop": crop, "tag": tag, "shard": shard}
 
 
-@flow(name="prepare-data")
+@flow(name="prepare-data", flow_run_name=run_namer("prepare-data", "dataset"))
 def prepare_data_flow(
     config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
 ) -> StageRecord:

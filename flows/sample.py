@@ -55,6 +55,7 @@ def sample_images(
     checkpoint: str | Path | None = None,
     init_image: str | Path | None = None,
     strength: float = 0.6,
+    shorten: bool = False,
 ) -> dict[str, Any]:
     """Generate `n` images for one prompt (from `init_image` when given), write them as one captioned row to `out`."""
     from tagdit.sampling.grid import render_grid
@@ -68,10 +69,10 @@ def sample_images(
     if image is None:
         images = painter.sample(cond, neg, method, scale, seed, n)
     else:
-        images = painter.img2img(image, cond, neg, method, scale, strength, seed, n)
+        images = painter.img2img(image, cond, neg, method, scale, strength, seed, n, shorten=shorten)
     caption = prompt + _settings(negative, scale, method) + f", seed {seed}"
     if image is not None:
-        caption += f" | init {Path(init_image).name}, strength {strength}"
+        caption += f" | init {Path(init_image).name}, strength {strength}" + (" (shortened)" if shorten else "")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     render_grid([images], [caption], [f"#{i}" for i in range(n)]).save(out)
@@ -129,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="checkpoint or run dir (default: <run>/dit latest EMA)")
     p.add_argument("--init-image", default=None, help="img2img: start from this image's centre crop")
     p.add_argument("--strength", type=float, default=0.6, help="img2img: 0 keeps the image, 1 ignores it")
+    p.add_argument("--shorten", action="store_true",
+                   help="img2img: run ceil(strength x steps) steps (diffusers) instead of all steps over the "
+                        "noised range (the original)")
     p.add_argument("--interpolate-seeds", type=int, nargs=2, metavar=("A", "B"), default=None,
                    help="interpolate: slerp the starting noise from seed A to seed B")
     p.add_argument("--interpolate-prompt", default=None, metavar="TAGS",
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   checkpoint=a.checkpoint)
     return sample_images(cfg, a.prompt, a.negative, scale=a.cfg, steps=a.steps, eta=a.eta, sampler=a.sampler,
                          seed=a.seed, n=a.n, out=a.out, checkpoint=a.checkpoint, init_image=a.init_image,
-                         strength=a.strength)
+                         strength=a.strength, shorten=a.shorten)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,17 @@ def _start(t_start: int | None, timesteps: int) -> int:
 
 
 def ddim_timesteps(steps: int, timesteps: int = 1000, t_start: int | None = None) -> Tensor:
-    """The original's schedule of visited steps: round(linspace(t_start, 0, steps)), e.g. 999 … 0 (long).
+    """The original's schedule of visited steps: linspace(t_start, 0, steps) truncated to integers,
+    e.g. 999, 978, 958, …, 0 for 50 steps (long). Computed exactly: ⌊t_start·(n-1-i) / (n-1)⌋.
 
     t_start (default T-1) is where the input sits, e.g. a noised image for img2img."""
     t0 = _start(t_start, timesteps)
     if not 1 <= steps <= t0 + 1:
         raise ValueError(f"steps must be in [1, {t0 + 1}], got {steps}")
-    return torch.linspace(t0, 0, steps, dtype=torch.float64).round().long()
+    if steps == 1:
+        return torch.tensor([t0])
+    i = torch.arange(steps)
+    return (t0 * (steps - 1 - i)) // (steps - 1)
 
 
 def dpm_timesteps(steps: int, timesteps: int = 1000, t_start: int | None = None) -> Tensor:
@@ -256,23 +260,28 @@ def img2img_latents(
     scale: float = 4.0,
     generator: Generators = None,
     progress: bool = False,
+    shorten: bool = False,
 ) -> Tensor:
     """Encoded latents z0 (B, C, H, W, already scaled) -> guided samples that keep their layout
-    (SDEdit, Meng et al. 2022): noise z0 to t = min(⌊S·T⌋, T-1) with q_sample, then sample from there.
+    (SDEdit, Meng et al. 2022): noise z0 to t0 = ⌊S·T - 1⌋ (the original's start) with q_sample, then
+    sample from there.
 
-    The sampler runs ⌈S·steps⌉ steps over [t, 0]. S = 0 returns z0 unchanged; S = 1 starts from pure
-    noise and is exactly `sample_latents` for the same seed (which also ignores ᾱ_{T-1}'s signal).
+    As the original, the sampler runs all `steps` over [t0, 0] (at most one per timestep);
+    `shorten=True` runs ⌈S·steps⌉ of them instead (diffusers' convention: cost grows with S).
+    S = 0 returns z0 unchanged; S = 1 starts from pure noise and is exactly `sample_latents` for the
+    same seed (the original noises z0 to t = T-1, whose signal ᾱ_{T-1} is negligible).
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     if strength == 0.0:
         return z0.clone()
     T = len(alpha_bar)
-    t_start = min(math.floor(strength * T), T - 1)
+    t_start = max(int(strength * T - 1), 0)
     y_cond, y_neg = encode_prompts(model, tags, neg_tags)
     z0 = z0.to(y_cond.device).float()
     eps = _randn_like(z0, generator)  # (B, C, H, W)
     x = eps if strength == 1.0 else q_sample(z0, _full(t_start, z0), eps, alpha_bar)
-    n = min(math.ceil(strength * steps), max(t_start, 1))
+    most = t_start + 1 if sampler == "ddim" else max(t_start, 1)  # distinct timesteps in [t0, 0]
+    n = min(math.ceil(strength * steps) if shorten else steps, most)
     return sample_from_embeddings(model, x, y_cond, y_neg, alpha_bar=alpha_bar, steps=n, sampler=sampler, eta=eta,
                                   scale=scale, generator=generator, progress=progress, t_start=t_start)

@@ -120,13 +120,31 @@ def make_val_fn(latents_dir: Path, vocab: Vocab, cfg: PipelineConfig, alpha_bar,
     return val_fn
 
 
+def build_dit(cfg: PipelineConfig, vocab_size: int, latent_shape: tuple[int, int, int] | list[int]):
+    """The DiT `cfg.dit` describes for a vocabulary and latents of shape (z, h, w)."""
+    from models.dit import DiT
+
+    z_ch, h, _ = latent_shape
+    return DiT(cfg.dit.model, vocab_size=vocab_size, latent_size=h, in_channels=z_ch, schedule=cfg.dit.schedule,
+               timesteps=cfg.dit.timesteps)
+
+
+def dit_checkpoint_bytes(cfg: PipelineConfig, vocab_size: int, latent_shape: tuple[int, int, int] | list[int]) -> int:
+    """One checkpoint's size, counted on a model built on the meta device (no memory)."""
+    import torch
+
+    from tagdit.train.disk import state_bytes
+
+    with torch.device("meta"):
+        return state_bytes(build_dit(cfg, vocab_size, latent_shape))
+
+
 def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir: Path, *,
               vae_checkpoint: str | Path | None = None):
     """Train in this process: alone, or as one rank under torchrun. Returns fit's TrainResult.
 
     `vae_checkpoint` decodes the sample grids (`dit.sample_every`); default: the one stats.json names.
     """
-    from models.dit import DiT
     from tagdit.formats.checkpoints import count_parameters
     from tagdit.train.loop import fit
     from tagdit.train.samples import make_sample_monitor
@@ -138,8 +156,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     if h != w:
         raise ValueError(f"DiT needs square latents, got {h}x{w}")
     vocab = Vocab.load(vocab_path)
-    model = DiT(cfg.dit.model, vocab_size=len(vocab), latent_size=h, in_channels=z_ch,
-                schedule=cfg.dit.schedule, timesteps=cfg.dit.timesteps)
+    model = build_dit(cfg, len(vocab), stats.latent_shape)
     if r.is_main:
         log.info("DiT: %.2fM parameters, vocab %d, latents %s", count_parameters(model) / 1e6, len(vocab), stats.latent_shape)
     alpha_bar = model.alpha_bar.to(r.device)  # (T,) float64; stored with the checkpoint
@@ -177,6 +194,8 @@ TRAINER = DiTTrainerStage(
     input_paths=lambda cfg, up: (Path(up["latents"].out_dir), cfg.dataset_dir / "vocab.json"),
     train=train_dit,
     info=checkpoint_info,
+    checkpoint_bytes=lambda cfg, paths: dit_checkpoint_bytes(cfg, len(Vocab.load(paths[1])),
+                                                            LatentStats.load(paths[0]).latent_shape),
 )
 
 

@@ -151,6 +151,21 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
                val_fn=val_fn, extra=extra, after_step=after_step, desc="train_vae")
 
 
+def vae_checkpoint_bytes(cfg: PipelineConfig) -> int:
+    """One checkpoint's size (VAE + EMA + moments, and a PatchGAN's weights + moments when on), on the meta device."""
+    import torch
+
+    from models.discriminator import PatchDiscriminator
+    from models.vae import build_vae
+    from tagdit.train.disk import state_bytes
+
+    with torch.device("meta"):
+        modules = [build_vae(cfg.vae.model)]
+        if cfg.vae.disc_start is not None:
+            modules.append(PatchDiscriminator(cfg.vae.disc_channels, cfg.vae.disc_layers))
+        return state_bytes(*modules)
+
+
 def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """VAE facts for the stamp: EMA weights' sha256 and `vae_id`, validation PSNR."""
     ema_sha = sha256_file(ckpt / "ema.safetensors")
@@ -166,6 +181,7 @@ TRAINER = TrainerStage(
     input_paths=lambda cfg, up: (Path(up["shards"].out_dir),),
     train=train_vae,
     info=checkpoint_info,
+    checkpoint_bytes=lambda cfg, paths: vae_checkpoint_bytes(cfg),
     identity_extra=lambda cfg: {"resolution": cfg.data.resolution},
 )
 

@@ -128,6 +128,7 @@ class TrainerStage:
     input_paths: Callable[[PipelineConfig, dict[str, StageRecord]], tuple[Path, ...]]
     train: Callable[..., Any]  # train(cfg, *input paths, out_dir) in this process / rank
     info: Callable[[Path, tuple[Path, ...]], dict[str, Any]]  # (checkpoint, inputs) -> facts beyond checkpoint_facts
+    checkpoint_bytes: Callable[[PipelineConfig, tuple[Path, ...]], int]  # (cfg, inputs) -> one checkpoint's projected size
     identity_extra: Callable[[PipelineConfig], dict[str, Any]] = field(default=lambda cfg: {})
 
     def train_config(self, cfg: PipelineConfig) -> TrainConfig:
@@ -139,6 +140,20 @@ class TrainerStage:
         section["train"] = {k: v for k, v in section["train"].items() if k not in RESUMABLE}
         return {self.section: section, **self.identity_extra(cfg),
                 "upstream": {k: v.fingerprint for k, v in sorted(upstream.items())}}
+
+    def check_disk(self, cfg: PipelineConfig, paths: tuple[Path, ...], out_dir: Path) -> None:
+        """Refuse to start when the checkpoints still to come cannot fit out_dir's file system (DiskSpaceError)."""
+        from tagdit.formats.checkpoints import Checkpoints
+        from tagdit.train.disk import check_disk_space
+
+        tc = self.train_config(cfg)
+        latest = Checkpoints(out_dir).latest()
+        step = json.loads((latest / "meta.json").read_text())["step"] if latest else 0
+        size = self.checkpoint_bytes(cfg, paths)
+        if latest is not None:  # a real one beats the projection
+            size = max(size, sum(p.stat().st_size for p in latest.iterdir() if p.is_file()))
+        check_disk_space(out_dir, size, step=step, steps=tc.steps, every=tc.checkpoint_every,
+                         keep=tc.keep_checkpoints, section=self.section, what=self.stage.name)
 
     def run_training(self, cfg: PipelineConfig, paths: tuple[Path, ...], out_dir: Path) -> None:
         """In-process training, or torchrun DDP over `<section>.train.nproc` processes."""
@@ -163,6 +178,7 @@ class TrainerStage:
         out_dir = self.stage.out_dir(cfg, upstream)
         prepare_out_dir(out_dir, self.identity(cfg, upstream), force, self.stage.name)
         paths = self.input_paths(cfg, upstream)
+        self.check_disk(cfg, paths, out_dir)
         self.run_training(cfg, paths, out_dir)
         ckpt = Checkpoints(out_dir).latest()
         if ckpt is None:
@@ -171,11 +187,15 @@ class TrainerStage:
         return self.stage.write_stamp(cfg, upstream, files, {**checkpoint_facts(ckpt), **self.info(ckpt, paths)})
 
     def main(self, argv: list[str] | None = None) -> None:
-        """torchrun entry point: one DDP rank."""
+        """torchrun entry point: one DDP rank; a failure leaves its traceback for the launcher (and torchrun)."""
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(self._rank_main)(argv)
+
+    def _rank_main(self, argv: list[str] | None) -> None:
         import torch.distributed as dist
 
-        from tagdit.train.launch import NONFINITE_MARKER
-        from tagdit.train.loop import NonFiniteLossError
+        from tagdit.train.reports import write_rank_error
 
         p = argparse.ArgumentParser(description=f"one rank of {self.stage.name} (launched by its task)")
         p.add_argument("--config-json", required=True)
@@ -187,8 +207,8 @@ class TrainerStage:
         cfg = PipelineConfig.model_validate_json(Path(a.config_json).read_text())
         try:
             self.train(cfg, *(Path(getattr(a, name)) for name in self.inputs), Path(a.out))
-        except NonFiniteLossError as e:  # tell the launcher: a retry would diverge again
-            write_json_atomic(Path(a.out) / NONFINITE_MARKER, {"message": str(e)})
+        except Exception as e:  # the launcher logs it and re-raises its kind (a NaN loss is never retried)
+            write_rank_error(e)
             raise
         finally:
             if dist.is_initialized():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,16 +56,31 @@ class PrefectServer:
 
     def __enter__(self) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.spawn(["server", "start"], "server.log")
+        self.start_server()
+        return self
+
+    def start_server(self) -> None:
+        """`prefect server start` on this home (database) and port; returns once it answers."""
+        self.server = self.spawn(["server", "start"], "server.log")
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/health", timeout=2):
-                    return self
+                    return
             except OSError:
                 time.sleep(0.5)
         self.__exit__()
         raise RuntimeError(f"Prefect server did not start:\n{(self.home / 'server.log').read_text()[-3000:]}")
+
+    def stop_server(self) -> None:
+        """Stop the server alone (workers and flow runs go on), as an upgrade or a crash would."""
+        os.killpg(self.server.pid, signal.SIGTERM)
+        try:
+            self.server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            self.server.wait()
+        self.procs.remove(self.server)
 
     def __exit__(self, *exc) -> None:
         for p in reversed(self.procs):
@@ -76,3 +93,53 @@ class PrefectServer:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "tests" / "pipeline.yaml")
+
+def path_overrides(tmp: Path) -> list[str]:
+    """Point every input and output of tests/pipeline.yaml into `tmp`."""
+    return [f"demo.out={tmp}/world", f"demo.tagger_out={tmp}/tagger", f"data.source={tmp}/world/images",
+            f"tagger.path={tmp}/tagger", f"data.root={tmp}/shards", f"run.root={tmp}/runs"]
+
+
+def api(server: PrefectServer, path: str, body: dict | None = None, method: str | None = None):
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/api{path}", data=data,
+                                 method=method or ("POST" if body is not None else "GET"),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None
+
+
+def start(server: PrefectServer, deployment: str, overrides: list[str], **params) -> str:
+    """`prefect deployment run NAME --param …` without waiting; returns the flow run id."""
+    args = ["deployment", "run", deployment, "--param", f"config={CONFIG}",
+            "--param", f"overrides={json.dumps(overrides)}"]
+    for k, v in params.items():
+        args += ["--param", f"{k}={json.dumps(v)}"]
+    out = server.cli(*args, cwd=ROOT).stdout
+    return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+
+def wait(server: PrefectServer, run_id: str, timeout: float = 600) -> str:
+    """The flow run's final state name (Completed, Failed, Cancelled, …)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = api(server, f"/flow_runs/{run_id}")["state"]
+        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state["name"]
+        time.sleep(1)
+    raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
+
+
+def run(server: PrefectServer, deployment: str, overrides: list[str], **params) -> str:
+    """Run a deployment to completion (asserted); returns its flow run id."""
+    run_id = start(server, deployment, overrides, **params)
+    state = wait(server, run_id)
+    assert state == "Completed", f"{deployment}: {state}\n" + (server.home / "worker.log").read_text()[-4000:]
+    return run_id

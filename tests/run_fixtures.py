@@ -44,6 +44,19 @@ def fake_vae_run(cfg: PipelineConfig, latents: Path) -> None:
     (latents / ".stage-encode.json").write_text(json.dumps(stamp))
 
 
+def latents_with_vae(root: Path) -> Path:
+    """Fixture latents whose stats.json names a tiny untrained VAE (f = 8: 64 px samples)."""
+    latents = write_latent_fixture(root / "ds", n_train=12, n_val=6, per_shard=5)
+    cfg = config(root)
+    fake_vae_run(cfg, latents)
+    from tagdit.formats.latent_shards import LatentStats
+
+    stats = LatentStats.load(latents)
+    stats.vae_checkpoint = str(cfg.run_dir / "vae" / "ckpt-0000001")
+    stats.save(latents)
+    return latents
+
+
 def sample_args(cfg: PipelineConfig, *extra: str) -> list[str]:
     """Command-line arguments that point the sample CLI at `cfg`'s run, on CPU."""
     return ["--set", f"data.root={cfg.data.root}", "--set", "data.name=ds", "--set", f"run.root={cfg.run.root}",

@@ -30,6 +30,8 @@ NOT_OUTPUT_CODE = {
     "tagdit.demo.parallel": "maps work over processes; same results, same order",
     "tagdit.train.launch": "starts torchrun; the ranks run the listed code",
     "tagdit.train.samples": "sample grids while training never change the checkpoints (tested)",
+    "tagdit.train.reports": "progress, grids and rank errors shown in Prefect, not the stage's files",
+    "tagdit.train.disk": "refuses a run that cannot fit; what it writes does not change",
     "tagdit.evaluation.report": "artifacts and TensorBoard, not the stage's files",
 }
 

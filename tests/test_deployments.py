@@ -9,7 +9,6 @@ the nightly evaluation of a run that is still training (then cancelled and resum
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -17,59 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prefect_server import PrefectServer
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "tests" / "pipeline.yaml")
-
-pytestmark = pytest.mark.slow
-
-
-def path_overrides(tmp: Path) -> list[str]:
-    """Point every input and output of tests/pipeline.yaml into `tmp`."""
-    return [f"demo.out={tmp}/world", f"demo.tagger_out={tmp}/tagger", f"data.source={tmp}/world/images",
-            f"tagger.path={tmp}/tagger", f"data.root={tmp}/shards", f"run.root={tmp}/runs"]
-
-
-def api(server: PrefectServer, path: str, body: dict | None = None, method: str | None = None):
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/api{path}", data=data,
-                                 method=method or ("POST" if body is not None else "GET"),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        raw = r.read()
-    return json.loads(raw) if raw else None
-
-
-def start(server: PrefectServer, deployment: str, overrides: list[str], **params) -> str:
-    """`prefect deployment run NAME --param …` without waiting; returns the flow run id."""
-    args = ["deployment", "run", deployment, "--param", f"config={CONFIG}",
-            "--param", f"overrides={json.dumps(overrides)}"]
-    for k, v in params.items():
-        args += ["--param", f"{k}={json.dumps(v)}"]
-    out = server.cli(*args, cwd=ROOT).stdout
-    return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-
-
-def wait(server: PrefectServer, run_id: str, timeout: float = 600) -> str:
-    """The flow run's final state name (Completed, Failed, Cancelled, …)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = api(server, f"/flow_runs/{run_id}")["state"]
-        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return state["name"]
-        time.sleep(1)
-    raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
-
-
-def run(server: PrefectServer, deployment: str, overrides: list[str], **params) -> str:
-    """Run a deployment to completion (asserted); returns its flow run id."""
-    run_id = start(server, deployment, overrides, **params)
-    state = wait(server, run_id)
-    assert state == "Completed", f"{deployment}: {state}\n" + (server.home / "worker.log").read_text()[-4000:]
-    return run_id
+from tests.prefect_server import ROOT, PrefectServer, api, path_overrides, run, start, wait
 
 
 def task_states(server: PrefectServer, run_id: str) -> dict[str, str]:
@@ -203,7 +150,7 @@ def test_nightly_evaluation_runs_beside_training_which_cancels_cleanly(deployed)
     dit = tmp / "runs/a/dit"
     done = {p.name for p in dit.glob("ckpt-*")}
     training = start(server, "train-dit/default", a + ["dit.train.steps=100000", "dit.train.nproc=2",
-                                                        "dit.train.checkpoint_every=20"])
+                                                        "dit.train.checkpoint_every=20", "dit.train.keep_checkpoints=1"])
     deadline = time.time() + 300
     while not ({p.name for p in dit.glob("ckpt-*")} - done) and time.time() < deadline:
         time.sleep(1)
@@ -212,7 +159,9 @@ def test_nightly_evaluation_runs_beside_training_which_cancels_cleanly(deployed)
     nightly = run(server, "evaluate/nightly", a, nightly=True)
     assert api(server, f"/flow_runs/{training}")["state"]["type"] == "RUNNING"
     metrics = json.loads(max((tmp / "runs/a/eval").glob("*/metrics.json"), key=lambda p: p.stat().st_mtime).read_text())
-    assert (dit / metrics["dit_checkpoint"]).is_dir()
+    # pinned while evaluated (pruning to 1 checkpoint skipped it), pruned once training passed it
+    evaluated = int(metrics["dit_checkpoint"].removeprefix("ckpt-"))
+    assert 0 < evaluated <= int((dit / "latest").read_text().strip().removeprefix("ckpt-"))
     artifact = api(server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [nightly]}}})
     assert any(metrics["dit_checkpoint"] in (x["data"] or "") for x in artifact)
 
@@ -229,3 +178,49 @@ def test_nightly_evaluation_runs_beside_training_which_cancels_cleanly(deployed)
     logs = api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [resumed]}}})
     assert any(f"resumed from {dit}/ckpt-{last:07d}" in log["message"] for log in logs), \
         [log["message"] for log in logs][-20:]
+
+
+def flow_logs(server: PrefectServer, run_id: str) -> list[str]:
+    return [x["message"] for x in api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})]
+
+
+def steps_per_second(server: PrefectServer, overrides: list[str], dit: Path) -> float:
+    """The tiny DiT's training speed on this machine, from a 400-step run's checkpoint times."""
+    last = int((dit / "latest").read_text().strip().removeprefix("ckpt-"))
+    run(server, "train-dit/default", overrides + [f"dit.train.steps={last + 400}", "dit.train.checkpoint_every=100"])
+    kept = sorted(dit.glob("ckpt-*"))  # the newest 3, e.g. 900, 1000, 1004
+    first, final = kept[0], kept[-1]
+    steps = int(final.name.removeprefix("ckpt-")) - int(first.name.removeprefix("ckpt-"))
+    return steps / ((final / "meta.json").stat().st_mtime - (first / "meta.json").stat().st_mtime)
+
+
+def test_training_survives_a_server_restart_and_blocks_no_later_run(deployed):
+    """The server stops for 25 s while train-dit trains and comes back on the same database; the next lease
+    renewal meets a server that forgot the lease."""
+    from tagdit.orchestrate.locks import lock_name
+
+    server, tmp = deployed
+    a = path_overrides(tmp) + ["run.name=a"]
+    dit = tmp / "runs/a/dit"
+    rate = steps_per_second(server, a, dit)
+    last = int((dit / "latest").read_text().strip().removeprefix("ckpt-"))
+    target = last + int(100 * rate)  # ~100 s of training: the folder lease is renewed after 60 s
+    training = start(server, "train-dit/default", a + [f"dit.train.steps={target}", "dit.train.checkpoint_every=20"])
+    deadline = time.time() + 120
+    while (dit / "latest").read_text().strip() == f"ckpt-{last:07d}" and time.time() < deadline:  # training
+        time.sleep(0.5)
+    server.stop_server()
+    time.sleep(25)
+    server.start_server()
+    restarted = time.time()
+    assert wait(server, training, timeout=600) == "Completed", (server.home / "worker.log").read_text()[-4000:]
+    logs = flow_logs(server, training)
+    assert any("no longer knows the lease" in m for m in logs), logs[-20:]
+    assert (dit / "latest").read_text().strip() == f"ckpt-{target:07d}"
+    assert (dit / f"ckpt-{target:07d}" / "meta.json").stat().st_mtime > restarted + 30, "training ended before the restart"
+    assert "Terminating execution" not in (server.home / "worker.log").read_text()
+    folder = api(server, f"/v2/concurrency_limits/{lock_name(dit)}")
+    assert folder["active_slots"] == 0, folder  # released by name: its lease was gone
+
+    after = run(server, "train-dit/default", a + [f"dit.train.steps={target + 4}", "dit.train.checkpoint_every=2"])
+    assert any("taking the other 1 back" in m for m in flow_logs(server, after)), flow_logs(server, after)[-20:]

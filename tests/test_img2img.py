@@ -56,12 +56,20 @@ def test_samplers_started_at_t_start_visit_only_later_steps(sampler, first):
     assert seen[0] == first and max(seen) == first and len(seen) == 5 and seen == sorted(seen, reverse=True)
 
 
-def test_img2img_noises_to_floor_strength_T_and_runs_a_strength_share_of_the_steps():
-    model = GaussianDenoiser()
+def test_img2img_starts_where_the_original_does_and_runs_all_steps_unless_shortened():
     z0 = torch.full((2, 1, 2, 2), 3.0)  # far outside N(0.7, 0.4²)
-    img2img_latents(model, z0, TAGS, NULL, strength=0.35, alpha_bar=AB, steps=20, scale=1.0,
-                    generator=torch.Generator().manual_seed(0))
-    assert model.seen[0] == 350 and len(model.seen) == 7  # ⌊0.35·1000⌋, ⌈0.35·20⌉
+    kw = dict(alpha_bar=AB, steps=20, scale=1.0)
+    model = GaussianDenoiser()
+    img2img_latents(model, z0, TAGS, NULL, strength=0.35, generator=torch.Generator().manual_seed(0), **kw)
+    assert model.seen[0] == 349 and len(model.seen) == 20  # as.integer(0.35·1000 - 1), all 20 steps
+    assert model.seen == [349 * (19 - i) // 19 for i in range(20)]  # linspace(349, 0, 20), truncated
+    short = GaussianDenoiser()
+    img2img_latents(short, z0, TAGS, NULL, strength=0.35, shorten=True, generator=torch.Generator().manual_seed(0),
+                    **kw)
+    assert short.seen[0] == 349 and len(short.seen) == 7  # ⌈0.35·20⌉
+    tiny = GaussianDenoiser()
+    img2img_latents(tiny, z0, TAGS, NULL, strength=0.005, generator=torch.Generator().manual_seed(0), **kw)
+    assert tiny.seen == [4, 3, 2, 1, 0]  # t0 = 4: at most one step per timestep
 
 
 def test_img2img_moves_further_from_the_input_as_strength_grows():

@@ -98,3 +98,45 @@ def test_a_taken_slot_without_any_holder_is_taken_back(prefect_env, monkeypatch)
     t = threading.Thread(target=lambda: exclusive(folder, "x").__enter__() and None or done.set(), daemon=True)
     t.start()
     assert done.wait(30), "an orphaned slot was never taken back"
+
+
+def test_a_lost_lease_keeps_the_holder_going_and_frees_the_slot_by_name(prefect_env, monkeypatch):
+    """What a server restart does to a lease: renewals answer 410, the block carries on, the slot ends free."""
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+
+    import tagdit.orchestrate.locks as locks
+
+    class Gone(Exception):
+        response = type("R", (), {"status_code": 410})()
+
+    def forgotten(self, lease_id, lease_duration):
+        raise Gone("Lease not found")
+
+    monkeypatch.setattr(locks, "RENEW_SECONDS", 0.2)
+    monkeypatch.setattr(SyncPrefectClient, "renew_concurrency_lease", forgotten)
+    folder = prefect_env / "run"
+    with exclusive(folder, "train"):
+        time.sleep(1.0)  # a few renewals are due, all refused
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(lock_name(folder)).active_slots == 1
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(lock_name(folder)).active_slots == 0
+    with exclusive(folder, "next run"):  # never blocked
+        pass
+
+
+def test_tag_limits_are_created_on_first_use_and_leaked_slots_taken_back(prefect_env, monkeypatch, caplog):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    import tagdit.orchestrate.locks as locks
+
+    tag = f"gpu-{time.time_ns()}"
+    locks.prepare_tag_limits({tag})
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
+        assert limit.limit == 1 and limit.active_slots == 0
+        client.update_global_concurrency_limit(f"tag:{tag}", GlobalConcurrencyLimitUpdate(active_slots=1))  # leaked
+        locks.prepare_tag_limits({tag})
+        assert client.read_global_concurrency_limit_by_name(f"tag:{tag}").active_slots == 0
+    assert "taking the other 1 back" in caplog.text

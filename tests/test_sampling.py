@@ -30,7 +30,9 @@ def gaussian_exact_eps(ab, mu, s):
 
 
 def test_timesteps_run_from_999_to_0():
-    assert ddim_timesteps(50).tolist()[:3] == [999, 979, 958] and ddim_timesteps(50)[-1] == 0
+    # the original truncates linspace(999, 0, 50) = 999, 978.6, 958.2, …: 999, 978, 958
+    assert ddim_timesteps(50).tolist()[:3] == [999, 978, 958] and ddim_timesteps(50)[-1] == 0
+    assert ddim_timesteps(20).tolist()[:4] == [999, 946, 893, 841]  # 946.42, 893.84, 841.26
     assert ddim_timesteps(1).tolist() == [999]
     assert ddim_timesteps(1000).tolist() == list(range(999, -1, -1))
 

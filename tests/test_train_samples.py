@@ -9,27 +9,16 @@ from PIL import Image
 
 from tagdit.data.vocab import Vocab
 from tagdit.formats.checkpoints import load_weights
-from tagdit.formats.latent_shards import LatentStats
-from tagdit.train.samples import artifact_key, publish_artifact, sample_prompts
+from tagdit.train.reports import publish_grid
+from tagdit.train.samples import artifact_key, sample_prompts
 from tasks.train_dit import TRAIN_DIT, TRAINER, train_dit_stage
 from tests.latent_fixtures import TAGS, write_latent_fixture
-from tests.run_fixtures import config, fake_vae_run, records
+from tests.run_fixtures import config, latents_with_vae, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = ["dit.train.steps=8", "dit.train.checkpoint_every=4", "dit.train.log_every=4", "dit.train.val_every=4",
        "dit.train.batch_size=4", "dit.model.dropout=0.1", "evaluate.cfg=3"]
-
-
-def latents_with_vae(root: Path) -> Path:
-    """Fixture latents whose stats.json names a tiny untrained VAE (f = 8: 64 px samples)."""
-    latents = write_latent_fixture(root / "ds", n_train=12, n_val=6, per_shard=5)
-    cfg = config(root)
-    fake_vae_run(cfg, latents)
-    stats = LatentStats.load(latents)
-    stats.vae_checkpoint = str(cfg.run_dir / "vae" / "ckpt-0000001")
-    stats.save(latents)
-    return latents
 
 
 def grids(run_dir: Path) -> dict[int, bytes]:
@@ -127,8 +116,8 @@ def test_grid_artifact_is_published_only_inside_a_prefect_run(monkeypatch):
     made = []
     monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda **kw: made.append(kw))
     grid = Image.new("RGB", (40, 20), "red")
-    assert not publish_artifact(grid, 3, "k") and not made  # outside a run: nothing
+    assert not publish_grid(grid, 3, "k") and not made  # outside a run: nothing
     monkeypatch.setattr(TaskRunContext, "get", classmethod(lambda cls: object()))
-    assert publish_artifact(grid, 3, artifact_key("My Run_2"))
+    assert publish_grid(grid, 3, artifact_key("My Run_2"))
     assert made[0]["key"] == "tagdit-train-samples-my-run-2"
     assert "step 3" in made[0]["markdown"] and "](data:image/png;base64," in made[0]["markdown"]

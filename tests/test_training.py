@@ -85,7 +85,7 @@ def loss_fn(model, batch, step):
 def run_fit(tmp_path, out, steps, urls, loss=loss_fn, grad_accum=1):
     torch.manual_seed(0)
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=3,
-                      log_every=1, val_every=5, grad_accum=grad_accum)
+                      log_every=1, val_every=5, grad_accum=grad_accum, keep_checkpoints=None)  # keep all
     stream = EpochStream(urls, decode, batch_size=4 // grad_accum, seed=0, shuffle_buffer=5)
     return fit(model=Tiny(), loss_fn=loss, stream=stream, cfg=cfg, out_dir=out,
                model_config={"kind": "tiny"}, device=torch.device("cpu"),

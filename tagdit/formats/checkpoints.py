@@ -149,19 +149,30 @@ class Checkpoints:
         state: dict[str, Any],
         meta: dict[str, Any],
     ) -> Path:
-        """Write a complete checkpoint folder under a temp name, rename it, then move `latest`."""
+        """Write a complete checkpoint folder under a temp name, rename it, then move `latest`.
+
+        A write that fails (a full disk) removes the partial folder and leaves `latest` and every
+        earlier checkpoint as they were, so the run resumes from the previous one.
+        """
         final = self.dir_for(step)
-        if not (final / "meta.json").is_file():
-            tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
+        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            if not (final / "meta.json").is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                save_weights(tmp / "model.safetensors", model.state_dict(), config)
+                save_weights(tmp / "ema.safetensors", ema.state_dict(), config)
+                torch.save(state, tmp / "state.pt")
+                write_json_atomic(tmp / "meta.json", {"step": step, **meta})
+                shutil.rmtree(final, ignore_errors=True)  # an incomplete folder from a killed run
+                os.replace(tmp, final)
+            write_bytes_atomic(self.root / "latest", f"{final.name}\n".encode())
+        except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_weights(tmp / "model.safetensors", model.state_dict(), config)
-            save_weights(tmp / "ema.safetensors", ema.state_dict(), config)
-            torch.save(state, tmp / "state.pt")
-            write_json_atomic(tmp / "meta.json", {"step": step, **meta})
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete folder from a killed run
-            os.replace(tmp, final)
-        write_bytes_atomic(self.root / "latest", f"{final.name}\n".encode())
+            before = self.latest()
+            raise OSError(e.errno, f"could not write checkpoint {final.name} ({e.strerror or e}); it was removed and "
+                          f"latest is still {before.name if before else 'none'}: the run resumes from there "
+                          f"once {self.root} has room", e.filename) from e
         return final
 
 

@@ -10,11 +10,17 @@ move or delete its folder) names the flow run, host and process holding the slot
 died without releasing (SIGKILL, a lost machine, an ephemeral server that went down with it), the
 slot is taken back: the holder's process is gone (same host), its flow run is in a final state, or
 no holder file has appeared for `ORPHAN_SECONDS` while the slot stays taken. Within one process the same folder may be locked again (nested stages): a no-op.
+
+A Prefect server restart does not stop the holder: lease renewals that fail are logged and retried,
+and a lease the restarted server forgot is released by name at the end (`_Lease`). The same restart
+leaks the slots of task-tag limits (`gpu`, `eval`), which Prefect holds through leases too;
+`prepare_tag_limits` creates those limits on first use and takes back slots no live lease holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -34,6 +40,8 @@ HOLDER_SUFFIX = ".tagdit-lock.json"
 ORPHAN_SECONDS = 30.0  # a taken slot with no holder file for this long has lost its holder
 POLL_SECONDS = 5.0  # how often a waiting flow run re-checks (and logs) the holder
 LEASE_SECONDS = 120  # a dead holder's slot expires after this, where the server keeps its lease
+RENEW_SECONDS = LEASE_SECONDS / 2  # renew well before expiry
+RETRY_SECONDS = 10.0  # renewal retries while the server cannot be reached
 _held = threading.local()  # names this thread holds (re-entry is a no-op)
 
 
@@ -44,8 +52,8 @@ def lock_name(folder: str | Path) -> str:
     return f"tagdit-{slug}-{sha256_text(str(p))[:10]}"
 
 
-def _ensure_limit(client: Any, name: str) -> None:
-    """Create the limit (1 slot) unless it exists; two creators racing is fine."""
+def _ensure_limit(client: Any, name: str, slots: int = 1) -> None:
+    """Create the limit (`slots` slots) unless it exists; two creators racing is fine."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
@@ -53,7 +61,7 @@ def _ensure_limit(client: Any, name: str) -> None:
         client.read_global_concurrency_limit_by_name(name)
     except ObjectNotFound:
         with contextlib.suppress(ObjectAlreadyExists):
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
 
 
 def holder_file(folder: Path) -> Path:
@@ -128,11 +136,98 @@ def _wait_for_slot(client: Any, name: str, folder: Path, purpose: str) -> None:
         time.sleep(POLL_SECONDS)
 
 
+class _Lease:
+    """One slot of limit `name`, held through a server lease that a thread keeps renewing.
+
+    Prefect keeps leases in the server's memory by default, so a server restart forgets them while
+    the slot stays taken. A renewal that cannot reach the server is logged and retried; one the
+    server answers with 410 Gone (the lease was forgotten) is logged once, and the slot, still
+    counted as taken, is released by name at the end. Training never stops for either.
+    """
+
+    def __init__(self, name: str, lease_id: Any, purpose: str):
+        self.name, self.lease_id, self.purpose = name, lease_id, purpose
+        self.lost = False
+        self.since = time.monotonic()
+        self.stop = threading.Event()
+        ctx = contextvars.copy_context()  # the flow run's context: the thread's log lines reach its log
+        self.thread = threading.Thread(target=ctx.run, args=(self._renew_loop,), name=f"lease-{name}", daemon=True)
+        self.thread.start()
+
+    def _renew_once(self, client: Any) -> bool:
+        """Renew; True when the server answered (renewed, or said the lease is gone)."""
+        try:
+            client.renew_concurrency_lease(self.lease_id, LEASE_SECONDS)
+            return True
+        except Exception as e:
+            if _status(e) in (404, 410):
+                self.lost = True
+                log.warning("%s: the server no longer knows the lease on %s (it restarted?); keeping the "
+                            "folder and releasing its slot by name at the end", self.purpose, self.name)
+                return True
+            log.warning("%s: could not renew the lease on %s (%s: %s); carrying on, retrying in %.0f s",
+                        self.purpose, self.name, type(e).__name__, e, RETRY_SECONDS)
+            return False
+
+    def _renew_loop(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        wait = RENEW_SECONDS
+        while not self.stop.wait(wait) and not self.lost:
+            try:
+                with get_client(sync_client=True) as client:
+                    wait = RENEW_SECONDS if self._renew_once(client) else RETRY_SECONDS
+            except Exception as e:  # the client itself could not start: same as unreachable
+                log.warning("%s: lease renewal on %s failed (%s); retrying in %.0f s", self.purpose, self.name, e,
+                            RETRY_SECONDS)
+                wait = RETRY_SECONDS
+
+    def release(self, client: Any, folder: Path, me: dict[str, Any]) -> None:
+        """Give the slot back: through the lease, or by name when the server lost the lease."""
+        self.stop.set()
+        self.thread.join(timeout=5)
+        if not self.lost:
+            self._renew_once(client)  # did the server forget the lease since the last renewal?
+        if not self.lost:
+            client.release_concurrency_slots_with_lease(self.lease_id)
+        elif _holder(folder) == me:  # still ours: nobody took the slot over in the meantime
+            client.release_concurrency_slots(names=[self.name], slots=1,
+                                             occupancy_seconds=time.monotonic() - self.since)
+            log.info("%s: released %s by name (its lease was lost)", self.purpose, self.name)
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _acquire(client: Any, name: str, folder: Path, purpose: str) -> Any:
+    """Wait for the slot, then take it with a lease; returns the lease id."""
+    while True:
+        _wait_for_slot(client, name, folder, purpose)
+        try:
+            response = client.increment_concurrency_slots_with_lease(
+                names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=_lease_holder())
+        except Exception as e:
+            if _status(e) == 423:  # another run took it between the check and the increment
+                continue
+            raise
+        return response.json()["lease_id"]
+
+
+def _lease_holder() -> Any:
+    run_id = _current_flow_run_id()
+    if run_id is None:
+        return None
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+    return ConcurrencyLeaseHolder(type="flow_run", id=run_id)
+
+
 @contextlib.contextmanager
 def exclusive(folder: str | Path, purpose: str = "tagdit") -> Iterator[None]:
     """Hold `folder`'s global concurrency slot for the block; waits (and logs why) while another run has it."""
     from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
 
     folder = Path(folder).resolve()
     name = lock_name(folder)
@@ -143,13 +238,44 @@ def exclusive(folder: str | Path, purpose: str = "tagdit") -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     with get_client(sync_client=True) as client:
         _ensure_limit(client, name)
-        _wait_for_slot(client, name, folder, purpose)
-    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
-        write_json_atomic(holder_file(folder), {"flow_run_id": _current_flow_run_id(), "host": socket.gethostname(),
-                                                 "pid": os.getpid(), "since": time.time(), "purpose": purpose})
-        _held.names = held | {name}
+        lease = _Lease(name, _acquire(client, name, folder, purpose), purpose)
+    me = {"flow_run_id": _current_flow_run_id(), "host": socket.gethostname(), "pid": os.getpid(),
+          "since": time.time(), "purpose": purpose}
+    write_json_atomic(holder_file(folder), me)
+    _held.names = held | {name}
+    try:
+        yield
+    finally:
+        _held.names = held
         try:
-            yield
-        finally:
-            _held.names = held
-            holder_file(folder).unlink(missing_ok=True)
+            with get_client(sync_client=True) as client:
+                lease.release(client, folder, me)
+        except Exception as e:  # the server is away: the next run takes the slot back (no holder file)
+            log.warning("%s: could not release %s (%s); the next run on %s takes it back", purpose, name, e, folder)
+        holder_file(folder).unlink(missing_ok=True)
+
+
+def prepare_tag_limits(tags: set[str] | list[str], slots: int = 1) -> None:
+    """The `tag:<tag>` limits of a stage's task: created with `slots` slots if missing, leaked slots taken back.
+
+    A slot is leaked when the limit counts more taken slots than the server has leases for (the
+    holders Prefect lists per tag): a restarted server forgets its leases, not the counts.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for tag in sorted(tags):
+            name = f"tag:{tag}"
+            try:
+                taken = client.read_global_concurrency_limit_by_name(name).active_slots  # before the holders
+            except ObjectNotFound:
+                _ensure_limit(client, name, slots)
+                log.info("created the concurrency limit %r (%d slot): tasks tagged %r never overlap", name, slots, tag)
+                continue
+            held = len(client.read_concurrency_limit_by_tag(tag).active_slots)  # task runs with a live lease
+            if taken > held:
+                log.warning("concurrency limit %r: %d slot(s) taken but %d held by a live lease (a server restart "
+                            "forgets leases); taking the other %d back", name, taken, held, taken - held)
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=held))

@@ -6,8 +6,9 @@
   2. checks the stage's stamp on disk: outputs missing or changed -> the task runs with
      `refresh_cache=True`; on a cache hit the record checked on disk is the one returned,
   3. applies the orchestration settings (`cfg.prefect`): retries after a crash for the stages that
-     resume (never after a config error or a non-finite loss), optional timeouts, the tags that
-     name the stage's concurrency slot.
+     resume (never after a config error, a disk too small or a non-finite loss), optional timeouts,
+     the tags that name the stage's concurrency slot (`gpu`, `eval`: limits of 1 created on first
+     use, slots leaked by a server restart taken back).
 """
 
 from __future__ import annotations
@@ -70,10 +71,12 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
     """Call a stage's Prefect task under its folder lock, bypassing the cache when outputs are missing."""
     from prefect import get_run_logger
 
-    from tagdit.orchestrate.locks import exclusive
+    from tagdit.orchestrate.locks import exclusive, prepare_tag_limits
 
     logger = get_run_logger()
+    options = task_options(stage, cfg)
     with exclusive(stage.lock_dir(cfg, upstream), f"stage {stage.name}"):
+        prepare_tag_limits(set(options.get("tags") or stage_task.tags))
         on_disk = None if force else stage.valid_record(cfg, upstream)
         if on_disk is None:
             why = "forced" if force else "no valid outputs on disk for this key"
@@ -81,7 +84,7 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
         kwargs: dict[str, Any] = dict(upstream)
         if force:
             kwargs["force"] = True
-        task = stage_task.with_options(refresh_cache=on_disk is None, **task_options(stage, cfg))
+        task = stage_task.with_options(refresh_cache=on_disk is None, **options)
         state = task(cfg, **kwargs, return_state=True)
         record = state.result()  # raises the task's error if it failed
     if state.name == "Cached" and on_disk is not None:

@@ -150,9 +150,10 @@ class Painter:
             return self.decode(z)
 
     def img2img(self, image: Image.Image, cond: Any, neg: Any, sampler: SamplerConfig, cfg_scale: float,
-                strength: float, seed: int | list[int], n: int) -> list[Image.Image]:
+                strength: float, seed: int | list[int], n: int, shorten: bool = False) -> list[Image.Image]:
         """`n` variations of `image` for one prompt (SDEdit): strength 0 returns the VAE round trip of
-        its crop, 1 is exactly `sample` with the same seed."""
+        its crop, 1 is exactly `sample` with the same seed. All `sampler.steps` run over the noised
+        range, as the original; `shorten` runs ⌈strength·steps⌉ (see `img2img_latents`)."""
         import torch
 
         from models.sampling import img2img_latents
@@ -162,7 +163,8 @@ class Painter:
         with torch.no_grad(), autocast(self.device):
             z = img2img_latents(self.dit, z0, cond, neg, strength=strength, alpha_bar=self.dit.alpha_bar,
                                 steps=sampler.steps, sampler=sampler.sampler, eta=sampler.eta, scale=cfg_scale,
-                                generator=self.generators(seed, n), progress=n * sampler.steps >= 200)
+                                generator=self.generators(seed, n), progress=n * sampler.steps >= 200,
+                                shorten=shorten)
             return self.decode(z)
 
     def interpolate(self, cond_a: Any, cond_b: Any, neg: Any, sampler: SamplerConfig, cfg_scale: float,

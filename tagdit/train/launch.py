@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import builtins
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from tagdit.train.reports import REPORT_DIR_ENV, Relay, rank_errors
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,6 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-NONFINITE_MARKER = "nonfinite.json"  # a rank that stopped on a NaN/inf loss leaves this in the run folder
 STOP_GRACE_SECONDS = 15  # SIGTERM, then SIGKILL the ranks' process group after this
 
 
@@ -58,35 +60,56 @@ def stop_process_group(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS
     proc.wait()
 
 
-def launch_torchrun(module: str, args: list[str], nproc: int, out_dir: Path | None = None) -> None:
+def launch_torchrun(module: str, args: list[str], nproc: int, out_dir: Path) -> None:
     """Run `python -m module args` under torchrun with `nproc` processes on this node.
 
     torchrun and its ranks get their own process group: when this process is cancelled (Prefect
     sends SIGTERM, raised here as an exception) or dies, every rank is stopped within seconds.
-    Rank 0's output streams into this process's log (and so into the flow run's log).
+    Rank 0's output streams into this process's log (and so into the flow run's log); its progress
+    and sample grids, and any rank's exception, come through `out_dir/reports/`
+    (`tagdit.train.reports`) and become this run's artifacts and log lines.
     """
+    reports = out_dir / "reports"
+    shutil.rmtree(reports, ignore_errors=True)
+    reports.mkdir(parents=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--local-ranks-filter=0", "-m", module, *args]
     log.info("launching %s", " ".join(cmd))
-    if out_dir is not None:
-        (out_dir / NONFINITE_MARKER).unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env={**os.environ, REPORT_DIR_ENV: str(reports)},
                             start_new_session=True, preexec_fn=_die_with_parent)
     try:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            log.info("[rank 0] %s", line.rstrip())
-        code = proc.wait()
+        with Relay(reports):
+            for line in proc.stdout:  # type: ignore[union-attr]
+                log.info("[rank 0] %s", line.rstrip())
+            code = proc.wait()
     finally:
         if proc.poll() is None or _group_alive(proc.pid):
             log.warning("stopping torchrun (process group %d)", proc.pid)
             stop_process_group(proc)
     if code != 0:
-        marker = out_dir / NONFINITE_MARKER if out_dir is not None else None
-        if marker is not None and marker.is_file():
-            from tagdit.train.loop import NonFiniteLossError
+        raise_rank_failure(module, code, rank_errors(reports))
 
-            raise NonFiniteLossError(json.loads(marker.read_text())["message"])
-        raise RuntimeError(f"torchrun {module} exited with code {code}")
+
+def raise_rank_failure(module: str, code: int, errors: list[dict]) -> None:
+    """Log every failed rank's traceback; raise the first failure again, as the same built-in kind (or
+    NonFiniteLossError) where it is one, so that errors a retry cannot fix are not retried."""
+    for e in errors:
+        log.error("rank %d failed:\n%s", e["rank"], e["traceback"].rstrip())
+    if not errors:
+        raise RuntimeError(f"torchrun {module} exited with code {code} (no rank reported an exception: "
+                           "killed, or out of memory?)")
+    first = errors[0]
+    message = (f"rank {first['rank']} failed with {first['type']}: {first['message']} "
+               f"(torchrun {module} exited with code {code})")
+    if first["type"] == "NonFiniteLossError":
+        from tagdit.train.loop import NonFiniteLossError
+
+        raise NonFiniteLossError(message)
+    kind = getattr(builtins, first["type"], None)  # ValueError stays ValueError: the retry policy sees its kind
+    if isinstance(kind, type) and issubclass(kind, Exception) and not issubclass(kind, OSError):
+        raise kind(message)
+    raise RuntimeError(message)
 
 
 def _group_alive(pgid: int) -> bool:

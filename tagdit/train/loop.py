@@ -29,6 +29,7 @@ from tagdit.formats.checkpoints import (
     set_rng_state,
 )
 from tagdit.train.optim import EMA, make_optimizer, make_scheduler
+from tagdit.train.reports import Progress
 from tagdit.train.stream import EpochStream
 
 log = logging.getLogger(__name__)
@@ -80,34 +81,19 @@ class _State:
 
 
 class _Progress:
-    """tqdm on stderr plus a Prefect progress artifact when running inside a Prefect task."""
+    """tqdm on stderr plus the run's progress artifact (`tagdit.train.reports`), rank 0 only."""
 
     def __init__(self, desc: str, total: int, initial: int, enabled: bool):
         from tqdm.auto import tqdm
 
-        self.enabled, self.total = enabled, total
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, mininterval=2)
-        self.artifact = None
-        if enabled:
-            try:
-                from prefect.artifacts import create_progress_artifact
-                from prefect.context import TaskRunContext
-
-                if TaskRunContext.get() is not None:
-                    self.artifact = create_progress_artifact(100 * initial / total, description=desc)
-            except Exception:  # progress reporting must never break training
-                self.artifact = None
+        self.report = Progress(desc, initial, total) if enabled else None
 
     def update(self, step: int, n: int, postfix: dict[str, float]) -> None:
         self.bar.update(n)
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-        if self.artifact is not None:
-            try:
-                from prefect.artifacts import update_progress_artifact
-
-                update_progress_artifact(self.artifact, 100 * step / self.total)
-            except Exception:
-                self.artifact = None
+        if self.report is not None:
+            self.report.update(step)
 
     def close(self) -> None:
         self.bar.close()
@@ -339,28 +325,33 @@ def fit(
         _log_batch(stream, cfg, world, writer, desc)
     progress = _Progress(desc, cfg.steps, st.step, enabled=rank == 0)
     batches: Iterator[Any] = iter(stream)
-    logged = st.step
     model.train()
     try:
+        logged = st.step
         while st.step < cfg.steps:
             micro = [_to_device(next(batches), device) for _ in range(cfg.grad_accum)]
             loss, logs, grad_norm = _train_step(st, train_model, loss_fn, micro, cfg, device, world, desc)
-            batch = micro[-1]
             if after_step is not None:
                 with autocast(device, cfg.precision):
-                    logs = {**logs, **after_step(batch, st.step)}
+                    logs = {**logs, **after_step(micro[-1], st.step)}
             if rank == 0 and _due(st.step, cfg.log_every, cfg.steps):
                 _log(st, loss, logs, grad_norm, writer, progress, logged)
                 logged = st.step
-            if _due(st.step, cfg.val_every, cfg.steps):
-                _validate(st, val_fn, writer, device, rank, world, cfg.precision)
-            if monitor is not None and rank == 0:
-                monitor(st.ema.module, st.step, writer)
-            if _due(st.step, cfg.checkpoint_every, cfg.steps):
-                _save_checkpoint(st, ckpts, model_config, desc, writer, rank, world, cfg.keep_checkpoints)
+            _after_step_io(st, cfg, val_fn, monitor, ckpts, model_config, desc, writer, device, rank, world)
     finally:
         getattr(batches, "close", lambda: None)()
         progress.close()
         if writer is not None:
             writer.close()
     return st.result()
+
+
+def _after_step_io(st: _State, cfg: TrainConfig, val_fn: ValFn | None, monitor: Monitor | None, ckpts: Checkpoints,
+                   model_config: dict, desc: str, writer: Any, device: torch.device, rank: int, world: int) -> None:
+    """What is due after a step: validation (all ranks), the rank-0 monitor, a checkpoint (all ranks)."""
+    if _due(st.step, cfg.val_every, cfg.steps):
+        _validate(st, val_fn, writer, device, rank, world, cfg.precision)
+    if monitor is not None and rank == 0:
+        monitor(st.ema.module, st.step, writer)
+    if _due(st.step, cfg.checkpoint_every, cfg.steps):
+        _save_checkpoint(st, ckpts, model_config, desc, writer, rank, world, cfg.keep_checkpoints)

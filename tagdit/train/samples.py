@@ -1,4 +1,5 @@
-"""Sample grids from the EMA weights while the DiT trains: TensorBoard `samples/grid` + a Prefect artifact.
+"""Sample grids from the EMA weights while the DiT trains: TensorBoard `samples/grid` + a Prefect artifact
+(`tagdit.train.reports`: directly in one process, relayed by the launcher under torchrun).
 
 `SampleMonitor` is `fit`'s rank-0 `monitor`. It draws with a `Painter` whose DiT is the current EMA
 module, inside `torch.random.fork_rng` and with explicit per-seed generators, so a run with
@@ -17,6 +18,7 @@ from PIL import Image
 
 from tagdit.config import PipelineConfig, SamplerConfig
 from tagdit.sampling.painter import Painter
+from tagdit.train.reports import publish_grid, report_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +58,6 @@ def sample_prompts(cfg: PipelineConfig, vocab: Any, latents_dir: Path) -> list[l
 def artifact_key(run_name: str) -> str:
     """`tagdit-train-samples-<run>` with the run name reduced to what artifact keys allow."""
     return "tagdit-train-samples-" + (re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-") or "run")
-
-
-def publish_artifact(grid: Image.Image, step: int, key: str) -> bool:
-    """The grid as a markdown artifact when inside a Prefect flow/task run; False outside one."""
-    try:
-        from prefect.artifacts import create_markdown_artifact
-        from prefect.context import FlowRunContext, TaskRunContext
-
-        if FlowRunContext.get() is None and TaskRunContext.get() is None:
-            return False
-        from tagdit.sampling.grid import png_data_uri
-
-        create_markdown_artifact(key=key, markdown=f"# DiT samples, step {step}\n\n![samples]({png_data_uri(grid)})",
-                                 description=f"EMA samples at step {step}")
-        return True
-    except Exception as e:  # monitoring must never stop training
-        log.warning("could not publish the sample grid artifact: %s", e)
-        return False
 
 
 @dataclass
@@ -125,7 +109,7 @@ class SampleMonitor:
             log.exception("samples: no grid at step %d", step)
             return
         writer.add_image("samples/grid", np.asarray(grid), step, dataformats="HWC")
-        publish_artifact(grid, step, self.key)
+        publish_grid(grid, step, self.key, report_to=report_dir())
         log.info("samples: grid of %d prompts x %d seeds at step %d", len(self.prompts), len(self.seeds), step)
 
 

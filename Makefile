@@ -1,8 +1,10 @@
-# One-command entry points. CPU machines get the local CPU build of torch; on a GPU machine run
-# `make venv TORCH=torch` first (PyPI's default Linux wheel is the CUDA build).
+# One-command entry points. CPU machines get the local CPU build of torch and onnxruntime; on a GPU
+# machine run `make venv TORCH=torch ORT=gpu` first (PyPI's default Linux torch wheel is the CUDA
+# build; ORT=gpu installs onnxruntime-gpu instead of onnxruntime, never both).
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+ORT    ?= cpu
 PY      = $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED = 1
@@ -15,11 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,$(ORT)]"
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q -e ".[dev,$(ORT),bench]"
 	touch $@
 
 # Build the demo world + demo tagger, then run every pipeline stage on it.

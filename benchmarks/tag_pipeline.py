@@ -73,6 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides (e.g. tagger.resize=torch)")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -87,10 +88,10 @@ def main() -> None:
         folder, what = model_dir(tmp)
         make_images(tmp / "src", args.n)
         cfg = load_config(None, [f"data.source={tmp / 'src'}", f"data.root={tmp / 'shards'}", "data.resolution=64",
-                                 f"tagger.path={folder}", "crop.chunk_size=128"])
+                                 f"tagger.path={folder}", "crop.chunk_size=128", *args.set])
         crop = crop_stage(cfg)
         tagger = WDTagger.from_config(cfg.tagger)
-        imgs = [Image.new("RGB", (64, 64), (i, 255 - i, 128)) for i in range(tagger.batch_size)]
+        imgs = [Image.new("RGB", (64, 64), (i, 255 - i, 128)) for i in range(cfg.tagger.batch_size)]  # the peer: one run of all
         batch = np.stack([tagger.preprocess(im) for im in imgs])  # (B, 448, 448, 3)
         list(tagger.probabilities(imgs))  # load the onnxruntime kernels once in this process
         sess = ort.InferenceSession(str(tagger.model_path), providers=default_providers())  # onnxruntime's defaults
@@ -104,7 +105,8 @@ def main() -> None:
                   flush=True)
     ours, base = (statistics.median(rates[k]) for k in ("ours", "baseline"))
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; model: {what}; "
-          f"batch {tagger.batch_size}; {args.n} images per round, median of {args.rounds}")
+          f"batch {cfg.tagger.batch_size} ({tagger.runs} runs x {tagger.batch_size}); overrides {args.set or 'none'}; "
+          f"{args.n} images per round, median of {args.rounds}")
     print(f"RESULT tag_pipeline ours={ours:.1f} img/s baseline={base:.1f} ratio={ours / base:.2f}")
 
 

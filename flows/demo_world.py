@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tagdit.config import load_config
 from tagdit.orchestrate.cli import flow_main
 from tagdit.orchestrate.naming import run_namer
+from tagdit.orchestrate.params import ConfigRef, DemoStage, Override, flow_config, with_common_args
 from tagdit.orchestrate.runner import expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 
 
 @flow(name="demo-world", flow_run_name=run_namer("demo-world", "dataset"))
+@with_common_args
 def demo_world_flow(
-    config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
+    config: ConfigRef | None = None, overrides: list[Override] | None = None,
+    force: list[DemoStage] | None = None,
 ) -> StageRecord:
     """Build the demo world + demo tagger (cached); returns the stage record."""
     from prefect.artifacts import create_markdown_artifact
@@ -30,7 +33,7 @@ def demo_world_flow(
     from tagdit.demo.tagger import summary_table
     from tasks.demo import DEMO, build_demo_task
 
-    cfg = load_config(config, overrides)
+    cfg = flow_config(config, overrides)
     record = run_stage(build_demo_task, DEMO, cfg, force=DEMO.name in expand_force(force, (DEMO.name,)))
     report = json.loads(Path(cfg.demo.tagger_out, "report.json").read_text())
     table = summary_table(report)
@@ -44,5 +47,10 @@ def demo_world_flow(
     return record
 
 
+def main(argv: list[str] | None = None) -> Any:
+    """The command line: `python -m flows.demo_world` or `tagdit ...`."""
+    return flow_main(demo_world_flow, "Build the synthetic demo world and its WD-interface demo tagger.", argv)
+
+
 if __name__ == "__main__":
-    flow_main(demo_world_flow, "Build the synthetic demo world and its WD-interface demo tagger.")
+    main()

@@ -8,24 +8,41 @@ Needs finished prepare-data and train-vae runs. Cached on the shards, the VAE ch
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger
 
-from tagdit.config import load_config
 from tagdit.orchestrate.cli import flow_main
 from tagdit.orchestrate.naming import run_namer
+from tagdit.orchestrate.params import (
+    ConfigRef,
+    EncodeStage,
+    FolderName,
+    Override,
+    flow_config,
+    with_common_args,
+)
 from tagdit.orchestrate.runner import expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 from tasks.records import shard_record, vae_record
 
 
 @flow(name="encode", flow_run_name=run_namer("encode"))
+@with_common_args
 def encode_flow(
-    config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
+    config: ConfigRef | None = None, overrides: list[Override] | None = None,
+    force: list[EncodeStage] | None = None,
+    dataset: FolderName | None = None, run: FolderName | None = None,
 ) -> StageRecord:
-    """Encode every image shard with the run's EMA VAE; returns the encode stage's record."""
+    """Encode every image shard with the run's EMA VAE; returns the encode stage's record.
+
+    Args:
+        dataset: the dataset to encode, shards/<dataset>/ (data.name).
+        run: the run whose VAE encodes, runs/<run>/ (run.name).
+    """
     from tasks.encode import ENCODE, encode_task
 
-    cfg = load_config(config, overrides)
+    cfg = flow_config(config, overrides, dataset=dataset, run=run)
     vae = vae_record(cfg)
     forced = ENCODE.name in expand_force(force, (ENCODE.name,))  # --force encode
     record = run_stage(encode_task, ENCODE, cfg, force=forced, shards=shard_record(cfg), vae=vae)
@@ -34,5 +51,10 @@ def encode_flow(
     return record
 
 
+def main(argv: list[str] | None = None) -> Any:
+    """The command line: `python -m flows.encode` or `tagdit ...`."""
+    return flow_main(encode_flow, "Encode the image shards into VAE latents + the latent scale factor.", argv)
+
+
 if __name__ == "__main__":
-    flow_main(encode_flow, "Encode the image shards into VAE latents + the latent scale factor.")
+    main()

@@ -13,24 +13,47 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tagdit.config import load_config
 from tagdit.orchestrate.cli import flow_main
 from tagdit.orchestrate.naming import run_namer
+from tagdit.orchestrate.params import (
+    ConfigRef,
+    FolderName,
+    Gpus,
+    Override,
+    PipelineStage,
+    Steps,
+    flow_config,
+    with_common_args,
+)
 from tagdit.orchestrate.runner import PIPELINE_ORDER, expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 
 
 @flow(name="full-pipeline", flow_run_name=run_namer("full-pipeline"))
+@with_common_args
 def full_pipeline_flow(
-    config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
+    config: ConfigRef | None = None, overrides: list[Override] | None = None,
+    force: list[PipelineStage] | None = None,
+    source: str | None = None, dataset: FolderName | None = None, run: FolderName | None = None,
+    vae_steps: Steps | None = None, dit_steps: Steps | None = None, gpus: Gpus | None = None,
 ) -> dict[str, Any]:
-    """Run every stage in order; returns where the outputs are and the headline numbers."""
+    """Run every stage in order; returns where the outputs are and the headline numbers.
+
+    Args:
+        source: the folder of your images, walked recursively (data.source).
+        dataset: the dataset's name: shards go to shards/<dataset>/ (data.name).
+        run: the run's name: models go to runs/<run>/ (run.name).
+        vae_steps: VAE optimizer steps (vae.train.steps).
+        dit_steps: DiT optimizer steps (dit.train.steps).
+        gpus: GPUs to train on with torchrun (vae.train.nproc and dit.train.nproc).
+    """
     from flows.evaluate import publish
     from flows.prepare_data import prepare_data
     from tasks import encode, evaluate, train_dit, train_vae
     from tasks.demo import DEMO, build_demo_task
 
-    cfg = load_config(config, overrides)
+    cfg = flow_config(config, overrides, source=source, dataset=dataset, run=run, vae_steps=vae_steps,
+                      dit_steps=dit_steps, gpus=gpus)
     forced = expand_force(force)
     started = time.perf_counter()
     records: dict[str, StageRecord] = {}
@@ -54,6 +77,7 @@ def full_pipeline_flow(
         "grids": ev.info["grids"],
         "metrics": ev.info["metrics"],
         "tag_recall_ratio": round(ev.info["tag_recall_ratio"], 3),
+        "tag_recall_ratio_se": ev.info.get("tag_recall_ratio_se"),
         "tag_recall": {k: round(v, 3) for k, v in ev.info["recall"].items()},
         "vae_psnr_db": round(ev.info["vae_psnr_db"], 2),
     }
@@ -61,5 +85,10 @@ def full_pipeline_flow(
     return summary
 
 
+def main(argv: list[str] | None = None) -> Any:
+    """The command line: `python -m flows.full_pipeline` or `tagdit ...`."""
+    return flow_main(full_pipeline_flow, "Run the whole tagdit pipeline (cached, resumable).", argv)
+
+
 if __name__ == "__main__":
-    flow_main(full_pipeline_flow, "Run the whole tagdit pipeline (cached, resumable).")
+    main()

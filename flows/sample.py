@@ -2,12 +2,14 @@
 
     python -m flows.sample --prompt "blue hair, smile" --negative "hat" --cfg 4 --steps 50 --eta 0 \
         --seed 0 --n 4 --out out.png [--config configs/demo.yaml --set k=v] [--checkpoint DIR]
+    ... --model DIR                                    # an exported folder (flows.export) instead of a run
     ... --init-image photo.jpg --strength 0.6          # img2img: variations of an image's centre crop
     ... --interpolate-seeds 0 7 [--interpolate-prompt "red hair"] --frames 8
                                                        # a strip PNG + an animated GIF beside it
 
-The checkpoint defaults to the run's latest EMA weights (`<run>/dit/latest`). Tags the vocabulary
-does not know are reported and encoded as <unk> (as in training), never silently dropped.
+The checkpoint defaults to the run's latest EMA weights (`<run>/dit/latest`); `--model` draws from an
+exported folder alone (no config, no run folder). Tags the vocabulary does not know are reported and
+encoded as <unk> (as in training), never silently dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tagdit.config import PipelineConfig, SamplerConfig
+from tagdit.config import SamplerConfig
 from tagdit.orchestrate.cli import config_parser, parse_config
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ def _settings(negative: str, scale: float, sampler: SamplerConfig) -> str:
 
 
 def sample_images(
-    cfg: PipelineConfig,
+    painter: Any,
     prompt: str,
     negative: str = "",
     *,
@@ -52,7 +54,6 @@ def sample_images(
     seed: int = 0,
     n: int = 4,
     out: str | Path = "out.png",
-    checkpoint: str | Path | None = None,
     init_image: str | Path | None = None,
     strength: float = 0.6,
     shorten: bool = False,
@@ -60,11 +61,9 @@ def sample_images(
     """Generate `n` images for one prompt (from `init_image` when given), write them as one captioned row to `out`."""
     from tagdit.sampling.grid import render_grid
     from tagdit.sampling.painter import read_image
-    from tasks.records import painter_for_run
 
     method = SamplerConfig(name="cli", sampler=sampler, steps=steps, eta=eta)
     image = read_image(Path(init_image).read_bytes()) if init_image else None
-    painter = painter_for_run(cfg, checkpoint)
     (cond, neg), unknown = _prompts(painter, prompt, negative)
     if image is None:
         images = painter.sample(cond, neg, method, scale, seed, n)
@@ -81,7 +80,7 @@ def sample_images(
 
 
 def interpolate_images(
-    cfg: PipelineConfig,
+    painter: Any,
     prompt: str,
     negative: str = "",
     *,
@@ -92,16 +91,13 @@ def interpolate_images(
     steps: int = 50,
     sampler: str = "ddim",
     out: str | Path = "out.png",
-    checkpoint: str | Path | None = None,
     frame_ms: int = 150,
 ) -> dict[str, Any]:
     """Frames from (prompt, seeds[0]) to (other_prompt or prompt, seeds[1]): a strip PNG at `out`
     and the same frames as an animated GIF beside it (`out` with suffix .gif), looping back and forth."""
     from tagdit.sampling.grid import render_grid
-    from tasks.records import painter_for_run
 
     method = SamplerConfig(name="cli", sampler=sampler, steps=steps)
-    painter = painter_for_run(cfg, checkpoint)
     other = prompt if other_prompt is None else other_prompt
     (cond_a, cond_b, neg), unknown = _prompts(painter, prompt, other, negative)
     images = painter.interpolate(cond_a, cond_b, neg, method, scale, seeds, frames)
@@ -116,6 +112,29 @@ def interpolate_images(
     return {"out": str(out), "animation": str(anim), "checkpoint": str(painter.checkpoint), "unknown_tags": unknown}
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """`--model DIR` (an exported folder instead of a run) and `--device`; shared with flows.serve."""
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="draw from this exported folder (python -m flows.export) alone: no --config/--set/--checkpoint")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="where to draw (default: auto; for a run, evaluate.device)")
+
+
+def painter_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Any:
+    """The painter the options name: the exported folder `--model`, or the config's run (`--checkpoint`)."""
+    from tagdit.formats.exported_model import is_export
+    from tasks.records import painter_for_export, painter_for_run
+
+    if a.model is None:
+        a.overrides += [f"evaluate.device={a.device}"] if a.device else []
+        return painter_for_run(parse_config(a), a.checkpoint)
+    if a.config or a.overrides or a.checkpoint:
+        p.error("--model draws from the exported folder alone: drop --config, --set and --checkpoint")
+    if not is_export(a.model):
+        p.error(f"--model {a.model} is not an exported tagdit model (no tagdit.json); write one with flows.export")
+    return painter_for_export(a.model, a.device or "auto")
+
+
 def _parser() -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = config_parser("Sample images for a tag prompt from the trained DiT.")
     p.add_argument("--prompt", required=True, help='comma-separated tags, e.g. "blue hair, smile"')
@@ -128,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4, help="number of images")
     p.add_argument("--out", default="out.png")
     p.add_argument("--checkpoint", default=None, help="checkpoint or run dir (default: <run>/dit latest EMA)")
+    add_model_options(p)
     p.add_argument("--init-image", default=None, help="img2img: start from this image's centre crop")
     p.add_argument("--strength", type=float, default=0.6, help="img2img: 0 keeps the image, 1 ignores it")
     p.add_argument("--shorten", action="store_true",
@@ -155,16 +175,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"--strength must be in [0, 1], got {a.strength}")
     if a.frames < 2:
         p.error(f"--frames must be at least 2, got {a.frames}")
-    cfg = parse_config(a)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    painter = painter_from_args(p, a)
     if interpolating:
         seeds = tuple(a.interpolate_seeds or (a.seed, a.seed))
-        return interpolate_images(cfg, a.prompt, a.negative, other_prompt=a.interpolate_prompt, seeds=seeds,
-                                  frames=a.frames, scale=a.cfg, steps=a.steps, sampler=a.sampler, out=a.out,
-                                  checkpoint=a.checkpoint)
-    return sample_images(cfg, a.prompt, a.negative, scale=a.cfg, steps=a.steps, eta=a.eta, sampler=a.sampler,
-                         seed=a.seed, n=a.n, out=a.out, checkpoint=a.checkpoint, init_image=a.init_image,
-                         strength=a.strength, shorten=a.shorten)
+        return interpolate_images(painter, a.prompt, a.negative, other_prompt=a.interpolate_prompt, seeds=seeds,
+                                  frames=a.frames, scale=a.cfg, steps=a.steps, sampler=a.sampler, out=a.out)
+    return sample_images(painter, a.prompt, a.negative, scale=a.cfg, steps=a.steps, eta=a.eta, sampler=a.sampler,
+                         seed=a.seed, n=a.n, out=a.out, init_image=a.init_image, strength=a.strength,
+                         shorten=a.shorten)
 
 
 if __name__ == "__main__":

@@ -9,24 +9,46 @@ torchrun DDP.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger
 
-from tagdit.config import load_config
 from tagdit.orchestrate.cli import flow_main
 from tagdit.orchestrate.naming import run_namer
+from tagdit.orchestrate.params import (
+    ConfigRef,
+    FolderName,
+    Gpus,
+    Override,
+    Steps,
+    TrainDitStage,
+    flow_config,
+    with_common_args,
+)
 from tagdit.orchestrate.runner import expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 from tasks.records import latents_record, shard_record
 
 
 @flow(name="train-dit", flow_run_name=run_namer("train-dit"))
+@with_common_args
 def train_dit_flow(
-    config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
+    config: ConfigRef | None = None, overrides: list[Override] | None = None,
+    force: list[TrainDitStage] | None = None,
+    dataset: FolderName | None = None, run: FolderName | None = None,
+    dit_steps: Steps | None = None, gpus: Gpus | None = None,
 ) -> StageRecord:
-    """Train (or resume, or reuse) the DiT on the encoded latents; returns its record."""
+    """Train (or resume, or reuse) the DiT on the encoded latents; returns its record.
+
+    Args:
+        dataset: the dataset to train on, shards/<dataset>/ (data.name).
+        run: the run to train, runs/<run>/ (run.name).
+        dit_steps: optimizer steps (dit.train.steps); a finished run given more steps resumes.
+        gpus: GPUs to train on with torchrun (vae.train.nproc and dit.train.nproc).
+    """
     from tasks.train_dit import TRAIN_DIT, train_dit_task
 
-    cfg = load_config(config, overrides)
+    cfg = flow_config(config, overrides, dataset=dataset, run=run, dit_steps=dit_steps, gpus=gpus)
     forced = TRAIN_DIT.name in expand_force(force, (TRAIN_DIT.name,))  # --force train_dit
     record = run_stage(train_dit_task, TRAIN_DIT, cfg, force=forced, latents=latents_record(cfg), shards=shard_record(cfg))
     get_run_logger().info("train-dit: %s (step %s, val loss %s, %s parameters)", record.info["checkpoint"],
@@ -34,5 +56,10 @@ def train_dit_flow(
     return record
 
 
+def main(argv: list[str] | None = None) -> Any:
+    """The command line: `python -m flows.train_dit` or `tagdit ...`."""
+    return flow_main(train_dit_flow, "Train the tag-conditioned DiT on the latent shards (cached, resumable).", argv)
+
+
 if __name__ == "__main__":
-    flow_main(train_dit_flow, "Train the tag-conditioned DiT on the latent shards (cached, resumable).")
+    main()

@@ -8,24 +8,46 @@ inputs is a cache hit; a killed run resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger
 
-from tagdit.config import load_config
 from tagdit.orchestrate.cli import flow_main
 from tagdit.orchestrate.naming import run_namer
+from tagdit.orchestrate.params import (
+    ConfigRef,
+    FolderName,
+    Gpus,
+    Override,
+    Steps,
+    TrainVaeStage,
+    flow_config,
+    with_common_args,
+)
 from tagdit.orchestrate.runner import expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 from tasks.records import shard_record
 
 
 @flow(name="train-vae", flow_run_name=run_namer("train-vae"))
+@with_common_args
 def train_vae_flow(
-    config: str | None = None, overrides: list[str] | None = None, force: list[str] | None = None
+    config: ConfigRef | None = None, overrides: list[Override] | None = None,
+    force: list[TrainVaeStage] | None = None,
+    dataset: FolderName | None = None, run: FolderName | None = None,
+    vae_steps: Steps | None = None, gpus: Gpus | None = None,
 ) -> StageRecord:
-    """Train (or resume, or reuse) the VAE on the dataset's image shards; returns its record."""
+    """Train (or resume, or reuse) the VAE on the dataset's image shards; returns its record.
+
+    Args:
+        dataset: the dataset to train on, shards/<dataset>/ (data.name).
+        run: the run to train, runs/<run>/ (run.name).
+        vae_steps: optimizer steps (vae.train.steps).
+        gpus: GPUs to train on with torchrun (vae.train.nproc and dit.train.nproc).
+    """
     from tasks.train_vae import TRAIN_VAE, train_vae_task
 
-    cfg = load_config(config, overrides)
+    cfg = flow_config(config, overrides, dataset=dataset, run=run, vae_steps=vae_steps, gpus=gpus)
     forced = TRAIN_VAE.name in expand_force(force, (TRAIN_VAE.name,))  # --force train_vae
     record = run_stage(train_vae_task, TRAIN_VAE, cfg, force=forced, shards=shard_record(cfg))
     get_run_logger().info("train-vae: %s (vae_id %s, val PSNR %s dB, %s parameters)", record.info["checkpoint"],
@@ -33,5 +55,10 @@ def train_vae_flow(
     return record
 
 
+def main(argv: list[str] | None = None) -> Any:
+    """The command line: `python -m flows.train_vae` or `tagdit ...`."""
+    return flow_main(train_vae_flow, "Train the KL-VAE on the image shards (cached, resumable).", argv)
+
+
 if __name__ == "__main__":
-    flow_main(train_vae_flow, "Train the KL-VAE on the image shards (cached, resumable).")
+    main()

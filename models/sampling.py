@@ -3,8 +3,9 @@ entry points that run them on a DiT: text-to-image, from precomputed embeddings,
 
 As in k-diffusion, a sampler sees only a function: `eps_fn(x_t (B, C, H, W), t (B,) long) -> ε`.
 Guidance and conditioning live in the wrapper that builds that function (`CFGDenoiser`). Every
-sampler has one signature, `(eps_fn, x, alpha_bar, steps, eta, generator, progress, t_start)`, and
-`SAMPLERS` names them for configs.
+sampler has one signature, `(eps_fn, x, alpha_bar, steps, eta, generator, progress, t_start, callback)`,
+and `SAMPLERS` names them for configs. `callback(i, n)` hears of each step (a `StepCallback`); an
+exception it raises stops the sampling there (the sampling page's cancel).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from models.diffusion import q_sample
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, C, H, W), t (B,) long) -> ε (B, C, H, W)
 CondEpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, cond (B, ...)) -> ε
 Generators = torch.Generator | Sequence[torch.Generator] | None
+StepCallback = Callable[[int, int], None]  # (i, n): called with 0 before the first of n steps, i after step i
 
 
 def _start(t_start: int | None, timesteps: int) -> int:
@@ -67,6 +69,12 @@ def _randn_like(x: Tensor, generator: Generators) -> Tensor:
     return torch.cat([c.to(x) for c in chunks])
 
 
+def _report(callback: StepCallback | None, i: int, n: int) -> None:
+    """Tell the caller that i of n steps are done (it may raise to stop the sampling)."""
+    if callback is not None:
+        callback(i, n)
+
+
 def _full(t: int, x: Tensor) -> Tensor:
     """Timestep t for every sample of x, (B,) long."""
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -82,6 +90,7 @@ def sample_ddim(
     generator: Generators = None,
     progress: bool = False,
     t_start: int | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Generalised DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models").
 
@@ -97,6 +106,7 @@ def sample_ddim(
     ab = alpha_bar.double().cpu()
     ts = ddim_timesteps(steps, len(ab), t_start)
     x = x.float()
+    _report(callback, 0, len(ts))
     for i in tqdm(range(len(ts)), desc="sampling", disable=not progress, leave=False):
         t = int(ts[i])
         a_t = float(ab[t])
@@ -107,6 +117,7 @@ def sample_ddim(
         x = a_s**0.5 * x0 + max(1 - a_s - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
             x = x + sigma * _randn_like(x, generator)
+        _report(callback, i + 1, len(ts))
     return x
 
 
@@ -120,6 +131,7 @@ def sample_dpmpp_2m(
     generator: Generators = None,
     progress: bool = False,
     t_start: int | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep, second order, in
     data-prediction form, on the discrete ᾱ with α_t = √ᾱ_t, σ_t = √(1-ᾱ_t), λ_t = log(α_t/σ_t).
@@ -139,10 +151,12 @@ def sample_dpmpp_2m(
     lam = (alpha / sigma).log()  # (T,) λ_t, decreasing in t
     x = x.float()
     x0_prev, h_prev = None, None
+    _report(callback, 0, len(ts))
     for i in tqdm(range(len(ts)), desc="sampling", disable=not progress, leave=False):
         t = int(ts[i])
         eps = eps_fn(x, _full(t, x)).float()
         x0 = (x - float(sigma[t]) * eps) / float(alpha[t])  # (B, C, H, W)
+        _report(callback, i + 1, len(ts))
         if i + 1 == len(ts):
             return x0
         s = int(ts[i + 1])
@@ -211,13 +225,14 @@ def sample_from_embeddings(
     generator: Generators = None,
     progress: bool = False,
     t_start: int | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """x = x_{t_start} (B, C, H, W) (default: x_T) -> guided samples (scaled latents), given tag
     embeddings y_cond (B or 1, W) and y_neg (B or 1, W), e.g. blended ones for an interpolation."""
     device = next(model.parameters()).device
     denoiser = CFGDenoiser(model.forward_with_cond, y_cond.to(device), y_neg.to(device), scale)
     return get_sampler(sampler)(denoiser, x.to(device), alpha_bar, steps=steps, eta=eta, generator=generator,
-                                progress=progress, t_start=t_start)
+                                progress=progress, t_start=t_start, callback=callback)
 
 
 @torch.no_grad()
@@ -234,6 +249,7 @@ def sample_latents(
     scale: float = 4.0,
     generator: Generators = None,
     progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """x_T ~ N(0, I) of `shape` -> guided samples (scaled latents), for a DiT with `encode_tags`.
 
@@ -242,7 +258,7 @@ def sample_latents(
     y_cond, y_neg = encode_prompts(model, tags, neg_tags)
     x_T = _randn_like(torch.empty(shape, device=y_cond.device), generator)
     return sample_from_embeddings(model, x_T, y_cond, y_neg, alpha_bar=alpha_bar, steps=steps, sampler=sampler,
-                                  eta=eta, scale=scale, generator=generator, progress=progress)
+                                  eta=eta, scale=scale, generator=generator, progress=progress, callback=callback)
 
 
 @torch.no_grad()
@@ -261,6 +277,7 @@ def img2img_latents(
     generator: Generators = None,
     progress: bool = False,
     shorten: bool = False,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Encoded latents z0 (B, C, H, W, already scaled) -> guided samples that keep their layout
     (SDEdit, Meng et al. 2022): noise z0 to t0 = ⌊S·T - 1⌋ (the original's start) with q_sample, then
@@ -284,4 +301,5 @@ def img2img_latents(
     most = t_start + 1 if sampler == "ddim" else max(t_start, 1)  # distinct timesteps in [t0, 0]
     n = min(math.ceil(strength * steps) if shorten else steps, most)
     return sample_from_embeddings(model, x, y_cond, y_neg, alpha_bar=alpha_bar, steps=n, sampler=sampler, eta=eta,
-                                  scale=scale, generator=generator, progress=progress, t_start=t_start)
+                                  scale=scale, generator=generator, progress=progress, t_start=t_start,
+                                  callback=callback)

@@ -55,7 +55,19 @@ class TaggerConfig(Section):
     mcut: bool = False  # MCut thresholding instead of the fixed thresholds
     exclude: list[str] = []  # tags never kept
     sidecar: Literal["merge", "sidecar", "tagger"] = "merge"  # how `name.txt` tags combine
-    batch_size: int = Field(16, ge=1)  # used only when the model's batch dimension is dynamic
+    # images per step when the model's batch dimension is dynamic: one run on a GPU, shared out over
+    # the CPU's concurrent single-threaded runs (8 per run on 2 cores); a fixed batch is the model's
+    batch_size: int = Field(16, ge=1)
+    # The reference recipe resizes with Pillow's BICUBIC: the default, bit for bit. `torch` is an opt-in
+    # speed setting (antialiased bicubic, ~1.4 ms instead of 4-44 ms of one core per image): pixels
+    # within 2 levels, scores within 0.002 on pixel-sensitive test taggers, ~1 tag decision in 10^5
+    # flipped (docs/design.md §6).
+    resize: Literal["pillow", "torch"] = "pillow"
+    # Opt-in: decode large sources reduced (JPEG DCT scaling, then Image.reduce) while the square stays
+    # >= the tagger's size: ~half the decode + resize time. NOT identical to the reference (box filter
+    # before the bicubic: edge pixels move by up to ~100 levels; scores by up to 0.44, ~5 tag decisions
+    # in 10^4 flipped on the same taggers).
+    pre_shrink: bool = False
 
 
 class ShardsConfig(Section):
@@ -79,6 +91,9 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)  # linear warm-up, then cosine decay to zero
+    # "none": the original's schedule as Keras ran it (CosineDecay with warmup_steps but no
+    # warmup_target skips the warm-up: peak lr from step 0, zero after steps - warmup_steps)
+    warmup: Literal["linear", "none"] = "linear"
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm; None = no clipping, as the original
     checkpoint_every: int = Field(500, ge=1)
@@ -202,10 +217,19 @@ class EvaluateConfig(Section):
         SamplerConfig(name="ddim50", steps=50, eta=0.0),
         SamplerConfig(name="ddpm250", steps=250, eta=1.0),
     ]
-    metric_samples: int = Field(4, ge=1)  # generated images per prompt for tag fidelity
+    # generated images per prompt for tag fidelity: the recall's standard error shrinks as 1/sqrt of it
+    metric_samples: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torchvision's inception_v3_google-0cc3c7bd.pth for kid_inception; None = torch hub's cache if
-    # the file is there, else only kid_tagger is reported (never downloaded)
+    # Inception KIDs (models.kid): which variants, and the images they score. The generated images are
+    # drawn for captions of random validation images, as the original drew 10,000 with DDIM 20; a KID
+    # over fewer than ~1,000 images says little. 0 = no Inception KID.
+    kid_variants: list[Literal["original", "standard"]] = ["original", "standard"]
+    kid_images: int = Field(1024, ge=0)  # 32 whole batches of 32: the original variant scores all of them
+    kid_real_images: int = Field(10000, ge=2)  # validation images (at most) as the real set
+    kid_sampler: SamplerConfig = SamplerConfig(name="ddim20", steps=20, eta=0.0)  # KID_measure.R's sampler
+    # an Inception-v3 file: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the FID weights) or
+    # torchvision's inception_v3_google-0cc3c7bd.pth; None = torch hub's cache (FID weights first) if a
+    # file is there, else the Inception KIDs are recorded as not computed (never downloaded)
     inception_weights: Path | None = None
 
 
@@ -315,11 +339,22 @@ def apply_override(tree: dict, parts: list[str], value: Any) -> None:
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_path(name: str) -> Path | None:
+    """`configs/<name>.yaml` when `name` is a bare preset name that exists, else None."""
+    if "/" in name or "\\" in name or name.endswith((".yaml", ".yml")):
+        return None
+    p = PRESETS_DIR / f"{name}.yaml"
+    return p if p.is_file() else None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a YAML preset (or defaults), apply `key=value` overrides, validate."""
+    """Read a YAML file or a preset by name (`demo`: configs/demo.yaml), apply `key=value` overrides, validate."""
     tree: dict = {}
     if path is not None:
-        p = Path(path)
+        p = preset_path(str(path)) or Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found")
         tree = yaml.safe_load(p.read_text()) or {}

@@ -1,5 +1,6 @@
-"""Evaluation stage: sample grids (DDIM and DDPM, CFG, unconditional and negative-prompt rows) and
-tag-fidelity metrics (the tagger reads the prompted tags back from generated pixels).
+"""Evaluation stage: sample grids (DDIM and DDPM, CFG, unconditional and negative-prompt rows),
+tag-fidelity metrics (the tagger reads the prompted tags back from generated pixels) with their
+standard error, and the Inception KIDs (`evaluate.kid_images` samples, each named variant).
 
 Outputs under `<run>/eval/<dit checkpoint>-<key>/`: `grid-<sampler>.png` (one per sampler, the unit
 of resume) and `metrics.json`. The flow publishes them as a Prefect markdown artifact.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -16,6 +18,7 @@ from prefect import task
 
 from tagdit.config import PipelineConfig, SamplerConfig
 from tagdit.evaluation.fidelity import reconstruct, tag_fidelity
+from tagdit.evaluation.kid import inception_kids
 from tagdit.evaluation.report import log_to_tensorboard
 from tagdit.files import atomic_path
 from tagdit.formats.eval_metrics import EvalMetrics
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def _extra_inputs(cfg: PipelineConfig) -> dict[str, str]:
     """The tagger's resolved commit and file hashes (resolved once per process: no Hub request here),
-    and the Inception-v3 weights' sha256 when they are found (they decide whether kid_inception exists)."""
+    and the Inception-v3 weights' sha256 when they are found (they decide whether the Inception KIDs exist)."""
     from models.inception import find_inception_weights
     from tagdit.data.tagger import resolve_tagger
     from tagdit.files import file_fingerprint
@@ -42,9 +45,9 @@ def _extra_inputs(cfg: PipelineConfig) -> dict[str, str]:
 
 EVALUATE = Stage(
     name="evaluate",
-    modules=("tasks.evaluate", "tagdit.evaluation.fidelity", "tagdit.sampling.painter", "tagdit.sampling.prompts",
-             "tagdit.sampling.grid", "models.sampling", "models.interpolate", "models.diffusion", "models.dit",
-             "models.vae", "models.config", "models.kid", "models.inception", "tagdit.data.vocab",
+    modules=("tasks.evaluate", "tagdit.evaluation.fidelity", "tagdit.evaluation.kid", "tagdit.sampling.painter",
+             "tagdit.sampling.prompts", "tagdit.sampling.grid", "models.sampling", "models.interpolate",
+             "models.diffusion", "models.dit", "models.vae", "models.config", "models.kid", "models.inception", "tagdit.data.vocab",
              "tagdit.data.tagger:TagResult", "tagdit.data.tagger:mcut_threshold", "tagdit.data.tagger:select_tags",
              "tagdit.formats.image_shards", "tagdit.formats.latent_shards", "tagdit.formats.wd_image",
              "tagdit.formats.selected_tags", "tagdit.formats.eval_metrics", "tagdit.formats.checkpoints",
@@ -57,7 +60,12 @@ EVALUATE = Stage(
 
 def val_samples(dataset_dir: Path, limit: int = 512) -> list[tuple[Image.Image, dict]]:
     """(RGB image, json) of the validation split, in shard order."""
-    return [(open_image(data), meta) for data, meta in read_samples(dataset_dir, "val", limit)]
+    return list(iter_val_samples(dataset_dir, limit))
+
+
+def iter_val_samples(dataset_dir: Path, limit: int) -> Iterator[tuple[Image.Image, dict]]:
+    """`val_samples`, decoded one at a time (the KID's real set may be thousands of images)."""
+    return ((open_image(data), meta) for data, meta in read_samples(dataset_dir, "val", limit))
 
 
 def render_sampler_grid(cfg: PipelineConfig, painter: Painter, rows: list[tuple[list[str], list[str], str]],
@@ -105,9 +113,11 @@ def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents
     grids = render_grids(cfg, painter, rows, out, force)
     recs, vae_psnr = reconstruct(painter, reals)
     fidelity = tag_fidelity(cfg, painter, WDTagger.from_config(cfg.tagger), prompts, reals, recs)
+    kids = inception_kids(cfg, painter, iter_val_samples(cfg.dataset_dir, cfg.evaluate.kid_real_images))
     dit_meta = json.loads((ckpt / "meta.json").read_text())
     metrics = EvalMetrics(
         **fidelity,
+        kid=kids,
         vae_psnr_db=vae_psnr,
         dit_val_loss=dit_meta.get("metrics", {}).get("val_loss"),
         dit_checkpoint=ckpt.name,
@@ -120,8 +130,11 @@ def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents
     metrics.write(out / "metrics.json")
     log_to_tensorboard(cfg, metrics)
     info = {"dir": str(out), "metrics": str(out / "metrics.json"), "grids": grids, "dit_checkpoint": ckpt.name,
-            "tag_recall_ratio": metrics.tag_recall_ratio, "vae_psnr_db": metrics.vae_psnr_db,
-            "kid_tagger": metrics.kid_tagger, "kid_inception": metrics.kid_inception,
+            "tag_recall_ratio": metrics.tag_recall_ratio, "tag_recall_ratio_se": metrics.tag_recall_ratio_se,
+            "samples_per_prompt": metrics.samples_per_prompt, "vae_psnr_db": metrics.vae_psnr_db,
+            "kid_tagger": metrics.kid_tagger,
+            "kid": {name: {"mean": k.mean, "std": k.std, "weights": k.weights, "generated": k.generated}
+                    for name, k in metrics.kid.items()},
             "recall": {k: getattr(metrics, k).recall for k in ("cfg", "unconditional", "real", "reconstructed")},
             "sampler_recall": {name: r.recall for name, r in metrics.sampler_recall.items()}}
     return EVALUATE.write_stamp(cfg, upstream, [*(Path(g) for g in grids.values()), out / "metrics.json"], info)

@@ -3,11 +3,13 @@
 A stage flow run alone (`python -m flows.train_dit …`), the evaluator and the sample CLI all need the
 records of the stages before them. Each finished stage leaves its record in a stamp beside its
 outputs (`tagdit.orchestrate.stage`); this module is the one place that knows where each stamp lives and which
-flow to run when it is missing.
+flow to run when it is missing. It also loads what draws: a run's painter, or an exported folder's
+(`flows.export`), and finds what an export takes from a run (files, evaluation, training settings).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from tagdit.config import PipelineConfig
@@ -64,8 +66,80 @@ def upstream_records(cfg: PipelineConfig, dit_checkpoint: str | Path | None = No
     return {"shards": shard_record(cfg), "vae": vae, "latents": latents_record(cfg, vae), "dit": dit}
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """What a run draws with: a DiT checkpoint, the VAE checkpoint, the latents (`stats.json`), the vocabulary."""
+
+    dit_checkpoint: Path
+    vae_checkpoint: Path
+    latents_dir: Path
+    vocab: Path
+
+
+def run_files(cfg: PipelineConfig, checkpoint: str | Path | None = None) -> RunFiles:
+    """The run's latest DiT checkpoint (or `checkpoint`, a folder or a run's `dit/`), its VAE and latents."""
+    from tagdit.formats.checkpoints import resolve_checkpoint
+
+    vae = vae_record(cfg)
+    latents = latents_record(cfg, vae)
+    try:
+        dit = resolve_checkpoint(checkpoint or cfg.run_dir / "dit")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}: run train-dit first" if checkpoint is None else str(e)) from None
+    return RunFiles(dit_checkpoint=dit, vae_checkpoint=Path(vae.info["checkpoint"]),
+                    latents_dir=Path(latents.out_dir), vocab=cfg.dataset_dir / "vocab.json")
+
+
 def painter_for_run(cfg: PipelineConfig, checkpoint: str | Path | None = None) -> Painter:
     """The run's painter: its latest DiT checkpoint (or `checkpoint`), its VAE and latents."""
-    vae = vae_record(cfg)
-    return load_painter(cfg, checkpoint or cfg.run_dir / "dit", vae.info["checkpoint"],
-                        latents_record(cfg, vae).out_dir)
+    files = run_files(cfg, checkpoint)
+    return load_painter(cfg, files.dit_checkpoint, files.vae_checkpoint, files.latents_dir)
+
+
+def painter_for_export(folder: str | Path, device: str = "auto") -> Painter:
+    """A painter from an exported folder alone (`flows.export`); it names the folder as its checkpoint."""
+    from tagdit.data.vocab import Vocab
+    from tagdit.devices import select_device
+    from tagdit.formats.exported_model import read_export
+
+    dev = select_device(device)
+    model = read_export(folder, dev)
+    vocab = Vocab.load(model.vocab_file)
+    if model.dit.vocab_size != len(vocab):
+        raise ValueError(f"{folder}: the DiT was trained with {model.dit.vocab_size} tokens, vocab.json has {len(vocab)}")
+    return Painter(dit=model.dit, vae=model.vae, vocab=vocab, stats=model.stats, device=dev,
+                   checkpoint=model.folder.absolute())
+
+
+def latest_evaluation(cfg: PipelineConfig, checkpoint: Path) -> Path | None:
+    """The run's newest evaluation folder of `checkpoint`, else of its latest evaluated step; None if none."""
+    from tagdit.formats.eval_metrics import EvalMetrics
+
+    found = []
+    for path in (cfg.run_dir / "eval").glob("*/metrics.json"):
+        try:
+            m = EvalMetrics.read(path)
+        except ValueError:  # written by an older tagdit: not shown rather than refused
+            continue
+        found.append((m.dit_checkpoint == Path(checkpoint).name, m.dit_step or -1, path.stat().st_mtime, path.parent))
+    return max(found)[-1] if found else None
+
+
+def training_settings(files: RunFiles) -> dict[str, dict]:
+    """What the run's DiT and VAE were trained with, as each training recorded it (`identity.json`, the
+    settings a resume must share), with the steps of the checkpoint used; the architecture alone when a
+    training left no record."""
+    import json
+
+    from tagdit.formats.checkpoints import load_weights
+
+    settings = {}
+    for name, ckpt in (("dit", files.dit_checkpoint), ("vae", files.vae_checkpoint)):
+        marker = ckpt.parent / "identity.json"
+        section = json.loads(marker.read_text()).get(name, {}) if marker.is_file() else {}
+        if not section:
+            config = load_weights(ckpt / "ema.safetensors")[1]
+            section = {"model": config["model"] if name == "dit" else config}
+        step = json.loads((ckpt / "meta.json").read_text()).get("step")
+        settings[name] = {"steps": step, **section}
+    return settings

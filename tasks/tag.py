@@ -1,8 +1,8 @@
 """Tag stage: WD 1.4 tags for every crop, merged with sidecar `name.txt` tags; one file per chunk.
 
-The tagger sees each crop's square cut from the SOURCE file at the source's resolution (reduced by
-an integer factor only while it stays at least the tagger's size), never the small dataset-size crop:
-the tagger then applies its own recipe (white square, BICUBIC to 448 px).
+The tagger sees each crop's square cut from the SOURCE file at the source's resolution, never the
+small dataset-size crop: the tagger then applies the reference recipe (white square, Pillow BICUBIC to
+448 px). `tagger.pre_shrink` and `tagger.resize=torch` trade that exactness for speed (opt-in).
 
 One tag chunk per crop chunk, named by a digest of the crop chunk's bytes, the tagger files and the
 tag settings: a killed run resumes at the first missing chunk, a changed crop chunk re-tags only
@@ -94,12 +94,14 @@ def _open_unlimited(data: bytes):
             Image.MAX_IMAGE_PIXELS = limit
 
 
-def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int], min_side: int):
+def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int], min_side: int,
+                  shrink: bool = False):
     """The crop's square `box` (upright source pixels) cut from the source file, on white, as RGB.
 
-    Decoded at the source's resolution, reduced by an integer factor (JPEG DCT scaling, then
-    `Image.reduce`) only as far as the square keeps a side >= `min_side`. The pad mode's box reaches
-    past the image: the outside is white, as the crop stage pads.
+    Decoded at the source's resolution: what the reference recipe resizes. With `shrink`
+    (`tagger.pre_shrink`) reduced by an integer factor first (JPEG DCT scaling, then `Image.reduce`)
+    as far as the square keeps a side >= `min_side`: faster, not the reference. The pad mode's box
+    reaches past the image: the outside is white, as the crop stage pads.
     """
     from PIL import Image, ImageOps
 
@@ -108,12 +110,12 @@ def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int],
         raise RuntimeError(f"{path} changed since the crop stage read it: run the crop stage again")
     (ow, oh), (left, top, right, _) = orig_size, box
     side = right - left
-    k = max(1, side // min_side)  # any reduction by <= k keeps the side >= min_side
+    k = max(1, side // min_side) if shrink else 1  # any reduction by <= k keeps the side >= min_side
     img = _open_unlimited(data)
     if k > 1 and img.format == "JPEG":  # decodes at 1/2, 1/4 or 1/8 size, never below the request
         img.draft(img.mode, (math.ceil(img.width / k), math.ceil(img.height / k)))
     img = to_rgb_on_white(ImageOps.exif_transpose(img))
-    k2 = (side * img.width) // (ow * min_side)  # the further integer reduction that keeps side >= min_side
+    k2 = (side * img.width) // (ow * min_side) if shrink else 1  # the further reduction keeping side >= min_side
     if k2 > 1:
         img = img.reduce(k2)
     fx, fy = img.width / ow, img.height / oh
@@ -138,17 +140,17 @@ def _in_order(fn: Callable, items: list, threads: int) -> Iterator:
             yield pending.popleft().result()
 
 
-def source_images(crop_chunk: Path, source: Path, min_side: int, threads: int) -> Iterator:
+def source_images(crop_chunk: Path, source: Path, min_side: int, threads: int, shrink: bool = False) -> Iterator:
     """The tagger's view of every cropped row of a crop chunk: its square cut from the source file."""
     table = _ok_rows(crop_chunk, ["source", "sha256", "orig_size", "crop_box"]).to_pylist()
     return _in_order(lambda r: source_square(source / r["source"], r["sha256"], r["orig_size"], r["crop_box"],
-                                             min_side), table, threads)
+                                             min_side, shrink), table, threads)
 
 
 def tag_chunk(tagger, crop_chunk: Path, dst: Path, tcfg: TaggerConfig, source: Path) -> int:
     """Tag one crop chunk into `dst` (atomic), reading the sources under `source`; returns the rows written."""
     table = _ok_rows(crop_chunk, ["key", "sidecar"])
-    images = source_images(crop_chunk, source, tagger.size, tagger.preprocess_threads)
+    images = source_images(crop_chunk, source, tagger.size, tagger.preprocess_threads, tcfg.pre_shrink)
     results = tagger.tag_images(images)  # batches never straddle chunks: a resumed run gets the same floats
     category = tagger.labels.category_of()
     rows = []
@@ -171,7 +173,7 @@ def loaded_tagger(tagger: ResolvedTagger, tcfg: TaggerConfig) -> WDTagger:
     if key not in _TAGGERS:
         _TAGGERS.clear()  # one model at a time
         _TAGGERS[key] = WDTagger(tagger.model, tagger.tags_csv, tcfg.general_threshold, tcfg.character_threshold,
-                                 tcfg.mcut, tcfg.exclude, tcfg.batch_size)
+                                 tcfg.mcut, tcfg.exclude, tcfg.batch_size, resize=tcfg.resize)
     return _TAGGERS[key]
 
 
@@ -183,10 +185,10 @@ def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: Ta
 
 TAG = Stage(
     name="tag",
-    version=2,  # 2: the tagger reads the source file's square, not the dataset-size crop
+    version=3,  # 2: the tagger reads the source file's square, not the dataset-size crop; 3: Pillow's resize
     modules=("tasks.tag", "tagdit.data.tagger", "tagdit.formats.selected_tags", "tagdit.formats.wd_image"),
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
-              "tagger.sidecar"),
+              "tagger.sidecar", "tagger.resize", "tagger.pre_shrink"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "tag",
     extra_inputs=lambda cfg: resolve_tagger(cfg.tagger).key_inputs(),  # the commit and the files' bytes
 )

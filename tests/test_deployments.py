@@ -36,8 +36,6 @@ def deployed(tmp_path_factory):
     with PrefectServer(tmp / "prefect") as server:
         server.env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
         server.cli("work-pool", "create", "tagdit", "--type", "process")
-        server.cli("concurrency-limit", "create", "gpu", "1")  # as the README sets it up
-        server.cli("concurrency-limit", "create", "eval", "1")
         server.cli("--no-prompt", "deploy", "--all", cwd=ROOT)
         server.spawn(["worker", "start", "--pool", "tagdit"], "worker.log", cwd=tmp)  # any cwd works
         yield server, tmp
@@ -66,6 +64,18 @@ def test_the_full_pipeline_runs_then_hits_every_cache(deployed):
     assert nightly["schedules"][0]["active"] and nightly["parameters"]["nightly"] is True
 
 
+def test_a_bad_parameter_is_refused_when_the_run_is_created(deployed):
+    server, _ = deployed
+    count = len(api(server, "/flow_runs/filter", {}))
+    for param, named in (('force=["trian_dit"]', "'trian_dit' is not one of"), ("dit_steps=0", "0 is less than"),
+                         ("config=demo.json", "'demo.json'")):
+        r = subprocess.run([str(Path(sys.executable).with_name("prefect")), "deployment", "run", "train-dit/default",
+                            "--param", param], env=server.env, capture_output=True, text=True, timeout=120)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and named in out and "Validation" in out, out
+    assert len(api(server, "/flow_runs/filter", {})) == count  # no run was created, so no worker picked one up
+
+
 DEPLOYMENTS = [  # every deployment in prefect.yaml with the stage its `force` names
     ("demo-world/default", ["demo"]),
     ("prepare-data/default", ["crop"]),
@@ -83,7 +93,7 @@ def test_every_deployment_reruns_its_forced_stage(deployed):
     server, tmp = deployed
     flows = {f["id"]: f["name"] for f in api(server, "/flows/filter", {})}
     deployed_names = {f"{flows[d['flow_id']]}/{d['name']}" for d in api(server, "/deployments/filter", {})}
-    assert deployed_names == {d for d, _ in DEPLOYMENTS}
+    assert deployed_names == {d for d, _ in DEPLOYMENTS} | {"export/default"}
     for deployment, force in DEPLOYMENTS:
         extra = {"nightly": True} if deployment == "evaluate/nightly" else {}
         run_id = run(server, deployment, path_overrides(tmp), force=force, **extra)
@@ -91,6 +101,9 @@ def test_every_deployment_reruns_its_forced_stage(deployed):
         task_name = {"demo": "build-demo"}.get(force[0], force[0])
         forced = [name for name in states if name.rsplit("-", 1)[0] == task_name]
         assert forced and all(states[n] == "Completed" for n in forced), (deployment, states)
+    run(server, "export/default", path_overrides(tmp), to=str(tmp / "exported"))  # the trained model's way out
+    assert json.loads((tmp / "exported/tagdit.json").read_text())["source"]["run"] == "tiny"
+    assert (tmp / "exported/dit/model.safetensors").is_file() and (tmp / "exported/README.md").is_file()
 
 
 def test_two_experiments_on_one_dataset_keep_to_their_own_folders(deployed):

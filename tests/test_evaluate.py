@@ -16,10 +16,11 @@ from models.inception import InceptionV3
 from models.vae import build_vae
 from tagdit.config import VAE_PRESETS, load_config
 from tagdit.data.vocab import SPECIALS, Vocab
-from tagdit.evaluation.fidelity import _inception_missing, fidelity, reconstruct, tag_fidelity
+from tagdit.evaluation.fidelity import fidelity, recall_se, reconstruct, tag_fidelity
+from tagdit.evaluation.kid import _inception_missing, inception_kids, kid_conditions
 from tagdit.evaluation.report import artifact_markdown, log_to_tensorboard, metrics_table
 from tagdit.files import sha256_file
-from tagdit.formats.eval_metrics import EvalMetrics
+from tagdit.formats.eval_metrics import EvalMetrics, KidScore
 from tagdit.orchestrate.stage import StageRecord
 from tagdit.sampling.painter import Painter
 from tagdit.sampling.prompts import default_prompts
@@ -46,6 +47,14 @@ def test_fidelity_is_mean_per_image_recall_and_precision():
     got = fidelity([["a", "b"], ["c"]], [["a", "x"], ["c", "d", "e", "f"]])
     assert got == {"recall": pytest.approx((0.5 + 0.25) / 2), "precision": pytest.approx((0.5 + 1.0) / 2), "n": 2}
     assert fidelity([[]], [[]]) == {"recall": 0.0, "precision": 0.0, "n": 1}
+
+
+def test_recall_se_is_the_within_prompt_standard_error_of_the_mean_recall():
+    wanted = [["a", "b"]] * 3 + [["c"]] * 3  # 2 prompts x 3 samples, prompt-major
+    got = [["a", "b"], ["a"], [], ["c"], ["c"], ["c"]]  # recalls 1, 0.5, 0 | 1, 1, 1
+    # s² = 0.25 and 0 within the prompts: sqrt((0.25 + 0) / 3) / 2; the spread between prompts is not noise
+    assert recall_se(got, wanted, per_prompt=3) == pytest.approx(np.sqrt(0.25 / 3) / 2)
+    assert recall_se(got, wanted, per_prompt=1) is None
 
 
 def test_reconstruct_round_trips_every_image_and_scores_psnr():
@@ -150,27 +159,58 @@ def live_inception() -> InceptionV3:
     return model
 
 
-@pytest.mark.usefixtures("one_thread")
-def test_tag_fidelity_reports_kid_inception_only_when_weights_are_in_torch_hubs_cache(tmp_path: Path, monkeypatch, caplog):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+def test_tag_fidelity_reports_the_ratio_with_its_standard_error(tmp_path: Path, monkeypatch):
     cfg = load_config(None, ["evaluate.metric_samples=3"])
     rng = np.random.default_rng(0)
     reals = [(noise_image(rng, (200, 40, 40)), {"tags": ["red"]}) for _ in range(3)]
-    args = (cfg, NoisePainter(Vocab([*SPECIALS, "red"])), ColourTagger(), [["red"]], reals, [im for im, _ in reals])
+    got = tag_fidelity(cfg, NoisePainter(Vocab([*SPECIALS, "red"])), ColourTagger(), [["red"]], reals,
+                       [im for im, _ in reals])
+    assert "kid_inception" not in got and got["kid_tagger"]["cfg"] is not None
+    assert got["cfg"]["recall_se"] == 0.0 and got["tag_recall_ratio_se"] == 0.0  # every sample recalls "red"
+    assert got["unconditional"]["recall_se"] == 0.0 and got["real"].get("recall_se") is None
+
+
+class CaptionPainter(NoisePainter):
+    """Reddish noise for every row: what the KID samples' conditions are is checked separately."""
+
+    def draw(self, conds, negs, sampler, cfg_scale, seeds):
+        assert sampler.name == "ddim20" and sampler.steps == 20  # KID_measure.R's DDIM 20
+        rng = np.random.default_rng(seeds)
+        return [noise_image(rng, (200, 40, 40)) for _ in conds]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_inception_kids_name_their_variant_weights_and_sizes_and_only_run_with_weights(tmp_path: Path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cfg = load_config(None, ["evaluate.kid_images=5", "evaluate.kid_variants=[original]"])
+    rng = np.random.default_rng(0)
+    reals = [(noise_image(rng, (200, 40, 40)), {"tags": ["red"]}) for _ in range(4)]
+    painter = CaptionPainter(Vocab([*SPECIALS, "red"]))
     _inception_missing.cache_clear()
-    with caplog.at_level(logging.INFO, logger="tasks.evaluate"):
-        without = [tag_fidelity(*args) for _ in range(2)]
-    assert "kid_inception" not in without[0] and without[0]["kid_tagger"]["cfg"] is not None
-    hub_file = tmp_path / "hub" / "checkpoints" / "inception_v3_google-0cc3c7bd.pth"
+    with caplog.at_level(logging.INFO, logger="tagdit.evaluation.kid"):
+        without = [inception_kids(cfg, painter, iter(reals)) for _ in range(2)]
     said = [r.getMessage() for r in caplog.records if "Inception-v3" in r.getMessage()]
-    assert len(said) == 1 and str(hub_file) in said[0]  # once per process, saying where the file goes
+    assert len(said) == 1 and str(tmp_path / "hub" / "checkpoints") in said[0]  # once per process, saying where
+    assert without[0]["original"] | {"note": ""} == {
+        "variant": "original", "extractor": "InceptionV3 pool features (2048-d)", "weights": None, "input_size": 75,
+        "generated": 0, "real": 0, "sampler": "ddim20", "cfg_scale": 4.0, "subset_size": 32, "subsets": 0,
+        "mean": None, "std": None, "note": ""}
+    hub_file = tmp_path / "hub" / "checkpoints" / "inception_v3_google-0cc3c7bd.pth"
     hub_file.parent.mkdir(parents=True)
     torch.save(live_inception().state_dict(), hub_file)
-    got = tag_fidelity(*args)
-    assert got["kid_tagger"] == without[0]["kid_tagger"]
-    kid_inception = got["kid_inception"]
-    assert set(kid_inception) == {"cfg", "unconditional"} and all(np.isfinite(v) for v in kid_inception.values())
-    assert kid_inception["cfg"] < kid_inception["unconditional"]  # reddish samples look like the reddish reals
+    got = inception_kids(cfg, painter, iter(reals))["original"]
+    assert (got["weights"], got["input_size"], got["generated"], got["real"]) == (
+        "torchvision inception_v3_google-0cc3c7bd", 75, 5, 4)
+    assert (got["subset_size"], got["subsets"]) == (4, 1) and np.isfinite(got["mean"]) and got["std"] == 0.0
+    assert "Keras" in got["note"] and KidScore(**got).variant == "original"  # what metrics.json holds
+
+
+def test_kid_conditions_are_captions_of_random_validation_images():
+    captions = [["red"], ["blue", "long hair"], []]
+    conds = kid_conditions(captions, 300, seed=0)
+    assert len(conds) == 300 and all(c in captions for c in conds)
+    assert {tuple(c) for c in conds} == {tuple(c) for c in captions}  # every image can be drawn, untagged too
+    assert kid_conditions(captions, 300, seed=0) == conds and kid_conditions([], 2) == [[], []]
 
 
 def test_the_stage_key_holds_the_inception_weights_hash_only_when_they_are_found(tmp_path: Path, monkeypatch):
@@ -189,22 +229,34 @@ def test_the_stage_key_holds_the_inception_weights_hash_only_when_they_are_found
     assert _extra_inputs(explicit)["inception_v3"] == sha256_file(own)
 
 
-def test_artifacts_and_tensorboard_show_kid_inception_when_present(tmp_path: Path, monkeypatch):
+KID_ORIGINAL = {"variant": "original", "extractor": "InceptionV3 pool features (2048-d)",
+                "weights": "pt_inception-2015-12-05", "input_size": 75, "generated": 1024, "real": 1400,
+                "sampler": "ddim20", "cfg_scale": 4.0, "subset_size": 32, "subsets": 32, "mean": 0.0123, "std": 0.004}
+
+
+def test_artifacts_and_tensorboard_show_the_kids_and_the_ratios_standard_error(tmp_path: Path, monkeypatch):
     import torch.utils.tensorboard
 
     grid = tmp_path / "grid-ddim50.png"
     Image.new("RGB", (8, 8), "red").save(grid)
     row = {"recall": 0.5, "precision": 0.6, "n": 4}
+    not_computed = KID_ORIGINAL | {"variant": "standard", "weights": None, "mean": None, "std": None,
+                                   "note": "no Inception-v3 weights found"}
     metrics = {"dit_checkpoint": "ckpt-0000010", "grids": {"ddim50": str(grid)}, "cfg_scale": 4.0, "sampler": "ddim50",
                "cfg": row, "unconditional": row, "real": row, "reconstructed": row, "tag_recall_ratio": 0.9,
-               "vae_psnr_db": 20.0, "dit_val_loss": 0.1, "kid_tagger": {"cfg": 0.01, "unconditional": 0.2},
-               "kid_inception": {"cfg": 0.03, "unconditional": None}}
+               "tag_recall_ratio_se": 0.021, "samples_per_prompt": 8, "vae_psnr_db": 20.0, "dit_val_loss": 0.1,
+               "kid_tagger": {"cfg": 0.01, "unconditional": 0.2},
+               "kid": {"original": KID_ORIGINAL, "standard": not_computed}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     record = StageRecord(stage="evaluate", key="k", out_dir=str(tmp_path), fingerprint="f",
                          info={"metrics": str(tmp_path / "metrics.json")})
-    assert "kid_tagger (CFG): 0.01" in artifact_markdown(record) and "kid_inception (CFG): 0.03" in artifact_markdown(record)
+    md = artifact_markdown(record)
+    assert "kid_tagger (CFG): 0.01" in md and "0.900 ± 0.021" in md and "8 samples per prompt" in md
+    assert "KID original: **0.01230 ± 0.00400** (std over 32 subsets of 32" in md and "pt_inception-2015-12-05, 75 px" in md
+    assert "KID standard: not computed (no Inception-v3 weights found)" in md
     table = {row["metric"]: row["value"] for row in metrics_table(record)}
-    assert table["kid_inception_cfg"] == 0.03 and table["kid_inception_unconditional"] is None
+    assert table["kid_original_mean"] == 0.0123 and table["kid_original_std"] == 0.004
+    assert table["kid_standard_mean"] is None and table["tag_recall_ratio_se"] == 0.021
     assert table["kid_tagger_unconditional"] == 0.2
     scalars = {}
 
@@ -217,8 +269,28 @@ def test_artifacts_and_tensorboard_show_kid_inception_when_present(tmp_path: Pat
 
     monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", Writer)
     log_to_tensorboard(load_config(None, [f"run.root={tmp_path}"]), EvalMetrics(**metrics, dit_step=10))
-    assert scalars == {"eval/tag_recall_ratio": 0.9, "eval/kid_tagger_cfg": 0.01, "eval/kid_tagger_unconditional": 0.2,
-                       "eval/kid_inception_cfg": 0.03}
-    del metrics["kid_inception"]
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    assert "kid_inception" not in artifact_markdown(record) and "kid_inception_cfg" not in {r["metric"] for r in metrics_table(record)}
+    assert scalars == {"eval/tag_recall_ratio": 0.9, "eval/tag_recall_ratio_se": 0.021, "eval/kid_tagger_cfg": 0.01,
+                       "eval/kid_tagger_unconditional": 0.2, "eval/kid_original": 0.0123}
+
+
+def test_an_evaluation_written_before_the_kid_variants_still_reads_and_shows(tmp_path: Path):
+    grid = tmp_path / "grid-ddim50.png"
+    Image.new("RGB", (8, 8), "red").save(grid)
+    row = {"recall": 0.5, "precision": 0.6, "n": 4}
+    old = {"dit_checkpoint": "ckpt-0000010", "grids": {"ddim50": str(grid)}, "cfg_scale": 4.0, "sampler": "ddim50",
+           "cfg": row, "unconditional": row, "real": row, "reconstructed": row, "tag_recall_ratio": 0.9,
+           "vae_psnr_db": 20.0, "dit_val_loss": 0.1, "kid_tagger": {"cfg": 0.01, "unconditional": 0.2},
+           "kid_inception": {"cfg": 0.03, "unconditional": None}}
+    (tmp_path / "metrics.json").write_text(json.dumps(old))
+    record = StageRecord(stage="evaluate", key="k", out_dir=str(tmp_path), fingerprint="f",
+                         info={"metrics": str(tmp_path / "metrics.json")})
+    m = EvalMetrics.read(tmp_path / "metrics.json")
+    assert m.kid == {} and m.tag_recall_ratio_se is None and m.cfg.recall_se is None
+    md = artifact_markdown(record)
+    assert "kid_inception (CFG): 0.03" in md and "**tag_recall_ratio** (CFG / real): 0.900 ·" in md
+    assert {"kid_inception_cfg", "tag_recall_ratio_se"} <= {r["metric"] for r in metrics_table(record)}
+    m.write(tmp_path / "again.json")  # a file written now keeps kid_inception only when it has one
+    assert "kid_inception" in json.loads((tmp_path / "again.json").read_text())
+    m.kid_inception = None
+    m.write(tmp_path / "new.json")
+    assert "kid_inception" not in json.loads((tmp_path / "new.json").read_text())

@@ -26,7 +26,8 @@ def test_a_flow_run_is_named_after_its_run_or_dataset(prefect_env):
 
 @pytest.mark.parametrize("module,name", [("demo_world", "demo-world"), ("prepare_data", "prepare-data"),
                                          ("train_vae", "train-vae"), ("encode", "encode"), ("train_dit", "train-dit"),
-                                         ("evaluate", "evaluate"), ("full_pipeline", "full-pipeline")])
+                                         ("evaluate", "evaluate"), ("full_pipeline", "full-pipeline"),
+                                         ("export", "export")])
 def test_every_flow_names_its_runs(module, name):
     import importlib
 

@@ -109,6 +109,22 @@ def stamps(dataset: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in dataset.rglob(".stage-*.json")}
 
 
+def assert_shard_artifacts(dataset: str, samples: int, rejects: dict[str, int]) -> None:
+    """The preview (captioned crops, embedded) and the rejects-by-reason table of the latest run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        def latest(key: str):
+            return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))[-1]
+
+        grid = latest(f"tagdit-shards-{dataset}")
+        table = latest(f"tagdit-rejects-{dataset}")
+    assert f"{samples} samples" in grid.data and "data:image/jpeg;base64," in grid.data
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {r["reason"]: r["count"] for r in rows} == rejects
+
+
 def test_flow_hits_cache_and_recomputes_what_changed(prefect_env, tmp_path, world, monkeypatch):
     from flows.prepare_data import prepare_data_flow
 
@@ -121,6 +137,7 @@ def test_flow_hits_cache_and_recomputes_what_changed(prefect_env, tmp_path, worl
     assert set(s1) == {".stage-crop.json", ".stage-tag.json", ".stage-shard.json"}
     again = prepare_data_flow(overrides=args)  # unchanged: all hits
     assert again.cached and again.fingerprint == first.fingerprint and stamps(ds) == s1
+    assert_shard_artifacts("t", samples=8, rejects={"decode failed": 1})  # published on a cache hit too
 
     prepare_data_flow(overrides=[*args, "shards.samples_per_shard=2"])  # config: shard only
     s2 = stamps(ds)

@@ -8,10 +8,17 @@ from PIL import Image
 
 from tagdit.config import load_config
 from tagdit.data.tagger import WDTagger
-from tagdit.formats.wd_image import centre_box
+from tagdit.formats.wd_image import centre_box, wd_preprocess, wd_preprocess_torch
 from tasks.crop import crop_stage
-from tasks.tag import parse_sidecar, source_square, tag_stage
-from tests.wd_fixture import GOOD, _jpeg_with_orientation, build_wd_model
+from tasks.tag import chunk_digest, loaded_tagger, parse_sidecar, source_square, tag_stage
+from tests.wd_fixture import (
+    GOOD,
+    _jpeg_with_orientation,
+    build_pixel_model,
+    build_wd_model,
+    drawn_image,
+    reference_prepare,
+)
 
 
 def config(tmp_path, world, *extra):
@@ -121,7 +128,7 @@ def test_tagger_reads_the_source_resolution_not_the_small_crop(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     stripes(448, 448, 1).save(src / "fine.png")
-    stripes(1000, 950, 4).save(src / "large.png")  # reduced 2x before the tagger: still striped
+    stripes(1000, 950, 4).save(src / "large.png")  # resized 2.1x by the tagger: still striped
     Image.new("RGB", (500, 400), (128, 128, 128)).save(src / "flat.png")
     wd = build_detail_model(tmp_path / "wd")
     cfg = config(tmp_path, (src, wd))
@@ -139,14 +146,15 @@ def test_tagger_reads_the_source_resolution_not_the_small_crop(tmp_path):
 @pytest.mark.parametrize(("fmt", "size"), [("JPEG", (3000, 2000)), ("PNG", (2000, 1500)), ("JPEG", (449, 600)),
                                            ("PNG", (897, 897)), ("JPEG", (1799, 1800)), ("JPEG", (1400, 1400)),
                                            ("PNG", (300, 200))])
-def test_source_square_is_reduced_but_never_below_the_tagger_size(tmp_path, fmt, size):
+def test_pre_shrink_reduces_the_source_square_but_never_below_the_tagger_size(tmp_path, fmt, size):
     import hashlib
 
     path = tmp_path / f"x.{fmt.lower()}"
     Image.new("RGB", size, (200, 30, 30)).save(path, fmt)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     box = list(centre_box(*size))
-    img = source_square(path, sha, list(size), box, 448)
+    assert source_square(path, sha, list(size), box, 448).size == (box[2] - box[0],) * 2  # by default: full size
+    img = source_square(path, sha, list(size), box, 448, shrink=True)
     side = box[2] - box[0]
     assert img.mode == "RGB" and img.width == img.height
     largest = side if side < 2 * 448 else side // 2 + 1  # reduced at least 2x once it can be
@@ -168,7 +176,102 @@ def test_source_square_follows_exif_and_pads_on_white(tmp_path):
     Image.new("RGB", (900, 300), (0, 255, 0)).save(wide)
     sha = hashlib.sha256(wide.read_bytes()).hexdigest()
     pad = np.asarray(source_square(wide, sha, [900, 300], [0, -300, 900, 600], 448))
-    assert pad.shape == (450, 450, 3) and (pad[:140] == 255).all() and (pad[-140:] == 255).all()
-    assert (pad[160:290] == [0, 255, 0]).all()
+    assert pad.shape == (900, 900, 3) and (pad[:300] == 255).all() and (pad[-300:] == 255).all()
+    assert (pad[300:600] == [0, 255, 0]).all()
+    shrunk = np.asarray(source_square(wide, sha, [900, 300], [0, -300, 900, 600], 448, shrink=True))
+    assert shrunk.shape == (450, 450, 3) and (shrunk[:140] == 255).all() and (shrunk[160:290] == [0, 255, 0]).all()
     with pytest.raises(RuntimeError, match="changed since the crop stage"):
         source_square(wide, "0" * 64, [900, 300], [0, -300, 900, 600], 448)
+
+
+# Score changes measured on pixel-sensitive random-weight taggers (docs/design.md §6; benchmarks/
+# tag_pipeline_realcost.py): torch's resize moved scores by at most 0.0015, pre-shrinking large sources
+# by up to 0.44 (a few tags; 0.05 % of tag decisions flipped); the bounds leave room for other images.
+TORCH_RESIZE_TOL, PRE_SHRINK_TOL = 0.005, 0.5
+
+
+def sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def drawings(tmp_path_factory) -> tuple[list[Path], Path]:
+    """(large and small drawings as JPEG / PNG files, one with alpha; a pixel-sensitive tagger calibrated on them)."""
+    folder = tmp_path_factory.mktemp("drawings")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (w, h, fmt, mode) in enumerate([(2000, 1500, "JPEG", "RGB"), (1000, 1300, "PNG", "RGBA"),
+                                           (1200, 1800, "JPEG", "RGB"), (640, 480, "PNG", "RGB")]):
+        paths.append(folder / f"{i}.{fmt.lower()}")
+        drawn_image(rng, w, h, mode).save(paths[-1], fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
+    return paths, build_pixel_model(folder / "wd", [Image.open(p) for p in paths])
+
+
+def test_default_source_square_is_the_reference_input_bit_for_bit(drawings):
+    from PIL import ImageOps
+
+    for path in drawings[0]:
+        full = ImageOps.exif_transpose(Image.open(path))
+        w, h = full.size
+        centre, side = centre_box(w, h), max(w, h)
+        pad = [(w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side]
+        ours = wd_preprocess(source_square(path, sha(path), [w, h], list(centre), 448), 448)
+        np.testing.assert_array_equal(ours, reference_prepare(full.crop(centre)))
+        ours = wd_preprocess(source_square(path, sha(path), [w, h], pad, 448), 448)
+        np.testing.assert_array_equal(ours, reference_prepare(full))  # the reference pads the whole image
+
+
+def test_opt_in_recipes_stay_within_their_measured_tolerance_on_a_pixel_sensitive_tagger(drawings):
+    paths, model = drawings
+    tagger = WDTagger.from_dir(model, batch_size=8)
+
+    def probs(shrink: bool, prep) -> np.ndarray:  # (N, T) with the pad box: the whole image
+        sizes = [Image.open(p).size for p in paths]
+        boxes = [[(w - max(w, h)) // 2, (h - max(w, h)) // 2, (w + max(w, h)) // 2, (h + max(w, h)) // 2]
+                 for w, h in sizes]
+        return tagger.predict(np.stack([prep(source_square(p, sha(p), list(s), b, 448, shrink), 448)
+                                        for p, s, b in zip(paths, sizes, boxes, strict=True)]))
+
+    ref = probs(False, wd_preprocess)
+    torch_resize, pre_shrink = np.abs(probs(False, wd_preprocess_torch) - ref), np.abs(probs(True, wd_preprocess) - ref)
+    assert 0 < torch_resize.max() <= TORCH_RESIZE_TOL  # > 0: this tagger sees a level's difference
+    assert 0.01 < pre_shrink.max() <= PRE_SHRINK_TOL
+
+
+def test_resize_and_pre_shrink_are_opt_in_and_in_the_chunk_key(tmp_path, world):
+    cfg = config(tmp_path, world)
+    assert (cfg.tagger.resize, cfg.tagger.pre_shrink) == ("pillow", False)
+    chunk = world[1] / "model.onnx"  # any file stands for a crop chunk here
+    names = {chunk_digest(config(tmp_path, world, *o), chunk)
+             for o in [(), ("tagger.resize=torch",), ("tagger.pre_shrink=true",)]}
+    assert len(names) == 3
+    torch_cfg = config(tmp_path, world, "tagger.resize=torch")
+    from tagdit.data.tagger import resolve_tagger
+
+    assert loaded_tagger(resolve_tagger(torch_cfg.tagger), torch_cfg.tagger)._preprocess is wd_preprocess_torch
+
+
+def test_tag_stage_warns_once_when_torch_sees_cuda_but_onnxruntime_offers_no_cuda(tmp_path, world, monkeypatch,
+                                                                                 caplog):
+    import logging
+
+    import onnxruntime
+    import torch
+
+    import tagdit.data.tagger as tagger_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(tagger_mod, "_installed", {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}.get)
+    monkeypatch.setattr(tagger_mod, "_WARNED_GPU_IDLE", False)
+    cfg = config(tmp_path, world)
+    crop = crop_stage(cfg)
+    with caplog.at_level(logging.WARNING):
+        tag_stage(cfg, crop)
+        tag_stage(cfg, crop, force=True)  # a second session load in this process
+    warnings = [r for r in caplog.records if "TAGGING RUNS ON THE CPU" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "BOTH onnxruntime 1.32.0 and onnxruntime-gpu 1.32.0" in warnings[0].getMessage()

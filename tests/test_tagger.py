@@ -19,27 +19,11 @@ from tagdit.data.tagger import (
 from tagdit.files import sha256_file
 from tagdit.formats.selected_tags import TagLabels, display_name
 from tagdit.formats.wd_image import wd_preprocess
-from tests.wd_fixture import build_wd_model
-
-
-def reference_prepare(image: Image.Image, size: int) -> np.ndarray:
-    """SmilingWolf's wd-tagger `prepare_image`, written out as in the reference app."""
-    image = image.convert("RGBA")
-    canvas = Image.new("RGBA", image.size, (255, 255, 255))
-    canvas.alpha_composite(image)
-    image = canvas.convert("RGB")
-    max_dim = max(image.size)
-    pad_left = (max_dim - image.size[0]) // 2
-    pad_top = (max_dim - image.size[1]) // 2
-    padded = Image.new("RGB", (max_dim, max_dim), (255, 255, 255))
-    padded.paste(image, (pad_left, pad_top))
-    if max_dim != size:
-        padded = padded.resize((size, size), Image.BICUBIC)
-    return np.asarray(padded, dtype=np.float32)[:, :, ::-1]
+from tests.wd_fixture import build_wd_model, drawn_image, reference_prepare
 
 
 def recipe_images() -> list[Image.Image]:
-    """Alpha, RGB, tall, square, greyscale, a large one (down-scaled) and one already at 448."""
+    """Alpha, RGB, tall, square, greyscale, large ones (one with alpha) and one already at 448."""
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (37, 61, 4), dtype=np.uint8)
     return [
@@ -49,28 +33,31 @@ def recipe_images() -> list[Image.Image]:
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB"),  # already square
         Image.fromarray(rgba[..., 0], "L"),
         Image.fromarray(rng.integers(0, 256, (700, 530, 3), dtype=np.uint8), "RGB"),
+        drawn_image(rng, 1300, 900, "RGBA"),  # large, transparent outside an ellipse
         Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8), "RGB"),
     ]
 
 
-def test_preprocessing_follows_the_reference_wd_recipe_within_two_levels():
+def test_default_preprocessing_is_the_reference_recipe_bit_for_bit(wd_model):
+    tagger = WDTagger.from_dir(wd_model)
+    assert tagger.resize == "pillow"
     for img in recipe_images():
-        ours, ref = wd_preprocess(img, 448), reference_prepare(img, 448)
+        ref = reference_prepare(img, 448)
+        ours = tagger.preprocess(img)
         assert ours.dtype == np.float32 and ours.shape == (448, 448, 3)
+        np.testing.assert_array_equal(ours, ref)
+        np.testing.assert_array_equal(wd_preprocess(img, 448), ref)
+
+
+def test_torch_resize_opt_in_is_within_two_levels_of_the_reference(wd_model):
+    tagger = WDTagger.from_dir(wd_model, resize="torch")
+    for img in recipe_images():
+        ours, ref = tagger.preprocess(img), reference_prepare(img, 448)
         diff = np.abs(ours - ref)
         assert diff.max() <= 2  # torch's antialiased bicubic vs Pillow's: rounding only
         assert (diff > 0).mean() < 0.02
         if img.size == (448, 448):
             np.testing.assert_array_equal(ours, ref)  # no resize: identical
-
-
-def test_the_faster_resize_leaves_the_tags_alone(wd_model):
-    tagger = WDTagger.from_dir(wd_model)
-    images = recipe_images()
-    ours = tagger.predict(np.stack([wd_preprocess(img, 448) for img in images]))
-    ref = tagger.predict(np.stack([np.ascontiguousarray(reference_prepare(img, 448)) for img in images]))
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-3)
-    assert [tagger.select_tags(p).tags for p in ours] == [tagger.select_tags(p).tags for p in ref]
 
 
 def test_tagger_reads_interface_from_session_and_tags_by_colour(wd_model):
@@ -103,13 +90,13 @@ def test_fixed_batch_model_gives_same_probabilities(tmp_path, wd_model):
 
 
 def test_concurrent_cpu_runs_keep_the_input_order(wd_model):
-    one = WDTagger.from_dir(wd_model, batch_size=2, threads=1, providers=["CPUExecutionProvider"])
-    three = WDTagger.from_dir(wd_model, batch_size=2, threads=3, providers=["CPUExecutionProvider"])
-    assert (one.runs, three.runs) == (1, 3)
+    one = WDTagger.from_dir(wd_model, batch_size=1, threads=1, providers=["CPUExecutionProvider"])
+    three = WDTagger.from_dir(wd_model, batch_size=3, threads=3, providers=["CPUExecutionProvider"])
+    assert (one.runs, three.runs) == (1, 3) and one.batch_size == three.batch_size == 1  # same floats per image
     rng = np.random.default_rng(2)
     imgs = [Image.new("RGB", (30 + i, 40), tuple(int(c) for c in rng.integers(0, 256, 3))) for i in range(11)]
     a = np.stack(list(one.probabilities(imgs)))  # (11, T)
-    b = np.stack(list(three.probabilities(imgs)))  # 6 batches, 3 at a time
+    b = np.stack(list(three.probabilities(imgs)))  # 11 runs of 1 (a batch of 3 shared by 3 runs), 3 at a time
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
     assert len({tuple(np.round(p, 4)) for p in a}) > 5  # the images differ, so an order mix-up would show
 
@@ -262,7 +249,7 @@ def test_tagging_and_repeated_cache_keys_ask_the_hub_once_per_file(hf_cache, wor
 def test_batch_end_marker_pins_batches_without_changing_order(wd_model):
     from tagdit.data.tagger import BATCH_END
 
-    tagger = WDTagger.from_dir(wd_model, batch_size=4)
+    tagger = WDTagger.from_dir(wd_model, batch_size=4, threads=1)  # one run: batches of 4
     imgs = [Image.new("RGB", (20, 20), (i * 40, 0, 255 - i * 40)) for i in range(6)]
     sizes = []
     real = tagger.predict
@@ -317,7 +304,7 @@ def test_fixed_batch_1_model_runs_per_image_and_dynamic_model_in_batches(tmp_pat
     imgs = [Image.fromarray(np.clip(c + rng.integers(-20, 21, (30 + i, 40, 3)), 0, 255).astype(np.uint8))
             for i, c in enumerate(colours)]
     fixed = WDTagger.from_dir(build_wd_model(tmp_path / "fixed", fixed_batch=1), preprocess_threads=3)
-    dynamic = WDTagger.from_dir(wd_model, batch_size=3, preprocess_threads=3)
+    dynamic = WDTagger.from_dir(wd_model, batch_size=3, preprocess_threads=3, threads=1)  # one run: batches of 3
     fixed.session, dynamic.session = CountingSession(fixed.session), CountingSession(dynamic.session)
     a, b = np.stack(list(fixed.probabilities(imgs))), np.stack(list(dynamic.probabilities(imgs)))
     assert fixed.session.batches == [1] * 7 and dynamic.session.batches == [3, 3, 1]
@@ -331,6 +318,26 @@ def test_fixed_batch_1_model_runs_per_image_and_dynamic_model_in_batches(tmp_pat
     np.testing.assert_array_equal(b, run(dynamic, [3, 3, 1]))
     np.testing.assert_allclose(b, a, atol=2e-3)  # float sums differ a little with the batch size
     assert np.abs(np.diff(a, axis=0)).max() > 0.1
+
+
+def test_cpu_runs_share_a_dynamic_batch_so_a_small_chunk_keeps_every_core_busy(wd_model):
+    import threading
+
+    tagger = WDTagger.from_dir(wd_model, batch_size=8, threads=2, providers=["CPUExecutionProvider"])
+    assert (tagger.runs, tagger.batch_size) == (2, 4)  # 8 images in flight: 4 per run
+    meet = threading.Barrier(2, timeout=10)  # both runs of an 8-image chunk must be under way at once
+    sizes, real = [], tagger.session
+
+    class Meeting:
+        def run(self, outputs, feeds):
+            sizes.append(len(next(iter(feeds.values()))))
+            meet.wait()
+            return real.run(outputs, feeds)
+
+    tagger.session = Meeting()
+    imgs = [Image.new("RGB", (20, 20), (255, 0, 0) if i % 2 else (0, 0, 255)) for i in range(8)]
+    results = list(tagger.tag_images(imgs))
+    assert sizes == [4, 4] and [("red" in r.tags) for r in results] == [bool(i % 2) for i in range(8)]
 
 
 def test_preprocessing_overlaps_in_several_threads(wd_model):
@@ -363,3 +370,52 @@ def test_closing_the_stream_early_stops_the_preprocessing_threads(wd_model):
     assert len([next(probs) for _ in range(5)]) == 5
     probs.close()
     assert threading.active_count() == before
+
+
+@pytest.fixture
+def cuda_torch(monkeypatch):
+    """torch sees one CUDA device; onnxruntime (this machine's CPU build) offers no CUDA provider."""
+    import onnxruntime
+    import torch
+
+    import tagdit.data.tagger as tagger_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(tagger_mod, "_WARNED_GPU_IDLE", False)
+    return tagger_mod
+
+
+@pytest.mark.parametrize(("installed", "says"), [
+    ({"onnxruntime": "1.32.0"}, "the installed onnxruntime is the CPU build (1.32.0)"),
+    ({"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"},
+     "BOTH onnxruntime 1.32.0 and onnxruntime-gpu 1.32.0 are installed"),
+])
+def test_gpu_idle_warning_names_the_build_and_the_fix(cuda_torch, monkeypatch, installed, says):
+    monkeypatch.setattr(cuda_torch, "_installed", installed.get)
+    msg = cuda_torch.gpu_idle_warning()
+    assert says in msg and "1 CUDA device" in msg
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install -e '.[gpu]'" in msg
+
+
+def test_no_gpu_idle_warning_without_cuda_or_with_a_cuda_provider(cuda_torch, monkeypatch):
+    import onnxruntime
+    import torch
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cuda_torch.gpu_idle_warning() is None
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_torch.gpu_idle_warning() is None
+
+
+def test_onnxruntime_comes_from_one_extra_cpu_or_gpu_never_the_base_dependencies():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = lambda reqs: {r.split(">")[0].split("=")[0].split("[")[0].strip() for r in reqs}  # noqa: E731
+    assert not names(project["dependencies"]) & {"onnxruntime", "onnxruntime-gpu"}
+    extras = project["optional-dependencies"]
+    assert names(extras["cpu"]) == {"onnxruntime"} and names(extras["gpu"]) == {"onnxruntime-gpu"}
+    assert all(not names(v) & {"onnxruntime", "onnxruntime-gpu"} for k, v in extras.items() if k not in ("cpu", "gpu"))

@@ -64,6 +64,10 @@ def test_lr_warms_up_then_decays_to_zero():
     assert lr_factor(9, 10, 100) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100) == pytest.approx(0.5)
     assert lr_factor(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    # warmup "none", as Keras' CosineDecay(1, decay_steps=90, warmup_steps=10) without warmup_target
+    assert lr_factor(0, 10, 100, "none") == 1.0
+    assert lr_factor(45, 10, 100, "none") == pytest.approx(0.5)
+    assert lr_factor(90, 10, 100, "none") == lr_factor(99, 10, 100, "none") == pytest.approx(0.0, abs=1e-12)
 
 
 class Tiny(nn.Module):

@@ -1,5 +1,6 @@
-"""The sampling page: every refusal is a clear 4xx JSON message, generation writes what it reports,
-and a real headless Chromium can type a prompt, generate, and see the images with their settings."""
+"""The sampling page: every refusal is a 4xx JSON message in the page's words (the field's label and
+range), generation writes what it reports, a drawing reports its steps and stops when cancelled, the
+folder's batches come back after a reload, and a real headless Chromium can use all of it."""
 
 import io
 import json
@@ -97,50 +98,57 @@ def test_img2img_at_strength_zero_returns_the_vae_round_trip(client, app):
     assert all(p.parent == app.state.studio.out_dir for p in app.state.studio.out_dir.rglob("*"))
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"n": "17"}, "n: Input should be less than or equal to 16"),
-    ({"n": "0"}, "n: Input should be greater than or equal to 1"),
-    ({"steps": "1001"}, "steps: Input should be less than or equal to 1000"),
-    ({"steps": "many"}, "steps: Input should be a valid integer"),
-    ({"cfg": "31"}, "cfg: Input should be less than or equal to 30"),
-    ({"cfg": "nan"}, "cfg: Input should be a finite number"),
-    ({"strength": "1.5"}, "strength: Input should be less than or equal to 1"),
-    ({"eta": "-0.1"}, "eta: Input should be greater than or equal to 0"),
-    ({"seed": "-1"}, "seed: Input should be greater than or equal to 0"),
-    ({"sampler": "euler"}, "sampler: Input should be 'ddim' or 'dpmpp_2m'"),
-    ({"sampler": "dpmpp_2m", "eta": "0.5"}, "eta applies to the ddim sampler only"),
-    ({"steps_typo": "3"}, "steps_typo: Extra inputs are not permitted"),
-    ({"prompt": "smile, " * 400}, "prompt: String should have at most 2000 characters"),
+@pytest.mark.parametrize("fields, field, message", [
+    ({"n": "17"}, "n", "Images must be a whole number from 1 to 16."),
+    ({"n": "0"}, "n", "Images must be a whole number from 1 to 16."),
+    ({"steps": "1001"}, "steps", "Steps must be a whole number from 1 to 1000."),
+    ({"steps": "many"}, "steps", "Steps must be a whole number from 1 to 1000."),
+    ({"cfg": "31"}, "cfg", "CFG scale must be a number from 0 to 30."),
+    ({"cfg": "nan"}, "cfg", "CFG scale must be a number from 0 to 30."),
+    ({"strength": "1.5"}, "strength", "Strength must be a number from 0 to 1."),
+    ({"eta": "-0.1"}, "eta", "eta must be a number from 0 to 1."),
+    ({"seed": "-1"}, "seed", "Seed must be a whole number from 0 to 2147483647."),
+    ({"sampler": "euler"}, "sampler", "Sampler must be one of ddim, dpmpp_2m."),
+    ({"sampler": "dpmpp_2m", "eta": "0.5"}, "eta", "eta applies to the ddim sampler only; dpmpp_2m is deterministic"),
+    ({"steps_typo": "3"}, "steps_typo", "The form sent a field this page does not have: steps_typo."),
+    ({"prompt": "smile, " * 400}, "prompt", "Tags must be at most 2000 characters."),
+    ({"sampler": "dpmpp_2m", "steps": "1000"}, "steps", "Steps must be a whole number from 1 to 999 for dpmpp_2m."),
+    ({"prompt": "red hair, blue hair, smile, hat, glasses"}, "prompt",
+     "Tags: has 5 tags; the model reads at most 4 per prompt (remove 1)."),
 ])
-def test_out_of_range_settings_are_refused_with_the_field_named(client, fields, message):
+def test_refusals_name_the_field_by_its_label_and_range_in_the_pages_words(client, fields, field, message):
     r = post(client, fields)
-    assert r.status_code == 422 and message in r.json()["error"], r.text
+    body = r.json()
+    assert r.status_code == 422 and list(body["fields"]) == [field] and body["fields"][field].startswith(message), r.text
+    assert body["error"] == body["fields"][field] and "Input should" not in r.text and "Value error" not in r.text
 
 
-def test_sampler_limits_below_the_form_limit_are_reported(client):
-    r = post(client, {"sampler": "dpmpp_2m", "steps": "1000", "n": "1"})
-    assert r.status_code == 422 and "steps must be in [1, 999]" in r.json()["error"]
+def test_every_wrong_field_is_named_at_once_in_the_pages_order(client):
+    body = post(client, {"n": "17", "cfg": "-1", "negative": "smil"}).json()
+    assert list(body["fields"]) == ["negative", "cfg", "n"] and body["error"] == " ".join(body["fields"].values())
 
 
 def test_unknown_tags_are_refused_and_listed_with_suggestions(client):
     r = post(client, {"prompt": "smil, purple_cape", "negative": "hats"})
     assert r.status_code == 422
     body = r.json()
-    assert body["unknown_tags"] == ["smil", "purple_cape", "hats"]
-    assert "smil (did you mean: smile?)" in body["error"] and "hats (did you mean: hat" in body["error"]
+    assert body["unknown_tags"] == ["smil", "purple_cape", "hats"] and list(body["fields"]) == ["prompt", "negative"]
+    assert body["fields"]["prompt"].startswith("Tags: not in the vocabulary: smil (did you mean: smile?); purple_cape.")
+    assert body["fields"]["negative"].startswith("Negative tags: not in the vocabulary: hats (did you mean: hat")
 
 
 @pytest.mark.parametrize("file, status, message", [
-    (("x.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"), 422, "not a readable image"),
-    (("x.txt", b"hello", "text/plain"), 422, "not a readable image"),
-    (("x.png", b"", "image/png"), 422, "the init image file is empty"),
-    (("wide.png", png((5000, 8), "1"), "image/png"), 422, "at most 4096x4096"),
-    (("bomb.png", png((4096 * 4, 4096 * 4), "1"), "image/png"), 422, "at most 4096x4096"),  # ~8 kB, 268 Mpx
-    (("big.png", b"\0" * (10 * 2**20 + 1), "image/png"), 413, "at most 10 MB"),
+    (("x.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"), 422, "Init image is not an image this page can read"),
+    (("x.txt", b"hello", "text/plain"), 422, "Init image is not an image this page can read"),
+    (("x.png", b"", "image/png"), 422, "Init image: the file is empty."),
+    (("wide.png", png((5000, 8), "1"), "image/png"), 422, "Init image is 5000 × 8 pixels: at most 4096 × 4096"),
+    (("bomb.png", png((4096 * 4, 4096 * 4), "1"), "image/png"), 422, "Init image is too large: at most 4096 × 4096"),  # ~8 kB, 268 Mpx
+    (("big.png", b"\0" * (10 * 2**20 + 1), "image/png"), 413, "Init image is too large: at most 10 MB"),
 ])
 def test_bad_uploads_are_refused_with_a_message(client, file, status, message):
     r = post(client, file=file)
-    assert r.status_code == status and message in r.json()["error"], r.text
+    assert r.status_code == status and r.json()["fields"]["init_image"].startswith(message), r.text
+    assert "BytesIO" not in r.text and " 0x" not in r.text and "Error" not in r.text
 
 
 def test_an_oversized_body_is_refused_while_it_streams(client):
@@ -211,6 +219,76 @@ def test_one_generation_at_a_time_while_the_api_stays_responsive(client, app, mo
     assert results == [200, 200] and peak[0] == 1
 
 
+@pytest.fixture
+def gated(app, monkeypatch):
+    """The DiT stops in its 3rd forward pass (sampler step 3) until `go` is set; `reached` says it got there."""
+    dit, calls = app.state.studio.painter.dit, [0]
+    real, reached, go = dit.forward_with_cond, threading.Event(), threading.Event()
+
+    def forward(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            reached.set()
+            go.wait(20)
+        return real(*a, **k)
+
+    monkeypatch.setattr(dit, "forward_with_cond", forward)
+    yield reached, go
+    go.set()
+
+
+def until(fetch, done, seconds=20.0):
+    """fetch() again every 20 ms until done(its value); that value."""
+    t0 = time.perf_counter()
+    while not done(value := fetch()) and time.perf_counter() - t0 < seconds:
+        time.sleep(0.02)
+    return value
+
+
+def test_a_job_reports_its_steps_and_a_cancel_stops_it_at_the_next_one(client, app, gated):
+    reached, go = gated
+    out_dir = app.state.studio.out_dir
+    before = sorted(out_dir.iterdir()) if out_dir.exists() else []
+    r = client.post("/api/jobs", data={**FAST, "steps": "50"})
+    assert r.status_code == 202 and r.json()["state"] in ("queued", "running"), r.text
+    job = r.json()["id"]
+    assert reached.wait(20)
+    view = client.get(f"/api/jobs/{job}").json()
+    assert view["state"] == "running" and (view["step"], view["steps"]) == (2, 50) and view["elapsed"] > 0
+    assert [j["id"] for j in client.get("/api/jobs").json()["jobs"]] == [job]
+    assert client.post(f"/api/jobs/{job}/cancel").json() | {"elapsed": 0} == view | {"elapsed": 0, "cancelling": True}
+    go.set()
+    view = until(lambda: client.get(f"/api/jobs/{job}").json(), lambda v: v["state"] not in ("queued", "running"))
+    assert view["state"] == "cancelled" and view["step"] == 2 and "result" not in view
+    assert (sorted(out_dir.iterdir()) if out_dir.exists() else []) == before
+    assert client.get("/api/jobs").json() == {"jobs": []}
+    assert client.get("/api/jobs/0123").status_code == 404
+
+
+@pytest.mark.parametrize("sampler, strength, steps, n", [("ddim", None, 3, 3), ("dpmpp_2m", None, 3, 3),
+                                                         ("ddim", 0.002, 5, 2)])  # t0 = 1: 2 steps at most
+def test_the_sampler_tells_its_callback_each_step_it_really_runs(app, sampler, strength, steps, n):
+    painter, heard = app.state.studio.painter, []
+    cond, neg = painter.parse("smile")[0], painter.parse("")[0]
+    method, hear = SamplerConfig(name="t", sampler=sampler, steps=steps), lambda i, k: heard.append((i, k))
+    if strength is None:
+        painter.sample(cond, neg, method, 4.0, 0, 1, callback=hear)
+    else:
+        painter.img2img(Image.new("RGB", (64, 64)), cond, neg, method, 4.0, strength, 0, 1, callback=hear)
+    assert heard == [(i, n) for i in range(n + 1)]
+
+
+def test_the_history_lists_the_folders_batches_newest_first_to_a_new_server_too(client, app):
+    older, newer = post(client).json(), post(client, {"n": "1"}).json()
+    out_dir = app.state.studio.out_dir
+    (out_dir / "20990101-000000-0000abcd-0.png").write_bytes(png())  # a batch without its zip: unfinished
+    (out_dir / "notes.zip").write_bytes(b"not ours")
+    batches = client.get("/api/history").json()["batches"]
+    assert batches[:2] == [newer, older] and all(b["images"] for b in batches)
+    with TestClient(create_app(app.state.studio.painter, out_dir)) as fresh:
+        assert fresh.get("/api/history", params={"limit": 2}).json()["batches"] == [newer, older]
+
+
 def test_serve_command_loads_the_run_once_and_listens_on_localhost(tiny_run, monkeypatch):
     import uvicorn
 
@@ -236,7 +314,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def served(app):
     """The app under a real uvicorn server on a free 127.0.0.1 port: its URL."""
     import uvicorn
@@ -253,8 +331,9 @@ def served(app):
     thread.join(10)
 
 
-@pytest.fixture
-def browser():
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the module (starting one costs seconds)."""
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("needs chromium and chromedriver (apt-get install -y chromium chromium-driver)")
     from selenium import webdriver
@@ -269,11 +348,18 @@ def browser():
     driver.quit()
 
 
+@pytest.fixture
+def browser(chromium):
+    """The module's browser in its usual window (each test opens the page itself)."""
+    chromium.set_window_size(1280, 900)
+    return chromium
+
+
 def test_the_page_draws_in_a_headless_browser(served, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, 60)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
     browser.get(served)
     wait.until(lambda d: "6 tags" in d.find_element(By.ID, "run").text)
     prompt = browser.find_element(By.ID, "prompt")
@@ -283,21 +369,135 @@ def test_the_page_draws_in_a_headless_browser(served, browser, tmp_path):
     browser.find_element(By.ID, "n").clear()
     browser.find_element(By.ID, "n").send_keys("17")
     browser.find_element(By.ID, "generate").click()
-    wait.until(lambda d: "n: Input should be less than or equal to 16" in d.find_element(By.ID, "message").text)
+    wait.until(lambda d: "Images must be a whole number from 1 to 16." in d.find_element(By.ID, "message").text)
     assert browser.find_element(By.ID, "message").get_attribute("class") == "error"
+    assert "invalid" in browser.find_element(By.ID, "n").get_attribute("class")
+    assert browser.find_element(By.CSS_SELECTOR, '.note[data-for="n"]').text == "Images must be a whole number from 1 to 16."
     browser.save_screenshot(str(tmp_path / "refused.png"))
     prompt.clear()
     prompt.send_keys("red hair, smile")
+    assert browser.find_elements(By.CSS_SELECTOR, '.note[data-for="n"]')  # until the field changes
     for field, value in (("n", "3"), ("steps", "3"), ("seed", "11")):
         browser.find_element(By.ID, field).clear()
         browser.find_element(By.ID, field).send_keys(value)
     browser.find_element(By.ID, "generate").click()
-    loaded = "return [...document.querySelectorAll('figure.sample img')].filter(i => i.naturalWidth === 64).length"
+    loaded = "return [...document.querySelectorAll('.batch:first-child figure.sample img')].filter(i => i.naturalWidth === 64).length"
     wait.until(lambda d: d.execute_script(loaded) == 3)
     captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "figure.sample figcaption")]
     assert captions[0].startswith("seed 11 · ddim 3 steps · cfg 4 · eta 0") and captions[2].startswith("seed 13")
-    assert browser.find_element(By.ID, "message").text == ""
+    assert browser.find_element(By.ID, "message").text == "" and not browser.find_elements(By.CSS_SELECTOR, ".note")
+    assert "invalid" not in browser.find_element(By.ID, "n").get_attribute("class")
     assert "red hair, smile" in browser.find_element(By.CSS_SELECTOR, ".batch h2").text
     assert browser.find_element(By.CSS_SELECTOR, "a.zip").get_attribute("href").endswith(".zip")
     browser.save_screenshot(str(tmp_path / "page.png"))
     assert Image.open(tmp_path / "page.png").size[0] > 0
+
+
+def by_id(browser, name):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.ID, name)
+
+
+def fill(browser, **fields):
+    for name, value in fields.items():
+        by_id(browser, name).clear()
+        by_id(browser, name).send_keys(value)
+
+
+def opened(browser, url):
+    """The page at `url`, once it has loaded the run's info and the folder's earlier batches."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    wait = WebDriverWait(browser, 20, poll_frequency=0.05)
+    wait.until(lambda d: "tags, up to" in by_id(d, "run").text)
+    return wait
+
+
+def test_the_page_shows_step_i_of_n_and_its_cancel_stops_the_drawing(served, browser, app, gated):
+    reached, go = gated
+    out_dir = app.state.studio.out_dir
+    before = sorted(out_dir.iterdir()) if out_dir.exists() else []
+    wait = opened(browser, served)
+    fill(browser, prompt="smile", steps="40", n="1")
+    by_id(browser, "generate").click()
+    assert reached.wait(20)
+    wait.until(lambda d: by_id(d, "progress-text").text.startswith("Step 2 of 40 · "))
+    assert by_id(browser, "progress").is_displayed() and not by_id(browser, "generate").is_enabled()
+    assert by_id(browser, "progress-text").text.endswith(" s")
+    by_id(browser, "cancel").click()
+    wait.until(lambda d: by_id(d, "progress-text").text.startswith("Cancelling… Step 2 of 40 · "))
+    assert not by_id(browser, "cancel").is_enabled()
+    go.set()
+    wait.until(lambda d: by_id(d, "message").text.startswith("Cancelled after step 2 of 40"))
+    assert not by_id(browser, "progress").is_displayed() and by_id(browser, "generate").is_enabled()
+    assert (sorted(out_dir.iterdir()) if out_dir.exists() else []) == before
+
+
+def test_a_reload_shows_the_folders_earlier_results_newest_first(served, browser, client):
+    from selenium.webdriver.common.by import By
+
+    post(client, {"prompt": "hat", "n": "1"})
+    newest = post(client, {"prompt": "glasses", "n": "1"}).json()
+    batches = len(client.get("/api/history").json()["batches"])
+    wait = opened(browser, served)
+    for _ in range(2):
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".batch")) == batches)
+        assert browser.find_element(By.CSS_SELECTOR, ".batch h2").text.startswith("glasses (1 in ")
+        assert browser.find_element(By.CSS_SELECTOR, "figure.sample img").get_attribute("src").endswith(
+            newest["images"][0]["url"])
+        browser.refresh()
+
+
+def test_the_form_follows_its_state(served, browser, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    wait = opened(browser, served)
+    assert by_id(browser, "eta").is_displayed() and not by_id(browser, "strength").is_displayed()
+    Select(by_id(browser, "sampler")).select_by_value("dpmpp_2m")
+    assert not by_id(browser, "eta").is_displayed() and not by_id(browser, "eta").is_enabled()
+    Select(by_id(browser, "sampler")).select_by_value("ddim")
+    assert by_id(browser, "eta").is_displayed()
+    (tmp_path / "init.png").write_bytes(png((40, 30)))
+    by_id(browser, "init_image").send_keys(str(tmp_path / "init.png"))
+    wait.until(lambda d: d.execute_script("return document.getElementById('init-thumb').naturalWidth") == 40)
+    assert by_id(browser, "strength").is_displayed() and by_id(browser, "init-thumb").is_displayed()
+    by_id(browser, "init-remove").click()
+    assert not by_id(browser, "strength").is_displayed() and not by_id(browser, "init-thumb").is_displayed()
+    assert by_id(browser, "init_image").get_attribute("value") == ""
+
+
+def test_tags_are_offered_counted_against_the_limit_and_flagged_when_both_wanted_and_negative(served, browser):
+    from selenium.webdriver.common.by import By
+
+    wait = opened(browser, served)
+    buttons = lambda d: {b.text: b for b in d.find_elements(By.CSS_SELECTOR, "#vocab-tags button.tag")}  # noqa: E731
+    wait.until(lambda d: len(buttons(d)) == 6)
+    for tag in ("red hair", "blue hair", "smile", "hat", "glasses"):
+        buttons(browser)[tag].click()
+    assert by_id(browser, "prompt").get_attribute("value") == "red hair, blue hair, smile, hat, glasses"
+    assert by_id(browser, "prompt-count").text == "5 of at most 4 tags"
+    assert "invalid" in by_id(browser, "prompt").get_attribute("class")
+    by_id(browser, "generate").click()
+    message = "Tags: has 5 tags; the model reads at most 4 per prompt (remove 1)."
+    wait.until(lambda d: by_id(d, "message").text == message)
+    assert browser.find_element(By.CSS_SELECTOR, '.note[data-for="prompt"]').text == message
+    by_id(browser, "negative").click()  # the vocabulary now adds to the negative tags
+    assert by_id(browser, "vocab-target").text == "Negative tags"
+    buttons(browser)["smile"].click()
+    assert by_id(browser, "negative").get_attribute("value") == "smile"
+    flag = browser.find_element(By.CSS_SELECTOR, '.note[data-for="negative"]')
+    assert flag.text.startswith("smile: both wanted and negative") and "warn" in flag.get_attribute("class")
+
+
+def test_a_narrow_window_stacks_the_form_above_the_results(served, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(480, 900)
+    opened(browser, served)
+    form, main = (browser.find_element(By.CSS_SELECTOR, s).rect for s in ("#controls", "main"))
+    assert main["y"] >= form["y"] + form["height"] - 1 and form["width"] > 400 and main["width"] > 400
+    browser.set_window_size(1280, 900)
+    form, main = (browser.find_element(By.CSS_SELECTOR, s).rect for s in ("#controls", "main"))
+    assert main["x"] >= form["x"] + form["width"] and main["y"] == form["y"]

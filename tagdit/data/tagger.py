@@ -9,6 +9,7 @@ images) and the demo tagger.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections import deque
@@ -23,7 +24,7 @@ from pydantic import BaseModel
 
 from tagdit.data.prefetch import prefetch
 from tagdit.formats.selected_tags import CHARACTER, GENERAL, RATING, TagLabels, display_name
-from tagdit.formats.wd_image import wd_preprocess
+from tagdit.formats.wd_image import WD_RESIZE
 
 if TYPE_CHECKING:
     from tagdit.config import TaggerConfig
@@ -83,12 +84,62 @@ def select_tags(
     return TagResult([labels.names[i] for i in keep], [float(probs[i]) for i in keep], rating)
 
 
+def import_onnxruntime():
+    """The onnxruntime module, or an ImportError naming the extra that installs it."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError('onnxruntime is not installed: pip install -e ".[cpu]", or ".[gpu]" for CUDA tagging '
+                          "(one of the two, never both)") from e
+    return ort
+
+
 def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it (`pip install tagdit[gpu]`), CPU always."""
-    import onnxruntime as ort
+    """CUDA first when this onnxruntime build has it (the `gpu` extra: onnxruntime-gpu), CPU always."""
+    ort = import_onnxruntime()
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _installed(dist: str) -> str | None:
+    """The installed version of a distribution, or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def gpu_idle_warning() -> str | None:
+    """Why tagging would stay on the CPU of a CUDA machine (torch sees a GPU, onnxruntime offers no
+    CUDA provider), with the fix; None when there is nothing to say."""
+    ort = import_onnxruntime()
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    cpu, gpu = _installed("onnxruntime"), _installed("onnxruntime-gpu")
+    why = (f"BOTH onnxruntime {cpu} and onnxruntime-gpu {gpu} are installed and the CPU one shadows the GPU one"
+           if cpu and gpu else f"the installed onnxruntime is the CPU build ({cpu or 'version unknown'})")
+    return (f"TAGGING RUNS ON THE CPU although torch sees {torch.cuda.device_count()} CUDA device(s): onnxruntime "
+            f"offers no CUDAExecutionProvider ({ort.get_available_providers()}); {why}. Fix: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install -e '.[gpu]' (docs/guide.md: GPU tagging)")
+
+
+_WARNED_GPU_IDLE = False
+
+
+def warn_once_if_gpu_idle() -> None:
+    """Log `gpu_idle_warning` as a WARNING, the first time this process has one to give."""
+    global _WARNED_GPU_IDLE
+    if not _WARNED_GPU_IDLE and (msg := gpu_idle_warning()):
+        _WARNED_GPU_IDLE = True
+        log.warning("%s\n%s\n%s", "!" * 100, msg, "!" * 100)
 
 
 def _local_files(folder: str | Path) -> tuple[Path, Path]:
@@ -212,11 +263,15 @@ class WDTagger:
         providers: Sequence[str] | None = None,
         threads: int = 0,
         preprocess_threads: int | None = None,
+        resize: str = "pillow",
     ):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.model_path, self.tags_csv = Path(model_path), Path(tags_csv)
+        self.resize, self._preprocess = resize, WD_RESIZE[resize]  # tagger.resize: pillow (the reference) | torch
         self.labels = TagLabels.from_csv(tags_csv)
+        if providers is None:  # chosen for the user: say so loudly when a GPU sits idle
+            warn_once_if_gpu_idle()
         providers = list(providers or default_providers())
         # On a CPU, `runs` single-threaded runs at once (one per core by default) instead of one run
         # split over the cores: no run waits for a thread whose core is preprocessing (docs/design.md §6)
@@ -239,11 +294,13 @@ class WDTagger:
             raise ValueError(f"{model_path}: expected NHWC [N, S, S, 3] input, got {inp.shape}")
         self.size = h
         self.fixed_batch = n if isinstance(n, int) and n > 0 else None
-        self.batch_size = self.fixed_batch or batch_size
+        # a dynamic batch is shared out over a CPU's concurrent runs: a chunk of a few images still keeps
+        # every core busy, and a chunk's last runs end together (one run of `batch_size` on a GPU)
+        self.batch_size = self.fixed_batch or math.ceil(batch_size / self.runs)
         self.general_threshold, self.character_threshold = general_threshold, character_threshold
         self.mcut, self.exclude = mcut, tuple(exclude)
         log.info("tagger %s: input %s %s, batch %s, providers %s", model_path, self.input_name,
-                 inp.shape, self.fixed_batch or f"dynamic (using {batch_size})", self.session.get_providers())
+                 inp.shape, self.fixed_batch or f"dynamic ({self.runs} x {self.batch_size})", self.session.get_providers())
 
     @classmethod
     def from_dir(cls, path: str | Path, **kw: Any) -> WDTagger:
@@ -253,15 +310,15 @@ class WDTagger:
     def from_config(cls, tcfg: TaggerConfig, **kw: Any) -> WDTagger:
         r = resolve_tagger(tcfg)
         return cls(r.model, r.tags_csv, tcfg.general_threshold, tcfg.character_threshold, tcfg.mcut,
-                   tcfg.exclude, tcfg.batch_size, **kw)
+                   tcfg.exclude, tcfg.batch_size, resize=tcfg.resize, **kw)
 
     @property
     def names(self) -> list[str]:
         return self.labels.names
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
-        """PIL image -> (S, S, 3) float32 BGR 0-255, the reference recipe."""
-        return wd_preprocess(img, self.size)
+        """PIL image -> (S, S, 3) float32 BGR 0-255: the reference recipe (with torch's resize if so set)."""
+        return self._preprocess(img, self.size)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) preprocessed -> (N, T) probabilities; splits N for fixed-batch models."""

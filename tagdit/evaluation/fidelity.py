@@ -1,10 +1,9 @@
-"""Tag fidelity and KID of a painter's samples: the tagger reads the prompted tags back from pixels."""
+"""Tag fidelity and tagger-feature KID of a painter's samples: the tagger reads the prompted tags back
+from pixels. (Inception KIDs: tagdit.evaluation.kid.)"""
 
 from __future__ import annotations
 
-import functools
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,14 +17,27 @@ from tagdit.sampling.prompts import caption
 log = logging.getLogger(__name__)
 
 
+def recalls(predicted: list[list[str]], wanted: list[list[str]]) -> np.ndarray:
+    """Per-image recall of the wanted tags among the tagger's tags, (N,)."""
+    return np.array([len(set(p) & set(w)) / max(1, len(w)) for p, w in zip(predicted, wanted, strict=True)])
+
+
 def fidelity(predicted: list[list[str]], wanted: list[list[str]]) -> dict[str, float]:
     """Mean recall and precision of the wanted tags among the tagger's tags, per image."""
-    rec, prec = [], []
-    for pred, want in zip(predicted, wanted, strict=True):
-        hit = len(set(pred) & set(want))
-        rec.append(hit / max(1, len(want)))
-        prec.append(hit / max(1, len(pred)))
-    return {"recall": float(np.mean(rec)), "precision": float(np.mean(prec)), "n": len(wanted)}
+    prec = [len(set(p) & set(w)) / max(1, len(p)) for p, w in zip(predicted, wanted, strict=True)]
+    return {"recall": float(np.mean(recalls(predicted, wanted))), "precision": float(np.mean(prec)), "n": len(wanted)}
+
+
+def recall_se(predicted: list[list[str]], wanted: list[list[str]], per_prompt: int) -> float | None:
+    """Standard error of the mean recall of P prompts x `per_prompt` samples (prompt-major), within
+    prompts: sqrt(sum_p s_p^2 / m) / P (the stratified-mean formula). The prompts are a fixed choice,
+    the same in every run, so only which noise each sample starts from is random; the spread between
+    prompts is not noise of the estimate. None for one sample per prompt."""
+    r = recalls(predicted, wanted)
+    if per_prompt < 2 or len(r) == 0:
+        return None
+    r = r.reshape(-1, per_prompt)  # (P, m)
+    return float(np.sqrt(r.var(axis=1, ddof=1).sum() / per_prompt) / len(r))
 
 
 def reconstruct(painter: Painter, reals: list[tuple[Image.Image, dict]], batch: int = 64) -> tuple[list[Image.Image], float]:
@@ -79,37 +91,10 @@ def sampler_recall(cfg: PipelineConfig, painter: Painter, tagger: Any, conds: li
 
 
 def _kid(real: np.ndarray, fake: np.ndarray) -> float | None:
-    """KID's mean (models.kid defaults), None when either set has fewer than 2 images."""
+    """KID's mean (KID_measure.R's batches of 32), None when either set has fewer than 2 images."""
     from models.kid import kid
 
     return kid(real, fake, seed=0)[0] if len(real) > 1 and len(fake) > 1 else None
-
-
-@functools.cache
-def _inception_missing(where: Path) -> None:
-    """Say once per process why kid_inception is absent."""
-    log.info("evaluate: no Inception-v3 weights, so only kid_tagger is reported; for kid_inception put "
-             "torchvision's inception_v3_google-0cc3c7bd.pth at %s or set evaluate.inception_weights", where)
-
-
-def inception_kid(cfg: PipelineConfig, device: Any, reals: list[Image.Image],
-                  samples: dict[str, list[Image.Image]]) -> dict[str, float | None] | None:
-    """KID over Inception-v3 pool features of each sample set against the real images; None when no
-    weights are found (`evaluate.inception_weights`, else torch hub's cache: never downloaded)."""
-    from models.inception import (
-        find_inception_weights,
-        hub_cache_path,
-        inception_features,
-        load_inception,
-    )
-
-    path = find_inception_weights(cfg.evaluate.inception_weights)
-    if path is None:
-        _inception_missing(hub_cache_path())
-        return None
-    model = load_inception(path, device)
-    feat_real = inception_features(model, reals)  # (N, 2048)
-    return {name: _kid(feat_real, inception_features(model, imgs)) for name, imgs in samples.items()}
 
 
 def tag_fidelity(cfg: PipelineConfig, painter: Painter, tagger: Any, prompts: list[list[str]],
@@ -117,7 +102,7 @@ def tag_fidelity(cfg: PipelineConfig, painter: Painter, tagger: Any, prompts: li
     """Recall/precision of prompted tags for CFG samples, unconditional samples (the floor), real
     images (the ceiling: only those with an in-vocabulary tag) and their VAE reconstructions (the
     ceiling any latent model can reach); KID against the real images over the tagger's score vectors
-    (`kid_tagger`) and, when its weights are found, over Inception-v3 features (`kid_inception`)."""
+    (`kid_tagger`); the recall's standard error over the samples (`recall_se`, see `recall_se`)."""
     m = cfg.evaluate.metric_samples
     conds = [p for p in prompts for _ in range(m)]
     cond_imgs, uncond_imgs = draw_for_metrics(cfg, painter, conds)
@@ -136,17 +121,15 @@ def tag_fidelity(cfg: PipelineConfig, painter: Painter, tagger: Any, prompts: li
         "sampler": cfg.evaluate.samplers[0].name,
         "cfg_scale": cfg.evaluate.cfg,
         "samples_per_prompt": m,
-        "cfg": fidelity(pred_cond, conds),
-        "unconditional": fidelity(pred_uncond, conds),
+        "cfg": {**fidelity(pred_cond, conds), "recall_se": recall_se(pred_cond, conds, m)},
+        "unconditional": {**fidelity(pred_uncond, conds), "recall_se": recall_se(pred_uncond, conds, m)},
         "real": fidelity([pred_real[i] for i in tagged], [real_caps[i] for i in tagged]),
         "reconstructed": fidelity([pred_rec[i] for i in tagged], [real_caps[i] for i in tagged]),
         "kid_tagger": {"cfg": _kid(feat_real, feat_cond), "unconditional": _kid(feat_real, feat_uncond)},
         "per_prompt": per_prompt,
     }
     out["sampler_recall"] = sampler_recall(cfg, painter, tagger, conds, out["cfg"])
-    kid_inception = inception_kid(cfg, painter.device, [im for im, _ in reals],
-                                  {"cfg": cond_imgs, "unconditional": uncond_imgs})
-    if kid_inception is not None:
-        out["kid_inception"] = kid_inception
-    out["tag_recall_ratio"] = out["cfg"]["recall"] / max(out["real"]["recall"], 1e-9)
+    real_recall = max(out["real"]["recall"], 1e-9)  # the tagger is deterministic: no noise in the denominator
+    out["tag_recall_ratio"] = out["cfg"]["recall"] / real_recall
+    out["tag_recall_ratio_se"] = None if out["cfg"]["recall_se"] is None else out["cfg"]["recall_se"] / real_recall
     return out

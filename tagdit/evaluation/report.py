@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from tagdit.config import PipelineConfig
-from tagdit.formats.eval_metrics import EvalMetrics
+from tagdit.formats.eval_metrics import EvalMetrics, KidScore
 from tagdit.orchestrate.stage import StageRecord
 
 
@@ -22,27 +22,46 @@ def log_to_tensorboard(cfg: PipelineConfig, m: EvalMetrics) -> None:
         for name, path in m.grids.items():
             writer.add_image(f"grid/{name}", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
         writer.add_scalar("eval/tag_recall_ratio", m.tag_recall_ratio, step)
+        if m.tag_recall_ratio_se is not None:
+            writer.add_scalar("eval/tag_recall_ratio_se", m.tag_recall_ratio_se, step)
         for name, r in m.sampler_recall.items():
             writer.add_scalar(f"eval/recall_cfg_{name}", r.recall, step)
         for kind, values in (("kid_tagger", m.kid_tagger), ("kid_inception", m.kid_inception or {})):
             for name, value in values.items():
                 if value is not None:
                     writer.add_scalar(f"eval/{kind}_{name}", value, step)
+        for name, k in m.kid.items():
+            if k.mean is not None:
+                writer.add_scalar(f"eval/kid_{name}", k.mean, step)
 
 
 def _kids(m: EvalMetrics) -> dict[str, dict[str, float | None]]:
-    """The KID variants this evaluation has, by name."""
+    """The tagger-feature KIDs (and an old file's kid_inception), by name."""
     return {"kid_tagger": m.kid_tagger, **({"kid_inception": m.kid_inception} if m.kid_inception is not None else {})}
+
+
+def ratio_text(m: EvalMetrics) -> str:
+    """`ratio ± se` (the se when the evaluation has one)."""
+    return f"{m.tag_recall_ratio:.3f}" + ("" if m.tag_recall_ratio_se is None else f" ± {m.tag_recall_ratio_se:.3f}")
+
+
+def kid_line(k: KidScore) -> str:
+    """One Inception KID with everything needed to compare it."""
+    if k.mean is None:
+        return f"- KID {k.variant}: not computed ({k.note})"
+    return (f"- KID {k.variant}: **{k.mean:.5f} ± {k.std:.5f}** (std over {k.subsets} subsets of {k.subset_size}; "
+            f"{k.extractor}, {k.weights}, {k.input_size} px; {k.generated} generated ({k.sampler}, CFG {k.cfg_scale}) "
+            f"vs {k.real} validation images)")
 
 
 def artifact_markdown(record: StageRecord) -> str:
     """A small embedded grid, the metrics table and links to the full-size files."""
-    from tagdit.sampling.grid import png_data_uri
+    from tagdit.sampling.grid import image_data_uri
 
     m = EvalMetrics.read(record.info["metrics"])
     lines = [
         f"# tagdit evaluation — {m.dit_checkpoint}",
-        f"![grid]({png_data_uri(Image.open(next(iter(m.grids.values()))))})",
+        f"![grid]({image_data_uri(Image.open(next(iter(m.grids.values()))))})",
         "",
         "| images | tag recall | tag precision |",
         "|---|---|---|",
@@ -56,24 +75,32 @@ def artifact_markdown(record: StageRecord) -> str:
         lines.append(f"| CFG {m.cfg_scale} samples ({name}: {r.sampler}, {r.steps} steps) "
                      f"| {r.recall:.3f} | {r.precision:.3f} |")
     kids = " · ".join(f"{kind} (CFG): {values.get('cfg')}" for kind, values in _kids(m).items())
-    lines += ["", f"**tag_recall_ratio** (CFG / real): {m.tag_recall_ratio:.3f} · VAE PSNR: "
-              f"{m.vae_psnr_db:.2f} dB · DiT val loss: {m.dit_val_loss} · {kids}",
-              "", "Full-size files (on the machine that ran the evaluation):"]
+    se = "" if m.tag_recall_ratio_se is None else f" (± standard error over {m.samples_per_prompt} samples per prompt)"
+    lines += ["", f"**tag_recall_ratio** (CFG / real): {ratio_text(m)}{se} · VAE PSNR: "
+              f"{m.vae_psnr_db:.2f} dB · DiT val loss: {m.dit_val_loss} · {kids}", ""]
+    lines += [kid_line(k) for k in m.kid.values()]
+    lines += ["", "Full-size files (on the machine that ran the evaluation):"]
     lines += [f"- {name}: `{Path(p).resolve()}`" for name, p in m.grids.items()]
     lines.append(f"- metrics: `{Path(record.info['metrics']).resolve()}`")
     return "\n".join(lines)
+
+
+def _round(v: float | None, digits: int) -> float | None:
+    return None if v is None else round(v, digits)
 
 
 def metrics_table(record: StageRecord) -> list[dict[str, Any]]:
     """The headline metrics as table rows (a Prefect table artifact with a stable key per run)."""
     m = EvalMetrics.read(record.info["metrics"])
     rows = [{"metric": "dit_checkpoint", "value": m.dit_checkpoint},
-            {"metric": "tag_recall_ratio", "value": round(m.tag_recall_ratio, 4)}]
+            {"metric": "tag_recall_ratio", "value": round(m.tag_recall_ratio, 4)},
+            {"metric": "tag_recall_ratio_se", "value": _round(m.tag_recall_ratio_se, 4)}]
     rows += [{"metric": f"recall_{k}", "value": round(getattr(m, k).recall, 4)}
              for k in ("cfg", "unconditional", "real", "reconstructed")]
     rows += [{"metric": f"recall_cfg_{name}", "value": round(r.recall, 4)} for name, r in m.sampler_recall.items()]
-    rows += [{"metric": f"{kind}_{k}", "value": None if v is None else round(v, 5)}
-             for kind, values in _kids(m).items() for k, v in values.items()]
+    rows += [{"metric": f"{kind}_{k}", "value": _round(v, 5)} for kind, values in _kids(m).items() for k, v in values.items()]
+    rows += [{"metric": f"kid_{name}_{stat}", "value": _round(getattr(k, stat), 5)}
+             for name, k in m.kid.items() for stat in ("mean", "std")]
     rows += [{"metric": "vae_psnr_db", "value": round(m.vae_psnr_db, 3)},
              {"metric": "dit_val_loss", "value": m.dit_val_loss}]
     return rows

@@ -1,7 +1,9 @@
 """`metrics.json`: what one evaluation of one DiT checkpoint measured (the evaluate stage writes it).
 
 The one writer and reader of the file: the evaluate stage, its artifacts, the flows and the
-benchmarks all go through `EvalMetrics`.
+benchmarks all go through `EvalMetrics`. Files written before a field existed still read: every field
+added since has a default (`kid`, `tag_recall_ratio_se`, `Fidelity.recall_se`), and `kid_inception`, which
+no evaluation writes any more, is kept for them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ class Fidelity(BaseModel):
     recall: float
     precision: float
     n: int
+    # standard error of `recall` over the samples, within prompts (CFG and unconditional samples only;
+    # None for real images, whose recall has no sampling noise, and for one sample per prompt)
+    recall_se: float | None = None
 
 
 class SamplerFidelity(Fidelity):
@@ -32,6 +37,24 @@ class PromptFidelity(BaseModel):
     prompt: str
     cfg: Fidelity
     unconditional: Fidelity
+
+
+class KidScore(BaseModel):
+    """One Inception KID: what it was measured with and on, and mean ± std of MMD² over subsets."""
+
+    variant: str  # models.kid: "original" (KID_measure.R's protocol) or "standard" (papers')
+    extractor: str  # e.g. "InceptionV3 pool features (2048-d)"
+    weights: str | None  # the weights file's name; None = none found, so not computed
+    input_size: int  # px the images were resized to
+    generated: int  # generated images scored
+    real: int  # distinct real (validation) images
+    sampler: str  # the generated images' sampler (evaluate.kid_sampler)
+    cfg_scale: float
+    subset_size: int
+    subsets: int
+    mean: float | None
+    std: float | None  # population std of MMD² over the subsets
+    note: str = ""  # where it differs from the variant's reference
 
 
 class EvalMetrics(BaseModel):
@@ -49,10 +72,12 @@ class EvalMetrics(BaseModel):
     real: Fidelity  # real validation images: the ceiling
     reconstructed: Fidelity  # their VAE reconstructions: the VAE's ceiling
     tag_recall_ratio: float  # cfg.recall / real.recall
+    tag_recall_ratio_se: float | None = None  # cfg.recall_se / real.recall: sampling noise only
     per_prompt: list[PromptFidelity] = []
     sampler_recall: dict[str, SamplerFidelity] = {}
     kid_tagger: dict[str, float | None]  # "cfg" / "unconditional" -> KID over the tagger's scores
-    kid_inception: dict[str, float | None] | None = None  # over Inception-v3 pool features, when weights exist
+    kid: dict[str, KidScore] = {}  # variant name -> Inception KID of evaluate.kid_images samples
+    kid_inception: dict[str, float | None] | None = None  # files before `kid`: torchvision weights, 299 px
     vae_psnr_db: float
     dit_val_loss: float | None = None
     prompts: list[str] = []
@@ -63,7 +88,8 @@ class EvalMetrics(BaseModel):
     tagger_commit: str | None = None
 
     def write(self, path: str | Path) -> None:
-        write_json_atomic(Path(path), self.model_dump(mode="json", exclude_none=False))
+        legacy = {"kid_inception"} if self.kid_inception is None else set()
+        write_json_atomic(Path(path), self.model_dump(mode="json", exclude_none=False, exclude=legacy))
 
     @classmethod
     def read(cls, path: str | Path) -> EvalMetrics:

@@ -1,6 +1,6 @@
 """The WD 1.4 image recipe (SmilingWolf's wd-v1-4 taggers) and the square geometry the crops share.
 
-Any image -> RGBA -> composited on white -> padded to a centred white square -> BICUBIC to the
+Any image -> RGBA -> composited on white -> padded to a centred white square -> Pillow BICUBIC to the
 model's size -> float32 BGR 0-255 (docs/design.md §6). The crop stage uses the same compositing,
 centring and padding, so a crop and the tagger see an image the same way.
 """
@@ -71,10 +71,24 @@ def wd_square(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.BICUBIC) if img.width != size else img
 
 
+def _bgr_float(rgb: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """(S, S, 3) uint8 RGB -> float32 BGR 0-255, into `out` when given (exact: uint8 fits float32)."""
+    if out is None:
+        out = np.empty(rgb.shape, np.float32)
+    for c in range(3):  # RGB -> BGR and uint8 -> float32; per channel is 5x faster than a reversed view
+        out[:, :, c] = rgb[:, :, 2 - c]
+    return out
+
+
+def wd_preprocess(img: Image.Image, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """WD input, the reference recipe bit for bit: (size, size, 3) float32 BGR 0-255 (`wd_square`,
+    Pillow's BICUBIC), written into `out` when given."""
+    return _bgr_float(np.asarray(wd_square(img, size)), out)
+
+
 def resize_bicubic(rgb: np.ndarray, size: int) -> np.ndarray:
     """(H, W, 3) uint8 -> (size, size, 3) uint8 through torch's antialiased bicubic (a = -0.5, as
-    Pillow's BICUBIC): ~3x faster than Pillow at 448 px, each pixel within 2 levels of Pillow's
-    (most identical; tests/test_tagger.py checks the tags do not move)."""
+    Pillow's BICUBIC): 3-7x faster than Pillow, each pixel within 2 levels of Pillow's (most identical)."""
     import torch
     import torch.nn.functional as F
 
@@ -82,14 +96,13 @@ def resize_bicubic(rgb: np.ndarray, size: int) -> np.ndarray:
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
 
 
-def wd_preprocess(img: Image.Image, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """WD input: (size, size, 3) float32 BGR 0-255, written into `out` when given. The recipe of
-    `wd_square` with the resize of `resize_bicubic`."""
+def wd_preprocess_torch(img: Image.Image, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """`wd_preprocess` with torch's resize (`tagger.resize=torch`): faster, not bit-exact; its effect on
+    a pixel-sensitive tagger's scores is measured in docs/design.md §6."""
     rgb = np.array(pad_square(to_rgb_on_white(img)))  # (s, s, 3) uint8, writable
     if rgb.shape[0] != size:
         rgb = resize_bicubic(rgb, size)  # (S, S, 3)
-    if out is None:
-        out = np.empty((size, size, 3), np.float32)
-    for c in range(3):  # RGB -> BGR and uint8 -> float32; per channel is 5x faster than a reversed view
-        out[:, :, c] = rgb[:, :, 2 - c]
-    return out
+    return _bgr_float(rgb, out)
+
+
+WD_RESIZE = {"pillow": wd_preprocess, "torch": wd_preprocess_torch}  # tagger.resize -> preprocessing

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from tagdit.config import load_config
+from tagdit.orchestrate.params import flow_config, typed_settings
 
 
 def run_namer(flow_name: str, folder: Literal["run", "dataset"] = "run") -> Callable[[], str]:
@@ -19,7 +19,7 @@ def run_namer(flow_name: str, folder: Literal["run", "dataset"] = "run") -> Call
 
         params = flow_run.parameters
         try:
-            cfg = load_config(params.get("config"), params.get("overrides"))
+            cfg = flow_config(params.get("config"), params.get("overrides"), **typed_settings(params))
         except Exception:
             return flow_name
         return f"{flow_name} · {cfg.data.name if folder == 'dataset' else cfg.run.name}"

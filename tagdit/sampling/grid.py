@@ -38,10 +38,14 @@ def render_grid(rows: list[list[Image.Image]], captions: list[str], col_labels: 
     return grid
 
 
-def png_data_uri(img: Image.Image, max_width: int = 512) -> str:
-    """A downscaled PNG as a data URI, small enough to live in a Prefect artifact."""
+def image_data_uri(img: Image.Image, max_width: int = 512, jpeg_quality: int | None = None) -> str:
+    """A downscaled PNG (or JPEG, for photos) as a data URI, small enough to live in a Prefect artifact."""
     if img.width > max_width:
         img = img.resize((max_width, round(img.height * max_width / img.width)), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
+    if jpeg_quality:
+        img.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
     img.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+

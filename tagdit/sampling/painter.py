@@ -11,7 +11,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -21,6 +21,9 @@ from tagdit.formats.latent_shards import LatentStats
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_SIDE = 4096  # init images: larger ones are refused before their pixels are decoded
+
+if TYPE_CHECKING:
+    from models.sampling import StepCallback
 
 
 def to_pil(x: Any) -> list[Image.Image]:
@@ -117,9 +120,10 @@ class Painter:
         return to_pil(self.vae.decode(self.stats.to_vae(z.float())))
 
     def draw(self, conds: list[list[str]], negs: list[list[str]], sampler: SamplerConfig,
-             cfg_scale: float, seeds: int | list[int]) -> list[Image.Image]:
+             cfg_scale: float, seeds: int | list[int], callback: StepCallback | None = None) -> list[Image.Image]:
         """One image per (cond, neg) row and seed, seed-major (all rows of the first seed, then the
-        next), in one batch; each seed's noise is what sampling its rows alone would draw."""
+        next), in one batch; each seed's noise is what sampling its rows alone would draw.
+        `callback(i, n)` hears of each sampler step and may raise to stop (models.sampling)."""
         import torch
 
         from models.sampling import sample_latents
@@ -132,11 +136,12 @@ class Painter:
         with autocast(self.device):
             z = sample_latents(self.dit, tags, neg, alpha_bar=self.dit.alpha_bar,
                                shape=(len(tags), *self.stats.latent_shape), steps=sampler.steps,
-                               eta=sampler.eta, scale=cfg_scale, generator=noise, sampler=sampler.sampler)
+                               eta=sampler.eta, scale=cfg_scale, generator=noise, sampler=sampler.sampler,
+                               callback=callback)
             return self.decode(z)
 
     def sample(self, cond: Any, neg: Any, sampler: SamplerConfig, cfg_scale: float, seed: int | list[int],
-               n: int) -> list[Image.Image]:
+               n: int, callback: StepCallback | None = None) -> list[Image.Image]:
         """`n` images for one prompt (ids (1, L)), their noise from `seed` (see `generators`)."""
         import torch
 
@@ -146,11 +151,12 @@ class Painter:
         with torch.no_grad(), autocast(self.device):
             z = sample_latents(self.dit, cond, neg, alpha_bar=self.dit.alpha_bar, shape=(n, *self.stats.latent_shape),
                                steps=sampler.steps, eta=sampler.eta, scale=cfg_scale, generator=self.generators(seed, n),
-                               sampler=sampler.sampler, progress=n * sampler.steps >= 200)
+                               sampler=sampler.sampler, progress=n * sampler.steps >= 200, callback=callback)
             return self.decode(z)
 
     def img2img(self, image: Image.Image, cond: Any, neg: Any, sampler: SamplerConfig, cfg_scale: float,
-                strength: float, seed: int | list[int], n: int, shorten: bool = False) -> list[Image.Image]:
+                strength: float, seed: int | list[int], n: int, shorten: bool = False,
+                callback: StepCallback | None = None) -> list[Image.Image]:
         """`n` variations of `image` for one prompt (SDEdit): strength 0 returns the VAE round trip of
         its crop, 1 is exactly `sample` with the same seed. All `sampler.steps` run over the noised
         range, as the original; `shorten` runs ⌈strength·steps⌉ (see `img2img_latents`)."""
@@ -164,11 +170,11 @@ class Painter:
             z = img2img_latents(self.dit, z0, cond, neg, strength=strength, alpha_bar=self.dit.alpha_bar,
                                 steps=sampler.steps, sampler=sampler.sampler, eta=sampler.eta, scale=cfg_scale,
                                 generator=self.generators(seed, n), progress=n * sampler.steps >= 200,
-                                shorten=shorten)
+                                shorten=shorten, callback=callback)
             return self.decode(z)
 
     def interpolate(self, cond_a: Any, cond_b: Any, neg: Any, sampler: SamplerConfig, cfg_scale: float,
-                    seeds: tuple[int, int], frames: int) -> list[Image.Image]:
+                    seeds: tuple[int, int], frames: int, callback: StepCallback | None = None) -> list[Image.Image]:
         """`frames` images from (prompt a, seeds[0]) to (prompt b, seeds[1]): noise slerped, tag
         embeddings blended linearly; the end frames are `sample(…, seed, n=1)` of each end.
 
@@ -191,7 +197,7 @@ class Painter:
             y_b, _ = encode_prompts(self.dit, cond_b, neg)
             z = sample_from_embeddings(self.dit, x_T, blend_embeddings(y_a, y_b, w), y_neg,
                                        alpha_bar=self.dit.alpha_bar, steps=sampler.steps, sampler=sampler.sampler,
-                                       scale=cfg_scale, progress=frames * sampler.steps >= 200)
+                                       scale=cfg_scale, progress=frames * sampler.steps >= 200, callback=callback)
             return self.decode(z)
 
 

@@ -22,8 +22,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)  # fused: CPU too (~4x faster step)
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+def lr_factor(step: int, warmup: int, total: int, kind: str = "linear") -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine decay to 0 at `total`.
+
+    `kind="none"` is what the original's Keras `CosineDecay(warmup_steps=W)` without a
+    `warmup_target` does: no warm-up, the peak from step 0, cosine decay to 0 at `total - W`, then 0.
+    """
+    if kind == "none":
+        progress = min(1.0, step / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -33,7 +40,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """`lr_factor` as a per-step LambdaLR."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.warmup)
     )
 
 

@@ -80,9 +80,9 @@ def publish_grid(grid: Image.Image, step: int, key: str, report_to: Path | None 
     try:
         from prefect.artifacts import create_markdown_artifact
 
-        from tagdit.sampling.grid import png_data_uri
+        from tagdit.sampling.grid import image_data_uri
 
-        create_markdown_artifact(key=key, markdown=f"# DiT samples, step {step}\n\n![samples]({png_data_uri(grid)})",
+        create_markdown_artifact(key=key, markdown=f"# DiT samples, step {step}\n\n![samples]({image_data_uri(grid)})",
                                  description=f"EMA samples at step {step}")
         return True
     except Exception as e:  # monitoring must never stop training

@@ -1,0 +1,59 @@
+"""`tagdit`: the short form of the `python -m flows.…` command lines, with the same options.
+
+    tagdit run --config demo                       # the whole pipeline (flows.full_pipeline)
+    tagdit stage train-dit --config demo --dit-steps 4000
+    tagdit sample --config demo --prompt "blue hair, smile" --out out.png
+    tagdit serve --model exported/          tagdit export --config demo --to exported/
+
+`tagdit COMMAND --help` shows the command's options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+COMMANDS = {  # command -> flows module with a main(argv)
+    "run": "full_pipeline",
+    "sample": "sample",
+    "serve": "serve",
+    "export": "export",
+}
+STAGES = {  # `tagdit stage NAME` -> flows module
+    "demo-world": "demo_world",
+    "prepare-data": "prepare_data",
+    "train-vae": "train_vae",
+    "encode": "encode",
+    "train-dit": "train_dit",
+    "evaluate": "evaluate",
+}
+
+
+def usage() -> str:
+    return (__doc__ or "") + f"\ncommands: {', '.join(COMMANDS)}, stage {{{','.join(STAGES)}}}\n"
+
+
+def main(argv: list[str] | None = None) -> Any:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return None
+    command, rest = args[0], args[1:]
+    if command == "stage":
+        if not rest or rest[0] not in STAGES:
+            print(f"tagdit stage: choose one of {', '.join(STAGES)}", file=sys.stderr)
+            raise SystemExit(2)
+        command = f"stage {rest[0]}"
+        module, rest = STAGES[rest[0]], rest[1:]
+    elif command in COMMANDS:
+        module = COMMANDS[command]
+    else:
+        print(f"tagdit: unknown command {command!r}\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    sys.argv[0] = f"tagdit {command}"
+    return importlib.import_module(f"flows.{module}").main(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The typed parameters of every flow: what Prefect's run form shows, and what it refuses.
+
+A flow's signature uses these types and describes each parameter in its docstring's `Args:`;
+Prefect turns both into the deployment's parameter schema, and the server checks a new run's
+parameters against it when the run is created (`enforce_parameter_schema`, on by default), so
+`force=["trian_dit"]` or `dit_steps=0` fails at `prefect deployment run`, before a worker starts.
+The same types build the command line (`tagdit.orchestrate.cli`).
+
+The typed settings (`source`, `run`, `dit_steps`, ...) are the settings people change most; each
+becomes a `key=value` override applied after `overrides`, the escape hatch for every other key.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, WithJsonSchema
+
+from tagdit.config import PipelineConfig, load_config
+
+Preset = Literal["demo", "original-256"]  # configs/<name>.yaml (a test keeps this list in step)
+YamlFile = Annotated[str, StringConstraints(pattern=r"\.ya?ml$")]
+ConfigRef = Preset | YamlFile
+Override = Annotated[str, StringConstraints(pattern=r"^\s*[A-Za-z_][\w.]*\s*=")]
+FolderName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.-]*$", max_length=100)]
+Steps = Annotated[int, Field(ge=1)]
+Gpus = Annotated[int, Field(ge=1, le=64)]
+GuidanceScale = Annotated[float, Field(ge=0, le=50)]
+HubRepo = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")]  # a Hugging Face repo id, user/name
+SamplerChoice = Literal["ddim", "ddpm", "dpmpp_2m"]  # ddpm = DDIM with eta 1 (the original's DDPM sampler)
+
+PipelineStage = Literal["demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate"]
+PrepareStage = Literal["crop", "tag", "shard"]
+
+
+def _only(stage: str) -> Any:
+    """A one-stage choice, in the schema as an enum (not a const) so that a refusal names the wrong value."""
+    return Annotated[Literal[stage], WithJsonSchema({"type": "string", "enum": [stage]})]
+
+
+DemoStage = _only("demo")
+TrainVaeStage = _only("train_vae")
+EncodeStage = _only("encode")
+TrainDitStage = _only("train_dit")
+EvaluateStage = _only("evaluate")
+
+# typed setting -> the config keys it sets
+SETTING_KEYS: dict[str, tuple[str, ...]] = {
+    "source": ("data.source",),
+    "dataset": ("data.name",),
+    "run": ("run.name",),
+    "vae_steps": ("vae.train.steps",),
+    "dit_steps": ("dit.train.steps",),
+    "gpus": ("vae.train.nproc", "dit.train.nproc"),
+    "cfg_scale": ("evaluate.cfg",),
+}
+SAMPLER_SETTINGS = ("sampler", "sampling_steps")
+
+
+def _sampler_override(cfg: PipelineConfig, sampler: str | None, steps: int | None) -> str:
+    """One evaluation sampler in place of the preset's list, from the first one's settings."""
+    first = cfg.evaluate.samplers[0]
+    kind = sampler or ("ddpm" if first.eta == 1.0 and first.sampler == "ddim" else first.sampler)
+    steps = steps or first.steps
+    spec = {"name": f"{kind}{steps}", "sampler": "ddim" if kind == "ddpm" else kind, "steps": steps,
+            "eta": 1.0 if kind == "ddpm" else (first.eta if kind == first.sampler == "ddim" else 0.0)}
+    return "evaluate.samplers=" + json.dumps([spec])
+
+
+def typed_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """The typed settings among a flow run's parameters (those set, not None)."""
+    known = set(SETTING_KEYS) | set(SAMPLER_SETTINGS)
+    return {k: v for k, v in params.items() if k in known and v is not None}
+
+
+def flow_config(config: str | None, overrides: list[str] | None, **settings: Any) -> PipelineConfig:
+    """The run's config: the preset, then `overrides`, then the typed settings given (not None)."""
+    settings = typed_settings(settings)
+    extra = [f"{key}={json.dumps(value) if isinstance(value, str) else value}"
+             for name, value in settings.items() if name in SETTING_KEYS for key in SETTING_KEYS[name]]
+    items = [*(overrides or []), *extra]
+    if any(name in settings for name in SAMPLER_SETTINGS):
+        base = load_config(config, items)
+        items.append(_sampler_override(base, settings.get("sampler"), settings.get("sampling_steps")))
+    return load_config(config, items)
+
+
+COMMON_ARGS = """\
+config: a preset (demo, original-256) or a YAML file; empty: the built-in defaults.
+overrides: further settings as key=value (e.g. vae.train.lr=2e-4); the fields below win over them.
+force: stages to recompute, with every stage after them, ignoring their caches.
+"""
+
+
+def with_common_args(fn: Any) -> Any:
+    """Put the `config`/`overrides`/`force` descriptions at the top of `fn`'s `Args:` docstring section.
+
+    Apply under `@flow`: Prefect reads the descriptions when the flow is decorated.
+    """
+    doc = fn.__doc__ or ""
+    if "Args:\n" not in doc:
+        doc = doc.rstrip() + "\n\n    Args:\n        \n"
+    head, sep, tail = doc.partition("Args:\n")
+    indent = tail[: len(tail) - len(tail.lstrip(" "))]
+    fn.__doc__ = head + sep + "".join(indent + line + "\n" for line in COMMON_ARGS.splitlines()) + tail
+    return fn

@@ -1,0 +1,183 @@
+"""The export flow: a trained run -> one folder that draws on its own (sample CLI, from_pretrained, the Hub)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flows import export, sample
+from tagdit.formats.eval_metrics import EvalMetrics, Fidelity
+from tagdit.formats.exported_model import DiTModel, VAEModel, check_destination
+from tagdit.formats.trained_models import load_dit, load_vae
+from tasks.records import latest_evaluation, run_files
+from tests.run_fixtures import TINY, latents_with_vae, sample_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = ["--prompt", "smile, hat", "--negative", "red hair", "--cfg", "3", "--steps", "3", "--eta", "1",
+          "--n", "2", "--seed", "5"]
+
+
+def config_args(cfg, *extra: str) -> list[str]:
+    """The run's command-line settings (its tiny DiT too, so the card lists what was trained)."""
+    return sample_args(cfg, *(a for o in TINY for a in ("--set", o)), *extra)
+
+
+def fake_evaluation(folder: Path, checkpoint: str, step: int, recall: float) -> Path:
+    """An evaluation folder as the evaluate stage leaves it: one grid and metrics.json."""
+    folder.mkdir(parents=True)
+    Image.new("RGB", (20, 10), (200, 30, 30)).save(folder / "grid-ddim3.png")
+    fid = Fidelity(recall=recall, precision=0.5, n=4)
+    EvalMetrics(dit_checkpoint=checkpoint, dit_step=step, sampler="ddim3", cfg_scale=3.0, cfg=fid, unconditional=fid,
+                real=fid, reconstructed=fid, tag_recall_ratio=recall / 0.5, kid_tagger={"cfg": 0.01, "unconditional": 0.1},
+                vae_psnr_db=21.5, dit_val_loss=0.25, prompts=["smile, hat"],
+                grids={"ddim3": str(folder / "grid-ddim3.png")}).write(folder / "metrics.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run's folder with two evaluations: of its checkpoint, and a later step's (a stray)."""
+    root = tmp_path_factory.mktemp("evaluated") / "runs"
+    shutil.copytree(tiny_run.run_dir, root / tiny_run.run.name)
+    cfg = tiny_run.model_copy(update={"run": tiny_run.run.model_copy(update={"root": root})})
+    ckpt = run_files(cfg).dit_checkpoint.name
+    fake_evaluation(cfg.run_dir / "eval" / f"{ckpt}-aaaa", ckpt, 4, recall=0.75)
+    fake_evaluation(cfg.run_dir / "eval" / "ckpt-0000009-bbbb", "ckpt-0000009", 9, recall=0.1)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def exported(evaluated_run, tmp_path_factory) -> Path:
+    return Path(export.export_run(evaluated_run, tmp_path_factory.mktemp("exp") / "model")["folder"])
+
+
+def grid_pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_exported_folder_alone_draws_the_runs_image_in_another_process(prefect_env, evaluated_run, monkeypatch):
+    calls = []
+
+    class FakeHfApi:  # the upload cannot run here: record what would be sent
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw["repo_id"], kw))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeHfApi)
+    folder = prefect_env / "exported"
+    result = export.main(config_args(evaluated_run, "--to", str(folder), "--push", "me/tagdit-tiny"))
+    assert result["url"] == "https://huggingface.co/me/tagdit-tiny"
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"] and calls[0][2]["exist_ok"]
+    assert Path(calls[1][2]["folder_path"]) == folder.absolute()
+
+    # the folder moved away from its run, sampled by a fresh process that sees no config and no run
+    moved = shutil.move(folder, prefect_env / "elsewhere")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same kernels as one_thread here
+    out = prefect_env / "from-model.png"
+    subprocess.run([sys.executable, "-m", "flows.sample", "--model", str(moved), "--device", "cpu", *PROMPT,
+                    "--out", str(out)], check=True, cwd=prefect_env, env={**env, "PYTHONPATH": str(ROOT)},
+                   capture_output=True, timeout=120)
+    sample.main(sample_args(evaluated_run, *PROMPT, "--out", str(prefect_env / "from-run.png")))
+    assert np.array_equal(grid_pixels(out), grid_pixels(prefect_env / "from-run.png"))
+
+
+def test_each_model_loads_with_from_pretrained_as_the_runs_ema_weights(evaluated_run, exported):
+    files = run_files(evaluated_run)
+    for hub_class, folder, trained in ((DiTModel, "dit", load_dit(files.dit_checkpoint)),
+                                       (VAEModel, "vae", load_vae(files.vae_checkpoint)[0])):
+        model = hub_class.from_pretrained(exported / folder)
+        ours, theirs = model.state_dict(), trained.state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert not model.training and sorted(p.name for p in (exported / folder).iterdir()) == [
+            "config.json", "model.safetensors"]
+    assert json.loads((exported / "dit" / "config.json").read_text())["schedule"] == "cosine"
+    index = json.loads((exported / "tagdit.json").read_text())
+    assert index["resolution"] == 64 and index["latent_shape"] == [4, 8, 8] and index["timesteps"] == 1000
+    assert (exported / "vocab.json").read_bytes() == files.vocab.read_bytes()
+    stats = json.loads((files.latents_dir / "stats.json").read_text())
+    assert json.loads((exported / "stats.json").read_text()) == {**stats, "vae_checkpoint": "vae"}  # no local path
+
+
+def test_model_card_shows_the_exported_checkpoints_evaluation_and_training_settings(exported):
+    card = (exported / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: tagdit" in card
+    assert "![ddim3](grid-ddim3.png)" in card and (exported / "grid-ddim3.png").is_file()
+    assert "| tag recall ratio (CFG recall / real images' recall) | 1.500 |" in card  # the checkpoint's, not step 9's
+    assert "not the exported checkpoint" not in card and "width: 64" in card and "lr: 0.002" in card
+    assert EvalMetrics.read(exported / "metrics.json").grids == {"ddim3": "grid-ddim3.png"}
+
+
+def test_latest_evaluation_prefers_the_exported_checkpoint(evaluated_run):
+    ckpt = run_files(evaluated_run).dit_checkpoint
+    assert latest_evaluation(evaluated_run, ckpt).name == f"{ckpt.name}-aaaa"
+    assert latest_evaluation(evaluated_run, ckpt.with_name("ckpt-0000099")).name == "ckpt-0000009-bbbb"
+
+
+def test_a_run_without_a_dit_checkpoint_is_refused_with_the_flow_to_run(tmp_path, capsys):
+    latents_with_vae(tmp_path)  # VAE and latents stamped, no DiT trained
+    args = ["--set", f"data.root={tmp_path}", "--set", "data.name=ds", "--set", f"run.root={tmp_path}/runs"]
+    with pytest.raises(SystemExit) as e:
+        export.main([*args, "--to", str(tmp_path / "out")])
+    assert e.value.code == 2 and "run train-dit first" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_destination_is_replaced_only_when_it_is_an_earlier_export(tmp_path, exported, evaluated_run, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        export.main(config_args(evaluated_run, "--to", str(busy)))
+    assert "exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="holds no earlier export"):
+        check_destination(busy, overwrite=True)
+    assert (busy / "notes.txt").read_text() == "mine"
+    check_destination(tmp_path / "absent")
+    check_destination(exported, overwrite=True)  # an earlier export may be replaced
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        check_destination(exported)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config", "configs/demo.yaml"], "alone: drop --config"),
+    (["--checkpoint", "x"], "alone: drop --config"),
+])
+def test_model_excludes_the_run_options(extra, message, exported, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "smile", "--model", str(exported), *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_export_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "smile", "--model", str(tmp_path)])
+    assert "not an exported tagdit model" in capsys.readouterr().err
+
+
+def test_serve_draws_from_the_exported_folder(exported, tmp_path, monkeypatch):
+    import uvicorn
+
+    from flows import serve
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.chdir(tmp_path)
+    serve.main(["--model", str(exported), "--device", "cpu"])
+    studio = seen["app"].state.studio
+    assert studio.painter.checkpoint == exported and studio.out_dir == Path("samples-web")
+    assert studio.painter.resolution == 64 and "smile" in studio.tags

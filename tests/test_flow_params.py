@@ -1,0 +1,111 @@
+"""Every flow's parameters are typed and described: the Prefect run form, the CLI and the config agree."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from tagdit.orchestrate.params import Preset, flow_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOWS = {  # module -> (flow object name, the stages its `force` offers)
+    "demo_world": ("demo_world_flow", ["demo"]),
+    "prepare_data": ("prepare_data_flow", ["crop", "tag", "shard"]),
+    "train_vae": ("train_vae_flow", ["train_vae"]),
+    "encode": ("encode_flow", ["encode"]),
+    "train_dit": ("train_dit_flow", ["train_dit"]),
+    "evaluate": ("evaluate_flow", ["evaluate"]),
+    "full_pipeline": ("full_pipeline_flow",
+                      ["demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate"]),
+    "export": ("export_flow", None),
+}
+
+
+def schema(module: str) -> dict:
+    name, _ = FLOWS[module]
+    return getattr(importlib.import_module(f"flows.{module}"), name).parameters.model_dump_for_openapi()
+
+
+@pytest.mark.parametrize("module", sorted(FLOWS))
+def test_every_parameter_is_typed_and_described(module):
+    props = schema(module)["properties"]
+    assert {"config", "overrides"} <= props.keys()
+    for name, prop in props.items():
+        assert prop.get("description"), f"{module}.{name} has no description"
+        assert prop.get("anyOf") or prop.get("type"), f"{module}.{name} has no type"
+    config = props["config"]["anyOf"]
+    assert config[0]["enum"] == list(typing.get_args(Preset)) and config[1]["pattern"]
+    if FLOWS[module][1] is not None:  # export has no stages to force
+        force_items = props["force"]["anyOf"][0]["items"]
+        assert force_items.get("enum", [force_items.get("const")]) == FLOWS[module][1]
+
+
+def test_the_preset_choices_are_the_configs_folder():
+    assert sorted(typing.get_args(Preset)) == sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    assert flow_config("demo", None) == flow_config(str(ROOT / "configs/demo.yaml"), None)
+
+
+def test_typed_settings_set_their_keys_and_win_over_overrides():
+    cfg = flow_config("demo", ["run.name=from-overrides", "dit.train.lr=2e-4"], run="exp-7", dataset="faces",
+                      source="/data/my images", vae_steps=30, dit_steps=40, gpus=2, cfg_scale=3.5)
+    assert (cfg.run.name, cfg.data.name, str(cfg.data.source)) == ("exp-7", "faces", "/data/my images")
+    assert (cfg.vae.train.steps, cfg.dit.train.steps, cfg.vae.train.nproc, cfg.dit.train.nproc) == (30, 40, 2, 2)
+    assert cfg.evaluate.cfg == 3.5 and cfg.dit.train.lr == 2e-4
+    ddpm = flow_config("demo", None, sampler="ddpm", sampling_steps=30).evaluate.samplers
+    assert [(s.name, s.sampler, s.steps, s.eta) for s in ddpm] == [("ddpm30", "ddim", 30, 1.0)]
+    steps_only = flow_config("demo", None, sampling_steps=20).evaluate.samplers
+    assert [(s.sampler, s.steps, s.eta) for s in steps_only] == [("ddim", 20, 0.0)]
+
+
+def test_the_cli_offers_the_same_choices_and_bounds(capsys):
+    from flows import evaluate, train_dit
+
+    for argv, message in ((["--force", "trian_dit"], "invalid choice: 'trian_dit'"),
+                          (["--dit-steps", "0"], "below the minimum 1")):
+        with pytest.raises(SystemExit) as e:
+            train_dit.main(["--config", "demo", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--run", "--sampler {ddim,ddpm,dpmpp_2m}", "--sampling-steps", "--cfg-scale", "--nightly"):
+        assert option in help_text
+
+
+def test_the_tagdit_command_is_the_short_form():
+    tagdit = str(Path(sys.executable).with_name("tagdit"))
+    run = subprocess.run([tagdit, "run", "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "usage: tagdit run" in run.stdout and "--dit-steps" in run.stdout
+    stage = subprocess.run([tagdit, "stage", "train-dit", "--force", "trian_dit"], capture_output=True, text=True,
+                           timeout=120)
+    assert stage.returncode == 2 and "invalid choice: 'trian_dit'" in stage.stderr
+    unknown = subprocess.run([tagdit, "stage", "train_dit"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "choose one of" in unknown.stderr and "train-dit" in unknown.stderr
+
+
+def test_a_nightly_is_skipped_while_the_previous_one_runs(prefect_env, tmp_path):
+    from flows.evaluate import NIGHTLY_LOCK, evaluate_flow
+
+    lock = tmp_path / "runs/tiny" / NIGHTLY_LOCK
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, json, sys, time\n"
+        f"f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.write(json.dumps({'since': 'earlier', 'flow_run_name': 'evaluate · tiny'})); f.flush()\n"
+        "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        state = evaluate_flow(overrides=[f"run.root={tmp_path / 'runs'}"], run="tiny", nightly=True,
+                              return_state=True)
+        assert state.is_cancelled() and "evaluate · tiny" in state.message and "skipped" in state.message
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (however it ended): the next nightly goes ahead (and fails here: no checkpoint)
+    state = evaluate_flow(overrides=[f"run.root={tmp_path / 'runs'}"], run="tiny", nightly=True, return_state=True)
+    assert state.is_failed() and "checkpoint" in str(state.message).lower()

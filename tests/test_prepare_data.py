@@ -113,10 +113,12 @@ def assert_shard_artifacts(dataset: str, samples: int, rejects: dict[str, int]) 
     """The preview (captioned crops, embedded) and the rejects-by-reason table of the latest run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        def latest(key: str):
-            return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))[-1]
+        def latest(key: str):  # other tests of the session publish under the same key
+            return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                         sort=ArtifactSort.CREATED_DESC, limit=1)[0]
 
         grid = latest(f"tagdit-shards-{dataset}")
         table = latest(f"tagdit-rejects-{dataset}")

@@ -55,12 +55,15 @@ class TaggerConfig(Section):
     mcut: bool = False  # MCut thresholding instead of the fixed thresholds
     exclude: list[str] = []  # tags never kept
     sidecar: Literal["merge", "sidecar", "tagger"] = "merge"  # how `name.txt` tags combine
-    # images per step when the model's batch dimension is dynamic: one run on a GPU, shared out over
-    # the CPU's concurrent single-threaded runs (8 per run on 2 cores); a fixed batch is the model's
+    # images per run when the model's batch dimension is dynamic (a fixed batch is the model's), on a
+    # GPU; on a CPU one single-threaded run per core goes at once, each of `cpu_batch_size` images: a
+    # small batch keeps a run's activations in cache (ConvNeXt-T-sized tagger on 2 cores: 4.2-4.6 img/s
+    # at 1-4 per run, 3.1-3.3 at 8; docs/benchmarks.md)
     batch_size: int = Field(16, ge=1)
+    cpu_batch_size: int = Field(2, ge=1)
     # The reference recipe resizes with Pillow's BICUBIC: the default, bit for bit. `torch` is an opt-in
     # speed setting (antialiased bicubic, ~1.4 ms instead of 4-44 ms of one core per image): pixels
-    # within 2 levels, scores within 0.002 on pixel-sensitive test taggers, ~1 tag decision in 10^5
+    # within 2 levels, scores within ~0.002 on pixel-sensitive test taggers, 1-2 tag decisions in 10^5
     # flipped (docs/design.md §6).
     resize: Literal["pillow", "torch"] = "pillow"
     # Opt-in: decode large sources reduced (JPEG DCT scaling, then Image.reduce) while the square stays

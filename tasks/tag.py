@@ -22,6 +22,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +32,13 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig, TaggerConfig
-from tagdit.data.tagger import ResolvedTagger, TagResult, WDTagger, resolve_tagger
+from tagdit.data.tagger import (
+    ResolvedTagger,
+    TagResult,
+    WDTagger,
+    default_preprocess_threads,
+    resolve_tagger,
+)
 from tagdit.files import atomic_path, remove_stale_temps, sha256_text
 from tagdit.formats.selected_tags import UNKNOWN, display_name
 from tagdit.formats.wd_image import WHITE, to_rgb_on_white
@@ -94,14 +102,13 @@ def _open_unlimited(data: bytes):
             Image.MAX_IMAGE_PIXELS = limit
 
 
-def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int], min_side: int,
-                  shrink: bool = False):
+def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int], shrink_to: int | None = None):
     """The crop's square `box` (upright source pixels) cut from the source file, on white, as RGB.
 
-    Decoded at the source's resolution: what the reference recipe resizes. With `shrink`
-    (`tagger.pre_shrink`) reduced by an integer factor first (JPEG DCT scaling, then `Image.reduce`)
-    as far as the square keeps a side >= `min_side`: faster, not the reference. The pad mode's box
-    reaches past the image: the outside is white, as the crop stage pads.
+    Decoded at the source's resolution: what the reference recipe resizes. With `shrink_to`
+    (`tagger.pre_shrink`: the tagger's input size) reduced by an integer factor first (JPEG DCT
+    scaling, then `Image.reduce`) as far as the square keeps a side >= `shrink_to`: faster, not the
+    reference. The pad mode's box reaches past the image: the outside is white, as the crop stage pads.
     """
     from PIL import Image, ImageOps
 
@@ -110,12 +117,12 @@ def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int],
         raise RuntimeError(f"{path} changed since the crop stage read it: run the crop stage again")
     (ow, oh), (left, top, right, _) = orig_size, box
     side = right - left
-    k = max(1, side // min_side) if shrink else 1  # any reduction by <= k keeps the side >= min_side
+    k = max(1, side // shrink_to) if shrink_to else 1  # any reduction by <= k keeps the side >= shrink_to
     img = _open_unlimited(data)
     if k > 1 and img.format == "JPEG":  # decodes at 1/2, 1/4 or 1/8 size, never below the request
         img.draft(img.mode, (math.ceil(img.width / k), math.ceil(img.height / k)))
     img = to_rgb_on_white(ImageOps.exif_transpose(img))
-    k2 = (side * img.width) // (ow * min_side) if shrink else 1  # the further reduction keeping side >= min_side
+    k2 = (side * img.width) // (ow * shrink_to) if shrink_to else 1  # the further reduction keeping side >= shrink_to
     if k2 > 1:
         img = img.reduce(k2)
     fx, fy = img.width / ow, img.height / oh
@@ -127,38 +134,55 @@ def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int],
     return square
 
 
-def _in_order(fn: Callable, items: list, threads: int) -> Iterator:
-    """fn(item) for each item, in order, `threads` at a time (Pillow decodes without the GIL)."""
-    ahead = 2 * threads
+@contextmanager
+def source_images(crop_chunk: Path, source: Path, threads: int, shrink_to: int | None = None) -> Iterator[Iterator]:
+    """The tagger's view of every cropped row of a crop chunk, in order: its square cut from the source file.
+
+    Decoding starts on entering, `threads` at a time (Pillow decodes without the GIL) and 2 x threads
+    ahead of the consumer, so the first squares decode while the caller loads its model; leaving
+    stops it.
+    """
+    rows = _ok_rows(crop_chunk, ["source", "sha256", "orig_size", "crop_box"]).to_pylist()
+
+    def square(r: dict):
+        return source_square(source / r["source"], r["sha256"], r["orig_size"], r["crop_box"], shrink_to)
+
     with ThreadPoolExecutor(threads, thread_name_prefix="tag-decode") as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        rest = iter(rows)
+        pending = deque(pool.submit(square, r) for r in islice(rest, 2 * threads))
+
+        def in_order() -> Iterator:
+            while pending:
+                done = pending.popleft()
+                pending.extend(pool.submit(square, r) for r in islice(rest, 1))
+                yield done.result()
+
+        try:
+            yield in_order()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
-def source_images(crop_chunk: Path, source: Path, min_side: int, threads: int, shrink: bool = False) -> Iterator:
-    """The tagger's view of every cropped row of a crop chunk: its square cut from the source file."""
-    table = _ok_rows(crop_chunk, ["source", "sha256", "orig_size", "crop_box"]).to_pylist()
-    return _in_order(lambda r: source_square(source / r["source"], r["sha256"], r["orig_size"], r["crop_box"],
-                                             min_side, shrink), table, threads)
+def tag_chunk(load_tagger: Callable[[], WDTagger], crop_chunk: Path, dst: Path, tcfg: TaggerConfig,
+              source: Path) -> int:
+    """Tag one crop chunk into `dst` (atomic), reading the sources under `source`; returns the rows written.
 
-
-def tag_chunk(tagger, crop_chunk: Path, dst: Path, tcfg: TaggerConfig, source: Path) -> int:
-    """Tag one crop chunk into `dst` (atomic), reading the sources under `source`; returns the rows written."""
+    The first squares decode while `load_tagger` loads the session (once per process), unless
+    `tagger.pre_shrink` needs the model's input size first.
+    """
     table = _ok_rows(crop_chunk, ["key", "sidecar"])
-    images = source_images(crop_chunk, source, tagger.size, tagger.preprocess_threads, tcfg.pre_shrink)
-    results = tagger.tag_images(images)  # batches never straddle chunks: a resumed run gets the same floats
-    category = tagger.labels.category_of()
-    rows = []
-    for key, side, res in zip(table.column("key").to_pylist(), table.column("sidecar").to_pylist(), results,
-                              strict=True):
-        tags, scores = merge_tags(res, parse_sidecar(side, tcfg.exclude), tcfg.sidecar)
-        cats = [category.get(t, UNKNOWN) for t in tags]
-        rows.append({"key": key, "tags": tags, "scores": scores, "categories": cats, "rating": res.rating})
+    shrink_to = load_tagger().size if tcfg.pre_shrink else None
+    with source_images(crop_chunk, source, default_preprocess_threads(), shrink_to) as images:
+        tagger = load_tagger()
+        results = tagger.tag_images(images)  # batches never straddle chunks: a resumed run gets the same floats
+        category = tagger.labels.category_of()
+        rows = []
+        for key, side, res in zip(table.column("key").to_pylist(), table.column("sidecar").to_pylist(), results,
+                                  strict=True):
+            tags, scores = merge_tags(res, parse_sidecar(side, tcfg.exclude), tcfg.sidecar)
+            cats = [category.get(t, UNKNOWN) for t in tags]
+            rows.append({"key": key, "tags": tags, "scores": scores, "categories": cats, "rating": res.rating})
     with atomic_path(dst) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=TAG_SCHEMA), tmp)
     return len(rows)
@@ -173,14 +197,14 @@ def loaded_tagger(tagger: ResolvedTagger, tcfg: TaggerConfig) -> WDTagger:
     if key not in _TAGGERS:
         _TAGGERS.clear()  # one model at a time
         _TAGGERS[key] = WDTagger(tagger.model, tagger.tags_csv, tcfg.general_threshold, tcfg.character_threshold,
-                                 tcfg.mcut, tcfg.exclude, tcfg.batch_size, resize=tcfg.resize)
+                                 tcfg.mcut, tcfg.exclude, tcfg.batch_size, tcfg.cpu_batch_size, resize=tcfg.resize)
     return _TAGGERS[key]
 
 
 @unit_task(name="tag-chunk", run_name="tag {dst.name}")
 def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig, source: Path) -> int:
     """One tag chunk, with this worker process's loaded tagger; returns the rows written."""
-    return tag_chunk(loaded_tagger(tagger, tcfg), crop_chunk, dst, tcfg, source)
+    return tag_chunk(lambda: loaded_tagger(tagger, tcfg), crop_chunk, dst, tcfg, source)
 
 
 TAG = Stage(

@@ -18,7 +18,7 @@ from tagdit.config import VAE_PRESETS, load_config
 from tagdit.data.vocab import SPECIALS, Vocab
 from tagdit.evaluation.fidelity import fidelity, recall_se, reconstruct, tag_fidelity
 from tagdit.evaluation.kid import _inception_missing, inception_kids, kid_conditions
-from tagdit.evaluation.report import artifact_markdown, log_to_tensorboard, metrics_table
+from tagdit.evaluation.report import artifact_markdown, log_to_tensorboard
 from tagdit.files import sha256_file
 from tagdit.formats.eval_metrics import EvalMetrics, KidScore
 from tagdit.orchestrate.stage import StageRecord
@@ -84,13 +84,8 @@ def test_artifacts_have_the_grid_the_metrics_and_paths_but_no_file_links(tmp_pat
                                  "dpmpp20": {"sampler": "dpmpp_2m", "steps": 20, "recall": 0.25, "precision": 0.5, "n": 4}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert "| CFG 4.0 samples (dpmpp20: dpmpp_2m, 20 steps) | 0.250 | 0.500 |" in artifact_markdown(record)
-    table = {row["metric"]: row["value"] for row in metrics_table(record)}
-    assert table["recall_cfg_ddim50"] == 0.5 and table["recall_cfg_dpmpp20"] == 0.25
     md = artifact_markdown(record)
     assert str(grid.resolve()) in md and "file://" not in md and "tag_recall_ratio" in md
-    table = {row["metric"]: row["value"] for row in metrics_table(record)}
-    assert table["dit_checkpoint"] == "ckpt-0000010" and table["tag_recall_ratio"] == 0.9
-    assert table["kid_tagger_cfg"] == 0.01 and table["recall_real"] == 0.5
 
 
 # ---------------------------------------------------------------- KID over the tagger's scores and Inception-v3
@@ -254,10 +249,6 @@ def test_artifacts_and_tensorboard_show_the_kids_and_the_ratios_standard_error(t
     assert "kid_tagger (CFG): 0.01" in md and "0.900 ± 0.021" in md and "8 samples per prompt" in md
     assert "KID original: **0.01230 ± 0.00400** (std over 32 subsets of 32" in md and "pt_inception-2015-12-05, 75 px" in md
     assert "KID standard: not computed (no Inception-v3 weights found)" in md
-    table = {row["metric"]: row["value"] for row in metrics_table(record)}
-    assert table["kid_original_mean"] == 0.0123 and table["kid_original_std"] == 0.004
-    assert table["kid_standard_mean"] is None and table["tag_recall_ratio_se"] == 0.021
-    assert table["kid_tagger_unconditional"] == 0.2
     scalars = {}
 
     class Writer:
@@ -288,7 +279,6 @@ def test_an_evaluation_written_before_the_kid_variants_still_reads_and_shows(tmp
     assert m.kid == {} and m.tag_recall_ratio_se is None and m.cfg.recall_se is None
     md = artifact_markdown(record)
     assert "kid_inception (CFG): 0.03" in md and "**tag_recall_ratio** (CFG / real): 0.900 ·" in md
-    assert {"kid_inception_cfg", "tag_recall_ratio_se"} <= {r["metric"] for r in metrics_table(record)}
     m.write(tmp_path / "again.json")  # a file written now keeps kid_inception only when it has one
     assert "kid_inception" in json.loads((tmp_path / "again.json").read_text())
     m.kid_inception = None

@@ -55,6 +55,30 @@ def test_sidecar_tags_merge_first_with_score_one_and_tagger_tags_follow(tmp_path
         assert r["rating"] in {"general", "sensitive", "questionable", "explicit"}
 
 
+@pytest.mark.parametrize("pre_shrink", [False, True])
+def test_first_squares_decode_while_the_session_loads_unless_pre_shrink_needs_its_size(tmp_path, world, monkeypatch,
+                                                                                      pre_shrink):
+    import threading
+
+    import tasks.tag as tag
+
+    cfg = config(tmp_path, world, f"tagger.pre_shrink={str(pre_shrink).lower()}")
+    crop = crop_stage(cfg)
+    decoding, load = threading.Event(), tag.loaded_tagger
+    real_square = tag.source_square
+    monkeypatch.setattr(tag, "source_square", lambda *a: decoding.set() or real_square(*a))
+
+    def slow_load(*a):  # a first load: the decode threads have begun by the time it ends, or they wait for it
+        began = decoding.wait(timeout=0.5 if pre_shrink else 30)
+        seen.append(began)
+        return load(*a)
+
+    seen: list[bool] = []
+    monkeypatch.setattr(tag, "loaded_tagger", slow_load)
+    rec = tag_stage(cfg, crop)
+    assert rec.info["tagged"] == GOOD and seen[0] is (not pre_shrink)
+
+
 def test_tagger_only_and_sidecar_only_modes(tmp_path, world):
     cfg = config(tmp_path, world, "tagger.sidecar=tagger")
     crop = crop_stage(cfg)
@@ -153,8 +177,8 @@ def test_pre_shrink_reduces_the_source_square_but_never_below_the_tagger_size(tm
     Image.new("RGB", size, (200, 30, 30)).save(path, fmt)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     box = list(centre_box(*size))
-    assert source_square(path, sha, list(size), box, 448).size == (box[2] - box[0],) * 2  # by default: full size
-    img = source_square(path, sha, list(size), box, 448, shrink=True)
+    assert source_square(path, sha, list(size), box).size == (box[2] - box[0],) * 2  # by default: full size
+    img = source_square(path, sha, list(size), box, shrink_to=448)
     side = box[2] - box[0]
     assert img.mode == "RGB" and img.width == img.height
     largest = side if side < 2 * 448 else side // 2 + 1  # reduced at least 2x once it can be
@@ -169,19 +193,19 @@ def test_source_square_follows_exif_and_pads_on_white(tmp_path):
     path = tmp_path / "rot.jpg"
     path.write_bytes(_jpeg_with_orientation(raw, 6))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    img = np.asarray(source_square(path, sha, [900, 1200], [0, 150, 900, 1050], 448)).astype(int)
+    img = np.asarray(source_square(path, sha, [900, 1200], [0, 150, 900, 1050])).astype(int)
     assert img.shape[0] >= 448
     assert (abs(img[10, 10] - [0, 0, 255]) < 40).all() and (abs(img[-10, 10] - [255, 0, 0]) < 40).all()
     wide = tmp_path / "wide.png"
     Image.new("RGB", (900, 300), (0, 255, 0)).save(wide)
     sha = hashlib.sha256(wide.read_bytes()).hexdigest()
-    pad = np.asarray(source_square(wide, sha, [900, 300], [0, -300, 900, 600], 448))
+    pad = np.asarray(source_square(wide, sha, [900, 300], [0, -300, 900, 600]))
     assert pad.shape == (900, 900, 3) and (pad[:300] == 255).all() and (pad[-300:] == 255).all()
     assert (pad[300:600] == [0, 255, 0]).all()
-    shrunk = np.asarray(source_square(wide, sha, [900, 300], [0, -300, 900, 600], 448, shrink=True))
+    shrunk = np.asarray(source_square(wide, sha, [900, 300], [0, -300, 900, 600], shrink_to=448))
     assert shrunk.shape == (450, 450, 3) and (shrunk[:140] == 255).all() and (shrunk[160:290] == [0, 255, 0]).all()
     with pytest.raises(RuntimeError, match="changed since the crop stage"):
-        source_square(wide, "0" * 64, [900, 300], [0, -300, 900, 600], 448)
+        source_square(wide, "0" * 64, [900, 300], [0, -300, 900, 600])
 
 
 # Score changes measured on pixel-sensitive random-weight taggers (docs/design.md §6; benchmarks/
@@ -217,9 +241,9 @@ def test_default_source_square_is_the_reference_input_bit_for_bit(drawings):
         w, h = full.size
         centre, side = centre_box(w, h), max(w, h)
         pad = [(w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side]
-        ours = wd_preprocess(source_square(path, sha(path), [w, h], list(centre), 448), 448)
+        ours = wd_preprocess(source_square(path, sha(path), [w, h], list(centre)), 448)
         np.testing.assert_array_equal(ours, reference_prepare(full.crop(centre)))
-        ours = wd_preprocess(source_square(path, sha(path), [w, h], pad, 448), 448)
+        ours = wd_preprocess(source_square(path, sha(path), [w, h], pad), 448)
         np.testing.assert_array_equal(ours, reference_prepare(full))  # the reference pads the whole image
 
 
@@ -231,7 +255,7 @@ def test_opt_in_recipes_stay_within_their_measured_tolerance_on_a_pixel_sensitiv
         sizes = [Image.open(p).size for p in paths]
         boxes = [[(w - max(w, h)) // 2, (h - max(w, h)) // 2, (w + max(w, h)) // 2, (h + max(w, h)) // 2]
                  for w, h in sizes]
-        return tagger.predict(np.stack([prep(source_square(p, sha(p), list(s), b, 448, shrink), 448)
+        return tagger.predict(np.stack([prep(source_square(p, sha(p), list(s), b, 448 if shrink else None), 448)
                                         for p, s, b in zip(paths, sizes, boxes, strict=True)]))
 
     ref = probs(False, wd_preprocess)

@@ -90,13 +90,13 @@ def test_fixed_batch_model_gives_same_probabilities(tmp_path, wd_model):
 
 
 def test_concurrent_cpu_runs_keep_the_input_order(wd_model):
-    one = WDTagger.from_dir(wd_model, batch_size=1, threads=1, providers=["CPUExecutionProvider"])
-    three = WDTagger.from_dir(wd_model, batch_size=3, threads=3, providers=["CPUExecutionProvider"])
+    one = WDTagger.from_dir(wd_model, cpu_batch_size=1, threads=1, providers=["CPUExecutionProvider"])
+    three = WDTagger.from_dir(wd_model, cpu_batch_size=1, threads=3, providers=["CPUExecutionProvider"])
     assert (one.runs, three.runs) == (1, 3) and one.batch_size == three.batch_size == 1  # same floats per image
     rng = np.random.default_rng(2)
     imgs = [Image.new("RGB", (30 + i, 40), tuple(int(c) for c in rng.integers(0, 256, 3))) for i in range(11)]
     a = np.stack(list(one.probabilities(imgs)))  # (11, T)
-    b = np.stack(list(three.probabilities(imgs)))  # 11 runs of 1 (a batch of 3 shared by 3 runs), 3 at a time
+    b = np.stack(list(three.probabilities(imgs)))  # 11 runs of 1, 3 at a time
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
     assert len({tuple(np.round(p, 4)) for p in a}) > 5  # the images differ, so an order mix-up would show
 
@@ -249,7 +249,7 @@ def test_tagging_and_repeated_cache_keys_ask_the_hub_once_per_file(hf_cache, wor
 def test_batch_end_marker_pins_batches_without_changing_order(wd_model):
     from tagdit.data.tagger import BATCH_END
 
-    tagger = WDTagger.from_dir(wd_model, batch_size=4, threads=1)  # one run: batches of 4
+    tagger = WDTagger.from_dir(wd_model, cpu_batch_size=4, threads=1)  # one run: batches of 4
     imgs = [Image.new("RGB", (20, 20), (i * 40, 0, 255 - i * 40)) for i in range(6)]
     sizes = []
     real = tagger.predict
@@ -304,7 +304,7 @@ def test_fixed_batch_1_model_runs_per_image_and_dynamic_model_in_batches(tmp_pat
     imgs = [Image.fromarray(np.clip(c + rng.integers(-20, 21, (30 + i, 40, 3)), 0, 255).astype(np.uint8))
             for i, c in enumerate(colours)]
     fixed = WDTagger.from_dir(build_wd_model(tmp_path / "fixed", fixed_batch=1), preprocess_threads=3)
-    dynamic = WDTagger.from_dir(wd_model, batch_size=3, preprocess_threads=3, threads=1)  # one run: batches of 3
+    dynamic = WDTagger.from_dir(wd_model, cpu_batch_size=3, preprocess_threads=3, threads=1)  # one run: batches of 3
     fixed.session, dynamic.session = CountingSession(fixed.session), CountingSession(dynamic.session)
     a, b = np.stack(list(fixed.probabilities(imgs))), np.stack(list(dynamic.probabilities(imgs)))
     assert fixed.session.batches == [1] * 7 and dynamic.session.batches == [3, 3, 1]
@@ -320,12 +320,12 @@ def test_fixed_batch_1_model_runs_per_image_and_dynamic_model_in_batches(tmp_pat
     assert np.abs(np.diff(a, axis=0)).max() > 0.1
 
 
-def test_cpu_runs_share_a_dynamic_batch_so_a_small_chunk_keeps_every_core_busy(wd_model):
+def test_cpu_runs_take_small_batches_side_by_side_so_a_small_chunk_keeps_every_core_busy(wd_model):
     import threading
 
-    tagger = WDTagger.from_dir(wd_model, batch_size=8, threads=2, providers=["CPUExecutionProvider"])
-    assert (tagger.runs, tagger.batch_size) == (2, 4)  # 8 images in flight: 4 per run
-    meet = threading.Barrier(2, timeout=10)  # both runs of an 8-image chunk must be under way at once
+    tagger = WDTagger.from_dir(wd_model, batch_size=16, threads=2, providers=["CPUExecutionProvider"])
+    assert (tagger.runs, tagger.batch_size) == (2, 2)  # batch_size is a GPU's; cpu_batch_size (2) per CPU run
+    meet = threading.Barrier(2, timeout=10)  # runs meet in pairs: both must be under way at once
     sizes, real = [], tagger.session
 
     class Meeting:
@@ -337,7 +337,7 @@ def test_cpu_runs_share_a_dynamic_batch_so_a_small_chunk_keeps_every_core_busy(w
     tagger.session = Meeting()
     imgs = [Image.new("RGB", (20, 20), (255, 0, 0) if i % 2 else (0, 0, 255)) for i in range(8)]
     results = list(tagger.tag_images(imgs))
-    assert sizes == [4, 4] and [("red" in r.tags) for r in results] == [bool(i % 2) for i in range(8)]
+    assert sizes == [2, 2, 2, 2] and [("red" in r.tags) for r in results] == [bool(i % 2) for i in range(8)]
 
 
 def test_preprocessing_overlaps_in_several_threads(wd_model):

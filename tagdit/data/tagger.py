@@ -9,7 +9,6 @@ images) and the demo tagger.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from collections import deque
@@ -248,6 +247,11 @@ def resolve_tagger(tcfg: TaggerConfig) -> ResolvedTagger:
                           fingerprint={"model": file_fingerprint(model), "tags": file_fingerprint(tags)})
 
 
+def default_preprocess_threads() -> int:
+    """Images decoded / preprocessed at once: a fast GPU model (fixed batch 1 especially) outruns one thread."""
+    return min(4, os.cpu_count() or 1)
+
+
 class WDTagger:
     """A WD 1.4 ONNX tagger: `tag_images(pil_images)` -> TagResult per image."""
 
@@ -260,6 +264,7 @@ class WDTagger:
         mcut: bool = False,
         exclude: Sequence[str] = (),
         batch_size: int = 16,
+        cpu_batch_size: int = 2,
         providers: Sequence[str] | None = None,
         threads: int = 0,
         preprocess_threads: int | None = None,
@@ -275,7 +280,8 @@ class WDTagger:
         providers = list(providers or default_providers())
         # On a CPU, `runs` single-threaded runs at once (one per core by default) instead of one run
         # split over the cores: no run waits for a thread whose core is preprocessing (docs/design.md §6)
-        self.runs = (threads or os.cpu_count() or 1) if providers == ["CPUExecutionProvider"] else 1
+        on_cpu = providers == ["CPUExecutionProvider"]
+        self.runs = (threads or os.cpu_count() or 1) if on_cpu else 1
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1 if self.runs > 1 else threads  # 0 = onnxruntime's default (all cores)
         opts.log_severity_level = 3
@@ -285,8 +291,7 @@ class WDTagger:
         if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in self.session.get_providers():
             log.warning("tagger: onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries missing or "
                         "not matching?); tagging on %s", self.session.get_providers())
-        # images preprocessed at once: a fast GPU model (fixed batch 1 especially) outruns one thread
-        self.preprocess_threads = preprocess_threads or min(4, os.cpu_count() or 1)
+        self.preprocess_threads = preprocess_threads or default_preprocess_threads()
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
         n, h, w, c = inp.shape  # NHWC; the batch dim is an int when fixed, a str/None when dynamic
@@ -294,9 +299,9 @@ class WDTagger:
             raise ValueError(f"{model_path}: expected NHWC [N, S, S, 3] input, got {inp.shape}")
         self.size = h
         self.fixed_batch = n if isinstance(n, int) and n > 0 else None
-        # a dynamic batch is shared out over a CPU's concurrent runs: a chunk of a few images still keeps
-        # every core busy, and a chunk's last runs end together (one run of `batch_size` on a GPU)
-        self.batch_size = self.fixed_batch or math.ceil(batch_size / self.runs)
+        # a dynamic batch: `batch_size` per run on a GPU; on a CPU, `cpu_batch_size` per run, `runs` at
+        # once (a small batch's activations stay in cache, and a chunk of a few images keeps every core busy)
+        self.batch_size = self.fixed_batch or (cpu_batch_size if on_cpu else batch_size)
         self.general_threshold, self.character_threshold = general_threshold, character_threshold
         self.mcut, self.exclude = mcut, tuple(exclude)
         log.info("tagger %s: input %s %s, batch %s, providers %s", model_path, self.input_name,
@@ -310,7 +315,7 @@ class WDTagger:
     def from_config(cls, tcfg: TaggerConfig, **kw: Any) -> WDTagger:
         r = resolve_tagger(tcfg)
         return cls(r.model, r.tags_csv, tcfg.general_threshold, tcfg.character_threshold, tcfg.mcut,
-                   tcfg.exclude, tcfg.batch_size, resize=tcfg.resize, **kw)
+                   tcfg.exclude, tcfg.batch_size, tcfg.cpu_batch_size, resize=tcfg.resize, **kw)
 
     @property
     def names(self) -> list[str]:

@@ -1,9 +1,8 @@
-"""What an evaluation shows people: the Prefect markdown artifact, the metrics table, TensorBoard."""
+"""What an evaluation shows people: the Prefect markdown artifact and TensorBoard scalars (the trend table: trend.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -83,24 +82,3 @@ def artifact_markdown(record: StageRecord) -> str:
     lines += [f"- {name}: `{Path(p).resolve()}`" for name, p in m.grids.items()]
     lines.append(f"- metrics: `{Path(record.info['metrics']).resolve()}`")
     return "\n".join(lines)
-
-
-def _round(v: float | None, digits: int) -> float | None:
-    return None if v is None else round(v, digits)
-
-
-def metrics_table(record: StageRecord) -> list[dict[str, Any]]:
-    """The headline metrics as table rows (a Prefect table artifact with a stable key per run)."""
-    m = EvalMetrics.read(record.info["metrics"])
-    rows = [{"metric": "dit_checkpoint", "value": m.dit_checkpoint},
-            {"metric": "tag_recall_ratio", "value": round(m.tag_recall_ratio, 4)},
-            {"metric": "tag_recall_ratio_se", "value": _round(m.tag_recall_ratio_se, 4)}]
-    rows += [{"metric": f"recall_{k}", "value": round(getattr(m, k).recall, 4)}
-             for k in ("cfg", "unconditional", "real", "reconstructed")]
-    rows += [{"metric": f"recall_cfg_{name}", "value": round(r.recall, 4)} for name, r in m.sampler_recall.items()]
-    rows += [{"metric": f"{kind}_{k}", "value": _round(v, 5)} for kind, values in _kids(m).items() for k, v in values.items()]
-    rows += [{"metric": f"kid_{name}_{stat}", "value": _round(getattr(k, stat), 5)}
-             for name, k in m.kid.items() for stat in ("mean", "std")]
-    rows += [{"metric": "vae_psnr_db", "value": round(m.vae_psnr_db, 3)},
-             {"metric": "dit_val_loss", "value": m.dit_val_loss}]
-    return rows

@@ -63,7 +63,7 @@ def main() -> None:
     flow_args = ["--config", args.config] + [a for kv in args.overrides for a in ("--set", kv)]
     try:
         cold, first = run_pipeline(work, flow_args, env, tmp / "cold.log")
-        print(f"cold run: {cold:.1f} s  tag_recall_ratio={first['tag_recall_ratio']}  "
+        print(f"cold run: {cold:.1f} s  tag_recall_ratio={first['tag_recall_ratio']} ± {first['tag_recall_ratio_se']}  "
               f"recall={first['tag_recall']}  vae_psnr_db={first['vae_psnr_db']}")
         cached, second = run_pipeline(work, flow_args, env, tmp / "cached.log")
         print(f"cached re-run: {cached:.1f} s  stages cached: {second['cached']}")
@@ -75,7 +75,8 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"RESULT pipeline_demo ours={cached:.1f} s baseline={cold:.1f} s ratio={cold / cached:.1f} "
-          f"tag_recall_ratio={first['tag_recall_ratio']} vae_psnr_db={first['vae_psnr_db']}")
+          f"tag_recall_ratio={first['tag_recall_ratio']} tag_recall_ratio_se={first['tag_recall_ratio_se']} "
+          f"vae_psnr_db={first['vae_psnr_db']}")
 
 
 if __name__ == "__main__":

@@ -147,21 +147,20 @@ def source_images(crop_chunk: Path, source: Path, threads: int, shrink_to: int |
     def square(r: dict):
         return source_square(source / r["source"], r["sha256"], r["orig_size"], r["crop_box"], shrink_to)
 
-    with ThreadPoolExecutor(threads, thread_name_prefix="tag-decode") as pool:
-        rest = iter(rows)
-        pending = deque(pool.submit(square, r) for r in islice(rest, 2 * threads))
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="tag-decode")
+    rest = iter(rows)
+    pending = deque(pool.submit(square, r) for r in islice(rest, 2 * threads))
 
-        def in_order() -> Iterator:
-            while pending:
-                done = pending.popleft()
-                pending.extend(pool.submit(square, r) for r in islice(rest, 1))
-                yield done.result()
+    def in_order() -> Iterator:  # runs in whichever thread consumes it
+        while pending:
+            done = pending.popleft()
+            pending.extend(pool.submit(square, r) for r in islice(rest, 1))
+            yield done.result()
 
-        try:
-            yield in_order()
-        finally:
-            for f in pending:
-                f.cancel()
+    try:
+        yield in_order()
+    finally:  # queued squares dropped in one step, whatever thread is still submitting
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def tag_chunk(load_tagger: Callable[[], WDTagger], crop_chunk: Path, dst: Path, tcfg: TaggerConfig,

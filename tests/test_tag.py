@@ -79,6 +79,25 @@ def test_first_squares_decode_while_the_session_loads_unless_pre_shrink_needs_it
     assert rec.info["tagged"] == GOOD and seen[0] is (not pre_shrink)
 
 
+def test_a_source_changed_after_cropping_fails_its_chunk_by_name_and_leaves_no_decode_threads(tmp_path, world):
+    import shutil
+    import threading
+    import time
+
+    src = tmp_path / "src"
+    shutil.copytree(world[0], src, symlinks=True)  # the corpus holds a dangling link
+    cfg = config(tmp_path, (src, world[1]))
+    crop = crop_stage(cfg)
+    before = threading.active_count()
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(src / "red.jpg")  # new bytes under a cropped name
+    with pytest.raises(RuntimeError, match=r"red\.jpg changed since the crop stage read it"):
+        tag_stage(cfg, crop)
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= before
+
+
 def test_tagger_only_and_sidecar_only_modes(tmp_path, world):
     cfg = config(tmp_path, world, "tagger.sidecar=tagger")
     crop = crop_stage(cfg)

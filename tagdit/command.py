@@ -11,8 +11,8 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from typing import Any
 
 COMMANDS = {  # command -> flows module with a main(argv)
     "run": "full_pipeline",
@@ -34,11 +34,12 @@ def usage() -> str:
     return (__doc__ or "") + f"\ncommands: {', '.join(COMMANDS)}, stage {{{','.join(STAGES)}}}\n"
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status: 0 done, 1 failed (one line on stderr), 2 refused options."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(usage())
-        return None
+        return 0
     command, rest = args[0], args[1:]
     if command == "stage":
         if not rest or rest[0] not in STAGES:
@@ -52,8 +53,18 @@ def main(argv: list[str] | None = None) -> Any:
         print(f"tagdit: unknown command {command!r}\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     sys.argv[0] = f"tagdit {command}"
-    return importlib.import_module(f"flows.{module}").main(rest)
+    try:
+        importlib.import_module(f"flows.{module}").main(rest)
+    except KeyboardInterrupt:
+        print(f"tagdit {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the flow's own log holds the traceback; a script needs one line and a status
+        if os.environ.get("TAGDIT_TRACEBACK"):
+            raise
+        print(f"tagdit {command}: failed: {type(e).__name__}: {e} (TAGDIT_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -89,9 +89,11 @@ def test_exported_folder_alone_draws_the_runs_image_in_another_process(prefect_e
     moved = shutil.move(folder, prefect_env / "elsewhere")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same kernels as one_thread here
     out = prefect_env / "from-model.png"
-    subprocess.run([sys.executable, "-m", "flows.sample", "--model", str(moved), "--device", "cpu", *PROMPT,
-                    "--out", str(out)], check=True, cwd=prefect_env, env={**env, "PYTHONPATH": str(ROOT)},
-                   capture_output=True, timeout=120)
+    tagdit = str(Path(sys.executable).with_name("tagdit"))  # the installed command: exit status 0 on success
+    done = subprocess.run([tagdit, "sample", "--model", str(moved), "--device", "cpu", *PROMPT, "--out", str(out)],
+                          cwd=prefect_env, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
     sample.main(sample_args(evaluated_run, *PROMPT, "--out", str(prefect_env / "from-run.png")))
     assert np.array_equal(grid_pixels(out), grid_pixels(prefect_env / "from-run.png"))
 

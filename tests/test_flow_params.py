@@ -88,6 +88,24 @@ def test_the_tagdit_command_is_the_short_form():
     assert unknown.returncode == 2 and "choose one of" in unknown.stderr and "train-dit" in unknown.stderr
 
 
+def test_the_tagdit_command_returns_a_status_not_the_result(monkeypatch, capsys):
+    from flows import sample
+    from tagdit import command
+
+    monkeypatch.setattr(sample, "main", lambda argv: {"out": "x.png"})  # a result dict must not become exit 1
+    assert command.main(["sample", "--prompt", "smile"]) == 0
+
+    def broken(argv):
+        raise FileNotFoundError("no checkpoint under runs/x/dit")
+
+    monkeypatch.setattr(sample, "main", broken)
+    assert command.main(["sample", "--prompt", "smile"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tagdit sample: failed: FileNotFoundError: no checkpoint under runs/x/dit "
+                   "(TAGDIT_TRACEBACK=1 shows where)"]
+    assert command.main(["--help"]) == 0
+
+
 def test_a_nightly_is_skipped_while_the_previous_one_runs(prefect_env, tmp_path):
     from flows.evaluate import NIGHTLY_LOCK, evaluate_flow
 

@@ -221,11 +221,11 @@ def stage_part(s: Sizes, device: torch.device, tmp: Path, extra: list[str]) -> d
     """Part 4: the original-256 train_dit stage on synthetic latents: 50 steps, then resumed to stage_steps."""
     from models.vae import build_vae
     from tagdit.config import load_config
+    from tagdit.demo.stand_in_latents import write_latent_fixture
     from tagdit.formats.checkpoints import save_weights
     from tagdit.formats.latent_shards import LatentStats
     from tagdit.orchestrate.stage import StageRecord
     from tasks.train_dit import train_dit_stage
-    from tests.latent_fixtures import write_latent_fixture
 
     n_train = 32 * s.stage_steps // 8 if s is FULL else 64  # a few epochs' worth of distinct latents
     latents = write_latent_fixture(tmp / "ds", n_train=n_train, n_val=64, shape=(4, s.latent, s.latent), per_shard=256)

@@ -51,7 +51,7 @@ def child(args: list[str]) -> None:
 
 
 def main() -> None:
-    from tests.wd_fixture import build_wd_model
+    from tagdit.demo.stand_in_taggers import build_wd_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -34,7 +34,7 @@ def model_dir(tmp: Path) -> tuple[Path, str]:
     demo = ROOT / "shards" / "demo-tagger"
     if (demo / "model.onnx").is_file() and (demo / "selected_tags.csv").is_file():
         return demo, "demo tagger (shards/demo-tagger)"
-    from tests.wd_fixture import TAGS, build_wd_model
+    from tagdit.demo.stand_in_taggers import TAGS, build_wd_model
 
     folder = build_wd_model(tmp / "wd")
     try:  # the demo tagger's network, untrained: same cost per image as the real demo tagger

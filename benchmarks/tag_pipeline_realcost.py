@@ -5,7 +5,7 @@ interface and roughly its cost: a ConvNeXt-T-sized network (depths 3-3-9-3, widt
 GFLOP per 448 px image, counted with torch's FlopCounterMode) with random weights, exported with
 torch.onnx: NHWC float32 [N, 448, 448, 3] BGR in, dynamic batch, one sigmoid score per tag of a
 9,083-row selected_tags.csv out (each tag's logit rescaled over calibration images so that scores
-cross the thresholds as a trained tagger's do; tests/wd_fixture.py).
+cross the thresholds as a trained tagger's do; tagdit/demo/stand_in_taggers.py).
 
 Ours: the whole tag stage (default settings: the reference recipe with Pillow's resize, full-size
 decoding) over `--n` generated drawings of mixed sizes (512 px to 3000 x 2000, JPEG and PNG):
@@ -85,7 +85,7 @@ def gflop_per_image(net) -> float:
 
 def make_images(folder: Path, n: int) -> list[Path]:
     """`n` drawings cycling through SIZES (JPEG q90 / PNG)."""
-    from tests.wd_fixture import drawn_image
+    from tagdit.demo.stand_in_taggers import drawn_image
 
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -174,10 +174,10 @@ def main() -> None:
 
     from tagdit.config import load_config
     from tagdit.data.tagger import WDTagger
+    from tagdit.demo.stand_in_taggers import export_wd_model
     from tagdit.formats.wd_image import wd_preprocess
     from tasks.crop import crop_stage
     from tasks.tag import tag_stage
-    from tests.wd_fixture import export_wd_model
 
     t_setup = time.perf_counter()
     rates: dict[str, list[float]] = {"ours": [], "baseline": []}

@@ -56,7 +56,7 @@ def publish(cfg: PipelineConfig, record: StageRecord) -> None:
     from tagdit.sampling.grid import image_data_uri
 
     checkpoint = record.info.get("dit_checkpoint", "?")
-    create_markdown_artifact(markdown=artifact_markdown(record), key=artifact_key("eval", cfg),
+    create_markdown_artifact(markdown=artifact_markdown(record.info["metrics"]), key=artifact_key("eval", cfg),
                              description=f"tagdit evaluation of run {cfg.run.name}, {checkpoint}")
     rows = trend_rows(Path(record.info["metrics"]).parent.parent)
     create_table_artifact(table=rows, key=artifact_key("metrics", cfg),

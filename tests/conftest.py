@@ -15,8 +15,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest  # noqa: E402
 
+from tagdit.demo.stand_in_taggers import build_wd_model  # noqa: E402
 from tests.shard_fixtures import write_image_shards  # noqa: E402
-from tests.wd_fixture import build_wd_model, make_corpus  # noqa: E402
+from tests.wd_fixture import make_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from tagdit.config import PipelineConfig, load_config
+from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.orchestrate.stage import StageRecord
-from tests.latent_fixtures import write_latent_fixture
 
 TINY = ["dit.model=demo", "dit.model.patch=2", "dit.model.mlp_ratio=4", "dit.model.width=64", "dit.model.depth=2", "dit.model.heads=2", "dit.model.tag_heads=2",
         "dit.model.max_tags=4", "dit.train.device=cpu", "dit.train.batch_size=16", "dit.train.warmup_steps=10",

@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from models.dit import DiT
 from tagdit.config import load_config
+from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.formats.checkpoints import load_weights
 from tagdit.orchestrate.stage import StageRecord
-from tests.latent_fixtures import write_latent_fixture
 from tests.model_fixtures import random_dit
 from tests.numerics import assert_close_to_scale
 

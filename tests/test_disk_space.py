@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from tagdit.config import load_config
+from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.formats.checkpoints import Checkpoints, load_weights
 from tagdit.train import disk
 from tagdit.train.disk import DiskSpaceError, future_checkpoints, peak_new
 from tasks.train_dit import train_dit_stage
-from tests.latent_fixtures import write_latent_fixture
 from tests.run_fixtures import config, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -77,14 +77,14 @@ def test_artifacts_have_the_grid_the_metrics_and_paths_but_no_file_links(tmp_pat
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     record = StageRecord(stage="evaluate", key="k", out_dir=str(tmp_path), fingerprint="f",
                          info={"metrics": str(tmp_path / "metrics.json")})
-    md = artifact_markdown(record)
+    md = artifact_markdown(record.info["metrics"])
     assert "data:image/png;base64," in md
     assert md.count("| 0.500 | 0.600 |") == 4
     metrics["sampler_recall"] = {"ddim50": {"sampler": "ddim", "steps": 50, **row},
                                  "dpmpp20": {"sampler": "dpmpp_2m", "steps": 20, "recall": 0.25, "precision": 0.5, "n": 4}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    assert "| CFG 4.0 samples (dpmpp20: dpmpp_2m, 20 steps) | 0.250 | 0.500 |" in artifact_markdown(record)
-    md = artifact_markdown(record)
+    assert "| CFG 4.0 samples (dpmpp20: dpmpp_2m, 20 steps) | 0.250 | 0.500 |" in artifact_markdown(record.info["metrics"])
+    md = artifact_markdown(record.info["metrics"])
     assert str(grid.resolve()) in md and "file://" not in md and "tag_recall_ratio" in md
 
 
@@ -245,7 +245,7 @@ def test_artifacts_and_tensorboard_show_the_kids_and_the_ratios_standard_error(t
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     record = StageRecord(stage="evaluate", key="k", out_dir=str(tmp_path), fingerprint="f",
                          info={"metrics": str(tmp_path / "metrics.json")})
-    md = artifact_markdown(record)
+    md = artifact_markdown(record.info["metrics"])
     assert "kid_tagger (CFG): 0.01" in md and "0.900 ± 0.021" in md and "8 samples per prompt" in md
     assert "KID original: **0.01230 ± 0.00400** (std over 32 subsets of 32" in md and "pt_inception-2015-12-05, 75 px" in md
     assert "KID standard: not computed (no Inception-v3 weights found)" in md
@@ -277,7 +277,7 @@ def test_an_evaluation_written_before_the_kid_variants_still_reads_and_shows(tmp
                          info={"metrics": str(tmp_path / "metrics.json")})
     m = EvalMetrics.read(tmp_path / "metrics.json")
     assert m.kid == {} and m.tag_recall_ratio_se is None and m.cfg.recall_se is None
-    md = artifact_markdown(record)
+    md = artifact_markdown(record.info["metrics"])
     assert "kid_inception (CFG): 0.03" in md and "**tag_recall_ratio** (CFG / real): 0.900 ·" in md
     m.write(tmp_path / "again.json")  # a file written now keeps kid_inception only when it has one
     assert "kid_inception" in json.loads((tmp_path / "again.json").read_text())

@@ -84,13 +84,16 @@ def test_the_tagdit_command_is_the_short_form():
     stage = subprocess.run([tagdit, "stage", "train-dit", "--force", "trian_dit"], capture_output=True, text=True,
                            timeout=120)
     assert stage.returncode == 2 and "invalid choice: 'trian_dit'" in stage.stderr
-    unknown = subprocess.run([tagdit, "stage", "train_dit"], capture_output=True, text=True, timeout=120)
-    assert unknown.returncode == 2 and "choose one of" in unknown.stderr and "train-dit" in unknown.stderr
+    unknown = subprocess.run([tagdit, "stage", "trian-dit"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "did you mean 'train-dit'" in unknown.stderr
+    other = subprocess.run([tagdit, "stage", "train_dit", "--help"], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0 and "is spelled 'train-dit'" in other.stderr and "--dit-steps" in other.stdout
+    group = subprocess.run([tagdit, "stage", "--help"], capture_output=True, text=True, timeout=120)
+    assert group.returncode == 0 and "prepare-data" in group.stdout
 
 
 def test_the_tagdit_command_returns_a_status_not_the_result(monkeypatch, capsys):
-    from flows import sample
-    from tagdit import command
+    from flows import command, sample
 
     monkeypatch.setattr(sample, "main", lambda argv: {"out": "x.png"})  # a result dict must not become exit 1
     assert command.main(["sample", "--prompt", "smile"]) == 0

@@ -11,6 +11,7 @@ from PIL import Image
 
 from tagdit.data.metrics import psnr
 from tagdit.data.vocab import SPECIALS, Vocab
+from tagdit.demo.stand_in_latents import fixture_stats
 from tagdit.formats.image_shards import (
     MTIME,
     ShardFile,
@@ -41,7 +42,6 @@ from tagdit.formats.selected_tags import (
     write_tags_csv,
 )
 from tagdit.formats.wd_image import centre_box, centre_crop, pad_square
-from tests.latent_fixtures import fixture_stats
 
 META = {"tags": ["blue hair", "smile"], "scores": [0.912345, 0.5], "rating": "general", "source": "a/b.png",
         "orig_size": [40, 30], "crop_box": [5, 0, 35, 30], "sha256": "0" * 64}

@@ -7,11 +7,11 @@ import torch
 
 import tasks.train_dit
 from tagdit.config import TrainConfig
+from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.devices import autocast, autocast_dtype
 from tagdit.formats.checkpoints import load_weights
 from tagdit.train.loop import _wrap_model
 from tasks.train_dit import train_dit_stage
-from tests.latent_fixtures import write_latent_fixture
 from tests.run_fixtures import config, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")

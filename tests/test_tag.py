@@ -8,17 +8,11 @@ from PIL import Image
 
 from tagdit.config import load_config
 from tagdit.data.tagger import WDTagger
+from tagdit.demo.stand_in_taggers import build_pixel_model, build_wd_model, drawn_image
 from tagdit.formats.wd_image import centre_box, wd_preprocess, wd_preprocess_torch
 from tasks.crop import crop_stage
 from tasks.tag import chunk_digest, loaded_tagger, parse_sidecar, source_square, tag_stage
-from tests.wd_fixture import (
-    GOOD,
-    _jpeg_with_orientation,
-    build_pixel_model,
-    build_wd_model,
-    drawn_image,
-    reference_prepare,
-)
+from tests.wd_fixture import GOOD, _jpeg_with_orientation, reference_prepare
 
 
 def config(tmp_path, world, *extra):

@@ -16,10 +16,11 @@ from tagdit.data.tagger import (
     resolve_tagger,
     select_tags,
 )
+from tagdit.demo.stand_in_taggers import build_wd_model, drawn_image
 from tagdit.files import sha256_file
 from tagdit.formats.selected_tags import TagLabels, display_name
 from tagdit.formats.wd_image import wd_preprocess
-from tests.wd_fixture import build_wd_model, drawn_image, reference_prepare
+from tests.wd_fixture import reference_prepare
 
 
 def recipe_images() -> list[Image.Image]:

@@ -8,11 +8,11 @@ import torch
 
 from models.diffusion import eps_loss, make_alpha_bar, q_sample
 from tagdit.data.vocab import Vocab, augment_tags
+from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.formats.checkpoints import load_weights
 from tagdit.formats.latent_shards import LatentStats
 from tagdit.formats.trained_models import load_dit
 from tasks.train_dit import TRAIN_DIT, decode_latent, shard_urls, train_dit_stage
-from tests.latent_fixtures import write_latent_fixture
 from tests.run_fixtures import config, fake_vae_run, records, sample_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")

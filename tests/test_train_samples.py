@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from tagdit.data.vocab import Vocab
+from tagdit.demo.stand_in_latents import TAGS, write_latent_fixture
 from tagdit.formats.checkpoints import load_weights
 from tagdit.train.reports import publish_grid
 from tagdit.train.samples import artifact_key, sample_prompts
 from tasks.train_dit import TRAIN_DIT, TRAINER, train_dit_stage
-from tests.latent_fixtures import TAGS, write_latent_fixture
 from tests.run_fixtures import config, latents_with_vae, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,6 @@ from PIL import Image
 
 from tagdit.config import PipelineConfig
 from tagdit.formats.eval_metrics import EvalMetrics, KidScore
-from tagdit.orchestrate.stage import StageRecord
 
 
 def log_to_tensorboard(cfg: PipelineConfig, m: EvalMetrics) -> None:
@@ -53,11 +52,11 @@ def kid_line(k: KidScore) -> str:
             f"vs {k.real} validation images)")
 
 
-def artifact_markdown(record: StageRecord) -> str:
-    """A small embedded grid, the metrics table and links to the full-size files."""
+def artifact_markdown(metrics_path: str | Path) -> str:
+    """A small embedded grid, the metrics table and links to the full-size files of one evaluation's metrics.json."""
     from tagdit.sampling.grid import image_data_uri
 
-    m = EvalMetrics.read(record.info["metrics"])
+    m = EvalMetrics.read(metrics_path)
     lines = [
         f"# tagdit evaluation — {m.dit_checkpoint}",
         f"![grid]({image_data_uri(Image.open(next(iter(m.grids.values()))))})",
@@ -80,5 +79,5 @@ def artifact_markdown(record: StageRecord) -> str:
     lines += [kid_line(k) for k in m.kid.values()]
     lines += ["", "Full-size files (on the machine that ran the evaluation):"]
     lines += [f"- {name}: `{Path(p).resolve()}`" for name, p in m.grids.items()]
-    lines.append(f"- metrics: `{Path(record.info['metrics']).resolve()}`")
+    lines.append(f"- metrics: `{Path(metrics_path).resolve()}`")
     return "\n".join(lines)

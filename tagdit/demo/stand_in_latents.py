@@ -1,4 +1,4 @@
-"""Tiny latent shards in the shared format (docs/design.md §3: latent shards, stats.json, vocab.json).
+"""Tiny synthetic latent shards in the encode stage's format (shards, stats.json, vocab.json), for tests and benchmarks.
 
 Each latent is a learnable function of its tags: every tag adds a fixed pattern, so a DiT can
 learn the tag -> latent mapping and a model that ignores its tags cannot.

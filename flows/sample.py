@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.config import SamplerConfig
-from tagdit.orchestrate.cli import config_parser, parse_config
+from tagdit.orchestrate.cli import arg_type, config_parser, parse_config
+from tagdit.orchestrate.params import GuidanceScale, ImageCount, Steps
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = config_parser("Sample images for a tag prompt from the trained DiT.")
     p.add_argument("--prompt", required=True, help='comma-separated tags, e.g. "blue hair, smile"')
     p.add_argument("--negative", default="", help="negative prompt (replaces the null condition in CFG)")
-    p.add_argument("--cfg", type=float, default=4.0, help="guidance scale s")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=arg_type(GuidanceScale), default=4.0, help="guidance scale s (0-50)")
+    p.add_argument("--steps", type=arg_type(Steps), default=50, help="sampling steps (at least 1)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim only: 0 = DDIM, 1 = DDPM-like")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"], help="dpmpp_2m: DPM-Solver++(2M), ~20 steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=4, help="number of images")
+    p.add_argument("--n", type=arg_type(ImageCount), default=4, help="number of images (1-64)")
     p.add_argument("--out", default="out.png")
     p.add_argument("--checkpoint", default=None, help="checkpoint or run dir (default: <run>/dit latest EMA)")
     add_model_options(p)

@@ -39,7 +39,8 @@ def fake_evaluation(folder: Path, checkpoint: str, step: int, recall: float) -> 
     EvalMetrics(dit_checkpoint=checkpoint, dit_step=step, sampler="ddim3", cfg_scale=3.0, cfg=fid, unconditional=fid,
                 real=fid, reconstructed=fid, tag_recall_ratio=recall / 0.5, kid_tagger={"cfg": 0.01, "unconditional": 0.1},
                 vae_psnr_db=21.5, dit_val_loss=0.25, prompts=["smile, hat"],
-                grids={"ddim3": str(folder / "grid-ddim3.png")}).write(folder / "metrics.json")
+                grids={"ddim3": os.path.relpath(folder / "grid-ddim3.png")}).write(folder / "metrics.json")  # as evaluate
+    # records it: relative to the working directory (run.root is relative in the presets)
     return folder
 
 
@@ -121,7 +122,9 @@ def test_model_card_shows_the_exported_checkpoints_evaluation_and_training_setti
     assert "![ddim3](grid-ddim3.png)" in card and (exported / "grid-ddim3.png").is_file()
     assert "| tag recall ratio (CFG recall / real images' recall) | 1.500 |" in card  # the checkpoint's, not step 9's
     assert "not the exported checkpoint" not in card and "width: 64" in card and "lr: 0.002" in card
-    assert EvalMetrics.read(exported / "metrics.json").grids == {"ddim3": "grid-ddim3.png"}
+    assert json.loads((exported / "metrics.json").read_text())["grids"] == {"ddim3": "grid-ddim3.png"}
+    assert EvalMetrics.read(exported / "metrics.json").grids == {"ddim3": str(exported / "grid-ddim3.png")}
+    assert "license: apache-2.0" in card
 
 
 def test_latest_evaluation_prefers_the_exported_checkpoint(evaluated_run):

@@ -107,6 +107,9 @@ def test_seed_only_interpolation_keeps_the_prompt(tiny_run, tmp_path):
     (["--init-image", "x.png", "--strength", "1.5"], "--strength must be in [0, 1]"),
     (["--sampler", "dpmpp_2m", "--eta", "1"], "ddim sampler only"),
     (["--interpolate-seeds", "0", "1", "--frames", "1"], "at least 2"),
+    (["--steps", "-5"], "--steps: -5 is below the minimum 1"),  # refused before any model loads
+    (["--n", "0"], "--n: 0 is below the minimum 1"),
+    (["--cfg", "-3"], "--cfg: -3.0 is below the minimum 0"),
 ])
 def test_bad_flag_combinations_are_refused_with_a_message(extra, message, capsys):
     with pytest.raises(SystemExit):

@@ -82,15 +82,25 @@ class EvalMetrics(BaseModel):
     dit_val_loss: float | None = None
     prompts: list[str] = []
     negative_example: dict[str, str] = {}
-    grids: dict[str, str]  # sampler name -> grid PNG
+    grids: dict[str, str]  # sampler name -> grid PNG (on disk: relative to metrics.json's folder; read: a usable path)
     tagger_repo: str | None = None
     tagger_revision: str | None = None
     tagger_commit: str | None = None
 
     def write(self, path: str | Path) -> None:
+        """Grids inside the metrics file's folder are stored by their name there: the folder can move."""
         legacy = {"kid_inception"} if self.kid_inception is None else set()
-        write_json_atomic(Path(path), self.model_dump(mode="json", exclude_none=False, exclude=legacy))
+        data = self.model_dump(mode="json", exclude_none=False, exclude=legacy)
+        folder = Path(path).parent.resolve()
+        data["grids"] = {k: (Path(g).resolve().relative_to(folder).as_posix()
+                             if Path(g).resolve().is_relative_to(folder) else g) for k, g in self.grids.items()}
+        write_json_atomic(Path(path), data)
 
     @classmethod
     def read(cls, path: str | Path) -> EvalMetrics:
-        return cls.model_validate_json(Path(path).read_text())
+        """The metrics, each grid as a path that opens from here (files written before: as they were recorded)."""
+        m = cls.model_validate_json(Path(path).read_text())
+        folder = Path(path).parent
+        grids = {k: str(folder / g) if not Path(g).is_absolute() and (folder / g).exists() else g
+                 for k, g in m.grids.items()}
+        return m.model_copy(update={"grids": grids})

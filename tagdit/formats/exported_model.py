@@ -235,7 +235,8 @@ def model_card(index: ExportIndex, stats: LatentStats, metrics: EvalMetrics | No
                n_params: int, vocab_size: int) -> ModelCard:
     """The folder's README.md: what the model is, its samples and metrics, how it was trained, how to draw."""
     src = index.source
-    data = ModelCardData(library_name="tagdit", pipeline_tag="text-to-image", tags=HUB_TAGS)
+    data = ModelCardData(library_name="tagdit", pipeline_tag="text-to-image", tags=HUB_TAGS,
+                         license="apache-2.0")  # tagdit's own; change it where the training images ask for another
     sampler = index.sampler
     eta = f" --eta {sampler['eta']}" if sampler.get("eta") else ""
     example = metrics.prompts[0] if metrics and metrics.prompts else "tag, tag"

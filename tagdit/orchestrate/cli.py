@@ -85,6 +85,12 @@ def _checked(kind: type, meta: list[Any]) -> Callable[[str], Any]:
     return convert
 
 
+def arg_type(annotation: Any) -> Callable[[str], Any]:
+    """An argparse `type` for a typed parameter (`Steps`, `GuidanceScale`, ...): the same bounds as the run form."""
+    kind, meta = _unwrap(annotation)
+    return _checked(kind, meta)
+
+
 def _add_option(parser: argparse.ArgumentParser, name: str, annotation: Any, help_text: str, required: bool) -> None:
     kind, meta = _unwrap(annotation)
     flag = f"--{name.replace('_', '-')}"

@@ -26,6 +26,7 @@ Override = Annotated[str, StringConstraints(pattern=r"^\s*[A-Za-z_][\w.]*\s*=")]
 FolderName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.-]*$", max_length=100)]
 Steps = Annotated[int, Field(ge=1)]
 Gpus = Annotated[int, Field(ge=1, le=64)]
+ImageCount = Annotated[int, Field(ge=1, le=64)]  # images drawn by one `tagdit sample`
 GuidanceScale = Annotated[float, Field(ge=0, le=50)]
 HubRepo = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")]  # a Hugging Face repo id, user/name
 SamplerChoice = Literal["ddim", "ddpm", "dpmpp_2m"]  # ddpm = DDIM with eta 1 (the original's DDPM sampler)

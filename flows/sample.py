@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import typing
 from pathlib import Path
 from typing import Any
 
-from tagdit.config import SamplerConfig
+from tagdit.config import SamplerConfig, SamplerName, sampler_method
 from tagdit.orchestrate.cli import arg_type, config_parser, parse_config
 from tagdit.orchestrate.params import GuidanceScale, ImageCount, Steps
 
@@ -63,7 +64,7 @@ def sample_images(
     from tagdit.sampling.grid import render_grid
     from tagdit.sampling.painter import read_image
 
-    method = SamplerConfig(name="cli", sampler=sampler, steps=steps, eta=eta)
+    method = sampler_method(sampler, steps, eta, name="cli")
     image = read_image(Path(init_image).read_bytes()) if init_image else None
     (cond, neg), unknown = _prompts(painter, prompt, negative)
     if image is None:
@@ -98,7 +99,7 @@ def interpolate_images(
     and the same frames as an animated GIF beside it (`out` with suffix .gif), looping back and forth."""
     from tagdit.sampling.grid import render_grid
 
-    method = SamplerConfig(name="cli", sampler=sampler, steps=steps)
+    method = sampler_method(sampler, steps, name="cli")
     other = prompt if other_prompt is None else other_prompt
     (cond_a, cond_b, neg), unknown = _prompts(painter, prompt, other, negative)
     images = painter.interpolate(cond_a, cond_b, neg, method, scale, seeds, frames)
@@ -140,13 +141,16 @@ def _parser() -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = config_parser("Sample images for a tag prompt from the trained DiT.")
     p.add_argument("--prompt", required=True, help='comma-separated tags, e.g. "blue hair, smile"')
     p.add_argument("--negative", default="", help="negative prompt (replaces the null condition in CFG)")
-    p.add_argument("--cfg", type=arg_type(GuidanceScale), default=4.0, help="guidance scale s (0-50)")
-    p.add_argument("--steps", type=arg_type(Steps), default=50, help="sampling steps (at least 1)")
+    p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=arg_type(GuidanceScale), default=4.0,
+                   help="classifier-free guidance scale s (0-50; as evaluate's --cfg-scale)")
+    p.add_argument("--sampling-steps", "--steps", dest="steps", type=arg_type(Steps), default=50,
+                   help="sampler steps (at least 1; as evaluate's --sampling-steps)")
     p.add_argument("--eta", type=float, default=0.0, help="ddim only: 0 = DDIM, 1 = DDPM-like")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"], help="dpmpp_2m: DPM-Solver++(2M), ~20 steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="ddim", choices=typing.get_args(SamplerName),
+                   help="ddim; ddpm (DDIM with eta 1, the original's); dpmpp_2m (DPM-Solver++(2M), ~20 steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise for all n images (drawn from one generator)")
     p.add_argument("--n", type=arg_type(ImageCount), default=4, help="number of images (1-64)")
-    p.add_argument("--out", default="out.png")
+    p.add_argument("--out", default="out.png", help="the PNG to write (one captioned row)")
     p.add_argument("--checkpoint", default=None, help="checkpoint or run dir (default: <run>/dit latest EMA)")
     add_model_options(p)
     p.add_argument("--init-image", default=None, help="img2img: start from this image's centre crop")
@@ -169,9 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if interpolating and a.init_image:
         p.error("--init-image cannot be combined with --interpolate-seeds/--interpolate-prompt")
     if a.sampler != "ddim" and a.eta != 0:
-        p.error(f"--eta applies to the ddim sampler only; {a.sampler} is deterministic")
-    if interpolating and a.eta != 0:
-        p.error("interpolation needs a deterministic sampler: --eta 0")
+        p.error(f"--eta applies to the ddim sampler only; {a.sampler} fixes its own")
+    if interpolating and (a.eta != 0 or a.sampler == "ddpm"):
+        p.error("interpolation needs a deterministic sampler: ddim with --eta 0, or dpmpp_2m")
     if a.init_image and not 0 <= a.strength <= 1:
         p.error(f"--strength must be in [0, 1], got {a.strength}")
     if a.frames < 2:

@@ -194,6 +194,11 @@ class DiTConfig(Section):
         return _resolve_preset(v, DIT_PRESETS, "dit.model")
 
 
+# The sampler names people choose from, everywhere (command line, run forms, the sampling page):
+# `ddpm` is generalised DDIM with eta 1, the original's DDPM sampler.
+SamplerName = Literal["ddim", "ddpm", "dpmpp_2m"]
+
+
 class SamplerConfig(Section):
     name: str  # label used in file names
     sampler: Literal["ddim", "dpmpp_2m"] = "ddim"  # generalised DDIM, or DPM-Solver++(2M) (deterministic)
@@ -208,6 +213,20 @@ class SamplerConfig(Section):
         if self.sampler != "ddim" and self.eta != 0:
             raise ValueError(f"eta={self.eta} applies to the ddim sampler only; {self.sampler} is deterministic")
         return self
+
+
+def sampler_method(kind: SamplerName, steps: int, eta: float | None = None, name: str = "") -> SamplerConfig:
+    """The SamplerConfig a sampler name stands for; `eta` (ddim only) defaults to 0."""
+    if kind != "ddim" and eta not in (None, 0.0):
+        raise ValueError(f"eta={eta} applies to the ddim sampler only; {kind} fixes its own")
+    eta = 1.0 if kind == "ddpm" else (eta or 0.0)
+    return SamplerConfig(name=name or f"{kind}{steps}", sampler="dpmpp_2m" if kind == "dpmpp_2m" else "ddim",
+                         steps=steps, eta=eta)
+
+
+def sampler_name(method: SamplerConfig) -> SamplerName:
+    """The name people use for a SamplerConfig (DDIM with eta 1 is `ddpm`)."""
+    return "ddpm" if method.sampler == "ddim" and method.eta == 1.0 else method.sampler
 
 
 class EvaluateConfig(Section):

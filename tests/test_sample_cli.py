@@ -46,6 +46,13 @@ def test_sample_command_writes_images_and_reports_unknown_tags(tiny_run, tmp_pat
     assert result["unknown_tags"] == ["purple_cape"] and "purple_cape" in caplog.text
 
 
+def test_ddpm_is_ddim_with_eta_one_in_every_tool(tiny_run, tmp_path):
+    common = ["--prompt", "smile, hat", "--steps", "3", "--n", "2", "--seed", "4"]
+    sample.main(sample_args(tiny_run, *common, "--sampler", "ddpm", "--out", str(tmp_path / "ddpm.png")))
+    sample.main(sample_args(tiny_run, *common, "--sampler", "ddim", "--eta", "1", "--out", str(tmp_path / "eta1.png")))
+    assert np.array_equal(tiles(tmp_path / "ddpm.png", 2), tiles(tmp_path / "eta1.png", 2))
+
+
 def test_strength_one_is_plain_sampling_with_the_same_seed(tiny_run, tmp_path, photo):
     common = ["--prompt", "smile, hat", "--steps", "3", "--n", "2", "--seed", "5"]
     sample.main(sample_args(tiny_run, *common, "--out", str(tmp_path / "plain.png")))

@@ -23,9 +23,21 @@ from tagdit.orchestrate.params import flow_config, typed_settings
 COMMON = ("config", "overrides", "force")
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Help that ends each option with its default, when it has one to show (not None, a flag's False, "" or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or d in ("", []) or "default" in text \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def config_parser(description: str, stages: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
     """`--config` and `--set`, and `--force` with `stages` as its choices when given."""
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=_Defaults)
     p.add_argument("--config", default=None, help="preset name (demo, original-256) or a YAML file")
     p.add_argument(
         "--set",

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, WithJsonSchema
 
-from tagdit.config import PipelineConfig, load_config
+from tagdit.config import PipelineConfig, SamplerName, load_config, sampler_method, sampler_name
 
 Preset = Literal["demo", "original-256"]  # configs/<name>.yaml (a test keeps this list in step)
 YamlFile = Annotated[str, StringConstraints(pattern=r"\.ya?ml$")]
@@ -29,7 +29,7 @@ Gpus = Annotated[int, Field(ge=1, le=64)]
 ImageCount = Annotated[int, Field(ge=1, le=64)]  # images drawn by one `tagdit sample`
 GuidanceScale = Annotated[float, Field(ge=0, le=50)]
 HubRepo = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")]  # a Hugging Face repo id, user/name
-SamplerChoice = Literal["ddim", "ddpm", "dpmpp_2m"]  # ddpm = DDIM with eta 1 (the original's DDPM sampler)
+SamplerChoice = SamplerName  # ddim, ddpm (DDIM with eta 1, the original's DDPM sampler), dpmpp_2m
 
 PipelineStage = Literal["demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate"]
 PrepareStage = Literal["crop", "tag", "shard"]
@@ -62,11 +62,10 @@ SAMPLER_SETTINGS = ("sampler", "sampling_steps")
 def _sampler_override(cfg: PipelineConfig, sampler: str | None, steps: int | None) -> str:
     """One evaluation sampler in place of the preset's list, from the first one's settings."""
     first = cfg.evaluate.samplers[0]
-    kind = sampler or ("ddpm" if first.eta == 1.0 and first.sampler == "ddim" else first.sampler)
-    steps = steps or first.steps
-    spec = {"name": f"{kind}{steps}", "sampler": "ddim" if kind == "ddpm" else kind, "steps": steps,
-            "eta": 1.0 if kind == "ddpm" else (first.eta if kind == first.sampler == "ddim" else 0.0)}
-    return "evaluate.samplers=" + json.dumps([spec])
+    kind = sampler or sampler_name(first)
+    eta = first.eta if kind == "ddim" == sampler_name(first) else None
+    spec = sampler_method(kind, steps or first.steps, eta)
+    return "evaluate.samplers=" + json.dumps([spec.model_dump(mode="json", exclude={"recall"})])
 
 
 def typed_settings(params: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from tagdit.config import SamplerConfig
+from tagdit.config import sampler_method
 from tagdit.data.vocab import SPECIALS
 from tagdit.sampling.painter import MAX_IMAGE_SIDE, Painter, read_image
 from tagdit.web.forms import (
@@ -83,7 +83,7 @@ class Studio:
             tag_problems, unknown = prompt_problems(prompts, p.vocab, self.tags, p.max_tags)
             problems |= tag_problems
         if form is not None and not img2img:  # img2img caps its steps to its noised range itself
-            most = len(p.dit.alpha_bar) - (form.sampler != "ddim")  # dpmpp_2m's last step is from t = 1
+            most = len(p.dit.alpha_bar) - (form.sampler == "dpmpp_2m")  # dpmpp_2m's last step is from t = 1
             if form.steps > most:
                 problems["steps"] = f"{LABELS['steps']} must be a whole number from 1 to {most} for {form.sampler}."
         if problems or form is None:
@@ -95,7 +95,7 @@ class Studio:
         """Draw `form.n` images (seeds seed … seed + n - 1) and write them; the batch as the page shows it.
         `callback(i, n)` hears of each sampler step and may raise to stop (see jobs.Job.progress)."""
         p = self.painter
-        method = SamplerConfig(name="web", sampler=form.sampler, steps=form.steps, eta=form.eta)
+        method = sampler_method(form.sampler, form.steps, form.eta if form.sampler == "ddim" else None, name="web")
         (cond, _), (neg, _) = p.parse(form.prompt), p.parse(form.negative)
         seeds = [form.seed + i for i in range(form.n)]
         t0 = time.perf_counter()

@@ -4,10 +4,13 @@ streams in, so an oversized upload is refused before it is held in memory."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import typing
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.requests import Request
+
+from tagdit.config import SamplerName
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # init image file
 MAX_FORM_BYTES = 64 * 1024  # everything else in the form
@@ -38,7 +41,7 @@ class GenerateForm(BaseModel):
     prompt: str = ""  # comma-separated tags; empty = unconditional
     negative: str = ""  # replaces the null condition in CFG
     cfg: float = Field(4.0, ge=0.0, le=MAX_CFG)
-    sampler: Literal["ddim", "dpmpp_2m"] = "ddim"
+    sampler: SamplerName = "ddim"
     steps: int = Field(50, ge=1, le=MAX_STEPS)
     eta: float = Field(0.0, ge=0.0, le=1.0)  # ddim only
     seed: int = Field(0, ge=0, le=2**31 - 1)  # image i gets seed + i
@@ -50,7 +53,7 @@ class GenerateForm(BaseModel):
     def _eta_is_ddims(cls, eta: float, info: ValidationInfo) -> float:
         sampler = info.data.get("sampler", "ddim")
         if sampler != "ddim" and eta != 0:
-            raise ValueError(f"applies to the ddim sampler only; {sampler} is deterministic (use eta 0)")
+            raise ValueError(f"applies to the ddim sampler only; {sampler} fixes its own (use eta 0)")
         return eta
 
 
@@ -80,7 +83,7 @@ def field_message(name: str, err: dict[str, Any]) -> str:
     if err["type"] == "value_error":
         return f"{label} {err['msg'].removeprefix('Value error, ')}."
     if name == "sampler":
-        return f"{label} must be one of ddim, dpmpp_2m."
+        return f"{label} must be one of {', '.join(typing.get_args(SamplerName))}."
     if name in ("prompt", "negative"):
         return f"{label} must be at most {MAX_TEXT} characters."
     lo, hi = field_range(name) or (0, 0)

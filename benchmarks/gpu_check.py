@@ -232,7 +232,7 @@ def stage_part(s: Sizes, device: torch.device, tmp: Path, extra: list[str]) -> d
     vae_cfg = s.vae if s is FULL else VAEModelConfig(widths=[8, 8, 8], blocks_per_level=1, up_blocks=1, groups=4)
     vae = build_vae(vae_cfg)  # untrained: the grids exercise sampling + decoding, not quality
     save_weights(tmp / "vae" / "ema.safetensors", vae.state_dict(), vae.cfg.model_dump())
-    (tmp / "vae" / "meta.json").write_text("{}")
+    (tmp / "vae" / "meta.json").write_text('{"step": 0}')
     stats = LatentStats.load(latents)
     stats.vae_checkpoint = str(tmp / "vae")
     stats.save(latents)

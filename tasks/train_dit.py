@@ -8,7 +8,6 @@ carry the noise schedule. The stage skeleton (resume, torchrun, stamp) is `tasks
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from functools import partial
@@ -19,6 +18,7 @@ from prefect import task
 
 from tagdit.config import DiTConfig, PipelineConfig
 from tagdit.data.vocab import Vocab, augment_tags
+from tagdit.formats.checkpoints import read_checkpoint_meta
 from tagdit.formats.latent_shards import (
     LatentStats,
     has_flip,
@@ -172,7 +172,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
 def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...]) -> dict[str, Any]:
     """DiT facts for the stamp: validation loss and the latents/vocabulary it was trained on."""
     latents_dir, vocab_path = inputs
-    metrics = json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
+    metrics = read_checkpoint_meta(ckpt).metrics
     return {"val_loss": metrics.get("val_loss"), "scale_factor": LatentStats.load(latents_dir).scale_factor,
             "vocab": str(vocab_path), "latents": str(latents_dir)}
 

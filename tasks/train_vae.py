@@ -10,7 +10,6 @@ posterior mean) on the val shards, plus a few reconstructions in TensorBoard. Th
 
 from __future__ import annotations
 
-import json
 import random
 from functools import partial
 from pathlib import Path
@@ -21,6 +20,7 @@ from prefect import task
 from tagdit.config import PipelineConfig, VAEConfig
 from tagdit.data.metrics import psnr
 from tagdit.files import sha256_file
+from tagdit.formats.checkpoints import read_checkpoint_meta
 from tagdit.formats.image_shards import decode_image, image_bytes, image_shards, read_samples
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 from tasks.trainer import TRAIN_MODULES, Rank, TrainerStage, epoch_stream, run_logger, start_rank
@@ -169,7 +169,7 @@ def vae_checkpoint_bytes(cfg: PipelineConfig) -> int:
 def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """VAE facts for the stamp: EMA weights' sha256 and `vae_id`, validation PSNR."""
     ema_sha = sha256_file(ckpt / "ema.safetensors")
-    metrics = json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
+    metrics = read_checkpoint_meta(ckpt).metrics
     return {"ema_sha256": ema_sha, "vae_id": ema_sha[:12], "val_psnr": metrics.get("val_psnr")}
 
 

@@ -11,7 +11,6 @@ discriminator) goes through `fit(extra=..., after_step=...)`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
@@ -109,11 +108,11 @@ def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: 
 
 def checkpoint_facts(ckpt: Path) -> dict[str, Any]:
     """What every trainer's stamp records: checkpoint, step, last training loss, parameter count."""
-    from tagdit.formats.checkpoints import load_weights
+    from tagdit.formats.checkpoints import load_weights, read_checkpoint_meta
 
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_checkpoint_meta(ckpt)
     state, _ = load_weights(ckpt / "ema.safetensors")
-    return {"checkpoint": str(ckpt), "step": meta["step"], "loss": meta.get("metrics", {}).get("loss"),
+    return {"checkpoint": str(ckpt), "step": meta.step, "loss": meta.metrics.get("loss"),
             "params": sum(v.numel() for v in state.values())}
 
 
@@ -143,12 +142,12 @@ class TrainerStage:
 
     def check_disk(self, cfg: PipelineConfig, paths: tuple[Path, ...], out_dir: Path) -> None:
         """Refuse to start when the checkpoints still to come cannot fit out_dir's file system (DiskSpaceError)."""
-        from tagdit.formats.checkpoints import Checkpoints
+        from tagdit.formats.checkpoints import Checkpoints, read_checkpoint_meta
         from tagdit.train.disk import check_disk_space
 
         tc = self.train_config(cfg)
         latest = Checkpoints(out_dir).latest()
-        step = json.loads((latest / "meta.json").read_text())["step"] if latest else 0
+        step = read_checkpoint_meta(latest).step if latest else 0
         size = self.checkpoint_bytes(cfg, paths)
         if latest is not None:  # a real one beats the projection
             size = max(size, sum(p.stat().st_size for p in latest.iterdir() if p.is_file()))

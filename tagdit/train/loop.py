@@ -8,7 +8,6 @@ a discriminator) an `after_step(batch, step)` hook plus its state-carrying objec
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from tagdit.devices import autocast, configure_backends
 from tagdit.formats.checkpoints import (
     Checkpoints,
     load_weights,
+    read_checkpoint_meta,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -152,7 +152,7 @@ def _restore_or_seed(st: _State, ckpt: Path | None, seed: int, desc: str, rank: 
         obj.load_state_dict(state["extra"][name])
     _restore_rank(st, state, rank)
     st.step, st.last_good = int(state["step"]), ckpt
-    st.metrics = json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
+    st.metrics = dict(read_checkpoint_meta(ckpt).metrics)
     log.info("%s: resumed from %s (step %d)", desc, ckpt, st.step)
 
 

@@ -141,7 +141,7 @@ def vae_part(s: Sizes, device: torch.device) -> dict[str, float]:
     from models.vae_loss import VAELoss
     from tagdit.devices import autocast
     from tagdit.train.optim import make_optimizer
-    from tasks.train_vae import vae_loss
+    from tagdit.train.vae import vae_loss
 
     torch.manual_seed(0)
     model = build_vae(s.vae).to(device).train()

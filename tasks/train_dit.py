@@ -15,7 +15,6 @@ from prefect import task
 
 from tagdit.config import DiTConfig, PipelineConfig
 from tagdit.data.vocab import Vocab
-from tagdit.formats.checkpoints import read_checkpoint_meta
 from tagdit.formats.latent_shards import LatentStats
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 from tagdit.train.dit import dit_checkpoint_bytes, train_dit
@@ -35,6 +34,8 @@ TRAIN_DIT = Stage(
 
 def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...]) -> dict[str, Any]:
     """DiT facts for the stamp: validation loss and the latents/vocabulary it was trained on."""
+    from tagdit.formats.checkpoints import read_checkpoint_meta  # torch: imported when used
+
     latents_dir, vocab_path = inputs
     metrics = read_checkpoint_meta(ckpt).metrics
     return {"val_loss": metrics.get("val_loss"), "scale_factor": LatentStats.load(latents_dir).scale_factor,

@@ -15,7 +15,6 @@ from prefect import task
 
 from tagdit.config import PipelineConfig
 from tagdit.files import sha256_file
-from tagdit.formats.checkpoints import read_checkpoint_meta
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 from tagdit.train.vae import train_vae, vae_checkpoint_bytes
 from tasks.trainer import TRAIN_MODULES, TrainerStage
@@ -31,6 +30,8 @@ TRAIN_VAE = Stage(
 
 def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """VAE facts for the stamp: EMA weights' sha256 and `vae_id`, validation PSNR."""
+    from tagdit.formats.checkpoints import read_checkpoint_meta  # torch: imported when used
+
     ema_sha = sha256_file(ckpt / "ema.safetensors")
     metrics = read_checkpoint_meta(ckpt).metrics
     return {"ema_sha256": ema_sha, "vae_id": ema_sha[:12], "val_psnr": metrics.get("val_psnr")}

@@ -1,8 +1,10 @@
 """`fit`: the training loop shared by the VAE and the DiT.
 
-`fit` owns everything that is not model-specific; a trainer supplies `loss_fn(model, batch, step)`,
-optionally `val_fn(ema_module, step, writer)`, and for a second model with its own optimiser (e.g.
-a discriminator) an `after_step(batch, step)` hook plus its state-carrying objects in `extra`.
+`fit` owns everything that is not model-specific: resume or seed, micro-batches and gradient
+accumulation under DDP, the optimiser and EMA step, logging, validation and checkpoints. A trainer
+(`tagdit.train.dit`, `tagdit.train.vae`) supplies `loss_fn(model, batch, step)`, optionally
+`val_fn(ema_module, step, writer)`, and for a second model with its own optimiser (the VAE's
+discriminator) an `after_step(batch, step)` hook plus its state-carrying objects in `extra`.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def vae_part(s: Sizes, device: torch.device) -> dict[str, float]:
     from models.vae_loss import VAELoss
     from tagdit.devices import autocast
     from tagdit.train.optim import make_optimizer
-    from tasks.train_vae import vae_loss
+    from tagdit.train.vae import vae_loss
 
     torch.manual_seed(0)
     model = build_vae(s.vae).to(device).train()
@@ -232,7 +232,7 @@ def stage_part(s: Sizes, device: torch.device, tmp: Path, extra: list[str]) -> d
     vae_cfg = s.vae if s is FULL else VAEModelConfig(widths=[8, 8, 8], blocks_per_level=1, up_blocks=1, groups=4)
     vae = build_vae(vae_cfg)  # untrained: the grids exercise sampling + decoding, not quality
     save_weights(tmp / "vae" / "ema.safetensors", vae.state_dict(), vae.cfg.model_dump())
-    (tmp / "vae" / "meta.json").write_text("{}")
+    (tmp / "vae" / "meta.json").write_text('{"step": 0}')
     stats = LatentStats.load(latents)
     stats.vae_checkpoint = str(tmp / "vae")
     stats.save(latents)

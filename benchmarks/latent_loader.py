@@ -25,9 +25,9 @@ from models.dit import DiT
 from tagdit.config import load_config
 from tagdit.data.vocab import Vocab
 from tagdit.formats.latent_shards import LatentShardWriter, LatentStats, latent_shard_name
+from tagdit.train.dit import decode_latent, dit_loss, shard_urls
 from tagdit.train.optim import make_optimizer
 from tagdit.train.stream import EpochStream
-from tasks.train_dit import decode_latent, dit_loss, shard_urls
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 

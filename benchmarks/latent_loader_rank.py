@@ -29,8 +29,8 @@ import torch
 from tagdit.config import DIT_PRESETS, load_config
 from tagdit.data.vocab import Vocab
 from tagdit.formats.latent_shards import LatentShardWriter, latent_shard_name
+from tagdit.train.dit import decode_latent, shard_urls
 from tagdit.train.stream import EpochStream
-from tasks.train_dit import decode_latent, shard_urls
 
 H100_BF16_DENSE = 989e12  # FLOP/s
 MFU = 0.5

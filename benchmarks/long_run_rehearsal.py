@@ -13,7 +13,6 @@ RESULT: wall seconds of the interrupted run (with its restarts) vs the uninterru
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import torch
 from latent_loader import unit_stats, write_shards  # benchmarks/ is the script folder
 
 from tagdit.config import load_config
-from tagdit.formats.checkpoints import Checkpoints, load_weights
+from tagdit.formats.checkpoints import Checkpoints, load_weights, read_checkpoint_meta
 from tagdit.formats.latent_shards import latent_shard_name
 
 TINY = ["dit.model=demo", "dit.model.patch=2", "dit.model.width=64", "dit.model.depth=3", "dit.model.heads=2",
@@ -64,7 +63,7 @@ def start(root: Path, config: Path, latents: Path, out: Path) -> subprocess.Pope
 
 def latest_step(out: Path) -> int:
     ckpt = Checkpoints(out).latest()
-    return json.loads((ckpt / "meta.json").read_text())["step"] if ckpt else 0
+    return read_checkpoint_meta(ckpt).step if ckpt else 0
 
 
 def train_to_end(root: Path, config: Path, latents: Path, out: Path, kill_after: list[int]) -> tuple[float, int]:

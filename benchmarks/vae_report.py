@@ -58,7 +58,7 @@ def demo_psnr(config: str, work: Path) -> tuple[float, float, int, str]:
     """(val PSNR dB, training seconds, steps, data source) for the demo config's VAE budget."""
     from tagdit.config import load_config
     from tagdit.formats.image_shards import image_shards
-    from tasks.train_vae import train_vae
+    from tagdit.train.vae import train_vae
 
     cfg = load_config(config, [f"run.root={work / 'runs'}"])
     dataset, source = cfg.dataset_dir, f"{cfg.dataset_dir}/images"
@@ -83,7 +83,7 @@ def _step_memory(batch: int, res: int, q) -> None:
     from models.vae_loss import VAELoss
     from tagdit.config import VAE_PRESETS
     from tagdit.devices import select_device
-    from tasks.train_vae import vae_loss
+    from tagdit.train.vae import vae_loss
 
     device = select_device("auto")
     torch.manual_seed(0)

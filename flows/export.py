@@ -34,7 +34,7 @@ from tagdit.orchestrate.params import (
 def export_run(cfg: PipelineConfig, to: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Write the run's latest DiT checkpoint, its VAE, vocabulary and latent statistics to `to`."""
     from tagdit.data.vocab import Vocab
-    from tagdit.formats.checkpoints import Checkpoints
+    from tagdit.formats.checkpoints import Checkpoints, read_checkpoint_meta
     from tagdit.formats.exported_model import ExportIndex, write_export
     from tagdit.formats.latent_shards import LatentStats
     from tagdit.formats.trained_models import load_dit, load_vae
@@ -43,7 +43,7 @@ def export_run(cfg: PipelineConfig, to: str | Path, overwrite: bool = False) -> 
     files = run_files(cfg)
     with Checkpoints(files.dit_checkpoint.parent).pinned(files.dit_checkpoint) as ckpt:
         dit = load_dit(ckpt, schedule=cfg.dit.schedule, timesteps=cfg.dit.timesteps)  # fallback only
-        step = json.loads((ckpt / "meta.json").read_text())["step"]
+        step = read_checkpoint_meta(ckpt).step
     if dit.vocab_size != (n := len(Vocab.load(files.vocab))):
         raise ValueError(f"{ckpt} was trained with {dit.vocab_size} tokens, {files.vocab} has {n}")
     vae, _ = load_vae(files.vae_checkpoint)

@@ -8,7 +8,6 @@ of resume) and `metrics.json`. The flow publishes them as a Prefect markdown art
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +98,7 @@ def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents
     import torch
 
     from tagdit.data.tagger import WDTagger, resolve_tagger
+    from tagdit.formats.checkpoints import read_checkpoint_meta
 
     upstream = {"shards": shards, "vae": vae, "latents": latents, "dit": dit}
     if not force and (rec := EVALUATE.valid_record(cfg, upstream)):
@@ -114,14 +114,14 @@ def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents
     recs, vae_psnr = reconstruct(painter, reals)
     fidelity = tag_fidelity(cfg, painter, WDTagger.from_config(cfg.tagger), prompts, reals, recs)
     kids = inception_kids(cfg, painter, iter_val_samples(cfg.dataset_dir, cfg.evaluate.kid_real_images))
-    dit_meta = json.loads((ckpt / "meta.json").read_text())
+    dit_meta = read_checkpoint_meta(ckpt)
     metrics = EvalMetrics(
         **fidelity,
         kid=kids,
         vae_psnr_db=vae_psnr,
-        dit_val_loss=dit_meta.get("metrics", {}).get("val_loss"),
+        dit_val_loss=dit_meta.metrics.get("val_loss"),
         dit_checkpoint=ckpt.name,
-        dit_step=dit_meta["step"],
+        dit_step=dit_meta.step,
         prompts=[", ".join(r[0]) for r in rows[:len(prompts)]],
         negative_example={"prompt": ", ".join(rows[-1][0]), "negative": ", ".join(rows[-1][1])},
         grids=grids,

@@ -131,7 +131,7 @@ def training_settings(files: RunFiles) -> dict[str, dict]:
     training left no record."""
     import json
 
-    from tagdit.formats.checkpoints import load_weights
+    from tagdit.formats.checkpoints import load_weights, read_checkpoint_meta
 
     settings = {}
     for name, ckpt in (("dit", files.dit_checkpoint), ("vae", files.vae_checkpoint)):
@@ -140,6 +140,6 @@ def training_settings(files: RunFiles) -> dict[str, dict]:
         if not section:
             config = load_weights(ckpt / "ema.safetensors")[1]
             section = {"model": config["model"] if name == "dit" else config}
-        step = json.loads((ckpt / "meta.json").read_text()).get("step")
+        step = read_checkpoint_meta(ckpt).step
         settings[name] = {"steps": step, **section}
     return settings

@@ -1,178 +1,43 @@
 """Stage train_dit: latent shards + tag vocabulary -> DiT checkpoints (raw + EMA) in `<run>/dit/`.
 
-Streams the encode stage's latent shards (one posterior sample per step, a random flip when the
-flipped posterior is stored, times the scale factor from stats.json), tokenises the tags with
-conditioning augmentation, and trains ε-prediction with `tagdit.train.loop.fit`; the checkpoints
-carry the noise schedule. The stage skeleton (resume, torchrun, stamp) is `tasks.trainer`.
+The Prefect contract only: the stage (its code version and config sections, the sample-grid
+settings left out), its wiring into the trainer skeleton `tasks.trainer`, the stamp's DiT facts, the
+`@task`, and the torchrun entry (`python -m tasks.train_dit` runs one rank). The training itself
+(data, loss, validation, model) is `tagdit.train.dit.train_dit`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import random
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from tagdit.config import DiTConfig, PipelineConfig
-from tagdit.data.vocab import Vocab, augment_tags
-from tagdit.formats.latent_shards import (
-    LatentStats,
-    has_flip,
-    iter_latent_samples,
-    latent_shard_paths,
-    read_meta,
-    read_posterior,
-)
+from tagdit.data.vocab import Vocab
+from tagdit.formats.latent_shards import LatentStats
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
-from tasks.trainer import TRAIN_MODULES, TrainerStage, epoch_stream, start_rank
-
-log = logging.getLogger(__name__)
+from tagdit.train.dit import dit_checkpoint_bytes, train_dit
+from tasks.trainer import TRAIN_MODULES, TrainerStage
 
 # Sample grids never change the checkpoints (tests/test_train_samples.py): out of the key and identity.
 SAMPLE_FIELDS = ("sample_every", "sample_prompts", "sample_seeds", "sample_steps")
 
 TRAIN_DIT = Stage(
     name="train_dit",
-    modules=("tasks.train_dit", "tagdit.formats.latent_shards", "models.vae:AutoencoderKL", "models.dit",
-             "models.diffusion", "tagdit.data.vocab", *TRAIN_MODULES),
+    modules=("tasks.train_dit", "tagdit.train.dit", "tagdit.formats.latent_shards", "models.vae:AutoencoderKL",
+             "models.dit", "models.diffusion", "tagdit.data.vocab", *TRAIN_MODULES),
     sections=tuple(f"dit.{k}" for k in DiTConfig.model_fields if k not in SAMPLE_FIELDS),
     out_dir=lambda cfg, up: cfg.run_dir / "dit",
 )
 
 
-def shard_urls(latents_dir: Path, split: str) -> list[str]:
-    return [str(p) for p in latent_shard_paths(latents_dir, split)]
-
-
-def decode_latent(raw: dict[str, Any], *, vocab: Vocab, dit: DiTConfig, augment: bool = True) -> dict[str, Any]:
-    """Raw sample -> {"mean", "logvar" (z, h, w) fp16, "tags" (max_tags+1,) long}; flip and tags seeded.
-
-    The posterior sample z = mean + exp(logvar / 2) · noise is drawn on the device in the loss.
-    """
-    import torch
-
-    rng = random.Random(raw.get("__seed__", 0))
-    flipped = augment and has_flip(raw) and rng.random() < 0.5
-    mean, logvar = read_posterior(raw, flipped)
-    tags = read_meta(raw)["tags"]
-    if augment:
-        tags = augment_tags(tags, rng, caption_drop=dit.caption_drop, tag_drop=dit.tag_drop,
-                            shuffle=dit.shuffle_tags, max_tags=dit.model.max_tags)
-    return {
-        "mean": torch.from_numpy(mean),
-        "logvar": torch.from_numpy(logvar),
-        "tags": torch.tensor(vocab.encode(tags, dit.model.max_tags), dtype=torch.long),
-    }
-
-
-def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, stats: LatentStats,
-             min_snr_gamma: float | None = None):
-    """L_simple (or Min-SNR-γ weighted) on one batch: t ~ U{0..T-1}, ε ~ N(0, I), x_t = q_sample(z, t, ε)."""
-    import torch
-
-    from models.diffusion import eps_loss, min_snr_weight, q_sample
-    from models.vae import AutoencoderKL
-
-    z = stats.to_model(AutoencoderKL.sample(batch["mean"].float(), batch["logvar"].float()))  # (B, C, H, W)
-    t = torch.randint(0, len(alpha_bar), (z.shape[0],), device=z.device)
-    eps = torch.randn_like(z)
-    weight = None if min_snr_gamma is None else min_snr_weight(t, alpha_bar, min_snr_gamma)
-    return eps_loss(model(q_sample(z, t, eps, alpha_bar), t, batch["tags"]), eps, weight), {}
-
-
-def make_val_fn(latents_dir: Path, vocab: Vocab, cfg: PipelineConfig, alpha_bar, stats: LatentStats, device):
-    """Validation loss on fixed (latent, t, noise) triples from the val shards (posterior means)."""
-    import torch
-
-    from models.diffusion import eps_loss, q_sample
-
-    n = cfg.dit.val_samples
-    raws = []
-    for raw in iter_latent_samples(latent_shard_paths(latents_dir, "val")):
-        raws.append(raw)
-        if len(raws) == n:
-            break
-    if not raws:
-        log.warning("no validation latents in %s: validation loss is off", latents_dir)
-        return None
-    examples = [decode_latent(r, vocab=vocab, dit=cfg.dit, augment=False) for r in raws]
-    z = stats.to_model(torch.stack([e["mean"] for e in examples]).float())  # (N, C, H, W)
-    tags = torch.stack([e["tags"] for e in examples])  # (N, L)
-    g = torch.Generator().manual_seed(cfg.dit.train.seed)
-    T = len(alpha_bar)
-    t = torch.linspace(0, T - 1, len(examples)).round().long()[torch.randperm(len(examples), generator=g)]
-    eps = torch.randn(z.shape, generator=g)
-    x_t = q_sample(z, t, eps, alpha_bar.cpu())
-    bs = cfg.dit.train.batch_size
-
-    def val_fn(ema_model, step: int, writer) -> dict[str, float]:
-        total = 0.0
-        for i in range(0, len(x_t), bs):
-            sl = slice(i, i + bs)
-            pred = ema_model(x_t[sl].to(device), t[sl].to(device), tags[sl].to(device))
-            total += eps_loss(pred, eps[sl].to(device)).item() * len(x_t[sl])
-        return {"val_loss": total / len(x_t)}
-
-    return val_fn
-
-
-def build_dit(cfg: PipelineConfig, vocab_size: int, latent_shape: tuple[int, int, int] | list[int]):
-    """The DiT `cfg.dit` describes for a vocabulary and latents of shape (z, h, w)."""
-    from models.dit import DiT
-
-    z_ch, h, _ = latent_shape
-    return DiT(cfg.dit.model, vocab_size=vocab_size, latent_size=h, in_channels=z_ch, schedule=cfg.dit.schedule,
-               timesteps=cfg.dit.timesteps)
-
-
-def dit_checkpoint_bytes(cfg: PipelineConfig, vocab_size: int, latent_shape: tuple[int, int, int] | list[int]) -> int:
-    """One checkpoint's size, counted on a model built on the meta device (no memory)."""
-    import torch
-
-    from tagdit.train.disk import state_bytes
-
-    with torch.device("meta"):
-        return state_bytes(build_dit(cfg, vocab_size, latent_shape))
-
-
-def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir: Path, *,
-              vae_checkpoint: str | Path | None = None):
-    """Train in this process: alone, or as one rank under torchrun. Returns fit's TrainResult.
-
-    `vae_checkpoint` decodes the sample grids (`dit.sample_every`); default: the one stats.json names.
-    """
-    from tagdit.formats.checkpoints import count_parameters
-    from tagdit.train.loop import fit
-    from tagdit.train.samples import make_sample_monitor
-
-    tc = cfg.dit.train
-    r = start_rank(tc, "dit")
-    stats = LatentStats.load(latents_dir)
-    z_ch, h, w = stats.latent_shape
-    if h != w:
-        raise ValueError(f"DiT needs square latents, got {h}x{w}")
-    vocab = Vocab.load(vocab_path)
-    model = build_dit(cfg, len(vocab), stats.latent_shape)
-    if r.is_main:
-        log.info("DiT: %.2fM parameters, vocab %d, latents %s", count_parameters(model) / 1e6, len(vocab), stats.latent_shape)
-    alpha_bar = model.alpha_bar.to(r.device)  # (T,) float64; stored with the checkpoint
-    decode = partial(decode_latent, vocab=vocab, dit=cfg.dit)
-    val_fn = make_val_fn(latents_dir, vocab, cfg, alpha_bar, stats, r.device)  # every rank: fit syncs around it
-    monitor = make_sample_monitor(cfg, vocab, latents_dir, vae_checkpoint, r.device) if r.is_main else None
-    return fit(model=model,
-               loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, min_snr_gamma=cfg.dit.min_snr_gamma),
-               stream=epoch_stream(shard_urls(latents_dir, "train"), decode, tc, r), cfg=tc, out_dir=out_dir,
-               model_config=model.config_dict(), device=r.device, val_fn=val_fn, monitor=monitor, desc="train_dit")
-
-
 def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...]) -> dict[str, Any]:
     """DiT facts for the stamp: validation loss and the latents/vocabulary it was trained on."""
+    from tagdit.formats.checkpoints import read_checkpoint_meta  # torch: imported when used
+
     latents_dir, vocab_path = inputs
-    metrics = json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
+    metrics = read_checkpoint_meta(ckpt).metrics
     return {"val_loss": metrics.get("val_loss"), "scale_factor": LatentStats.load(latents_dir).scale_factor,
             "vocab": str(vocab_path), "latents": str(latents_dir)}
 

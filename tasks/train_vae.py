@@ -1,175 +1,39 @@
 """Stage train_vae: image shards -> KL-VAE checkpoints (raw + EMA) in `<run>/vae/`.
 
-Loss `models.vae_loss` (`w_l1·L1 + w_perc·VGG19 perceptual + w_kl·KL`, every term a mean; from
-`vae.disc_start` also a PatchGAN hinge term, its discriminator updated after each step), trained
-with `tagdit.train.loop.fit` on a resumable `EpochStream` of the image shards with a random
-horizontal flip seeded per sample. Validation: PSNR of the EMA model's reconstructions (from the
-posterior mean) on the val shards, plus a few reconstructions in TensorBoard. The stage skeleton
-(resume, torchrun, stamp) is `tasks.trainer`.
+The Prefect contract only: the stage (its code version and config sections), its wiring into the
+trainer skeleton `tasks.trainer`, the stamp's VAE facts (`vae_id`, validation PSNR), the `@task`, and
+the torchrun entry (`python -m tasks.train_vae` runs one rank). The training itself (data, loss,
+discriminator, validation) is `tagdit.train.vae.train_vae`.
 """
 
 from __future__ import annotations
 
-import json
-import random
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from tagdit.config import PipelineConfig, VAEConfig
-from tagdit.data.metrics import psnr
+from tagdit.config import PipelineConfig
 from tagdit.files import sha256_file
-from tagdit.formats.image_shards import decode_image, image_bytes, image_shards, read_samples
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
-from tasks.trainer import TRAIN_MODULES, Rank, TrainerStage, epoch_stream, run_logger, start_rank
+from tagdit.train.vae import train_vae, vae_checkpoint_bytes
+from tasks.trainer import TRAIN_MODULES, TrainerStage
 
 TRAIN_VAE = Stage(
     name="train_vae",
-    modules=("tasks.train_vae", "tagdit.formats.image_shards", "tagdit.data.metrics", "models.vae", "models.vae_loss",
-             "models.perceptual", "models.discriminator", *TRAIN_MODULES),
+    modules=("tasks.train_vae", "tagdit.train.vae", "tagdit.formats.image_shards", "tagdit.data.metrics",
+             "models.vae", "models.vae_loss", "models.perceptual", "models.discriminator", *TRAIN_MODULES),
     sections=("vae", "data.resolution"),
     out_dir=lambda cfg, up: cfg.run_dir / "vae",
 )
 
-VAL_LIMIT = 512  # validation images kept in memory (uint8) for PSNR
-VAL_SHOW = 8  # reconstructions written to TensorBoard
-
-
-def decode_train(raw: dict[str, Any], resolution: int, crop: int | None = None, f: int = 1):
-    """Training example: the image with a horizontal flip (and a `crop`-pixel square at a multiple of
-    f, when given) drawn from the sample's own seed."""
-    rng = random.Random(raw.get("__seed__", 0))
-    x = decode_image(image_bytes(raw), resolution, rng.random() < 0.5)  # (3, R, R)
-    if crop is None or crop >= resolution:
-        return x
-    i, j = (rng.randrange((resolution - crop) // f + 1) * f for _ in range(2))
-    return x[:, i : i + crop, j : j + crop].contiguous()  # (3, crop, crop)
-
-
-def vae_loss(model, x, step: int, *, criterion, last_layer=None, stash: dict | None = None):
-    """The VAE objective (`models.vae_loss.VAELoss`) on one batch x (B, 3, H, W) in [-1, 1].
-
-    `stash["recon"]` keeps the detached reconstruction for the discriminator step that follows.
-    """
-    recon, mean, logvar = model(x)  # (B, 3, H, W), (B, z, h, w) x2
-    if stash is not None:
-        stash["recon"] = recon.detach()
-    return criterion(x, recon, mean, logvar, step, last_layer=last_layer)
-
-
-def discriminator_step(criterion, r: Rank, lr: float, stash: dict):
-    """(extra, after_step) for `fit`: the PatchGAN, its AdamW (β 0.5/0.9, taming-transformers) and its update.
-
-    `after_step(x, step)` trains D on x and the generator step's stashed reconstruction, on the
-    same steps the generator's GAN term is on (`step` counts steps taken, so the generator's was step − 1).
-    Under DDP the update runs through a DDP wrapper sharing D's parameters, so every rank's D stays equal.
-    """
-    import torch
-
-    disc = criterion.discriminator
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
-    ddp_disc = None
-    if r.world > 1:
-        ddp_disc = torch.nn.parallel.DistributedDataParallel(
-            disc, device_ids=[r.device.index] if r.device.type == "cuda" else None)
-
-    def after_step(x, step: int) -> dict[str, Any]:
-        if not criterion.disc_active(step - 1):
-            return {}
-        d_loss, logs = criterion.discriminator_loss(x, stash.pop("recon"), disc=ddp_disc)
-        d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        d_opt.step()
-        return logs
-
-    return {"disc": disc, "d_opt": d_opt}, after_step
-
-
-def load_val_images(dataset_dir: Path, resolution: int, limit: int = VAL_LIMIT):
-    """Up to `limit` validation images as a uint8 tensor (N, 3, R, R) (empty if there are none)."""
-    import torch
-
-    xs = [((decode_image(data, resolution) + 1) * 127.5).round().to(torch.uint8)
-          for data, _ in read_samples(dataset_dir, "val", limit)]
-    return torch.stack(xs) if xs else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
-
-
-def make_val_fn(val_images, batch_size: int, device):
-    """val_fn for `fit`: mean PSNR of EMA reconstructions (posterior mean) + a TensorBoard image."""
-    import torch
-
-    def val_fn(ema_model, step: int, writer) -> dict[str, float]:
-        scores, shown = [], None
-        for i in range(0, len(val_images), batch_size):
-            x = val_images[i : i + batch_size].to(device).float() / 127.5 - 1.0  # (B, 3, H, W)
-            recon, _, _ = ema_model(x, sample=False)
-            recon = recon.float().clamp(-1, 1)
-            scores.append(psnr(recon, x).cpu())
-            if shown is None:
-                shown = torch.cat([x[:VAL_SHOW], recon[:VAL_SHOW]]).cpu()  # originals, then reconstructions
-        if writer is not None and shown is not None:
-            writer.add_images("val/reconstructions", (shown + 1) / 2, step)
-        return {"val_psnr": float(torch.cat(scores).mean())}
-
-    return val_fn
-
-
-def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
-    """Train in this process: alone, or as one rank under torchrun. Returns fit's TrainResult."""
-    from models.vae import build_vae
-    from tagdit.formats.checkpoints import count_parameters
-    from tagdit.train.loop import fit
-
-    tc, res = cfg.vae.train, cfg.data.resolution
-    r = start_rank(tc, "vae")
-    urls = [str(p) for p in image_shards(dataset_dir, "train")]
-    if not urls:
-        raise FileNotFoundError(f"no training shards under {dataset_dir}/images: run prepare-data first")
-    model = build_vae(cfg.vae.model)
-    if r.is_main:
-        run_logger().info("VAE: %.2fM parameters, f=%d, z=%d", count_parameters(model) / 1e6,
-                          model.downsample_factor, cfg.vae.model.z_channels)
-    criterion = build_vae_loss(cfg.vae).to(r.device)
-    stash: dict[str, Any] = {}
-    extra, after_step = {}, None
-    if criterion.discriminator is not None:
-        extra, after_step = discriminator_step(criterion, r, tc.lr, stash)
-    val_fn = None
-    if r.is_main:
-        val_images = load_val_images(dataset_dir, res)
-        if len(val_images):
-            val_fn = make_val_fn(val_images, tc.batch_size, r.device)
-        else:
-            run_logger().warning("no validation shards in %s: validation PSNR is off", dataset_dir)
-    loss_fn = partial(vae_loss, criterion=criterion, last_layer=model.last_layer,
-                      stash=stash if after_step is not None else None)
-    decode = partial(decode_train, resolution=res, crop=cfg.vae.train_crop, f=model.downsample_factor)
-    return fit(model=model, loss_fn=loss_fn, stream=epoch_stream(urls, decode, tc, r),
-               cfg=tc, out_dir=out_dir, model_config=cfg.vae.model.model_dump(mode="json"), device=r.device,
-               val_fn=val_fn, extra=extra, after_step=after_step, desc="train_vae")
-
-
-def vae_checkpoint_bytes(cfg: PipelineConfig) -> int:
-    """One checkpoint's size (VAE + EMA + moments, and a PatchGAN's weights + moments when on), on the meta device."""
-    import torch
-
-    from models.discriminator import PatchDiscriminator
-    from models.vae import build_vae
-    from tagdit.train.disk import state_bytes
-
-    with torch.device("meta"):
-        modules = [build_vae(cfg.vae.model)]
-        if cfg.vae.disc_start is not None:
-            modules.append(PatchDiscriminator(cfg.vae.disc_channels, cfg.vae.disc_layers))
-        return state_bytes(*modules)
-
 
 def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """VAE facts for the stamp: EMA weights' sha256 and `vae_id`, validation PSNR."""
+    from tagdit.formats.checkpoints import read_checkpoint_meta  # torch: imported when used
+
     ema_sha = sha256_file(ckpt / "ema.safetensors")
-    metrics = json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
+    metrics = read_checkpoint_meta(ckpt).metrics
     return {"ema_sha256": ema_sha, "vae_id": ema_sha[:12], "val_psnr": metrics.get("val_psnr")}
 
 
@@ -184,25 +48,6 @@ TRAINER = TrainerStage(
     checkpoint_bytes=lambda cfg, paths: vae_checkpoint_bytes(cfg),
     identity_extra=lambda cfg: {"resolution": cfg.data.resolution},
 )
-
-
-def build_vae_loss(vae: VAEConfig) -> Any:
-    """The loss `vae` describes: VGG19 weights resolved when w_perc > 0, a PatchGAN when disc_start is set."""
-    from models.discriminator import PatchDiscriminator
-    from models.vae_loss import VAELoss
-
-    perceptual = None
-    if vae.w_perc > 0:
-        from models.perceptual import build_perceptual
-
-        perceptual = build_perceptual(vae.vgg_weights, vae.vgg_repo, vae.vgg_revision)
-    else:
-        run_logger().warning("perceptual loss is OFF (vae.w_perc=0): training with L1 + KL only")
-    disc = None
-    if vae.disc_start is not None:
-        disc = PatchDiscriminator(vae.disc_channels, vae.disc_layers)
-    return VAELoss(vae.w_l1, vae.w_perc, vae.w_kl, perceptual=perceptual, discriminator=disc,
-                   w_disc=vae.w_disc, disc_start=vae.disc_start)
 
 
 def train_vae_stage(cfg: PipelineConfig, shards: StageRecord, force: bool = False) -> StageRecord:

@@ -1,41 +1,34 @@
-"""The stage skeleton both trainers share; `train_vae` and `train_dit` plug their model into it.
+"""The stage skeleton both trainer stages share; `tasks.train_vae` and `tasks.train_dit` wire into it.
 
 A trainer stage: reuse a stamped record, or keep a resumable run folder (moving a run of another
-configuration aside), train in this process or under torchrun, then stamp the latest checkpoint.
-The trainer supplies only `train(cfg, *inputs, out_dir)` (one process, or one DDP rank: its model,
-loss, validation and `fit` call) and the facts its stamp records; `start_rank` and `epoch_stream`
-are the per-rank set-up every `train` begins with. A second model with its own optimiser (e.g. a
-discriminator) goes through `fit(extra=..., after_step=...)`.
+configuration aside), refuse a run whose checkpoints cannot fit the disk, train in this process or
+under torchrun (`main` is one rank), then stamp the latest checkpoint. A stage supplies its library
+trainer `train(cfg, *inputs, out_dir)` (`tagdit.train.vae.train_vae`, `tagdit.train.dit.train_dit`),
+one checkpoint's projected size, and the facts its stamp adds to `checkpoint_facts`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tagdit.config import PipelineConfig, TrainConfig
 from tagdit.files import write_json_atomic
 from tagdit.orchestrate.markers import marker_matches, write_marker
 from tagdit.orchestrate.stage import Stage, StageRecord
 
-if TYPE_CHECKING:
-    import torch
-
-    from tagdit.train.stream import EpochStream
-
 log = logging.getLogger(__name__)
 
 # The training code whose version is part of a trainer stage's cache key.
-TRAIN_MODULES = ("tasks.trainer", "tagdit.train.loop", "tagdit.train.optim", "tagdit.formats.checkpoints",
-                 "tagdit.train.stream", "tagdit.train.tar_samples", "tagdit.train.loader_workers", "tagdit.devices",
-                 "models.config")
+TRAIN_MODULES = ("tasks.trainer", "tagdit.train.ranks", "tagdit.train.loop", "tagdit.train.optim",
+                 "tagdit.formats.checkpoints", "tagdit.train.stream", "tagdit.train.tar_samples",
+                 "tagdit.train.loader_workers", "tagdit.devices", "models.config")
 # Settings that may change between runs without invalidating the checkpoints (resume continues).
 # nproc / loader_workers change how shards are split: a resumed run restarts the epoch it was in (logged).
 RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile",
@@ -50,43 +43,6 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except Exception:  # MissingContextError outside a run
         return log
-
-
-@dataclass(frozen=True)
-class Rank:
-    """This process's place in training: its rank, the number of ranks, its device."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def start_rank(tc: TrainConfig, section: str) -> Rank:
-    """Join the torchrun group (if any), check the batch splits into micro-batches, pick the device, seed the init."""
-    import torch
-
-    from tagdit.devices import select_device
-    from tagdit.train.launch import init_distributed
-
-    rank, world, _ = init_distributed()
-    if tc.batch_size % (world * tc.grad_accum):
-        raise ValueError(f"{section}.train.batch_size {tc.batch_size} does not split into {world} processes x "
-                         f"{tc.grad_accum} micro-batches (grad_accum): make it a multiple of {world * tc.grad_accum}")
-    device = select_device(tc.device)
-    torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    return Rank(rank, world, device)
-
-
-def epoch_stream(urls: list[str], decode: Callable[[dict[str, Any]], Any], tc: TrainConfig, r: Rank) -> EpochStream:
-    """This rank's shards as shuffled, resumable micro-batches of batch_size / (world · grad_accum)."""
-    from tagdit.train.stream import EpochStream
-
-    return EpochStream(urls, decode, batch_size=tc.batch_size // (r.world * tc.grad_accum), seed=tc.seed,
-                       shuffle_buffer=tc.shuffle_buffer, rank=r.rank, world_size=r.world, workers=tc.loader_workers)
 
 
 def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: str) -> None:
@@ -109,11 +65,11 @@ def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: 
 
 def checkpoint_facts(ckpt: Path) -> dict[str, Any]:
     """What every trainer's stamp records: checkpoint, step, last training loss, parameter count."""
-    from tagdit.formats.checkpoints import load_weights
+    from tagdit.formats.checkpoints import load_weights, read_checkpoint_meta
 
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_checkpoint_meta(ckpt)
     state, _ = load_weights(ckpt / "ema.safetensors")
-    return {"checkpoint": str(ckpt), "step": meta["step"], "loss": meta.get("metrics", {}).get("loss"),
+    return {"checkpoint": str(ckpt), "step": meta.step, "loss": meta.metrics.get("loss"),
             "params": sum(v.numel() for v in state.values())}
 
 
@@ -143,12 +99,12 @@ class TrainerStage:
 
     def check_disk(self, cfg: PipelineConfig, paths: tuple[Path, ...], out_dir: Path) -> None:
         """Refuse to start when the checkpoints still to come cannot fit out_dir's file system (DiskSpaceError)."""
-        from tagdit.formats.checkpoints import Checkpoints
+        from tagdit.formats.checkpoints import Checkpoints, read_checkpoint_meta
         from tagdit.train.disk import check_disk_space
 
         tc = self.train_config(cfg)
         latest = Checkpoints(out_dir).latest()
-        step = json.loads((latest / "meta.json").read_text())["step"] if latest else 0
+        step = read_checkpoint_meta(latest).step if latest else 0
         size = self.checkpoint_bytes(cfg, paths)
         if latest is not None:  # a real one beats the projection
             size = max(size, sum(p.stat().st_size for p in latest.iterdir() if p.is_file()))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tagdit.config import PipelineConfig
 from tagdit.orchestrate.stage import Stage
-from tasks.trainer import TrainerStage, start_rank
+from tagdit.train.ranks import start_rank
+from tasks.trainer import TrainerStage
 
 
 def train(cfg: PipelineConfig, data: Path, out_dir: Path) -> None:

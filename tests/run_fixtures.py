@@ -35,7 +35,7 @@ def fake_vae_run(cfg: PipelineConfig, latents: Path) -> None:
     vae_dir = cfg.run_dir / "vae"
     vae = build_vae(VAE_PRESETS["demo"].model_copy(update={"widths": [8, 8, 8], "groups": 4}))
     save_weights(vae_dir / "ckpt-0000001" / "ema.safetensors", vae.state_dict(), vae.cfg.model_dump())
-    (vae_dir / "ckpt-0000001" / "meta.json").write_text("{}")
+    (vae_dir / "ckpt-0000001" / "meta.json").write_text(json.dumps({"step": 1}))
     (vae_dir / "latest").write_text("ckpt-0000001\n")
     stamp = {"record": {"stage": "train_vae", "key": "k", "out_dir": str(vae_dir), "fingerprint": "f",
                         "info": {"vae_id": "fixture", "checkpoint": str(vae_dir / "ckpt-0000001")}}, "files": {}}

@@ -36,8 +36,8 @@ def test_checkpoint_counts_follow_the_schedule_and_retention():
 
 
 def test_the_original_preset_fits_a_64_gib_disk_by_its_own_projection():
-    from tasks.train_dit import dit_checkpoint_bytes
-    from tasks.train_vae import vae_checkpoint_bytes
+    from tagdit.train.dit import dit_checkpoint_bytes
+    from tagdit.train.vae import vae_checkpoint_bytes
 
     cfg = load_config("configs/original-256.yaml")
     for section, per_ckpt in (("dit", dit_checkpoint_bytes(cfg, vocab_size=cfg.shards.max_vocab + 4,

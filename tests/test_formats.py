@@ -159,3 +159,22 @@ def test_psnr_of_known_error():
     x = torch.zeros(2, 3, 4, 4)
     y = x + torch.tensor([0.2, 0.02]).view(2, 1, 1, 1)  # errors 0.1 and 0.01 on the [0, 1] scale
     torch.testing.assert_close(psnr(x, y), torch.tensor([20.0, 40.0]))
+
+
+def test_checkpoint_meta_reads_back_what_checkpoints_save_writes(tmp_path):
+    from tagdit.formats.checkpoints import CheckpointMeta, Checkpoints, read_checkpoint_meta
+
+    model = torch.nn.Linear(2, 2)
+    ckpt = Checkpoints(tmp_path).save(12, model=model, ema=model, config={}, state={},
+                                      meta={"metrics": {"loss": 0.5, "val_loss": 0.25}, "desc": "train_dit"})
+    assert read_checkpoint_meta(ckpt) == CheckpointMeta(12, {"loss": 0.5, "val_loss": 0.25}, "train_dit")
+
+
+def test_checkpoint_meta_of_a_folder_without_meta_json_is_a_clear_error(tmp_path):
+    from tagdit.formats.checkpoints import read_checkpoint_meta
+
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder: it has no meta.json"):
+        read_checkpoint_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match="records no step"):
+        read_checkpoint_meta(tmp_path)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import tasks.train_dit
+import tagdit.train.dit
 from tagdit.config import TrainConfig
 from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.devices import autocast, autocast_dtype
@@ -33,14 +33,14 @@ def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu():
 
 def test_bf16_autocast_trains_a_tiny_dit_on_cpu(tmp_path, monkeypatch):
     latents = write_latent_fixture(tmp_path / "ds", n_train=12, n_val=4, per_shard=5)
-    seen, real = [], tasks.train_dit.dit_loss
+    seen, real = [], tagdit.train.dit.dit_loss
 
     def spy(model, batch, step, **kw):
         loss, logs = real(model, batch, step, **kw)
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), loss.item()))
         return loss, logs
 
-    monkeypatch.setattr(tasks.train_dit, "dit_loss", spy)
+    monkeypatch.setattr(tagdit.train.dit, "dit_loss", spy)
     cfg = config(tmp_path, *RUN, "dit.train.steps=6", "dit.train.precision=bf16")
     rec = train_dit_stage(cfg, *records(latents))
     assert len(seen) == 6 and all(on and dtype == torch.bfloat16 for on, dtype, _ in seen)

@@ -16,7 +16,7 @@ from models.perceptual import (
 )
 from models.vae import build_vae
 from tagdit.config import VAEConfig, VAEModelConfig
-from tasks.train_vae import build_vae_loss
+from tagdit.train.vae import build_vae_loss
 
 REPO, REV = VAEConfig().vgg_repo, VAEConfig().vgg_revision
 

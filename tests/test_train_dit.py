@@ -12,7 +12,8 @@ from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.formats.checkpoints import load_weights
 from tagdit.formats.latent_shards import LatentStats
 from tagdit.formats.trained_models import load_dit
-from tasks.train_dit import TRAIN_DIT, decode_latent, shard_urls, train_dit_stage
+from tagdit.train.dit import decode_latent, shard_urls
+from tasks.train_dit import TRAIN_DIT, train_dit_stage
 from tests.run_fixtures import config, fake_vae_run, records, sample_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import tasks.train_vae as tv
+import tagdit.train.vae as tv
 from tagdit.config import load_config
 from tagdit.formats.checkpoints import load_weights
 from tagdit.formats.trained_models import load_vae
 from tagdit.train.loop import NonFiniteLossError
+from tasks.train_vae import train_vae_stage
 from tasks.trainer import TrainerStage
 from tests.model_fixtures import TINY_VAE, as_override
 from tests.shard_fixtures import shard_record
@@ -84,7 +85,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 def test_stage_records_checkpoint_facts_and_is_reused(tmp_path, dataset, monkeypatch):
     cfg = make_cfg(tmp_path, dataset, "vae.train.steps=4")
     shards = shard_record(dataset)
-    rec = tv.train_vae_stage(cfg, shards)
+    rec = train_vae_stage(cfg, shards)
     info = rec.info
     ckpt = Path(info["checkpoint"])
     assert ckpt.name == "ckpt-0000004" and info["step"] == 4
@@ -93,11 +94,11 @@ def test_stage_records_checkpoint_facts_and_is_reused(tmp_path, dataset, monkeyp
     assert model.downsample_factor == 8 and model.cfg.widths == [8, 16, 16]
 
     monkeypatch.setattr(TrainerStage, "run_training", lambda *a, **k: pytest.fail("should be cached"))
-    assert tv.train_vae_stage(cfg, shards) == rec
+    assert train_vae_stage(cfg, shards) == rec
     monkeypatch.undo()
     # another architecture in the same run dir: the old run is moved aside, not resumed
     cfg2 = make_cfg(tmp_path, dataset, "vae.train.steps=4", "vae.model.z_channels=8")
-    rec2 = tv.train_vae_stage(cfg2, shards)
+    rec2 = train_vae_stage(cfg2, shards)
     assert load_vae(Path(rec2.info["checkpoint"]))[0].cfg.z_channels == 8
     assert len(list((tmp_path / "runs" / "demo").glob("vae.superseded-*"))) == 1
 
@@ -145,7 +146,7 @@ def test_train_crop_must_fit_the_latent_grid(tmp_path, dataset):
 
 def test_training_on_crops_validates_whole_images(tmp_path, dataset):
     cfg = make_cfg(tmp_path, dataset, "vae.train_crop=16", "vae.train.steps=4")
-    rec = tv.train_vae_stage(cfg, shard_record(dataset))
+    rec = train_vae_stage(cfg, shard_record(dataset))
     assert rec.info["val_psnr"] > 0  # PSNR over whole 32 px validation images
     model, _ = load_vae(Path(rec.info["checkpoint"]))
     assert model(torch.zeros(1, 3, 32, 32), sample=False)[0].shape == (1, 3, 32, 32)

@@ -213,7 +213,7 @@ def test_grad_accum_update_equals_one_step_on_the_full_batch(tmp_path):
 
 
 def test_a_batch_that_does_not_split_into_micro_batches_is_a_clear_error():
-    from tasks.trainer import start_rank
+    from tagdit.train.ranks import start_rank
 
     with pytest.raises(ValueError, match="multiple of 4"):
         start_rank(TrainConfig(batch_size=6, grad_accum=4, device="cpu"), "dit")

@@ -7,7 +7,7 @@ import torch.nn as nn
 from models.discriminator import PatchDiscriminator
 from models.vae_loss import VAELoss
 from tagdit.config import VAEConfig, load_config
-from tasks.train_vae import build_vae_loss
+from tagdit.train.vae import build_vae_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

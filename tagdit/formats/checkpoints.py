@@ -1,5 +1,6 @@
 """Weights and checkpoints: safetensors files that describe themselves, numbered checkpoint folders
-that are never overwritten, and the RNG state that makes a resume exact."""
+that are never overwritten (their `meta.json` read back as a typed `CheckpointMeta`), and the RNG
+state that makes a resume exact."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import socket
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +76,33 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """A checkpoint's `meta.json`: the step it was saved at and the training run's metrics then."""
+
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)  # loss, val_loss / val_psnr, ...
+    desc: str | None = None  # the run that wrote it (`train_dit`, `train_vae`)
+
+
+def read_checkpoint_meta(ckpt: str | Path) -> CheckpointMeta:
+    """The `meta.json` `Checkpoints.save` wrote into checkpoint folder `ckpt`, or a clear error."""
+    path = Path(ckpt) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint folder: it has no meta.json "
+                                "(a checkpoint folder holds model.safetensors, ema.safetensors, state.pt, meta.json)")
+    raw = json.loads(path.read_text())
+    if "step" not in raw:
+        raise ValueError(f"{path} records no step: not a meta.json that Checkpoints.save wrote")
+    return CheckpointMeta(step=int(raw["step"]), metrics=dict(raw.get("metrics", {})), desc=raw.get("desc"))
+
+
 class Checkpoints:
     """Numbered checkpoint folders `ckpt-NNNNNNN/` that are never overwritten, plus a `latest` pointer.
 
     A folder holds `model.safetensors` and `ema.safetensors` (weights + model config), `state.pt`
-    (optimiser, schedule, EMA count, stream position, RNG, extras) and `meta.json` (step, metrics).
+    (optimiser, schedule, EMA count, stream position, RNG, extras) and `meta.json` (step, metrics;
+    read it with `read_checkpoint_meta`).
     """
 
     def __init__(self, root: str | Path):

@@ -41,10 +41,6 @@ def state_bytes(*modules: nn.Module, ema: bool = True) -> int:
     return total
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def future_checkpoints(step: int, steps: int, every: int) -> int:
     """How many checkpoints a run at `step` still writes: every `every` steps and at the end."""
     if step >= steps:

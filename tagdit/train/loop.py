@@ -1,14 +1,15 @@
 """`fit`: the training loop shared by the VAE and the DiT.
 
-`fit` owns everything that is not model-specific; a trainer supplies `loss_fn(model, batch, step)`,
-optionally `val_fn(ema_module, step, writer)`, and for a second model with its own optimiser (e.g.
-a discriminator) an `after_step(batch, step)` hook plus its state-carrying objects in `extra`.
+`fit` owns everything that is not model-specific: resume or seed, micro-batches and gradient
+accumulation under DDP, the optimiser and EMA step, logging, validation and checkpoints. A trainer
+(`tagdit.train.dit`, `tagdit.train.vae`) supplies `loss_fn(model, batch, step)`, optionally
+`val_fn(ema_module, step, writer)`, and for a second model with its own optimiser (the VAE's
+discriminator) an `after_step(batch, step)` hook plus its state-carrying objects in `extra`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from tagdit.devices import autocast, configure_backends
 from tagdit.formats.checkpoints import (
     Checkpoints,
     load_weights,
+    read_checkpoint_meta,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -152,7 +154,7 @@ def _restore_or_seed(st: _State, ckpt: Path | None, seed: int, desc: str, rank: 
         obj.load_state_dict(state["extra"][name])
     _restore_rank(st, state, rank)
     st.step, st.last_good = int(state["step"]), ckpt
-    st.metrics = json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
+    st.metrics = dict(read_checkpoint_meta(ckpt).metrics)
     log.info("%s: resumed from %s (step %d)", desc, ckpt, st.step)
 
 

@@ -88,7 +88,7 @@ def evaluate_flow(
         run: the run to evaluate, runs/<run>/ (run.name).
         sampler: draw with this sampler only (ddim, ddpm = DDIM with eta 1, dpmpp_2m) instead of the preset's list.
         sampling_steps: the sampler's steps (with `sampler`, or for the preset's first sampler).
-        cfg_scale: classifier-free guidance scale of the evaluation samples (evaluate.cfg).
+        cfg_scale: classifier-free guidance scale of the evaluation samples (evaluate.cfg_scale).
         nightly: evaluate the latest checkpoint while training may go on, skipped while an earlier nightly runs.
     """
     from tagdit.formats.checkpoints import Checkpoints

@@ -52,7 +52,7 @@ def export_run(cfg: PipelineConfig, to: str | Path, overwrite: bool = False) -> 
     index = ExportIndex(
         resolution=stats.latent_shape[-1] * vae.downsample_factor, latent_shape=stats.latent_shape,
         schedule=dit.schedule, timesteps=dit.timesteps, max_tags=dit.cfg.max_tags,
-        sampler={"sampler": sampler.sampler, "steps": sampler.steps, "eta": sampler.eta}, cfg_scale=cfg.evaluate.cfg,
+        sampler={"sampler": sampler.sampler, "steps": sampler.steps, "eta": sampler.eta}, cfg_scale=cfg.evaluate.cfg_scale,
         source={"run": cfg.run.name, "dataset": cfg.data.name, "dit_checkpoint": ckpt.name, "dit_step": step,
                 "vae_checkpoint": files.vae_checkpoint.name, "vae_id": stats.vae_id})
     folder = write_export(to, dit=dit, vae=vae, stats=stats, vocab_file=files.vocab, index=index,

@@ -6,6 +6,8 @@ unknown keys, so a typo fails loudly with the key's dotted name.
 
 from __future__ import annotations
 
+import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +22,9 @@ from models.config import (
     DiTModelConfig,
     VAEModelConfig,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -185,7 +190,7 @@ class DiTConfig(Section):
     sample_every: int | None = Field(None, ge=1)  # steps between grids; None = off
     sample_prompts: list[str] = []  # empty = a few frequent captions of the val latents, fixed at start
     sample_seeds: list[int] = [0, 1]  # grid columns
-    sample_steps: int = Field(20, ge=1)  # DDIM steps (CFG scale: evaluate.cfg)
+    sample_steps: int = Field(20, ge=1)  # DDIM steps (CFG scale: evaluate.cfg_scale)
     train: DiTTrainConfig = DiTTrainConfig()
 
     @field_validator("model", mode="before")
@@ -234,7 +239,7 @@ class EvaluateConfig(Section):
     n_prompts: int = Field(6, ge=1)  # how many default prompts to draw
     negative_example: tuple[str, str] | None = None  # (prompt, negative); None = derived
     seeds: list[int] = [0, 1, 2, 3]
-    cfg: float = 4.0
+    cfg_scale: float = Field(4.0, ge=0)  # classifier-free guidance scale of every evaluation sample
     samplers: list[SamplerConfig] = [
         SamplerConfig(name="ddim50", steps=50, eta=0.0),
         SamplerConfig(name="ddpm250", steps=250, eta=1.0),
@@ -341,14 +346,38 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+# Keys that were renamed: the old spelling still loads, with a warning naming the new one.
+RENAMED = {"evaluate.cfg": "evaluate.cfg_scale"}
+
+
+def _renamed(dotted: str) -> str:
+    if dotted in RENAMED:
+        log.warning("config key %s is spelled %s now", dotted, RENAMED[dotted])
+        return RENAMED[dotted]
+    return dotted
+
+
+def _rename_keys(tree: dict) -> None:
+    """Move renamed keys of a loaded YAML tree to their new names (RENAMED)."""
+    for old, new in RENAMED.items():
+        (section, key), (_, new_key) = old.split("."), new.split(".")
+        node = tree.get(section)
+        if isinstance(node, dict) and key in node:
+            node[new_key] = node.pop(key)
+            _renamed(old)
+
+
 def apply_override(tree: dict, parts: list[str], value: Any) -> None:
     """Set a dotted key in a nested dict, checking each level against `PipelineConfig`."""
+    parts = _renamed(".".join(parts)).split(".")
     model: type[BaseModel] | None = PipelineConfig
     node = tree
     for i, part in enumerate(parts):
         dotted = ".".join(parts[: i + 1])
         if model is not None and part not in model.model_fields:
-            raise ConfigError(f"unknown config key {dotted!r}; valid: {sorted(model.model_fields)}")
+            close = difflib.get_close_matches(part, model.model_fields, n=1)
+            guess = f"did you mean {'.'.join([*parts[:i], close[0]])!r}? " if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}; {guess}valid: {sorted(model.model_fields)}")
         if i == len(parts) - 1:
             node[part] = value
             return
@@ -382,6 +411,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = yaml.safe_load(p.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping")
+        _rename_keys(tree)
     for item in overrides or []:
         parts, value = parse_override(item)
         apply_override(tree, parts, value)

@@ -64,3 +64,16 @@ def test_cli_rejects_unknown_key_before_running(capsys):
         flow_main(lambda **kw: called.append(kw), "x", ["--set", "run.nam=3"])
     assert e.value.code == 2 and not called
     assert "run.nam" in capsys.readouterr().err
+
+
+def test_a_misspelt_key_is_refused_with_the_closest_one():
+    with pytest.raises(ConfigError, match="did you mean 'dit.train.steps'"):
+        load_config("demo", ["dit.train.stpes=5"])
+
+
+def test_a_renamed_key_still_loads_under_its_new_name(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text("evaluate:\n  cfg: 3.5\n")
+    assert load_config(old).evaluate.cfg_scale == 3.5
+    assert load_config(None, ["evaluate.cfg=2.5"]).evaluate.cfg_scale == 2.5
+    assert "evaluate.cfg is spelled evaluate.cfg_scale now" in caplog.text

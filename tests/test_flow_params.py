@@ -55,7 +55,7 @@ def test_typed_settings_set_their_keys_and_win_over_overrides():
                       source="/data/my images", vae_steps=30, dit_steps=40, gpus=2, cfg_scale=3.5)
     assert (cfg.run.name, cfg.data.name, str(cfg.data.source)) == ("exp-7", "faces", "/data/my images")
     assert (cfg.vae.train.steps, cfg.dit.train.steps, cfg.vae.train.nproc, cfg.dit.train.nproc) == (30, 40, 2, 2)
-    assert cfg.evaluate.cfg == 3.5 and cfg.dit.train.lr == 2e-4
+    assert cfg.evaluate.cfg_scale == 3.5 and cfg.dit.train.lr == 2e-4
     ddpm = flow_config("demo", None, sampler="ddpm", sampling_steps=30).evaluate.samplers
     assert [(s.name, s.sampler, s.steps, s.eta) for s in ddpm] == [("ddpm30", "ddim", 30, 1.0)]
     steps_only = flow_config("demo", None, sampling_steps=20).evaluate.samplers

@@ -18,7 +18,7 @@ from tests.run_fixtures import config, latents_with_vae, records
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = ["dit.train.steps=8", "dit.train.checkpoint_every=4", "dit.train.log_every=4", "dit.train.val_every=4",
-       "dit.train.batch_size=4", "dit.model.dropout=0.1", "evaluate.cfg=3"]
+       "dit.train.batch_size=4", "dit.model.dropout=0.1", "evaluate.cfg_scale=3"]
 
 
 def grids(run_dir: Path) -> dict[int, bytes]:

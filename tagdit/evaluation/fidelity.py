@@ -71,7 +71,7 @@ def draw_for_metrics(cfg: PipelineConfig, painter: Painter, conds: list[list[str
         chunk = conds[start:start + 32]
         k = len(chunk)
         rows = chunk + [[]] * k if unconditional else chunk
-        imgs = painter.draw(rows, [[]] * len(rows), sampler, cfg.evaluate.cfg, seeds=1000 + start)
+        imgs = painter.draw(rows, [[]] * len(rows), sampler, cfg.evaluate.cfg_scale, seeds=1000 + start)
         cond_imgs += imgs[:k]
         uncond_imgs += imgs[k:]
     return cond_imgs, uncond_imgs
@@ -119,7 +119,7 @@ def tag_fidelity(cfg: PipelineConfig, painter: Painter, tagger: Any, prompts: li
                            "unconditional": fidelity(pred_uncond[sl], conds[sl])})
     out = {
         "sampler": cfg.evaluate.samplers[0].name,
-        "cfg_scale": cfg.evaluate.cfg,
+        "cfg_scale": cfg.evaluate.cfg_scale,
         "samples_per_prompt": m,
         "cfg": {**fidelity(pred_cond, conds), "recall_se": recall_se(pred_cond, conds, m)},
         "unconditional": {**fidelity(pred_uncond, conds), "recall_se": recall_se(pred_uncond, conds, m)},

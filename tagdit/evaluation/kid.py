@@ -51,11 +51,11 @@ def kid_conditions(captions: list[list[str]], n: int, seed: int = 0) -> list[lis
 
 
 def draw_kid_samples(cfg: PipelineConfig, painter: Painter, conds: list[list[str]]) -> Iterable[Image.Image]:
-    """The KID samples, one per condition, CFG at evaluate.cfg, by evaluate.kid_sampler, in batches of 32."""
+    """The KID samples, one per condition, CFG at evaluate.cfg_scale, by evaluate.kid_sampler, in batches of 32."""
     started = time.perf_counter()
     for start in range(0, len(conds), BATCH):
         rows = conds[start:start + BATCH]
-        yield from painter.draw(rows, [[]] * len(rows), cfg.evaluate.kid_sampler, cfg.evaluate.cfg, seeds=SEED + start)
+        yield from painter.draw(rows, [[]] * len(rows), cfg.evaluate.kid_sampler, cfg.evaluate.cfg_scale, seeds=SEED + start)
         done = min(start + BATCH, len(conds))
         if done % (10 * BATCH) == 0 or done == len(conds):
             log.info("evaluate: %d/%d KID samples drawn (%.0f s)", done, len(conds), time.perf_counter() - started)
@@ -88,7 +88,7 @@ def not_computed(cfg: PipelineConfig, name: str, note: str) -> dict[str, Any]:
 
     v = VARIANTS[name]
     return {"variant": name, "extractor": EXTRACTOR, "weights": None, "input_size": v.input_size, "generated": 0,
-            "real": 0, "sampler": cfg.evaluate.kid_sampler.name, "cfg_scale": cfg.evaluate.cfg,
+            "real": 0, "sampler": cfg.evaluate.kid_sampler.name, "cfg_scale": cfg.evaluate.cfg_scale,
             "subset_size": v.subset_size, "subsets": 0, "mean": None, "std": None, "note": note}
 
 
@@ -125,7 +125,7 @@ def inception_kids(cfg: PipelineConfig, painter: Painter, reals: Iterable[tuple[
         s = v.mmd2(real[v.input_size], fake[v.input_size], seed=0)  # (subsets,)
         out[n] = {"variant": n, "extractor": EXTRACTOR, "weights": weights.name, "input_size": v.input_size,
                   "generated": len(conds), "real": len(captions), "sampler": cfg.evaluate.kid_sampler.name,
-                  "cfg_scale": cfg.evaluate.cfg, "subset_size": min(v.subset_size, len(captions), len(conds)),
+                  "cfg_scale": cfg.evaluate.cfg_scale, "subset_size": min(v.subset_size, len(captions), len(conds)),
                   "subsets": len(s), "mean": float(s.mean()), "std": float(s.std(unbiased=False)),
                   "note": variant_note(n, weights.name)}
     return out

@@ -45,7 +45,7 @@ def render_sampler_grid(cfg: PipelineConfig, painter: Painter, rows: list[tuple[
     from tagdit.sampling.grid import render_grid
 
     seeds = cfg.evaluate.seeds
-    imgs = painter.draw([r[0] for r in rows], [r[1] for r in rows], sampler, cfg.evaluate.cfg, seeds)
+    imgs = painter.draw([r[0] for r in rows], [r[1] for r in rows], sampler, cfg.evaluate.cfg_scale, seeds)
     tiles = [[imgs[j * len(rows) + i] for j in range(len(seeds))] for i in range(len(rows))]  # row i, seed j
     grid = render_grid(tiles, [r[2] for r in rows], [f"seed {s}" for s in cfg.evaluate.seeds])
     with atomic_path(dst) as tmp:

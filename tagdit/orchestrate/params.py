@@ -54,7 +54,7 @@ SETTING_KEYS: dict[str, tuple[str, ...]] = {
     "vae_steps": ("vae.train.steps",),
     "dit_steps": ("dit.train.steps",),
     "gpus": ("vae.train.nproc", "dit.train.nproc"),
-    "cfg_scale": ("evaluate.cfg",),
+    "cfg_scale": ("evaluate.cfg_scale",),
 }
 SAMPLER_SETTINGS = ("sampler", "sampling_steps")
 

@@ -136,5 +136,5 @@ def make_sample_monitor(cfg: PipelineConfig, vocab: Any, latents_dir: Path, vae_
                       checkpoint=ckpt)  # the DiT drawn with is the live EMA module, passed per grid
     return SampleMonitor(painter=painter, prompts=sample_prompts(cfg, vocab, latents_dir),
                          seeds=list(cfg.dit.sample_seeds), sampler=SamplerConfig(name="train", steps=cfg.dit.sample_steps),
-                         cfg_scale=cfg.evaluate.cfg, every=cfg.dit.sample_every, total=cfg.dit.train.steps,
+                         cfg_scale=cfg.evaluate.cfg_scale, every=cfg.dit.sample_every, total=cfg.dit.train.steps,
                          key=artifact_key(cfg.run.name))

@@ -23,7 +23,6 @@ from models.config import (
     VAEModelConfig,
 )
 
-
 log = logging.getLogger(__name__)
 
 

@@ -127,9 +127,9 @@ def recipe_effect(model: Path, paths: list[Path]) -> None:
     """Scores and tag flips of the opt-in recipes against the reference, on this model."""
     from PIL import Image
 
+    from tagdit.data.tag import source_square
     from tagdit.data.tagger import WDTagger
     from tagdit.formats.wd_image import wd_preprocess, wd_preprocess_torch
-    from tasks.tag import source_square
 
     tagger = WDTagger.from_dir(model, batch_size=4)
 

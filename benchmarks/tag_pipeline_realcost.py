@@ -107,7 +107,7 @@ def bare_loop(model: Path, n: int, batch: np.ndarray) -> tuple[float, float]:
     """
     import onnxruntime as ort
 
-    from tagdit.data.tagger import default_providers
+    from tagdit.data.onnx_session import default_providers
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

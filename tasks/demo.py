@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 WORLD_MODULES = ("tagdit.demo.labels", "tagdit.demo.draw", "tagdit.demo.world")
 TAGGER_MODULES = (*WORLD_MODULES, "tagdit.demo.tagger_data", "tagdit.demo.tagger", "tagdit.data.tagger",
-                  "tagdit.formats.selected_tags", "tagdit.formats.wd_image")
+                  "tagdit.data.onnx_session", "tagdit.formats.selected_tags", "tagdit.formats.wd_image")
 TAGGER_FILES = ("model.onnx", "selected_tags.csv", "report.json")
 EVAL_IMAGES = 400  # held-out world images the tagger report is measured on (fewer if the world is smaller)
 

@@ -42,8 +42,8 @@ def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: Ta
 TAG = Stage(
     name="tag",
     version=3,  # 2: the tagger reads the source file's square, not the dataset-size crop; 3: Pillow's resize
-    modules=("tasks.tag", "tagdit.data.tag", "tagdit.data.tagger", "tagdit.formats.chunks", "tagdit.formats.selected_tags",
-             "tagdit.formats.wd_image"),
+    modules=("tasks.tag", "tagdit.data.tag", "tagdit.data.tagger", "tagdit.data.onnx_session", "tagdit.formats.chunks",
+             "tagdit.formats.selected_tags", "tagdit.formats.wd_image"),
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
               "tagger.sidecar", "tagger.resize", "tagger.pre_shrink"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "tag",

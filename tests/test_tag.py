@@ -111,7 +111,7 @@ def test_tagger_only_and_sidecar_only_modes(tmp_path, world):
     assert only_side["sub/Blue.PNG"]["tags"] == []
 
 
-def test_changed_tagger_model_or_threshold_retags_and_unchanged_reuses(tmp_path, world):
+def test_changed_onnx_model_or_threshold_retags_and_unchanged_reuses(tmp_path, world):
     src, _ = world
     wd = build_wd_model(tmp_path / "wd2")
     cfg = config(tmp_path, (src, wd))
@@ -305,13 +305,13 @@ def test_tag_stage_warns_once_when_torch_sees_cuda_but_onnxruntime_offers_no_cud
     import onnxruntime
     import torch
 
-    import tagdit.data.tagger as tagger_mod
+    import tagdit.data.onnx_session as onnx_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    monkeypatch.setattr(tagger_mod, "_installed", {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}.get)
-    monkeypatch.setattr(tagger_mod, "_WARNED_GPU_IDLE", False)
+    monkeypatch.setattr(onnx_mod, "_installed", {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}.get)
+    monkeypatch.setattr(onnx_mod, "_WARNED_GPU_IDLE", False)
     cfg = config(tmp_path, world)
     crop = crop_stage(cfg)
     with caplog.at_level(logging.WARNING):

@@ -163,13 +163,17 @@ def recipe_effect(model: Path, paths: list[Path]) -> None:
               f"{int((p[:, :4].argmax(1) != ref[:, :4].argmax(1)).sum())}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32, help="images per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--effect-images", type=int, default=16, help="0 skips the recipe-effect part")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for ours (tagger.*)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     from PIL import Image
 
     from tagdit.config import load_config

@@ -187,7 +187,8 @@ def tagger_part(s: Sizes, tmp: Path) -> dict[str, float]:
     from PIL import Image
     from tag_pipeline import model_dir
 
-    from tagdit.data.tagger import WDTagger, default_providers
+    from tagdit.data.onnx_session import default_providers
+    from tagdit.data.tagger import WDTagger
 
     folder, what = model_dir(tmp)
     rng = np.random.default_rng(0)

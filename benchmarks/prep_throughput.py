@@ -54,17 +54,15 @@ def baseline(paths: list[Path], out: Path, res: int) -> None:
 
 def empty_tags(cfg, crop):
     """A tag-stage record with no tags, so the timing covers crop + encode + shard only."""
-    import pyarrow.parquet as pq
-
+    from tagdit.formats.chunks import read_crop_chunk, write_tag_chunk
     from tagdit.orchestrate.stage import StageRecord
-    from tasks.tag import TAG_SCHEMA
 
     out = cfg.dataset_dir / "work" / "bench-tags"
     out.mkdir(parents=True, exist_ok=True)
     for c in crop.info["chunks"]:
-        keys = [r["key"] for r in pq.read_table(Path(crop.out_dir) / c, columns=["key", "ok"]).to_pylist() if r["ok"]]
+        keys = read_crop_chunk(Path(crop.out_dir) / c, ["key"], ok_only=True).column("key").to_pylist()
         rows = [{"key": k, "tags": [], "scores": [], "categories": [], "rating": "general"} for k in keys]
-        pq.write_table(__import__("pyarrow").Table.from_pylist(rows, schema=TAG_SCHEMA), out / c)
+        write_tag_chunk(rows, out / c)
     return StageRecord(stage="tag", key="bench", out_dir=str(out), fingerprint="bench",
                        info={"chunks": crop.info["chunks"]})
 

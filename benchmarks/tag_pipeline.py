@@ -78,7 +78,8 @@ def main() -> None:
     import onnxruntime as ort
 
     from tagdit.config import load_config
-    from tagdit.data.tagger import WDTagger, default_providers
+    from tagdit.data.onnx_session import default_providers
+    from tagdit.data.tagger import WDTagger
     from tasks.crop import crop_stage
     from tasks.tag import tag_stage
 

@@ -107,7 +107,7 @@ def bare_loop(model: Path, n: int, batch: np.ndarray) -> tuple[float, float]:
     """
     import onnxruntime as ort
 
-    from tagdit.data.tagger import default_providers
+    from tagdit.data.onnx_session import default_providers
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -127,9 +127,9 @@ def recipe_effect(model: Path, paths: list[Path]) -> None:
     """Scores and tag flips of the opt-in recipes against the reference, on this model."""
     from PIL import Image
 
+    from tagdit.data.tag import source_square
     from tagdit.data.tagger import WDTagger
     from tagdit.formats.wd_image import wd_preprocess, wd_preprocess_torch
-    from tasks.tag import source_square
 
     tagger = WDTagger.from_dir(model, batch_size=4)
 
@@ -163,13 +163,17 @@ def recipe_effect(model: Path, paths: list[Path]) -> None:
               f"{int((p[:, :4].argmax(1) != ref[:, :4].argmax(1)).sum())}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32, help="images per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--effect-images", type=int, default=16, help="0 skips the recipe-effect part")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for ours (tagger.*)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     from PIL import Image
 
     from tagdit.config import load_config

@@ -85,4 +85,5 @@ def test_code_a_stage_imports_is_in_its_code_version(stage):
 def test_the_check_sees_a_missing_module():
     from dataclasses import replace
 
-    assert "tasks.encode -> tagdit.devices" in uncovered(replace(ENCODE, modules=("tasks.encode",)))
+    assert "tasks.encode -> tagdit.data.encode" in uncovered(replace(ENCODE, modules=("tasks.encode",)))
+    assert "tagdit.data.encode -> tagdit.devices" in uncovered(replace(ENCODE, modules=("tasks.encode", "tagdit.data.encode")))

@@ -1,13 +1,16 @@
 import io
 import os
+from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from tagdit.config import load_config
-from tasks.crop import CropParams, Reject, _decoded, crop_image, crop_stage, sample_key
+from tagdit.data.crop import CropParams, Reject, _decoded, crop_image, sample_key
+from tagdit.formats.chunks import read_crop_chunk
+from tagdit.formats.dataset_tables import read_manifest, read_rejects
+from tasks.crop import crop_stage
 from tests.wd_fixture import BAD, GOOD, OTHER
 
 
@@ -18,7 +21,7 @@ def config(tmp_path, source, *extra):
 
 
 def rows(rec):
-    return [r for c in rec.info["chunks"] for r in pq.read_table(f"{rec.out_dir}/{c}").to_pylist()]
+    return [r for c in rec.info["chunks"] for r in read_crop_chunk(Path(rec.out_dir) / c).to_pylist()]
 
 
 def pixels(row) -> np.ndarray:
@@ -136,7 +139,7 @@ def test_every_file_found_is_a_crop_or_a_reject_with_its_reason(tmp_path, wd_mod
     assert (crop.info["found"], crop.info["ok"], crop.info["rejected"], crop.info["sidecars"]) == (10, 2, 8, 1)
     shards = shard_stage(cfg, crop, tag_stage(cfg, crop))
     assert shards.info["found"] == 10 == shards.info["sharded"] + shards.info["rejected"]
-    reasons = {r["path"]: r["reason"] for r in pq.read_table(tmp_path / "shards/t/rejects.parquet").to_pylist()}
+    reasons = {r["path"]: r["reason"] for r in read_rejects(tmp_path / "shards/t")}
     assert set(reasons) == {"logo.svg", "doc.pdf", "empty.jpg", "zero", "notes.txt", "data.json", ".DS_Store",
                             "sub/layers.psd"}
     assert reasons["logo.svg"].startswith("not a raster image") and reasons["doc.pdf"].startswith("not a raster image")
@@ -145,6 +148,6 @@ def test_every_file_found_is_a_crop_or_a_reject_with_its_reason(tmp_path, wd_mod
     assert reasons["data.json"] == "unreadable image: not an image format Pillow can open (.json)"
     assert reasons[".DS_Store"] == "hidden file"
     assert "decode failed" in reasons["sub/layers.psd"] or "not a decodable image" in reasons["sub/layers.psd"]
-    manifest = pq.read_table(tmp_path / "shards/t/manifest.parquet").to_pylist()
+    manifest = read_manifest(tmp_path / "shards/t")
     assert sorted(r["source"] for r in manifest) == ["a.png", "sub/photo"]
     assert "smile" in next(r for r in manifest if r["source"] == "a.png")["tags"]

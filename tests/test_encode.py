@@ -11,10 +11,11 @@ from webdataset.tariterators import tarfile_samples
 import tasks.encode as enc
 from models.vae import build_vae
 from tagdit.config import load_config
+from tagdit.data.encode import RunningMoments, latent_stats
 from tagdit.files import sha256_file
 from tagdit.formats.checkpoints import save_weights
 from tagdit.formats.image_shards import decode_image, image_bytes, image_shards
-from tagdit.formats.latent_shards import npy_bytes
+from tagdit.formats.latent_shards import latent_shard_paths, npy_bytes
 from tagdit.formats.trained_models import load_vae
 from tests.model_fixtures import TINY_VAE, as_override
 from tests.shard_fixtures import shard_record
@@ -92,7 +93,7 @@ def test_the_cpu_heap_keeps_freed_activations_on_glibc():
 def test_running_moments_are_exact_on_chunks_far_from_zero():
     rng = np.random.default_rng(0)
     x = 1e6 + rng.normal(0, 0.5, 10_001)  # naive sum-of-squares variance loses everything here
-    m = enc.RunningMoments()
+    m = RunningMoments()
     for chunk in np.array_split(x, [1, 7, 500, 4000]):
         m.update(torch.from_numpy(chunk))
     assert m.count == x.size
@@ -111,12 +112,12 @@ def test_scale_factor_is_one_over_the_std_of_posterior_samples(tmp_path):
                 mean = rng.normal(1.0, 2.0, (4, 8, 8)).astype(np.float16)
                 logvar = np.full((4, 8, 8), np.log(sigma**2), np.float16)
                 w.write({"__key__": f"k{shard}-{i}", "mean.npy": npy_bytes(mean), "logvar.npy": npy_bytes(logvar), "json": b"{}"})
-    stats = enc.latent_stats(enc.latent_shard_paths(tmp_path, "train"))
+    stats = latent_stats(latent_shard_paths(tmp_path, "train"))
     assert stats["count"] == 300 and stats["values"] == 300 * 256 and stats["latent_shape"] == [4, 8, 8]
     assert stats["scale_factor"] == pytest.approx(1 / (4 + sigma**2) ** 0.5, rel=0.02)
     assert stats["mean"] == pytest.approx(1.0, abs=0.05)
     assert stats["scale_factor"] == 1 / stats["std"]
-    assert enc.latent_stats(enc.latent_shard_paths(tmp_path, "train")) == stats  # fixed seed
+    assert latent_stats(latent_shard_paths(tmp_path, "train")) == stats  # fixed seed
 
 
 def test_encoding_resumes_per_shard_and_gives_identical_bytes(tmp_path, dataset, vae_ckpt, monkeypatch):

@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Runs the three stages with a pause after every unit of work, so the test can kill it mid-stage.
 SLOW_RUN = """
 import json, sys, time
-import tasks.crop as C, tasks.shard as S, tasks.tag as T
+import tagdit.data.tag as T, tasks.crop as C, tasks.shard as S, tasks.tag
 from tagdit.config import load_config
+from tagdit.formats.image_shards import ShardFile
 
 def slowed(f, pause):
     def g(*a, **k):
@@ -27,11 +28,11 @@ def slowed(f, pause):
     return g
 
 C.process_chunk = slowed(C.process_chunk, 0.1)
-T.atomic_path = slowed(T.atomic_path, 0.1)  # before each tag chunk is written
-S.ShardFile.write = slowed(S.ShardFile.write, 0.03)
+T.write_tag_chunk = slowed(T.write_tag_chunk, 0.1)  # after each tag chunk is written
+ShardFile.write = slowed(ShardFile.write, 0.03)
 cfg = load_config(None, json.loads(sys.argv[1]))
 crop = C.crop_stage(cfg)
-tag = T.tag_stage(cfg, crop)
+tag = tasks.tag.tag_stage(cfg, crop)
 S.shard_stage(cfg, crop, tag)
 """
 

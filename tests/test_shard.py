@@ -2,12 +2,17 @@ import json
 import tarfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from tagdit.config import load_config
+from tagdit.data.shard import TagStats, val_keys
+from tagdit.formats.dataset_tables import (
+    read_manifest,
+    read_rejects,
+    read_tag_table,
+    write_tag_table,
+)
 from tagdit.formats.image_shards import MTIME
 from tasks.crop import crop_stage
-from tasks.shard import TagStats, shard_stage, val_keys
+from tasks.shard import shard_stage
 from tasks.tag import tag_stage
 from tests.wd_fixture import BAD, GOOD, OTHER
 
@@ -43,13 +48,13 @@ def test_webdataset_reads_every_shard_back_and_accounting_holds(tmp_path, world)
     assert len({s["__key__"] for s in seen}) == GOOD
     with tarfile.open(urls[0]) as tf:
         assert {m.mtime for m in tf.getmembers()} == {MTIME}
-    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    manifest = read_manifest(out)
     assert sorted(m["key"] for m in manifest) == sorted(s["__key__"] for s in seen)
     assert all(m["shard"] in names and m["split"] == m["shard"][:-11] for m in manifest)
-    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    rejects = read_rejects(out)
     assert len(rejects) == BAD + OTHER and all(r["stage"] == "crop" and r["reason"] for r in rejects)
     assert {r["path"] for r in rejects} >= {"empty.png", "truncated.jpg", "unreadable.jpg"}
-    tags = {r["tag"]: r for r in pq.read_table(out / "tags.parquet").to_pylist()}
+    tags = {r["tag"]: r for r in read_tag_table(out)}
     assert tags["red"]["count"] == sum("red" in m["tags"] for m in manifest)
     vocab = json.loads((out / "vocab.json").read_text())["tokens"]
     assert vocab[:3] == ["<pad>", "<unk>", "<cls>"]
@@ -81,7 +86,7 @@ def test_split_depends_only_on_each_key():
     assert len(val_keys(["a", "b"], 0.01)) == 1 and val_keys(keys, 0.0) == set()
 
 
-def test_vocab_takes_frequent_train_tags_caps_size_and_skips_ratings():
+def test_vocab_takes_frequent_train_tags_caps_size_and_skips_ratings(tmp_path):
     stats = TagStats()
     for i in range(10):
         tags = ["common", "general"] + (["mid"] if i < 5 else []) + (["rare"] if i == 0 else [])
@@ -89,5 +94,6 @@ def test_vocab_takes_frequent_train_tags_caps_size_and_skips_ratings():
         stats.add({"tags": tags, "scores": [0.9] * len(tags), "categories": cats}, train=i != 9)
     assert stats.vocab(2, 100).tokens == ["<pad>", "<unk>", "<cls>", "common", "mid"]
     assert stats.vocab(2, 4).tokens == ["<pad>", "<unk>", "<cls>", "common"]
-    table = {r["tag"]: r for r in stats.table().to_pylist()}
+    write_tag_table(tmp_path, stats.table_rows())
+    table = {r["tag"]: r for r in read_tag_table(tmp_path)}
     assert table["common"]["count"] == 10 and table["common"]["train_count"] == 9

@@ -2,16 +2,17 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from tagdit.config import load_config
+from tagdit.data.tag import loaded_tagger, parse_sidecar, source_square
 from tagdit.data.tagger import WDTagger
 from tagdit.demo.stand_in_taggers import build_pixel_model, build_wd_model, drawn_image
+from tagdit.formats.chunks import read_crop_chunk, read_tag_chunk
 from tagdit.formats.wd_image import centre_box, wd_preprocess, wd_preprocess_torch
 from tasks.crop import crop_stage
-from tasks.tag import chunk_digest, loaded_tagger, parse_sidecar, source_square, tag_stage
+from tasks.tag import chunk_digest, tag_stage
 from tests.wd_fixture import GOOD, _jpeg_with_orientation, reference_prepare
 
 
@@ -23,13 +24,13 @@ def config(tmp_path, world, *extra):
 
 
 def tag_rows(rec):
-    rows = [r for c in rec.info["chunks"] for r in pq.read_table(f"{rec.out_dir}/{c}").to_pylist()]
+    rows = [r for c in rec.info["chunks"] for r in read_tag_chunk(Path(rec.out_dir) / c).to_pylist()]
     return {r["key"]: r for r in rows}
 
 
 def by_source(crop, rows):
     keys = {r["source"]: r["key"] for c in crop.info["chunks"]
-            for r in pq.read_table(f"{crop.out_dir}/{c}", columns=["key", "source"]).to_pylist()}
+            for r in read_crop_chunk(Path(crop.out_dir) / c, ["key", "source"]).to_pylist()}
     return {s: rows[k] for s, k in keys.items() if k in rows}
 
 
@@ -54,13 +55,14 @@ def test_first_squares_decode_while_the_session_loads_unless_pre_shrink_needs_it
                                                                                       pre_shrink):
     import threading
 
+    import tagdit.data.tag as tag_lib
     import tasks.tag as tag
 
     cfg = config(tmp_path, world, f"tagger.pre_shrink={str(pre_shrink).lower()}")
     crop = crop_stage(cfg)
     decoding, load = threading.Event(), tag.loaded_tagger
-    real_square = tag.source_square
-    monkeypatch.setattr(tag, "source_square", lambda *a: decoding.set() or real_square(*a))
+    real_square = tag_lib.source_square
+    monkeypatch.setattr(tag_lib, "source_square", lambda *a: decoding.set() or real_square(*a))
 
     def slow_load(*a):  # a first load: the decode threads have begun by the time it ends, or they wait for it
         began = decoding.wait(timeout=0.5 if pre_shrink else 30)
@@ -103,7 +105,7 @@ def test_tagger_only_and_sidecar_only_modes(tmp_path, world):
     assert only_side["sub/Blue.PNG"]["tags"] == []
 
 
-def test_changed_tagger_model_or_threshold_retags_and_unchanged_reuses(tmp_path, world):
+def test_changed_onnx_model_or_threshold_retags_and_unchanged_reuses(tmp_path, world):
     src, _ = world
     wd = build_wd_model(tmp_path / "wd2")
     cfg = config(tmp_path, (src, wd))
@@ -174,7 +176,7 @@ def test_tagger_reads_the_source_resolution_not_the_small_crop(tmp_path):
     assert "striped" in rows["fine.png"]["tags"] and "striped" in rows["large.png"]["tags"]
     assert "striped" not in rows["flat.png"]["tags"]
     # the dataset-size crop (32 px) lost the stripes: tagging it, as before, misses the tag
-    crops = {r["source"]: r["image"] for c in crop.info["chunks"] for r in pq.read_table(f"{crop.out_dir}/{c}").to_pylist()}
+    crops = {r["source"]: r["image"] for c in crop.info["chunks"] for r in read_crop_chunk(Path(crop.out_dir) / c).to_pylist()}
     tagger = WDTagger(wd / "model.onnx", wd / "selected_tags.csv")
     old = list(tagger.tag_images([Image.open(io.BytesIO(crops["fine.png"]))]))[0]
     assert "striped" not in old.tags
@@ -297,13 +299,13 @@ def test_tag_stage_warns_once_when_torch_sees_cuda_but_onnxruntime_offers_no_cud
     import onnxruntime
     import torch
 
-    import tagdit.data.tagger as tagger_mod
+    import tagdit.data.onnx_session as onnx_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    monkeypatch.setattr(tagger_mod, "_installed", {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}.get)
-    monkeypatch.setattr(tagger_mod, "_WARNED_GPU_IDLE", False)
+    monkeypatch.setattr(onnx_mod, "_installed", {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}.get)
+    monkeypatch.setattr(onnx_mod, "_WARNED_GPU_IDLE", False)
     cfg = config(tmp_path, world)
     crop = crop_stage(cfg)
     with caplog.at_level(logging.WARNING):

@@ -268,7 +268,7 @@ def test_batch_end_marker_pins_batches_without_changing_order(wd_model):
 def test_default_providers_put_cuda_first_when_onnxruntime_has_it(monkeypatch, available, want):
     import onnxruntime
 
-    from tagdit.data.tagger import default_providers
+    from tagdit.data.onnx_session import default_providers
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
     assert default_providers() == want
@@ -379,13 +379,13 @@ def cuda_torch(monkeypatch):
     import onnxruntime
     import torch
 
-    import tagdit.data.tagger as tagger_mod
+    import tagdit.data.onnx_session as onnx_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    monkeypatch.setattr(tagger_mod, "_WARNED_GPU_IDLE", False)
-    return tagger_mod
+    monkeypatch.setattr(onnx_mod, "_WARNED_GPU_IDLE", False)
+    return onnx_mod
 
 
 @pytest.mark.parametrize(("installed", "says"), [

@@ -9,9 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from tagdit.formats.dataset_tables import read_manifest, read_rejects
 from tagdit.formats.image_shards import image_bytes, iter_image_samples, open_image
 
 TILE = 128  # px per crop in the preview
@@ -20,7 +20,7 @@ CAPTION_LINES = 4  # tag lines under each crop (the most confident tags first)
 
 def pick_samples(dataset_dir: Path, n: int = 32, seed: int = 0) -> list[dict[str, Any]]:
     """`n` manifest rows drawn at random (the same ones for the same shards and seed), in shard order."""
-    rows = pq.read_table(Path(dataset_dir) / "manifest.parquet", columns=["key", "split", "shard", "tags"]).to_pylist()
+    rows = read_manifest(dataset_dir, columns=["key", "split", "shard", "tags"])
     chosen = random.Random(seed).sample(rows, min(n, len(rows)))
     return sorted(chosen, key=lambda r: (r["split"], r["shard"], r["key"]))
 
@@ -68,7 +68,7 @@ def reason_kind(reason: str) -> str:
 
 def rejects_by_reason(dataset_dir: Path) -> list[dict[str, Any]]:
     """One row per kind of reject, most frequent first: count, and one example file with its full reason."""
-    rows = pq.read_table(Path(dataset_dir) / "rejects.parquet").to_pylist()
+    rows = read_rejects(dataset_dir)
     counts = Counter(reason_kind(r["reason"]) for r in rows)
     first = {}
     for r in rows:

@@ -1,4 +1,4 @@
-"""The WD 1.4 tagger through ONNX Runtime: model loading, reference preprocessing, tag selection.
+"""The WD 1.4 tagger: finding its files, reference preprocessing, batched runs, tag selection.
 
 Copies the interface and recipe of SmilingWolf's wd-v1-4 taggers (docs/design.md §6): NHWC float32
 BGR 0-255 input (`tagdit.formats.wd_image`), sigmoid outputs, labels from `selected_tags.csv`
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel
 
+from tagdit.data.onnx_session import import_onnxruntime, open_session
 from tagdit.data.prefetch import prefetch
 from tagdit.formats.selected_tags import CHARACTER, GENERAL, RATING, TagLabels, display_name
 from tagdit.formats.wd_image import WD_RESIZE
@@ -81,64 +82,6 @@ def select_tags(
     keep = [i for i in keep if labels.names[i] not in excluded]
     rating = labels.names[rat[int(probs[rat].argmax())]] if len(rat) else ""
     return TagResult([labels.names[i] for i in keep], [float(probs[i]) for i in keep], rating)
-
-
-def import_onnxruntime():
-    """The onnxruntime module, or an ImportError naming the extra that installs it."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError('onnxruntime is not installed: pip install -e ".[cpu]", or ".[gpu]" for CUDA tagging '
-                          "(one of the two, never both)") from e
-    return ort
-
-
-def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it (the `gpu` extra: onnxruntime-gpu), CPU always."""
-    ort = import_onnxruntime()
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-def _installed(dist: str) -> str | None:
-    """The installed version of a distribution, or None."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def gpu_idle_warning() -> str | None:
-    """Why tagging would stay on the CPU of a CUDA machine (torch sees a GPU, onnxruntime offers no
-    CUDA provider), with the fix; None when there is nothing to say."""
-    ort = import_onnxruntime()
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    cpu, gpu = _installed("onnxruntime"), _installed("onnxruntime-gpu")
-    why = (f"BOTH onnxruntime {cpu} and onnxruntime-gpu {gpu} are installed and the CPU one shadows the GPU one"
-           if cpu and gpu else f"the installed onnxruntime is the CPU build ({cpu or 'version unknown'})")
-    return (f"TAGGING RUNS ON THE CPU although torch sees {torch.cuda.device_count()} CUDA device(s): onnxruntime "
-            f"offers no CUDAExecutionProvider ({ort.get_available_providers()}); {why}. Fix: "
-            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install -e '.[gpu]' (docs/guide.md: GPU tagging)")
-
-
-_WARNED_GPU_IDLE = False
-
-
-def warn_once_if_gpu_idle() -> None:
-    """Log `gpu_idle_warning` as a WARNING, the first time this process has one to give."""
-    global _WARNED_GPU_IDLE
-    if not _WARNED_GPU_IDLE and (msg := gpu_idle_warning()):
-        _WARNED_GPU_IDLE = True
-        log.warning("%s\n%s\n%s", "!" * 100, msg, "!" * 100)
 
 
 def _local_files(folder: str | Path) -> tuple[Path, Path]:
@@ -270,27 +213,12 @@ class WDTagger:
         preprocess_threads: int | None = None,
         resize: str = "pillow",
     ):
-        ort = import_onnxruntime()
+        import_onnxruntime()  # first: a missing onnxruntime is named before anything else fails
 
         self.model_path, self.tags_csv = Path(model_path), Path(tags_csv)
         self.resize, self._preprocess = resize, WD_RESIZE[resize]  # tagger.resize: pillow (the reference) | torch
         self.labels = TagLabels.from_csv(tags_csv)
-        if providers is None:  # chosen for the user: say so loudly when a GPU sits idle
-            warn_once_if_gpu_idle()
-        providers = list(providers or default_providers())
-        # On a CPU, `runs` single-threaded runs at once (one per core by default) instead of one run
-        # split over the cores: no run waits for a thread whose core is preprocessing (docs/design.md §6)
-        on_cpu = providers == ["CPUExecutionProvider"]
-        self.runs = (threads or os.cpu_count() or 1) if on_cpu else 1
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1 if self.runs > 1 else threads  # 0 = onnxruntime's default (all cores)
-        opts.log_severity_level = 3
-        # no busy-waiting between runs: the preprocessing threads need those cycles
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
-        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in self.session.get_providers():
-            log.warning("tagger: onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries missing or "
-                        "not matching?); tagging on %s", self.session.get_providers())
+        self.session, self.runs, on_cpu = open_session(model_path, providers, threads)
         self.preprocess_threads = preprocess_threads or default_preprocess_threads()
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name

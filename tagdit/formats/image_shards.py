@@ -1,8 +1,10 @@
-"""Image shards: `<dataset>/images/{train,val}-NNNNNN.tar`, written by the shard stage.
+"""Image shards: `<dataset>/images/{train,val}-NNNNNN.tar`, written by the shard stage (`tagdit.data.shard`).
 
-A sample is `__key__`, the square crop as `png` or `jpg` bytes, and `json` holding tags, scores,
-rating, source, orig_size, crop_box and sha256 (docs/design.md §3). Every member has
-the fixed mtime `MTIME`, so the same inputs give byte-identical shards.
+A sample is `__key__`, the square crop as `png` or `jpg` bytes, and `json` holding `META_KEYS`:
+tags, scores (to 4 places), rating, source, orig_size, crop_box and sha256. Every member has the
+fixed mtime `MTIME`, so the same inputs give byte-identical shards. The encode stage, VAE training,
+the evaluation and the shard preview read them back through `iter_image_samples` / `read_samples`
+and `image_bytes` / `decode_image`.
 """
 
 from __future__ import annotations

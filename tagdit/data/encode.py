@@ -1,0 +1,160 @@
+"""The encode stage's work: image shards -> latent shards through a VAE, and the latent scale factor.
+
+`encode_shard` turns one image shard into a latent shard with the same keys
+(`tagdit.formats.latent_shards`): posterior `mean.npy` / `logvar.npy` (float16, (z, h, w)), and
+`flip_mean.npy` / `flip_logvar.npy` for the mirrored image when flipping; its images are decoded in
+a thread pool ahead of batched encoding, and it is written atomically. `latent_stats` measures the
+scale factor = 1 / std of posterior samples over the train split (Chan et al.'s parallel variance
+in float64, fixed seed). `loaded_vae` keeps one VAE per process. Planning the shards and stamping
+the stage is `tasks.encode`. Preparing the DiT's training data from image shards is the data
+library's kind of work (the VAE itself is `models.vae`), so this lives in `tagdit.data`, not in
+`tagdit.train`, which trains models.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tagdit.formats.image_shards import decode_image, image_bytes, iter_image_samples
+from tagdit.formats.latent_shards import LatentShardWriter, iter_latent_samples, read_posterior
+
+STATS_SEED = 0  # seed of the posterior samples behind the scale factor
+STATS_CHUNK = 256  # latents per variance update
+
+
+def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2) -> Iterator[tuple[list[dict], Any]]:
+    """(raw samples, images (B, 3, R, R)) in shard order; `pool` decodes `ahead` batches early."""
+    import torch
+
+    def groups() -> Iterator[list[dict]]:
+        group: list[dict] = []
+        for raw in iter_image_samples(src):
+            group.append(raw)
+            if len(group) == batch_size:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    pending: deque = deque()
+    for group in groups():
+        pending.append((group, [pool.submit(decode_image, image_bytes(r), resolution) for r in group]))
+        if len(pending) > ahead:
+            g, futures = pending.popleft()
+            yield g, torch.stack([f.result() for f in futures])
+    while pending:
+        g, futures = pending.popleft()
+        yield g, torch.stack([f.result() for f in futures])
+
+
+def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, batch_size: int, device, pool) -> int:
+    """Encode one image shard into `dst` (written atomically); returns the number of samples."""
+    import numpy as np
+    import torch
+
+    with LatentShardWriter(dst) as w, torch.inference_mode():
+        for raws, x in image_batches(src, resolution, batch_size, pool):
+            x = x.to(device)  # (B, 3, R, R)
+            if flip:
+                x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): one encode for both
+            mean, logvar = model.encode(x)  # (B or 2B, z, h, w); cache-sized chunks on a CPU
+            mean = mean.float().cpu().numpy().astype(np.float16)
+            logvar = logvar.float().cpu().numpy().astype(np.float16)
+            for i, raw in enumerate(raws):
+                j = len(raws) + i  # the mirrored image's row when flipping
+                flipped = (mean[j], logvar[j]) if flip else ()
+                w.write(raw["__key__"], raw["json"], mean[i], logvar[i], *flipped)
+    return w.count
+
+
+class RunningMoments:
+    """Streaming mean and variance in float64 (Chan, Golub & LeVeque 1979 pairwise update)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x) -> None:
+        """Merge a batch of values (any shape) into the running moments."""
+        x = x.double().flatten()
+        n_b = x.numel()
+        if n_b == 0:
+            return
+        mean_b = float(x.mean())
+        m2_b = float((x - mean_b).pow(2).sum())
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.count * n_b / n
+        self.count = n
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / self.count) ** 0.5
+
+
+def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, Any]:
+    """Scale factor = 1 / std of one posterior sample z = mean + exp(logvar / 2)·eps per image."""
+    import torch
+
+    from models.vae import AutoencoderKL
+
+    moments, images, shape = RunningMoments(), 0, None
+    for index, path in enumerate(shards):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per shard: independent of resume
+        means, logvars = [], []
+        for raw in itertools.chain(iter_latent_samples([path]), [None]):  # None: flush
+            if raw is not None:
+                m, lv = read_posterior(raw)
+                means.append(torch.from_numpy(m).float())
+                logvars.append(torch.from_numpy(lv).float())
+            if means and (raw is None or len(means) == STATS_CHUNK):
+                mean, logvar = torch.stack(means), torch.stack(logvars)  # (N, z, h, w)
+                moments.update(AutoencoderKL.sample(mean, logvar, generator=g))
+                images += len(means)
+                shape = list(mean.shape[1:])
+                means, logvars = [], []
+    if moments.count == 0:
+        raise ValueError("no training latents to measure the scale factor on")
+    return {"scale_factor": 1.0 / moments.std, "mean": moments.mean, "std": moments.std,
+            "count": images, "values": moments.count, "latent_shape": shape}
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    """What an encode worker needs besides the shard: the VAE, where it runs, the settings."""
+
+    vae_ckpt: Path
+    use_ema: bool
+    weights_sha: str  # part of the loaded-model key: a rewritten checkpoint is loaded again
+    device: str
+    resolution: int
+    flip: bool
+    batch_size: int
+
+
+_VAES: dict[tuple, tuple[Any, Any]] = {}  # this process's loaded VAE and its device
+
+
+def loaded_vae(p: EncodeParams) -> tuple[Any, Any]:
+    """(VAE on its device, the device), loaded once per worker process."""
+    from tagdit.devices import configure_backends, select_device
+    from tagdit.formats.trained_models import load_vae
+
+    key = (str(p.vae_ckpt), p.use_ema, p.weights_sha, p.device)
+    if key not in _VAES:
+        _VAES.clear()  # one model at a time
+        device = select_device(p.device)
+        configure_backends(device)
+        model, _ = load_vae(p.vae_ckpt, ema=p.use_ema)
+        _VAES[key] = (model.to(device), device)
+    return _VAES[key]
+
+
+def forget_vaes() -> None:
+    """Drop this process's loaded VAE."""
+    _VAES.clear()

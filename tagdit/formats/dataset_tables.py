@@ -1,0 +1,87 @@
+"""The dataset's tables beside its image shards: `manifest.parquet`, `rejects.parquet`, `tags.parquet`.
+
+Written by the shard stage (`tagdit.data.shard`), each atomically: the manifest holds one row per
+sharded sample (`MANIFEST_SCHEMA`: where it went, where it came from, its tags), the rejects one row
+per file that did not become a sample (path, stage, reason), the tag table one row per tag (category,
+count, train count, mean score), most frequent first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tagdit.files import atomic_path
+
+MANIFEST = "manifest.parquet"
+REJECTS = "rejects.parquet"
+TAG_TABLE = "tags.parquet"
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("source", pa.string()),
+    ("sha256", pa.string()), ("orig_size", pa.list_(pa.int32())), ("crop_box", pa.list_(pa.int32())),
+    ("tags", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())), ("rating", pa.string()),
+])  # fmt: skip
+MANIFEST_ROW_GROUP = 1024  # samples per parquet row group: writing the manifest keeps memory flat
+
+
+class ManifestWriter:
+    """Appends manifest rows (dicts with at least `MANIFEST_SCHEMA`'s fields) in row groups."""
+
+    def __init__(self, writer: pq.ParquetWriter):
+        self._writer, self._rows = writer, []
+
+    def add(self, row: dict) -> None:
+        self._rows.append({f: row.get(f) for f in MANIFEST_SCHEMA.names})
+        if len(self._rows) == MANIFEST_ROW_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        self._writer.write_table(pa.Table.from_pylist(self._rows, MANIFEST_SCHEMA))
+        self._rows.clear()
+
+
+@contextmanager
+def manifest_writer(dataset_dir: Path) -> Iterator[ManifestWriter]:
+    """Write `manifest.parquet` under `dataset_dir`: it appears, complete, only if the block succeeds."""
+    with atomic_path(Path(dataset_dir) / MANIFEST) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as pw:
+        w = ManifestWriter(pw)
+        yield w
+        w.flush()  # the last (possibly empty) row group
+
+
+def read_manifest(dataset_dir: Path, columns: list[str] | None = None) -> list[dict]:
+    """Manifest rows (`columns` only, when given), in shard order."""
+    return pq.read_table(Path(dataset_dir) / MANIFEST, columns=columns).to_pylist()
+
+
+def write_rejects(dataset_dir: Path, rejects: list[dict], stage: str) -> None:
+    """`rejects.parquet`: path (relative to `data.source`), the stage that rejected it, the reason."""
+    table = pa.table({"path": [r["source"] for r in rejects], "stage": [stage] * len(rejects),
+                      "reason": [r["reason"] for r in rejects]})
+    with atomic_path(Path(dataset_dir) / REJECTS) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_rejects(dataset_dir: Path) -> list[dict]:
+    """Rows of `rejects.parquet`: path, stage, reason."""
+    return pq.read_table(Path(dataset_dir) / REJECTS).to_pylist()
+
+
+def write_tag_table(dataset_dir: Path, rows: list[tuple[str, int, int, int, float]]) -> None:
+    """`tags.parquet` from (tag, category, count, train_count, score_sum) rows, in the order given."""
+    table = pa.table({
+        "tag": [r[0] for r in rows], "category": pa.array([r[1] for r in rows], pa.int16()),
+        "count": [r[2] for r in rows], "train_count": [r[3] for r in rows],
+        "mean_score": pa.array([r[4] / r[2] for r in rows], pa.float32()),
+    })  # fmt: skip
+    with atomic_path(Path(dataset_dir) / TAG_TABLE) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_tag_table(dataset_dir: Path) -> list[dict]:
+    """Rows of `tags.parquet`, most frequent tag first."""
+    return pq.read_table(Path(dataset_dir) / TAG_TABLE).to_pylist()

@@ -58,16 +58,16 @@ def full_pipeline_flow(
     started = time.perf_counter()
     records: dict[str, StageRecord] = {}
     if cfg.demo.enabled:
-        records["demo"] = run_stage(build_demo_task, DEMO, cfg, force="demo" in forced)
+        records["demo-world"] = run_stage(build_demo_task, DEMO, cfg, force="demo-world" in forced)
     records.update(prepare_data(cfg, force=[s for s in ("crop", "tag", "shard") if s in forced][:1]))
     shards = records["shard"]
-    vae = run_stage(train_vae.train_vae_task, train_vae.TRAIN_VAE, cfg, force="train_vae" in forced, shards=shards)
+    vae = run_stage(train_vae.train_vae_task, train_vae.TRAIN_VAE, cfg, force="train-vae" in forced, shards=shards)
     latents = run_stage(encode.encode_task, encode.ENCODE, cfg, force="encode" in forced, shards=shards, vae=vae)
-    dit = run_stage(train_dit.train_dit_task, train_dit.TRAIN_DIT, cfg, force="train_dit" in forced,
+    dit = run_stage(train_dit.train_dit_task, train_dit.TRAIN_DIT, cfg, force="train-dit" in forced,
                     latents=latents, shards=shards)
     ev = run_stage(evaluate.evaluate_task, evaluate.EVALUATE, cfg, force="evaluate" in forced,
                    shards=shards, vae=vae, latents=latents, dit=dit)
-    records.update({"train_vae": vae, "encode": latents, "train_dit": dit, "evaluate": ev})
+    records.update({"train-vae": vae, "encode": latents, "train-dit": dit, "evaluate": ev})
     publish(cfg, ev)
     summary = {
         "seconds": round(time.perf_counter() - started, 1),

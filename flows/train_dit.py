@@ -49,7 +49,7 @@ def train_dit_flow(
     from tasks.train_dit import TRAIN_DIT, train_dit_task
 
     cfg = flow_config(config, overrides, dataset=dataset, run=run, dit_steps=dit_steps, gpus=gpus)
-    forced = TRAIN_DIT.name in expand_force(force, (TRAIN_DIT.name,))  # --force train_dit
+    forced = TRAIN_DIT.name in expand_force(force, (TRAIN_DIT.name,))  # --force train-dit
     record = run_stage(train_dit_task, TRAIN_DIT, cfg, force=forced, latents=latents_record(cfg), shards=shard_record(cfg))
     get_run_logger().info("train-dit: %s (step %s, val loss %s, %s parameters)", record.info["checkpoint"],
                           record.info["step"], record.info["val_loss"], record.info["params"])

@@ -48,7 +48,7 @@ def train_vae_flow(
     from tasks.train_vae import TRAIN_VAE, train_vae_task
 
     cfg = flow_config(config, overrides, dataset=dataset, run=run, vae_steps=vae_steps, gpus=gpus)
-    forced = TRAIN_VAE.name in expand_force(force, (TRAIN_VAE.name,))  # --force train_vae
+    forced = TRAIN_VAE.name in expand_force(force, (TRAIN_VAE.name,))  # --force train-vae
     record = run_stage(train_vae_task, TRAIN_VAE, cfg, force=forced, shards=shard_record(cfg))
     get_run_logger().info("train-vae: %s (vae_id %s, val PSNR %s dB, %s parameters)", record.info["checkpoint"],
                           record.info["vae_id"], record.info["val_psnr"], record.info["params"])

@@ -274,9 +274,9 @@ class DemoConfig(Section):
 class PrefectConfig(Section):
     """How stages run under Prefect (not part of any cache key)."""
 
-    retries: int = Field(1, ge=0)  # train_vae, encode, train_dit re-run after a crash and resume
+    retries: int = Field(1, ge=0)  # train-vae, encode, train-dit re-run after a crash and resume
     retry_delay_seconds: float = Field(10, ge=0)
-    timeout_seconds: dict[str, float] = {}  # optional per-stage limits, e.g. {train_dit: 86400}
+    timeout_seconds: dict[str, float] = {}  # optional per-stage limits, e.g. {train-dit: 86400}
     eval_tag: str = "eval"  # evaluation's own concurrency slot, so a nightly run never waits for training
     # where crop chunks, tag chunks and encode shards run (tagdit.orchestrate.chunks): this machine's threads and
     # forked processes, or a Dask cluster (needs the `dask` extra; every worker must see the same paths)

@@ -48,7 +48,7 @@ def demo_root(cfg: PipelineConfig) -> Path:
 
 
 DEMO = Stage(
-    name="demo",
+    name="demo-world",
     modules=("tasks.demo", "tagdit.demo.build", *TAGGER_MODULES),
     sections=("demo.out", "demo.tagger_out", "demo.n_images", "demo.seed", "demo.tagger_images",
               "demo.tagger_epochs"),
@@ -104,7 +104,7 @@ def build_demo(cfg: PipelineConfig, force: bool = False) -> StageRecord:
     return DEMO.write_stamp(cfg, {}, [f.resolve() for f in files], headline(world, report))
 
 
-@task(name="build-demo", cache_key_fn=stage_cache_key(DEMO), persist_result=True)
+@task(name="demo-world", cache_key_fn=stage_cache_key(DEMO), persist_result=True)
 def build_demo_task(cfg: PipelineConfig, force: bool = False) -> StageRecord:
     """Prefect wrapper of `build_demo`."""
     return build_demo(cfg, force)

@@ -55,7 +55,7 @@ def checkpoint_record(checkpoint: str | Path) -> StageRecord:
     from tagdit.files import sha256_file
 
     ckpt = Path(checkpoint).resolve()
-    return StageRecord(stage="train_dit", key=ckpt.name, out_dir=str(ckpt.parent),
+    return StageRecord(stage="train-dit", key=ckpt.name, out_dir=str(ckpt.parent),
                        fingerprint=sha256_file(ckpt / "ema.safetensors"), info={"checkpoint": str(ckpt)})
 
 

@@ -24,7 +24,7 @@ from tasks.trainer import TRAIN_MODULES, TrainerStage
 SAMPLE_FIELDS = ("sample_every", "sample_prompts", "sample_seeds", "sample_steps")
 
 TRAIN_DIT = Stage(
-    name="train_dit",
+    name="train-dit",
     modules=("tasks.train_dit", "tagdit.train.dit", "tagdit.formats.latent_shards", "models.vae:AutoencoderKL",
              "models.dit", "models.diffusion", "tagdit.data.vocab", *TRAIN_MODULES),
     sections=tuple(f"dit.{k}" for k in DiTConfig.model_fields if k not in SAMPLE_FIELDS),
@@ -69,7 +69,7 @@ def train_dit_stage(cfg: PipelineConfig, latents: StageRecord, shards: StageReco
     return TRAINER.run(cfg, {"latents": latents, "shards": shards}, force)
 
 
-@task(name="train_dit", cache_key_fn=stage_cache_key(TRAIN_DIT), persist_result=True, tags=["gpu"])
+@task(name="train-dit", cache_key_fn=stage_cache_key(TRAIN_DIT), persist_result=True, tags=["gpu"])
 def train_dit_task(cfg: PipelineConfig, latents: StageRecord, shards: StageRecord, force: bool = False) -> StageRecord:
     """Train the tag-conditioned DiT on the encoded latents."""
     return train_dit_stage(cfg, latents, shards, force=force)

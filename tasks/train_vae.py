@@ -20,7 +20,7 @@ from tagdit.train.vae import train_vae, vae_checkpoint_bytes
 from tasks.trainer import TRAIN_MODULES, TrainerStage
 
 TRAIN_VAE = Stage(
-    name="train_vae",
+    name="train-vae",
     modules=("tasks.train_vae", "tagdit.train.vae", "tagdit.formats.image_shards", "tagdit.data.metrics",
              "models.vae", "models.vae_loss", "models.perceptual", "models.discriminator", *TRAIN_MODULES),
     sections=("vae", "data.resolution"),
@@ -55,7 +55,7 @@ def train_vae_stage(cfg: PipelineConfig, shards: StageRecord, force: bool = Fals
     return TRAINER.run(cfg, {"shards": shards}, force)
 
 
-@task(name="train_vae", cache_key_fn=stage_cache_key(TRAIN_VAE), persist_result=True, tags=["gpu"])
+@task(name="train-vae", cache_key_fn=stage_cache_key(TRAIN_VAE), persist_result=True, tags=["gpu"])
 def train_vae_task(cfg: PipelineConfig, shards: StageRecord, force: bool = False) -> StageRecord:
     """Train the KL-VAE on the image shards."""
     return train_vae_stage(cfg, shards, force=force)

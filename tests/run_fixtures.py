@@ -37,9 +37,9 @@ def fake_vae_run(cfg: PipelineConfig, latents: Path) -> None:
     save_weights(vae_dir / "ckpt-0000001" / "ema.safetensors", vae.state_dict(), vae.cfg.model_dump())
     (vae_dir / "ckpt-0000001" / "meta.json").write_text(json.dumps({"step": 1}))
     (vae_dir / "latest").write_text("ckpt-0000001\n")
-    stamp = {"record": {"stage": "train_vae", "key": "k", "out_dir": str(vae_dir), "fingerprint": "f",
+    stamp = {"record": {"stage": "train-vae", "key": "k", "out_dir": str(vae_dir), "fingerprint": "f",
                         "info": {"vae_id": "fixture", "checkpoint": str(vae_dir / "ckpt-0000001")}}, "files": {}}
-    (vae_dir / ".stage-train_vae.json").write_text(json.dumps(stamp))
+    (vae_dir / ".stage-train-vae.json").write_text(json.dumps(stamp))
     stamp["record"].update(stage="encode", out_dir=str(latents))
     (latents / ".stage-encode.json").write_text(json.dumps(stamp))
 

@@ -49,7 +49,7 @@ def test_the_full_pipeline_runs_then_hits_every_cache(deployed):
     assert {"tag_recall_ratio", "cfg", "unconditional", "real", "reconstructed", "vae_psnr_db"} <= metrics.keys()
     tags = {r["name"].rsplit("-", 1)[0]: set(r["tags"]) for r in api(server, "/task_runs/filter", {
         "flow_runs": {"id": {"any_": [first]}}})}
-    assert {k for k, v in tags.items() if "gpu" in v} == {"train_vae", "encode", "train_dit"}, tags
+    assert {k for k, v in tags.items() if "gpu" in v} == {"train-vae", "encode", "train-dit"}, tags
     assert "eval" in tags["evaluate"] and "gpu" not in tags["evaluate"]
     artifact = api(server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["tagdit-eval-tiny"]}}})[0]
     assert "data:image/png;base64," in artifact["data"] and "file://" not in artifact["data"]
@@ -77,11 +77,11 @@ def test_a_bad_parameter_is_refused_when_the_run_is_created(deployed):
 
 
 DEPLOYMENTS = [  # the deployments in prefect.yaml run with `force`, and the stage it names
-    ("demo-world/default", ["demo"]),
+    ("demo-world/default", ["demo-world"]),
     ("prepare-data/default", ["crop"]),
-    ("train-vae/default", ["train_vae"]),
+    ("train-vae/default", ["train-vae"]),
     ("encode/default", ["encode"]),
-    ("train-dit/default", ["train_dit"]),
+    ("train-dit/default", ["train-dit"]),
     ("evaluate/default", ["evaluate"]),
     ("evaluate/nightly", ["evaluate"]),
     ("full-pipeline/demo", ["evaluate"]),
@@ -101,7 +101,7 @@ def test_every_deployment_reruns_its_forced_stage(deployed):
         extra = {"nightly": True} if deployment == "evaluate/nightly" else {}
         run_id = run(server, deployment, path_overrides(tmp), force=force, **extra)
         states = task_states(server, run_id)
-        task_name = {"demo": "build-demo"}.get(force[0], force[0])
+        task_name = force[0]
         forced = [name for name in states if name.rsplit("-", 1)[0] == task_name]
         assert forced and all(states[n] == "Completed" for n in forced), (deployment, states)
     run(server, "export/default", path_overrides(tmp), to=str(tmp / "exported"))  # the trained model's way out

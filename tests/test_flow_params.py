@@ -14,14 +14,14 @@ from tagdit.orchestrate.params import Preset, flow_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWS = {  # module -> (flow object name, the stages its `force` offers)
-    "demo_world": ("demo_world_flow", ["demo"]),
+    "demo_world": ("demo_world_flow", ["demo-world"]),
     "prepare_data": ("prepare_data_flow", ["crop", "tag", "shard"]),
-    "train_vae": ("train_vae_flow", ["train_vae"]),
+    "train_vae": ("train_vae_flow", ["train-vae"]),
     "encode": ("encode_flow", ["encode"]),
-    "train_dit": ("train_dit_flow", ["train_dit"]),
+    "train_dit": ("train_dit_flow", ["train-dit"]),
     "evaluate": ("evaluate_flow", ["evaluate"]),
     "full_pipeline": ("full_pipeline_flow",
-                      ["demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate"]),
+                      ["demo-world", "crop", "tag", "shard", "train-vae", "encode", "train-dit", "evaluate"]),
     "export": ("export_flow", None),
 }
 

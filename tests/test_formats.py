@@ -166,8 +166,8 @@ def test_checkpoint_meta_reads_back_what_checkpoints_save_writes(tmp_path):
 
     model = torch.nn.Linear(2, 2)
     ckpt = Checkpoints(tmp_path).save(12, model=model, ema=model, config={}, state={},
-                                      meta={"metrics": {"loss": 0.5, "val_loss": 0.25}, "desc": "train_dit"})
-    assert read_checkpoint_meta(ckpt) == CheckpointMeta(12, {"loss": 0.5, "val_loss": 0.25}, "train_dit")
+                                      meta={"metrics": {"loss": 0.5, "val_loss": 0.25}, "desc": "train-dit"})
+    assert read_checkpoint_meta(ckpt) == CheckpointMeta(12, {"loss": 0.5, "val_loss": 0.25}, "train-dit")
 
 
 def test_checkpoint_meta_of_a_folder_without_meta_json_is_a_clear_error(tmp_path):

@@ -38,7 +38,7 @@ def test_nproc_2_training_publishes_progress_to_100_and_every_grid(prefect_env, 
     run_id = train_in_a_flow()
     arts = flow_artifacts(run_id)
     progress = [a for a in arts if a.type == "progress"]
-    assert progress and progress[-1].data == 100.0 and progress[-1].description == "train_dit"
+    assert progress and progress[-1].data == 100.0 and progress[-1].description == "train-dit"
     grids = [a for a in arts if a.key == "tagdit-train-samples-ranks"]
     assert len(grids) == 2  # steps 4 and 8, relayed from rank 0
     assert {int(a.description.split()[-1]) for a in grids} == {4, 8}

@@ -59,7 +59,8 @@ def test_only_resuming_stages_retry_and_evaluation_has_its_own_slot():
 
 
 def test_force_names_a_stage_and_everything_after_it():
-    assert expand_force(["train_dit"]) == {"train_dit", "evaluate"}
+    assert expand_force(["train-dit"]) == {"train-dit", "evaluate"}
+    assert expand_force(["train_dit"]) == {"train-dit", "evaluate"}  # the earlier spelling, still understood
     assert expand_force(["crop"], ("crop", "tag", "shard")) == {"crop", "tag", "shard"}
     with pytest.raises(ValueError, match="unknown stage"):
-        expand_force(["train_vae"], ("crop", "tag", "shard"))
+        expand_force(["train-vae"], ("crop", "tag", "shard"))

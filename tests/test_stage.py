@@ -63,7 +63,7 @@ def test_run_stage_reports_cache_hits(prefect_env):
 def test_force_expands_to_following_stages():
     from tagdit.orchestrate.runner import expand_force
 
-    assert expand_force(["train_dit"]) == {"train_dit", "evaluate"}
+    assert expand_force(["train-dit"]) == {"train-dit", "evaluate"}
     assert expand_force(None) == set()
     import pytest
 

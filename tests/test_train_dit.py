@@ -151,8 +151,8 @@ def test_an_unmarked_run_folder_is_moved_aside_not_resumed(tmp_path):
 
     run = tmp_path / "dit"
     (run / "ckpt-0000004").mkdir(parents=True)  # someone else's checkpoints, no identity.json
-    prepare_out_dir(run, {"a": 1}, force=False, what="train_dit")
+    prepare_out_dir(run, {"a": 1}, force=False, what="train-dit")
     assert len(list(tmp_path.glob("dit.superseded-*/ckpt-0000004"))) == 1
     (run / "ckpt-0000002").mkdir()
-    prepare_out_dir(run, {"a": 1}, force=False, what="train_dit")  # same identity: resumed in place
+    prepare_out_dir(run, {"a": 1}, force=False, what="train-dit")  # same identity: resumed in place
     assert (run / "ckpt-0000002").is_dir() and json.loads((run / "identity.json").read_text()) == {"a": 1}

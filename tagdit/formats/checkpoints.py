@@ -82,7 +82,7 @@ class CheckpointMeta:
 
     step: int
     metrics: dict[str, float] = field(default_factory=dict)  # loss, val_loss / val_psnr, ...
-    desc: str | None = None  # the run that wrote it (`train_dit`, `train_vae`)
+    desc: str | None = None  # the run that wrote it (`train-dit`, `train-vae`)
 
 
 def read_checkpoint_meta(ckpt: str | Path) -> CheckpointMeta:

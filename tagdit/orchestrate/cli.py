@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from tagdit.config import ConfigError, PipelineConfig
-from tagdit.orchestrate.params import flow_config, typed_settings
+from tagdit.orchestrate.params import flow_config, stage_spelling, typed_settings
 
 COMMON = ("config", "overrides", "force")
 
@@ -35,6 +35,14 @@ class _Defaults(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _stage_name(text: str) -> str:
+    """A stage name for --force; an earlier spelling (train_dit) is taken with a hint."""
+    name = stage_spelling(text)
+    if name != text:
+        print(f"note: stage {text!r} is spelled {name!r}", file=sys.stderr)
+    return name
+
+
 def config_parser(description: str, stages: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
     """`--config` and `--set`, and `--force` with `stages` as its choices when given."""
     p = argparse.ArgumentParser(description=description, formatter_class=_Defaults)
@@ -48,7 +56,7 @@ def config_parser(description: str, stages: tuple[str, ...] | None = None) -> ar
         help="override one config value, e.g. --set data.source=/my/images (repeatable)",
     )
     if stages:
-        p.add_argument("--force", action="append", default=[], choices=stages, metavar="STAGE",
+        p.add_argument("--force", action="append", default=[], choices=stages, metavar="STAGE", type=_stage_name,
                        help=f"recompute this stage and every stage after it (repeatable; one of {', '.join(stages)})")
     return p
 

@@ -31,7 +31,15 @@ GuidanceScale = Annotated[float, Field(ge=0, le=50)]
 HubRepo = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")]  # a Hugging Face repo id, user/name
 SamplerChoice = SamplerName  # ddim, ddpm (DDIM with eta 1, the original's DDPM sampler), dpmpp_2m
 
-PipelineStage = Literal["demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate"]
+# One name per stage everywhere: --force, flows, deployments, stamps (`.stage-<name>.json`), logs.
+PipelineStage = Literal["demo-world", "crop", "tag", "shard", "train-vae", "encode", "train-dit", "evaluate"]
+OLD_STAGE_NAMES = {"demo": "demo-world", "train_vae": "train-vae", "train_dit": "train-dit", "demo_world": "demo-world"}
+
+
+def stage_spelling(name: str) -> str:
+    """The stage's name for an earlier spelling of it (`train_dit` -> `train-dit`), else `name` itself."""
+    return OLD_STAGE_NAMES.get(name, name)
+
 PrepareStage = Literal["crop", "tag", "shard"]
 
 
@@ -40,10 +48,10 @@ def _only(stage: str) -> Any:
     return Annotated[Literal[stage], WithJsonSchema({"type": "string", "enum": [stage]})]
 
 
-DemoStage = _only("demo")
-TrainVaeStage = _only("train_vae")
+DemoStage = _only("demo-world")
+TrainVaeStage = _only("train-vae")
 EncodeStage = _only("encode")
-TrainDitStage = _only("train_dit")
+TrainDitStage = _only("train-dit")
 EvaluateStage = _only("evaluate")
 
 # typed setting -> the config keys it sets

@@ -16,16 +16,18 @@ from __future__ import annotations
 from typing import Any
 
 from tagdit.config import ConfigError, PipelineConfig
+from tagdit.orchestrate.params import stage_spelling
 from tagdit.orchestrate.stage import Stage, StageRecord
 
-PIPELINE_ORDER = ("demo", "crop", "tag", "shard", "train_vae", "encode", "train_dit", "evaluate")
-RESUMING_STAGES = ("train_vae", "encode", "train_dit")  # a retry continues where the crash stopped
+PIPELINE_ORDER = ("demo-world", "crop", "tag", "shard", "train-vae", "encode", "train-dit", "evaluate")
+RESUMING_STAGES = ("train-vae", "encode", "train-dit")  # a retry continues where the crash stopped
 
 
 def expand_force(force: list[str] | None, order: tuple[str, ...] = PIPELINE_ORDER) -> set[str]:
     """Stages to recompute: each named stage and every stage after it in `order`."""
     if not force:
         return set()
+    force = [stage_spelling(s) for s in force]
     unknown = sorted(set(force) - set(order))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(order)}")
@@ -59,8 +61,9 @@ def task_options(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
     if stage.name in RESUMING_STAGES and pc.retries:
         opts.update(retries=pc.retries, retry_delay_seconds=pc.retry_delay_seconds,
                     retry_condition_fn=retry_after_crash)
-    if stage.name in pc.timeout_seconds:
-        opts["timeout_seconds"] = pc.timeout_seconds[stage.name]
+    timeouts = {stage_spelling(k): v for k, v in pc.timeout_seconds.items()}
+    if stage.name in timeouts:
+        opts["timeout_seconds"] = timeouts[stage.name]
     if stage.name == "evaluate":
         opts["tags"] = {pc.eval_tag}  # its own slot: the nightly run must not wait for training
     return opts

@@ -155,4 +155,4 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     return fit(model=model,
                loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, min_snr_gamma=cfg.dit.min_snr_gamma),
                stream=epoch_stream(shard_urls(latents_dir, "train"), decode, tc, r), cfg=tc, out_dir=out_dir,
-               model_config=model.config_dict(), device=r.device, val_fn=val_fn, monitor=monitor, desc="train_dit")
+               model_config=model.config_dict(), device=r.device, val_fn=val_fn, monitor=monitor, desc="train-dit")

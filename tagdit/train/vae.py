@@ -174,4 +174,4 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
     decode = partial(decode_train, resolution=res, crop=cfg.vae.train_crop, f=model.downsample_factor)
     return fit(model=model, loss_fn=loss_fn, stream=epoch_stream(urls, decode, tc, r),
                cfg=tc, out_dir=out_dir, model_config=cfg.vae.model.model_dump(mode="json"), device=r.device,
-               val_fn=val_fn, extra=extra, after_step=after_step, desc="train_vae")
+               val_fn=val_fn, extra=extra, after_step=after_step, desc="train-vae")

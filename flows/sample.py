@@ -20,9 +20,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from tagdit.config import SamplerConfig, SamplerName, sampler_method
+from tagdit.config import SamplerConfig
 from tagdit.orchestrate.cli import arg_type, config_parser, parse_config
 from tagdit.orchestrate.params import GuidanceScale, ImageCount, Steps
+from tagdit.sampling.methods import SamplerName, sampler_method
 
 log = logging.getLogger(__name__)
 

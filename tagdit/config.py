@@ -198,11 +198,6 @@ class DiTConfig(Section):
         return _resolve_preset(v, DIT_PRESETS, "dit.model")
 
 
-# The sampler names people choose from, everywhere (command line, run forms, the sampling page):
-# `ddpm` is generalised DDIM with eta 1, the original's DDPM sampler.
-SamplerName = Literal["ddim", "ddpm", "dpmpp_2m"]
-
-
 class SamplerConfig(Section):
     name: str  # label used in file names
     sampler: Literal["ddim", "dpmpp_2m"] = "ddim"  # generalised DDIM, or DPM-Solver++(2M) (deterministic)
@@ -217,20 +212,6 @@ class SamplerConfig(Section):
         if self.sampler != "ddim" and self.eta != 0:
             raise ValueError(f"eta={self.eta} applies to the ddim sampler only; {self.sampler} is deterministic")
         return self
-
-
-def sampler_method(kind: SamplerName, steps: int, eta: float | None = None, name: str = "") -> SamplerConfig:
-    """The SamplerConfig a sampler name stands for; `eta` (ddim only) defaults to 0."""
-    if kind != "ddim" and eta not in (None, 0.0):
-        raise ValueError(f"eta={eta} applies to the ddim sampler only; {kind} fixes its own")
-    eta = 1.0 if kind == "ddpm" else (eta or 0.0)
-    return SamplerConfig(name=name or f"{kind}{steps}", sampler="dpmpp_2m" if kind == "dpmpp_2m" else "ddim",
-                         steps=steps, eta=eta)
-
-
-def sampler_name(method: SamplerConfig) -> SamplerName:
-    """The name people use for a SamplerConfig (DDIM with eta 1 is `ddpm`)."""
-    return "ddpm" if method.sampler == "ddim" and method.eta == 1.0 else method.sampler
 
 
 class EvaluateConfig(Section):
@@ -345,30 +326,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-# Keys that were renamed: the old spelling still loads, with a warning naming the new one.
-RENAMED = {"evaluate.cfg": "evaluate.cfg_scale"}
-
-
-def _renamed(dotted: str) -> str:
-    if dotted in RENAMED:
-        log.warning("config key %s is spelled %s now", dotted, RENAMED[dotted])
-        return RENAMED[dotted]
-    return dotted
+# Keys that were renamed (section, old key) -> new key: the old spelling loads, with a warning.
+RENAMED = {("evaluate", "cfg"): "cfg_scale"}
 
 
 def _rename_keys(tree: dict) -> None:
-    """Move renamed keys of a loaded YAML tree to their new names (RENAMED)."""
-    for old, new in RENAMED.items():
-        (section, key), (_, new_key) = old.split("."), new.split(".")
-        node = tree.get(section)
-        if isinstance(node, dict) and key in node:
-            node[new_key] = node.pop(key)
-            _renamed(old)
+    """Move renamed keys of a config tree (a YAML file, or an override's path) to their new names."""
+    for (section, key), new in RENAMED.items():
+        if isinstance(node := tree.get(section), dict) and key in node:
+            log.warning("config key %s.%s is spelled %s.%s now", section, key, section, new)
+            node[new] = node.pop(key)
 
 
 def apply_override(tree: dict, parts: list[str], value: Any) -> None:
     """Set a dotted key in a nested dict, checking each level against `PipelineConfig`."""
-    parts = _renamed(".".join(parts)).split(".")
+    if len(parts) == 2 and (new := RENAMED.get((parts[0], parts[1]))):
+        log.warning("config key %s.%s is spelled %s.%s now", parts[0], parts[1], parts[0], new)
+        parts = [parts[0], new]
     model: type[BaseModel] | None = PipelineConfig
     node = tree
     for i, part in enumerate(parts):

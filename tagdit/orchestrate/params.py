@@ -17,7 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, WithJsonSchema
 
-from tagdit.config import PipelineConfig, SamplerName, load_config, sampler_method, sampler_name
+from tagdit.config import PipelineConfig, load_config
+from tagdit.sampling.methods import SamplerName, sampler_method, sampler_name
 
 Preset = Literal["demo", "original-256"]  # configs/<name>.yaml (a test keeps this list in step)
 YamlFile = Annotated[str, StringConstraints(pattern=r"\.ya?ml$")]

@@ -33,8 +33,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from tagdit.config import sampler_method
 from tagdit.data.vocab import SPECIALS
+from tagdit.sampling.methods import sampler_method
 from tagdit.sampling.painter import MAX_IMAGE_SIDE, Painter, read_image
 from tagdit.web.forms import (
     LABELS,

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.requests import Request
 
-from tagdit.config import SamplerName
+from tagdit.sampling.methods import SamplerName
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # init image file
 MAX_FORM_BYTES = 64 * 1024  # everything else in the form

@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if args[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"tagdit {version('tagdit')}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "stage":
         if not rest or rest[0] in ("-h", "--help"):

@@ -78,18 +78,28 @@ def test_the_cli_offers_the_same_choices_and_bounds(capsys):
 
 
 def test_the_tagdit_command_is_the_short_form():
-    tagdit = str(Path(sys.executable).with_name("tagdit"))
+    tagdit = str(Path(sys.executable).with_name("tagdit"))  # the installed entry point, once (each start imports Prefect)
     run = subprocess.run([tagdit, "run", "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "usage: tagdit run" in run.stdout and "--dit-steps" in run.stdout
-    stage = subprocess.run([tagdit, "stage", "train-dit", "--force", "trian_dit"], capture_output=True, text=True,
-                           timeout=120)
-    assert stage.returncode == 2 and "invalid choice: 'trian_dit'" in stage.stderr
-    unknown = subprocess.run([tagdit, "stage", "trian-dit"], capture_output=True, text=True, timeout=120)
-    assert unknown.returncode == 2 and "did you mean 'train-dit'" in unknown.stderr
-    other = subprocess.run([tagdit, "stage", "train_dit", "--help"], capture_output=True, text=True, timeout=120)
-    assert other.returncode == 0 and "is spelled 'train-dit'" in other.stderr and "--dit-steps" in other.stdout
-    group = subprocess.run([tagdit, "stage", "--help"], capture_output=True, text=True, timeout=120)
-    assert group.returncode == 0 and "prepare-data" in group.stdout
+
+
+@pytest.mark.parametrize("argv, status, out, err", [
+    (["stage", "train-dit", "--force", "trian_dit"], 2, "", "invalid choice: 'trian_dit'"),
+    (["stage", "trian-dit"], 2, "", "did you mean 'train-dit'"),
+    (["stage", "train_dit", "--help"], 0, "--dit-steps", "is spelled 'train-dit'"),  # the other spelling, with a hint
+    (["stage", "--help"], 0, "prepare-data", ""),
+    (["smaple"], 2, "", "did you mean 'sample'"),
+    (["--version"], 0, "tagdit 0.1.0", ""),
+])
+def test_the_tagdit_command_refuses_with_one_line_and_helps(argv, status, out, err, capsys):
+    from flows import command
+
+    try:
+        code = command.main(argv)
+    except SystemExit as e:  # argparse's own exits (help, refused options)
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == status and out in captured.out and err in captured.err
 
 
 def test_the_tagdit_command_returns_a_status_not_the_result(monkeypatch, capsys):

@@ -1,7 +1,8 @@
 """The encode stage's work: image shards -> latent shards through a VAE, and the latent scale factor.
 
-`encode_shard` turns one image shard into a latent shard with the same keys
-(`tagdit.formats.latent_shards`): posterior `mean.npy` / `logvar.npy` (float16, (z, h, w)), and
+`encode_shard` turns one image shard into a latent shard with the same name and keys
+(`tagdit.formats.latent_shards`), reusing the posteriors of samples whose image bytes the latent
+shard it replaces was made from, and records what it was made from (`LatentSource`): posterior `mean.npy` / `logvar.npy` (float16, (z, h, w)), and
 `flip_mean.npy` / `flip_logvar.npy` for the mirrored image when flipping; its images are decoded in
 a thread pool ahead of batched encoding, and it is written atomically. `latent_stats` measures the
 scale factor = 1 / std of posterior samples over the train split (Chan et al.'s parallel variance
@@ -13,6 +14,7 @@ library's kind of work (the VAE itself is `models.vae`), so this lives in `tagdi
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -21,19 +23,28 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.formats.image_shards import decode_image, image_bytes, iter_image_samples
-from tagdit.formats.latent_shards import LatentShardWriter, iter_latent_samples, read_posterior
+from tagdit.formats.latent_shards import (
+    LatentShardWriter,
+    LatentSource,
+    has_flip,
+    iter_latent_samples,
+    read_posterior,
+)
 
 STATS_SEED = 0  # seed of the posterior samples behind the scale factor
 STATS_CHUNK = 256  # latents per variance update
 
 
-def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2) -> Iterator[tuple[list[dict], Any]]:
-    """(raw samples, images (B, 3, R, R)) in shard order; `pool` decodes `ahead` batches early."""
+def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2,
+                  skip: frozenset[str] = frozenset()) -> Iterator[tuple[list[dict], Any]]:
+    """(raw samples, images (B, 3, R, R)) in shard order, keys in `skip` left out; `pool` decodes `ahead` batches early."""
     import torch
 
     def groups() -> Iterator[list[dict]]:
         group: list[dict] = []
         for raw in iter_image_samples(src):
+            if raw["__key__"] in skip:
+                continue
             group.append(raw)
             if len(group) == batch_size:
                 yield group
@@ -52,13 +63,34 @@ def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int 
         yield g, torch.stack([f.result() for f in futures])
 
 
-def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, batch_size: int, device, pool) -> int:
-    """Encode one image shard into `dst` (written atomically); returns the number of samples."""
+def previous_posteriors(dst: Path) -> dict[str, tuple[str, tuple]]:
+    """key -> (image sha256, posterior arrays) of the latent shard now at `dst`, as its `LatentSource` records."""
+    record = LatentSource.load(dst)
+    if record is None or not dst.exists():
+        return {}
+    out = {}
+    for raw in iter_latent_samples([dst]):
+        if (sha := record.images.get(raw["__key__"])) is not None:
+            out[raw["__key__"]] = (sha, read_posterior(raw) + (read_posterior(raw, flipped=True) if has_flip(raw) else ()))
+    return out
+
+
+def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, batch_size: int, device, pool,
+                 image_shard_sha256: str = "") -> int:
+    """Encode one image shard into `dst` (written atomically, then its `LatentSource`); returns the samples.
+
+    Samples whose image bytes equal those of the latent shard already at `dst` keep its posteriors
+    (the same VAE: the latents folder is that VAE's); only new or changed images are encoded.
+    """
     import numpy as np
     import torch
 
-    with LatentShardWriter(dst) as w, torch.inference_mode():
-        for raws, x in image_batches(src, resolution, batch_size, pool):
+    metas = [(raw["__key__"], raw["json"], hashlib.sha256(image_bytes(raw)).hexdigest())
+             for raw in iter_image_samples(src)]
+    previous = previous_posteriors(dst)
+    posteriors = {k: previous[k][1] for k, _, sha in metas if k in previous and previous[k][0] == sha}
+    with torch.inference_mode():
+        for raws, x in image_batches(src, resolution, batch_size, pool, skip=frozenset(posteriors)):
             x = x.to(device)  # (B, 3, R, R)
             if flip:
                 x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): one encode for both
@@ -67,8 +99,11 @@ def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, ba
             logvar = logvar.float().cpu().numpy().astype(np.float16)
             for i, raw in enumerate(raws):
                 j = len(raws) + i  # the mirrored image's row when flipping
-                flipped = (mean[j], logvar[j]) if flip else ()
-                w.write(raw["__key__"], raw["json"], mean[i], logvar[i], *flipped)
+                posteriors[raw["__key__"]] = (mean[i], logvar[i], *((mean[j], logvar[j]) if flip else ()))
+    with LatentShardWriter(dst) as w:
+        for key, meta, _ in metas:
+            w.write(key, meta, *posteriors[key])
+    LatentSource(image_shard_sha256=image_shard_sha256, images={k: sha for k, _, sha in metas}).save(dst)
     return w.count
 
 

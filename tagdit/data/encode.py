@@ -6,7 +6,8 @@ shard it replaces was made from, and records what it was made from (`LatentSourc
 `flip_mean.npy` / `flip_logvar.npy` for the mirrored image when flipping; its images are decoded in
 a thread pool ahead of batched encoding, and it is written atomically. `latent_stats` measures the
 scale factor = 1 / std of posterior samples over the train split (Chan et al.'s parallel variance
-in float64, fixed seed). `loaded_vae` keeps one VAE per process. Planning the shards and stamping
+in float64, a fixed seed per shard name; each shard's moments are recorded when it is encoded, so a
+grown dataset measures only its re-encoded shards). `loaded_vae` keeps one VAE per process. Planning the shards and stamping
 the stage is `tasks.encode`. Preparing the DiT's training data from image shards is the data
 library's kind of work (the VAE itself is `models.vae`), so this lives in `tagdit.data`, not in
 `tagdit.train`, which trains models.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tagdit.files import sha256_text
 from tagdit.formats.image_shards import decode_image, image_bytes, iter_image_samples
 from tagdit.formats.latent_shards import (
     LatentShardWriter,
@@ -103,7 +105,9 @@ def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, ba
     with LatentShardWriter(dst) as w:
         for key, meta, _ in metas:
             w.write(key, meta, *posteriors[key])
-    LatentSource(image_shard_sha256=image_shard_sha256, images={k: sha for k, _, sha in metas}).save(dst)
+    moments = shard_moments((posteriors[k][:2] for k, _, _ in metas), shard_seed(dst.name))
+    LatentSource(image_shard_sha256=image_shard_sha256, images={k: sha for k, _, sha in metas},
+                 moments=moments).save(dst)
     return w.count
 
 
@@ -116,11 +120,15 @@ class RunningMoments:
     def update(self, x) -> None:
         """Merge a batch of values (any shape) into the running moments."""
         x = x.double().flatten()
-        n_b = x.numel()
-        if n_b == 0:
+        if x.numel() == 0:
             return
         mean_b = float(x.mean())
-        m2_b = float((x - mean_b).pow(2).sum())
+        self.merge(x.numel(), mean_b, float((x - mean_b).pow(2).sum()))
+
+    def merge(self, n_b: int, mean_b: float, m2_b: float) -> None:
+        """Merge the moments (count, mean, sum of squared deviations) of another set of values."""
+        if n_b == 0:
+            return
         n = self.count + n_b
         delta = mean_b - self.mean
         self.mean += delta * n_b / n
@@ -132,31 +140,51 @@ class RunningMoments:
         return (self.m2 / self.count) ** 0.5
 
 
-def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, Any]:
-    """Scale factor = 1 / std of one posterior sample z = mean + exp(logvar / 2)·eps per image."""
+def shard_seed(name: str, seed: int = STATS_SEED) -> int:
+    """The posterior-sample seed of one latent shard: from its name, so independent of resume and of other shards."""
+    return seed * 1_000_003 + int(sha256_text(name)[:8], 16)
+
+
+def shard_moments(posteriors: Iterable[tuple], seed: int) -> dict[str, Any]:
+    """Moments of one posterior sample z = mean + exp(logvar / 2)·eps per image of one shard (unflipped)."""
     import torch
 
     from models.vae import AutoencoderKL
 
-    moments, images, shape = RunningMoments(), 0, None
-    for index, path in enumerate(shards):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per shard: independent of resume
-        means, logvars = [], []
-        for raw in itertools.chain(iter_latent_samples([path]), [None]):  # None: flush
-            if raw is not None:
-                m, lv = read_posterior(raw)
-                means.append(torch.from_numpy(m).float())
-                logvars.append(torch.from_numpy(lv).float())
-            if means and (raw is None or len(means) == STATS_CHUNK):
-                mean, logvar = torch.stack(means), torch.stack(logvars)  # (N, z, h, w)
-                moments.update(AutoencoderKL.sample(mean, logvar, generator=g))
-                images += len(means)
-                shape = list(mean.shape[1:])
-                means, logvars = [], []
-    if moments.count == 0:
+    g = torch.Generator().manual_seed(seed)
+    moments, images, shape, means, logvars = RunningMoments(), 0, None, [], []
+    for p in itertools.chain(posteriors, [None]):  # None: flush
+        if p is not None:
+            means.append(torch.from_numpy(p[0]).float())
+            logvars.append(torch.from_numpy(p[1]).float())
+        if means and (p is None or len(means) == STATS_CHUNK):
+            mean, logvar = torch.stack(means), torch.stack(logvars)  # (N, z, h, w)
+            moments.update(AutoencoderKL.sample(mean, logvar, generator=g))
+            images += len(means)
+            shape = list(mean.shape[1:])
+            means, logvars = [], []
+    return {"seed": seed, "count": moments.count, "mean": moments.mean, "m2": moments.m2, "images": images,
+            "shape": shape}
+
+
+def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, Any]:
+    """Scale factor = 1 / std of one posterior sample per image, merged over shards (Chan et al.).
+
+    A shard's moments come from its `LatentSource` when the encode stage recorded them with this
+    seed (a grown dataset measures only its re-encoded shards), else from reading the shard.
+    """
+    total, images, shape = RunningMoments(), 0, None
+    for path in shards:
+        record, s = LatentSource.load(path), shard_seed(path.name, seed)
+        m = record.moments if record is not None and record.moments and record.moments["seed"] == s else \
+            shard_moments((read_posterior(raw) for raw in iter_latent_samples([path])), s)
+        total.merge(m["count"], m["mean"], m["m2"])
+        images += m["images"]
+        shape = m["shape"] or shape
+    if total.count == 0:
         raise ValueError("no training latents to measure the scale factor on")
-    return {"scale_factor": 1.0 / moments.std, "mean": moments.mean, "std": moments.std,
-            "count": images, "values": moments.count, "latent_shape": shape}
+    return {"scale_factor": 1.0 / total.std, "mean": total.mean, "std": total.std,
+            "count": images, "values": total.count, "latent_shape": shape}
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,7 @@ class LatentSource(BaseModel):
 
     image_shard_sha256: str
     images: dict[str, str]  # sample key -> sha256 of its encoded image bytes
+    moments: dict[str, Any] | None = None  # its posterior samples' moments for the scale factor (tagdit.data.encode)
 
     @staticmethod
     def path(shard: Path) -> Path:

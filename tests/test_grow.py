@@ -184,3 +184,16 @@ def test_the_source_tree_is_walked_once_per_crop_stage_run(tmp_path, monkeypatch
     assert crop_stage(cfg).info["found"] == 13 and len(walks) == 3  # a new stage run lists again
     assert len([s for s in scans if s.startswith(str(src))]) == 3 * 4  # os.walk's, per folder: the root and 3
     assert [r["rel"] for r in read_sources(cfg.dataset_dir / SOURCES) if r["rel"].endswith("late.png")]
+
+
+def test_a_prepare_data_flow_run_walks_the_source_tree_once(prefect_env, tmp_path, wd_model, monkeypatch):
+    from flows.prepare_data import prepare_data_flow
+
+    src = make_source(tmp_path / "src", folders=2, per_folder=3)
+    args = [f"data.source={src}", f"data.root={tmp_path / 'shards'}", "data.name=g", "data.resolution=32",
+            "crop.workers=1", f"tagger.path={wd_model}", "shards.min_tag_count=1"]
+    real, walks = os.walk, []
+    monkeypatch.setattr(os, "walk", lambda *a, **k: (walks.append(a[0]), real(*a, **k))[1])
+    prepare_data_flow(overrides=args)
+    assert walks == [src]  # Prefect's cache key, the stamp check and the crop plan share one listing
+    assert prepare_data_flow(overrides=args).cached and walks == [src, src]  # a new flow run lists again

@@ -31,7 +31,7 @@ def pixels(row) -> np.ndarray:
 
 
 def test_every_valid_kind_is_cropped_and_every_bad_input_rejected_with_reason(tmp_path, corpus):
-    rec = crop_stage(config(tmp_path, corpus, "crop.chunk_size=4"))
+    rec = crop_stage(config(tmp_path, corpus, "data.buckets=4"))
     by_src = {r["source"]: r for r in rows(rec)}
     assert rec.info["found"] == GOOD + BAD + OTHER == len(by_src)
     assert (rec.info["ok"], rec.info["rejected"], rec.info["sidecars"]) == (GOOD, BAD + OTHER, 1)
@@ -134,7 +134,7 @@ def test_every_file_found_is_a_crop_or_a_reject_with_its_reason(tmp_path, wd_mod
     (src / "data.json").write_text("{}")
     (src / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (src / "sub" / "layers.psd").write_bytes(b"8BPS not really a photoshop file")
-    cfg = config(tmp_path, src, f"tagger.path={wd_model}", "crop.chunk_size=3", "shards.val_fraction=0")
+    cfg = config(tmp_path, src, f"tagger.path={wd_model}", "data.buckets=3", "shards.val_fraction=0")
     crop = crop_stage(cfg)
     assert (crop.info["found"], crop.info["ok"], crop.info["rejected"], crop.info["sidecars"]) == (10, 2, 8, 1)
     shards = shard_stage(cfg, crop, tag_stage(cfg, crop))

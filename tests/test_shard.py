@@ -22,7 +22,7 @@ CONTRACT_KEYS = {"tags", "scores", "rating", "source", "orig_size", "crop_box", 
 def run_all(root: Path, world, *extra):
     src, wd = world
     cfg = load_config(None, [f"data.source={src}", f"data.root={root}", "data.name=t", "data.resolution=32",
-                             "crop.max_pixels=1000000", "crop.workers=1", "crop.chunk_size=5",
+                             "crop.max_pixels=1000000", "crop.workers=1",
                              f"tagger.path={wd}", "shards.samples_per_shard=4", "shards.val_fraction=0.2",
                              "shards.min_tag_count=2", *extra])
     crop = crop_stage(cfg)

@@ -61,7 +61,7 @@ def empty_tags(cfg, crop):
     out.mkdir(parents=True, exist_ok=True)
     for c in crop.info["chunks"]:
         keys = read_crop_chunk(Path(crop.out_dir) / c, ["key"], ok_only=True).column("key").to_pylist()
-        rows = [{"key": k, "tags": [], "scores": [], "categories": [], "rating": "general"} for k in keys]
+        rows = [{"key": k, "input": "", "tags": [], "scores": [], "categories": [], "rating": "general"} for k in keys]
         write_tag_chunk(rows, out / c)
     return StageRecord(stage="tag", key="bench", out_dir=str(out), fingerprint="bench",
                        info={"chunks": crop.info["chunks"]})

@@ -40,13 +40,17 @@ class DataConfig(Section):
     name: str = "demo"  # dataset name: shards land in <root>/<name>/
     root: Path = Path("shards")  # shards root
     resolution: int = Field(64, ge=16)  # square crop size; the original trained at 256
+    # hash buckets a source file's key falls in: the unit of crop, tag, shard and encode, so an added
+    # file re-does one bucket. None = chosen on the first prepare (power of two >= files / samples_per_shard)
+    # and kept in <dataset>/dataset.json while the dataset grows; a set value wins
+    buckets: int | None = Field(None, ge=1)
 
 
 class CropConfig(Section):
     mode: Literal["center", "pad"] = "center"  # centre crop, or pad with white like the tagger
     min_size: int = Field(32, ge=1)  # reject images whose short side is smaller than this
     max_pixels: int | None = 178_956_970  # decompression-bomb limit (Pillow's default x2)
-    chunk_size: int = Field(256, ge=1)  # images per resumable chunk
+    chunk_size: int = Field(256, ge=1)  # unused since data.buckets are the crop unit; kept so older configs load
     workers: int = Field(0, ge=0)  # processes; 0 = one per core
 
 

@@ -1,10 +1,12 @@
 """Crop stage: every file under `data.source` -> a crop chunk row (a square crop or a reject).
 
-The Prefect contract only: `CROP` (what the stage's key hashes), `crop_chunk_task` (one chunk on
-the stage's task runner, see `tagdit.orchestrate.chunks`), `crop_stage` (lists the files, runs the
-missing chunks, stamps the outputs) and `crop_task`. The cropping itself is `tagdit.data.crop`;
-the chunk files are `tagdit.formats.chunks`. Chunk files carry a digest of their inputs in their
-name, so a killed run resumes and a changed file recomputes only its chunk.
+The Prefect contract only: `CROP` (what the stage's key hashes), `crop_chunk_task` (one hash
+bucket on the stage's task runner, see `tagdit.orchestrate.chunks`), `crop_stage` (lists the files
+once, writes the source manifest, runs the buckets whose chunk is missing, stamps the outputs) and
+`crop_task`. The listing and the buckets are `tagdit.data.sources`, the cropping `tagdit.data.crop`,
+the chunk files `tagdit.formats.chunks`. A chunk is named by its bucket and a digest of its files'
+stamps, so a killed run resumes, and an added or changed file re-crops only its bucket (and in it,
+only itself: the other rows are copied from the bucket's previous chunk).
 """
 
 from __future__ import annotations
@@ -17,34 +19,61 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig
-from tagdit.data.crop import CropParams, SourceFile, chunk_digest, list_sources, process_chunk
+from tagdit.data.crop import CropParams, chunk_digest
+from tagdit.data.sources import bucket_count, crop_bucket, key_hash, listing_scope, source_listing
 from tagdit.files import remove_stale_temps
-from tagdit.formats.chunks import read_crop_chunk
+from tagdit.formats.chunks import chunk_name, read_crop_chunk
+from tagdit.formats.sources import SOURCES, read_buckets, write_buckets, write_sources
 from tagdit.orchestrate.chunks import chunk_runner, offload, run_units, unit_task
-from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key, tree_fingerprint
+from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
 log = logging.getLogger(__name__)
 
 
 @unit_task(name="crop-chunk", run_name="crop {dst.name}")
-def crop_chunk_task(source: Path, files: list[SourceFile], p: CropParams, dst: Path) -> tuple[int, int]:
-    """One crop chunk (on the local runner's process pool when it has one); returns (ok, rejected)."""
-    return offload(process_chunk, source, files, p, dst)
+def crop_chunk_task(source: Path, manifest: Path, bucket: int, p: CropParams, dst: Path,
+                    previous: Path | None) -> tuple[int, int]:
+    """One bucket's crop chunk (on the local runner's process pool when it has one); returns (ok, rejected)."""
+    return offload(crop_bucket, source, manifest, bucket, p, dst, previous)
+
+
+def _key_inputs(cfg: PipelineConfig) -> dict[str, str]:
+    """The source listing's fingerprint and the bucket count, from this run's one listing."""
+    listing = source_listing(cfg.data.source)
+    return {"source": listing.fingerprint, "buckets": str(bucket_count(cfg, listing))}
 
 
 CROP = Stage(
     name="crop",
-    version=2,  # 2: a row for every file found (non-images rejected with a reason), sidecars counted apart
-    modules=("tasks.crop", "tagdit.data.crop", "tagdit.formats.chunks", "tagdit.formats.wd_image"),
-    sections=("data.resolution", "crop.mode", "crop.min_size", "crop.max_pixels", "crop.chunk_size",
+    version=3,  # 2: a row for every file found, sidecars counted apart; 3: one chunk per hash bucket, rows' stamps
+    modules=("tasks.crop", "tagdit.data.crop", "tagdit.data.sources", "tagdit.formats.chunks",
+             "tagdit.formats.sources", "tagdit.formats.wd_image"),
+    sections=("data.resolution", "crop.mode", "crop.min_size", "crop.max_pixels",
               "shards.image_format", "shards.jpeg_quality"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "crop",
-    extra_inputs=lambda cfg: {"source": tree_fingerprint(cfg.data.source)},
+    extra_inputs=_key_inputs,
 )
+
+
+def _previous(out: Path, bucket: int, dst: Path) -> Path | None:
+    """The bucket's chunk of an earlier run (its rows of unchanged files are copied), if any."""
+    return next((c for c in sorted(out.glob(f"chunk-{bucket:05d}-*.parquet")) if c != dst), None)
 
 
 def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
     """Run (or resume) the crop stage; returns its record."""
+    with listing_scope():  # the key, the stamp check and the plan share one walk of the source tree
+        return _crop_stage(cfg, force)
+
+
+def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
+    source = Path(cfg.data.source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"data.source={str(source)!r} is not a folder")
+    listing = source_listing(source)
+    n = bucket_count(cfg, listing)
+    if read_buckets(cfg.dataset_dir) != n:
+        write_buckets(cfg.dataset_dir, n)  # a growing dataset keeps the count chosen on its first prepare
     if not force and (rec := CROP.valid_record(cfg, {})):
         return rec
     out = CROP.out_dir(cfg, {})
@@ -52,29 +81,30 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    source = Path(cfg.data.source)
-    if not source.is_dir():
-        raise FileNotFoundError(f"data.source={str(source)!r} is not a folder")
-    p, cs = CropParams.from_config(cfg), cfg.crop.chunk_size
-    files, sidecars = list_sources(source)
-    chunks = [files[i : i + cs] for i in range(0, len(files), cs)]
-    dsts = [out / f"chunk-{i:06d}-{chunk_digest(c, p, CROP.code_key())}.parquet" for i, c in enumerate(chunks)]
-    todo = [i for i, d in enumerate(dsts) if not d.exists()]
-    log.info("crop: %d files (+ %d sidecars) in %d chunks under %s; %d chunks to do", len(files), sidecars,
-             len(chunks), source, len(todo))
+    rows = listing.rows(n)
+    write_sources(rows, cfg.dataset_dir / SOURCES)
+    p, by_bucket = CropParams.from_config(cfg), {}
+    for f, r in sorted(zip(listing.files, rows, strict=True), key=lambda fr: key_hash(fr[1]["key"])):
+        by_bucket.setdefault(r["bucket"], []).append(f)
+    dsts = {b: out / chunk_name(b, chunk_digest(fs, p, CROP.code_key()))
+            for b, fs in sorted(by_bucket.items())}
+    todo = [b for b, d in dsts.items() if not d.exists()]
+    log.info("crop: %d files (+ %d sidecars) in %d buckets (%d with files) under %s; %d buckets to do",
+             len(listing.files), listing.sidecars, n, len(dsts), source, len(todo))
     if todo:
         workers = min(cfg.crop.workers or os.cpu_count() or 1, len(todo))
-        params = [{"source": source, "files": chunks[i], "p": p, "dst": dsts[i]} for i in todo]
+        params = [{"source": source, "manifest": cfg.dataset_dir / SOURCES, "bucket": b, "p": p, "dst": dsts[b],
+                   "previous": _previous(out, b, dsts[b])} for b in todo]
         with chunk_runner(cfg.prefect, threads=workers, processes=workers) as runner:
-            run_units(runner, crop_chunk_task, params, "crop", [len(chunks[i]) for i in todo], "img")
-    for stale in set(out.glob("chunk-*.parquet")) - set(dsts):
+            run_units(runner, crop_chunk_task, params, "crop", [len(by_bucket[b]) for b in todo], "img")
+    for stale in set(out.glob("chunk-*.parquet")) - set(dsts.values()):
         stale.unlink()
-    ok = sum(sum(read_crop_chunk(d, ["ok"]).column("ok").to_pylist()) for d in dsts)
-    info = {"found": len(files), "sidecars": sidecars, "ok": ok, "rejected": len(files) - ok,
-            "chunks": [d.name for d in dsts], "source": str(source)}
-    log.info("crop: %d found = %d cropped + %d rejected (and %d sidecars)", len(files), ok, len(files) - ok,
-             sidecars)
-    return CROP.write_stamp(cfg, {}, dsts, info)
+    found, chunks = len(listing.files), list(dsts.values())
+    ok = sum(sum(read_crop_chunk(d, ["ok"]).column("ok").to_pylist()) for d in chunks)
+    info = {"found": found, "sidecars": listing.sidecars, "ok": ok, "rejected": found - ok, "buckets": n,
+            "chunks": [d.name for d in chunks], "source": str(source)}
+    log.info("crop: %d found = %d cropped + %d rejected (and %d sidecars)", found, ok, found - ok, listing.sidecars)
+    return CROP.write_stamp(cfg, {}, chunks, info)
 
 
 @task(name="crop", cache_key_fn=stage_cache_key(CROP), persist_result=True)

@@ -4,8 +4,10 @@ The Prefect contract only: `ENCODE` (what the stage's key hashes), `encode_shard
 the stage's task runner, `tagdit.orchestrate.chunks`, with the VAE loaded once per worker process),
 `encode_latents` (drops latents made by other settings, runs the missing shards, writes
 `stats.json`: the only place the latent scale factor is stored), `encode_stage` and `encode_task`.
-The encoding and the scale-factor pass are `tagdit.data.encode`. Shards are written atomically, so
-a killed run resumes at the first missing shard.
+The encoding and the scale-factor pass are `tagdit.data.encode`. A latent shard is kept only when
+its `<name>.source.json` records the sha256 of the image shard now under its name (from the shard
+stage's `images/shards.json`): a killed run resumes at the first missing shard, and a changed image
+shard is encoded again, even with the same VAE.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from tagdit.data.encode import (
     loaded_vae,
 )
 from tagdit.files import remove_stale_temps, sha256_file
-from tagdit.formats.image_shards import image_shards
-from tagdit.formats.latent_shards import STATS_FILE, LatentStats, latent_shard_paths
+from tagdit.formats.image_shards import ShardIndex, image_shards
+from tagdit.formats.latent_shards import STATS_FILE, LatentSource, LatentStats, latent_shard_paths
 from tagdit.orchestrate.chunks import chunk_runner, run_units, unit_task
 from tagdit.orchestrate.markers import marker_matches, write_marker
 from tagdit.orchestrate.stage import Stage, StageRecord, code_version, stage_cache_key
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ENCODE = Stage(
     name="encode",
+    version=2,  # 2: latent shards record the image shard they were made from
     modules=("tasks.encode", "tagdit.data.encode", "tagdit.formats.image_shards", "tagdit.formats.latent_shards",
              "tagdit.formats.checkpoints", "tagdit.formats.trained_models:load_vae", "tagdit.devices", "models.vae",
              "models.config"),
@@ -62,15 +65,21 @@ def _prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool) -> No
     write_marker(marker, identity)
 
 
+def _fresh(dst: Path, image_shard_sha256: str) -> bool:
+    """Whether the latent shard at `dst` was made from the image shard with this sha256 (not merely named as it)."""
+    record = LatentSource.load(dst)
+    return dst.exists() and record is not None and record.image_shard_sha256 == image_shard_sha256
+
+
 @unit_task(name="encode-shard", run_name="encode {src.name}")
-def encode_shard_task(src: Path, dst: Path, p: EncodeParams) -> int:
+def encode_shard_task(src: Path, dst: Path, p: EncodeParams, image_shard_sha256: str = "") -> int:
     """One latent shard, with this worker process's loaded VAE; returns the number of samples."""
     from concurrent.futures import ThreadPoolExecutor
 
     model, device = loaded_vae(p)
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
         n = encode_shard(model, src, dst, resolution=p.resolution, flip=p.flip, batch_size=p.batch_size,
-                         device=device, pool=pool)
+                         device=device, pool=pool, image_shard_sha256=image_shard_sha256)
     log.info("encode: %s -> %d latents", src.name, n)
     return n
 
@@ -87,17 +96,21 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
     todo = [(split, p) for split in ("train", "val") for p in image_shards(dataset_dir, split)]
     if not todo:
         raise FileNotFoundError(f"no image shards under {dataset_dir}/images: run prepare-data first")
-    wanted = {p.name for _, p in todo}
-    for stale in set(out_dir.glob("*.tar")) - {out_dir / n for n in wanted}:
+    wanted = {out_dir / p.name for _, p in todo}
+    for stale in set(out_dir.glob("*.tar")) - wanted:
         stale.unlink()
-    missing = [src for _, src in todo if not (out_dir / src.name).exists()]
+        LatentSource.path(stale).unlink(missing_ok=True)
+    index = ShardIndex(dataset_dir / "images")
+    shas = {src.name: index.sha256(src.name) or sha256_file(src) for _, src in todo}
+    missing = [src for _, src in todo if not _fresh(out_dir / src.name, shas[src.name])]
     log.info("encode: %d of %d shards to encode into %s (%d already complete)",
              len(missing), len(todo), out_dir, len(todo) - len(missing))
     p = EncodeParams(ckpt, lc.use_ema, weights_sha, cfg.vae.train.device, cfg.data.resolution, lc.flip,
                      lc.batch_size)
     try:
         with chunk_runner(cfg.prefect) as runner:  # locally one shard at a time: the model uses the device
-            run_units(runner, encode_shard_task, [{"src": s, "dst": out_dir / s.name, "p": p} for s in missing],
+            run_units(runner, encode_shard_task, [{"src": s, "dst": out_dir / s.name, "p": p,
+                                                   "image_shard_sha256": shas[s.name]} for s in missing],
                       "encode", unit_name="shard")
     finally:
         forget_vaes()  # the local runner's model; a Dask worker keeps its own

@@ -1,8 +1,9 @@
 """Shard stage: crops + tags -> WebDataset image shards, manifest/rejects/tags parquet and the vocab.
 
 The Prefect contract only: `SHARD` (what the stage's key hashes), `shard_stage` (cleans up, runs
-`tagdit.data.shard`, checks the accounting, stamps the outputs) and `shard_task`. The progress
-file that lets a killed run skip its complete shards is named by the stage key.
+`tagdit.data.shard`, checks the accounting, stamps the outputs) and `shard_task`. The shard index
+`images/shards.json` lets a killed run, or a run after the source grew, keep every unit whose
+inputs are unchanged.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig
-from tagdit.data.shard import ShardProgress, write_shards, write_tables
+from tagdit.data.shard import write_shards, write_tables
 from tagdit.data.vocab import SPECIALS
 from tagdit.files import remove_stale_temps
 from tagdit.formats.dataset_tables import MANIFEST, REJECTS, TAG_TABLE
+from tagdit.formats.image_shards import SHARD_INDEX
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
 log = logging.getLogger(__name__)
 
 SHARD = Stage(
     name="shard",
+    version=2,  # 2: shards per hash bucket (train) and val group (val), images/shards.json
     modules=("tasks.shard", "tagdit.data.shard", "tagdit.formats.chunks", "tagdit.formats.dataset_tables",
              "tagdit.formats.image_shards", "tagdit.data.vocab:Vocab", "tagdit.data.vocab:SPECIALS",
              "tagdit.formats.selected_tags:RATING"),
@@ -32,15 +35,6 @@ SHARD = Stage(
     out_dir=lambda cfg, up: cfg.dataset_dir,  # tars in images/, tables and vocab.json beside it
 )
 TABLES = (MANIFEST, REJECTS, TAG_TABLE, "vocab.json")
-
-
-def _progress(cfg: PipelineConfig, up: dict[str, StageRecord], images: Path) -> ShardProgress:
-    """This key's progress file (the shards complete so far); other keys' progress files are removed."""
-    path = images / f".progress-{SHARD.key(cfg, up)}.json"
-    for old in images.glob(".progress-*.json"):
-        if old != path:
-            old.unlink()
-    return ShardProgress(path)
 
 
 def shard_stage(cfg: PipelineConfig, crop: StageRecord, tag: StageRecord, force: bool = False) -> StageRecord:
@@ -57,15 +51,16 @@ def shard_stage(cfg: PipelineConfig, crop: StageRecord, tag: StageRecord, force:
     images.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     remove_stale_temps(images)
-    progress = _progress(cfg, up, images)
+    for old in images.glob(".progress-*.json"):  # the per-key progress files of earlier versions
+        old.unlink()
     crop_chunks = [Path(crop.out_dir) / c for c in crop.info["chunks"]]
     tag_chunks = [Path(tag.out_dir) / t for t in tag.info["chunks"]]
-    shards, counts, stats = write_shards(crop_chunks, tag_chunks, out, cfg.shards, progress)
+    shards, counts, stats = write_shards(crop_chunks, tag_chunks, out, cfg.shards, crop.info["buckets"],
+                                         SHARD.code_key())
     rejected, vocab = write_tables(crop_chunks, out, stats, cfg.shards)
     shard_paths = [images / n for n in shards["train"] + shards["val"]]
     for stale in set(images.glob("*.tar")) - set(shard_paths):
         stale.unlink()
-    progress.path.unlink(missing_ok=True)
     found, sharded = crop.info["found"], counts["train"] + counts["val"]
     if found != sharded + rejected:
         raise RuntimeError(f"accounting broken: found {found} != sharded {sharded} + rejected {rejected}")
@@ -77,7 +72,7 @@ def shard_stage(cfg: PipelineConfig, crop: StageRecord, tag: StageRecord, force:
             "n_train": counts["train"], "n_val": counts["val"], "train_shards": shards["train"], "val_shards": shards["val"],
             "vocab_size": len(vocab), "image_format": cfg.shards.image_format, "images": str(images),
             "manifest": str(out / MANIFEST), "vocab": str(out / "vocab.json")}
-    return SHARD.write_stamp(cfg, up, shard_paths + [out / name for name in TABLES], info)
+    return SHARD.write_stamp(cfg, up, shard_paths + [images / SHARD_INDEX] + [out / name for name in TABLES], info)
 
 
 @task(name="shard", cache_key_fn=stage_cache_key(SHARD), persist_result=True)

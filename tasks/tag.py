@@ -3,9 +3,10 @@
 The Prefect contract only: `TAG` (what the stage's key hashes), `tag_chunk_task` (one chunk on the
 stage's task runner, `tagdit.orchestrate.chunks`, with the ONNX tagger loaded once per worker
 process), `tag_stage` and `tag_task`. The tagging itself is `tagdit.data.tag`; the chunk files are
-`tagdit.formats.chunks`. A tag chunk is named by a digest of its crop chunk's bytes, the tagger
-files and the tag settings: a killed run resumes at the first missing chunk, a changed crop chunk
-re-tags only itself.
+`tagdit.formats.chunks`. A tag chunk is named by its crop chunk's bucket and a digest of the crop
+chunk's bytes, the tagger files and the tag settings: a killed run resumes at the first missing
+chunk, a changed crop chunk re-tags only itself, and in it only its new or changed crops (the rest
+are copied from the bucket's previous tag chunk).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tagdit.config import PipelineConfig, TaggerConfig
 from tagdit.data.tag import forget_taggers, loaded_tagger, tag_chunk
 from tagdit.data.tagger import ResolvedTagger, resolve_tagger
 from tagdit.files import remove_stale_temps, sha256_text
-from tagdit.formats.chunks import tag_chunk_rows
+from tagdit.formats.chunks import chunk_bucket, chunk_name, tag_chunk_rows
 from tagdit.orchestrate.chunks import chunk_runner, run_units, unit_task
 from tagdit.orchestrate.stage import (
     Stage,
@@ -34,14 +35,15 @@ log = logging.getLogger(__name__)
 
 
 @unit_task(name="tag-chunk", run_name="tag {dst.name}")
-def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig, source: Path) -> int:
+def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig, source: Path,
+                   previous: Path | None = None, tagger_key: str = "") -> int:
     """One tag chunk, with this worker process's loaded tagger; returns the rows written."""
-    return tag_chunk(lambda: loaded_tagger(tagger, tcfg), crop_chunk, dst, tcfg, source)
+    return tag_chunk(lambda: loaded_tagger(tagger, tcfg), crop_chunk, dst, tcfg, source, previous, tagger_key)
 
 
 TAG = Stage(
     name="tag",
-    version=3,  # 2: the tagger reads the source file's square, not the dataset-size crop; 3: Pillow's resize
+    version=4,  # 2: the tagger reads the source square; 3: Pillow's resize; 4: per bucket, rows record their input
     modules=("tasks.tag", "tagdit.data.tag", "tagdit.data.tagger", "tagdit.data.onnx_session", "tagdit.formats.chunks",
              "tagdit.formats.selected_tags", "tagdit.formats.wd_image"),
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
@@ -51,11 +53,16 @@ TAG = Stage(
 )
 
 
-def chunk_digest(cfg: PipelineConfig, crop_chunk: Path) -> str:
-    """A tag chunk's name: only the tagger's bytes count, so a commit that leaves them alone re-tags nothing."""
+def tagger_key(cfg: PipelineConfig) -> str:
+    """The code, settings and tagger files' bytes: only these count, so a commit that leaves them alone re-tags nothing."""
     settings = repr(sorted(config_sections(cfg, TAG.sections).items()))
     tagger = repr(sorted(resolve_tagger(cfg.tagger).fingerprint.items()))
-    return sha256_text(TAG.code_key(), settings, tagger, file_fingerprint(crop_chunk))[:16]
+    return sha256_text(TAG.code_key(), settings, tagger)
+
+
+def chunk_digest(cfg: PipelineConfig, crop_chunk: Path) -> str:
+    """A tag chunk's name: the tagger key and the bytes of the crop chunk it tags."""
+    return sha256_text(tagger_key(cfg), file_fingerprint(crop_chunk))[:16]
 
 
 def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> StageRecord:
@@ -68,12 +75,16 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     crop_chunks = [Path(crop.out_dir) / c for c in crop.info["chunks"]]
-    dsts = [out / f"chunk-{i:06d}-{chunk_digest(cfg, c)}.parquet" for i, c in enumerate(crop_chunks)]
+    dsts = [out / chunk_name(chunk_bucket(c.name), chunk_digest(cfg, c)) for c in crop_chunks]  # a bucket keeps its number
     todo = [i for i, d in enumerate(dsts) if not d.exists()]
     log.info("tag: %d chunks, %d to do", len(dsts), len(todo))
     if todo:
+        key = tagger_key(cfg)
+        previous = {i: next(iter(sorted(out.glob(chunk_name(chunk_bucket(dsts[i].name), "*")))), None)
+                    for i in todo}  # the bucket's earlier tag chunk: rows of unchanged crops are copied
         params = [{"crop_chunk": crop_chunks[i], "dst": dsts[i], "tagger": resolve_tagger(cfg.tagger),
-                   "tcfg": cfg.tagger, "source": Path(crop.info["source"])} for i in todo]
+                   "tcfg": cfg.tagger, "source": Path(crop.info["source"]), "previous": previous[i],
+                   "tagger_key": key} for i in todo]
         try:
             with chunk_runner(cfg.prefect) as runner:  # locally one chunk at a time: ONNX uses every core
                 run_units(runner, tag_chunk_task, params, "tag", unit_name="chunk")

@@ -25,8 +25,8 @@ SAMPLE_FIELDS = ("sample_every", "sample_prompts", "sample_seeds", "sample_steps
 
 TRAIN_DIT = Stage(
     name="train-dit",
-    modules=("tasks.train_dit", "tagdit.train.dit", "tagdit.formats.latent_shards", "models.vae:AutoencoderKL",
-             "models.dit", "models.diffusion", "tagdit.data.vocab", *TRAIN_MODULES),
+    modules=("tasks.train_dit", "tagdit.train.dit", "tagdit.formats.latent_shards",
+             "tagdit.formats.image_shards:shards_in", "models.vae:AutoencoderKL", "models.dit", "models.diffusion", "tagdit.data.vocab", *TRAIN_MODULES),
     sections=tuple(f"dit.{k}" for k in DiTConfig.model_fields if k not in SAMPLE_FIELDS),
     out_dir=lambda cfg, up: cfg.run_dir / "dit",
 )

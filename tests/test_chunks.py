@@ -20,11 +20,11 @@ from tagdit.formats.dataset_tables import (
     write_tag_table,
 )
 
-CROPPED = {"key": "a-1", "source": "a.png", "ok": True, "reason": None, "sha256": "ab", "orig_size": [40, 30],
+CROPPED = {"key": "a-1", "source": "a.png", "stamp": "a.png:4:1:None:", "ok": True, "reason": None, "sha256": "ab", "orig_size": [40, 30],
            "crop_box": [5, 0, 35, 30], "image": b"\x89PNG", "sidecar": "smile"}
-REJECTED = {"key": "b-2", "source": "b.svg", "ok": False, "reason": "not a raster image", "sha256": None,
+REJECTED = {"key": "b-2", "source": "b.svg", "stamp": "b.svg:9:1:None:", "ok": False, "reason": "not a raster image", "sha256": None,
             "orig_size": None, "crop_box": None, "image": None, "sidecar": None}
-TAGGED = {"key": "a-1", "tags": ["smile", "red"], "scores": [1.0, 0.5], "categories": [0, 0], "rating": "general"}
+TAGGED = {"key": "a-1", "input": "cd", "tags": ["smile", "red"], "scores": [1.0, 0.5], "categories": [0, 0], "rating": "general"}
 
 
 def test_a_written_crop_chunk_reads_back_whole_by_columns_and_cropped_only(tmp_path):

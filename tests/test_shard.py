@@ -22,7 +22,7 @@ CONTRACT_KEYS = {"tags", "scores", "rating", "source", "orig_size", "crop_box", 
 def run_all(root: Path, world, *extra):
     src, wd = world
     cfg = load_config(None, [f"data.source={src}", f"data.root={root}", "data.name=t", "data.resolution=32",
-                             "crop.max_pixels=1000000", "crop.workers=1", "crop.chunk_size=5",
+                             "crop.max_pixels=1000000", "crop.workers=1",
                              f"tagger.path={wd}", "shards.samples_per_shard=4", "shards.val_fraction=0.2",
                              "shards.min_tag_count=2", *extra])
     crop = crop_stage(cfg)
@@ -38,7 +38,8 @@ def test_webdataset_reads_every_shard_back_and_accounting_holds(tmp_path, world)
     assert rec.info["found"] == GOOD + BAD + OTHER == rec.info["sharded"] + rec.info["rejected"]
     names = rec.info["train_shards"] + rec.info["val_shards"]
     assert sorted(p.name for p in (out / "images").glob("*.tar")) == sorted(names)
-    assert rec.info["val_shards"] == ["val-000000.tar"] and rec.info["train_shards"][0] == "train-000000.tar"
+    assert rec.info["val_shards"] == ["val-00000-00.tar"]  # 8 buckets x 0.2: one val group
+    assert all(n.startswith("train-000") and n.endswith("-00.tar") for n in rec.info["train_shards"])
     urls = [str(out / "images" / n) for n in names]
     seen = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"))
     assert len(seen) == rec.info["sharded"] == GOOD
@@ -50,7 +51,7 @@ def test_webdataset_reads_every_shard_back_and_accounting_holds(tmp_path, world)
         assert {m.mtime for m in tf.getmembers()} == {MTIME}
     manifest = read_manifest(out)
     assert sorted(m["key"] for m in manifest) == sorted(s["__key__"] for s in seen)
-    assert all(m["shard"] in names and m["split"] == m["shard"][:-11] for m in manifest)
+    assert all(m["shard"] in names and m["split"] == m["shard"].split("-")[0] for m in manifest)
     rejects = read_rejects(out)
     assert len(rejects) == BAD + OTHER and all(r["stage"] == "crop" and r["reason"] for r in rejects)
     assert {r["path"] for r in rejects} >= {"empty.png", "truncated.jpg", "unreadable.jpg"}
@@ -70,11 +71,13 @@ def test_same_inputs_give_byte_identical_shards_and_tables(tmp_path, world):
     assert a.fingerprint == b.fingerprint
 
 
-def test_fewer_samples_per_shard_rewrites_and_removes_stale_shards(tmp_path, world):
-    _, small = run_all(tmp_path, world)
-    _, big = run_all(tmp_path, world, "shards.samples_per_shard=100")
-    assert big.info["train_shards"] == ["train-000000.tar"] and len(small.info["train_shards"]) > 1
-    assert sorted(p.name for p in Path(big.out_dir, "images").glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+def test_more_samples_per_shard_rewrites_and_removes_stale_shards(tmp_path, world):
+    _, small = run_all(tmp_path, world, "data.buckets=2", "shards.samples_per_shard=1")
+    _, big = run_all(tmp_path, world, "data.buckets=2", "shards.samples_per_shard=100")
+    assert big.info["train_shards"] == ["train-00000-00.tar", "train-00001-00.tar"]
+    assert len(small.info["train_shards"]) == small.info["n_train"] > 2  # a bucket over samples_per_shard: parts
+    assert sorted(p.name for p in Path(big.out_dir, "images").glob("*.tar")) == [*big.info["train_shards"],
+                                                                                   "val-00000-00.tar"]
     assert not list(Path(big.out_dir).rglob(".*tmp-*")) and not list(Path(big.out_dir).rglob(".progress-*"))
 
 

@@ -20,7 +20,7 @@ def config(tmp_path, world, *extra):
     src, wd = world
     return load_config(None, [f"data.source={src}", f"data.root={tmp_path / 'shards'}", "data.name=t",
                               "data.resolution=32", "crop.max_pixels=1000000", "crop.workers=1",
-                              "crop.chunk_size=7", f"tagger.path={wd}", *extra])
+                              "data.buckets=4", f"tagger.path={wd}", *extra])
 
 
 def tag_rows(rec):

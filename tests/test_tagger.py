@@ -226,7 +226,7 @@ def test_tagging_and_repeated_cache_keys_ask_the_hub_once_per_file(hf_cache, wor
     monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
     cfg = load_config(None, [f"data.source={src}", f"data.root={tmp_path / 'shards'}", "data.name=t",
                              "data.resolution=32", "crop.max_pixels=1000000", "crop.workers=1",
-                             "crop.chunk_size=5", f"tagger.repo={REPO}"])
+                             "data.buckets=4", f"tagger.repo={REPO}"])
     crop = crop_stage(cfg)
     assert len(crop.info["chunks"]) >= 3
     rec = tag_stage(cfg, crop)

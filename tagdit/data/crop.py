@@ -5,9 +5,10 @@ hidden files, undecodable images); a `name.txt` beside an image is that image's 
 of its own. Hidden folders are not walked.
 
 Layers (webdataset style): `crop_image` (one file's bytes -> encoded crop, or a `Reject` with a
-reason) -> `crop_row` (one file -> one chunk row) -> `process_chunk` (a chunk of files -> one crop
-chunk, `tagdit.formats.chunks`, written atomically). Planning the chunks, running them and stamping
-the stage is `tasks.crop`. This is image decoding and cropping, the data library's kind of work,
+reason) -> `crop_row` (one file -> one chunk row) -> `process_bucket` (one hash bucket's files -> one crop
+chunk, `tagdit.formats.chunks`, written atomically, reusing the rows of unchanged files from the
+bucket's previous chunk). Listing the files is `tagdit.data.sources`; planning the buckets, running
+them and stamping the stage is `tasks.crop`. This is image decoding and cropping, the data library's kind of work,
 so it lives in `tagdit.data` and imports only formats/, config and files.
 """
 
@@ -27,7 +28,7 @@ from PIL import Image, ImageOps
 
 from tagdit.config import PipelineConfig
 from tagdit.files import sha256_text
-from tagdit.formats.chunks import write_crop_chunk
+from tagdit.formats.chunks import read_crop_chunk, write_crop_chunk
 from tagdit.formats.wd_image import centre_box, pad_square, to_rgb_on_white
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ class SourceFile:
     sidecar: str | None  # rel path of `name.txt` when it exists
     sidecar_stamp: str = ""
 
+    @property
+    def stamp(self) -> str:
+        """What says the file (and its sidecar) is unchanged: path, size, mtime, sidecar stamp."""
+        return f"{self.rel}:{self.size}:{self.mtime_ns}:{self.sidecar}:{self.sidecar_stamp}"
+
 
 def sample_key(rel: str) -> str:
     """Stable, webdataset-safe key from a relative path: no dots or slashes, unique by hash."""
@@ -76,38 +82,8 @@ def sample_key(rel: str) -> str:
     return f"{stem}-{sha256_text(rel)[:8]}"
 
 
-def list_sources(source: Path) -> tuple[list[SourceFile], int]:
-    """(every file under `source` but sidecars, sorted; the number of sidecars). Hidden folders are skipped.
-
-    A sidecar is `stem.txt` beside an image file `stem.<image extension>`; any other file, hidden
-    ones included, is listed so that the crop stage accounts for it (a crop or a reject).
-    """
-    found, sidecars = [], 0
-    for dirpath, dirnames, filenames in os.walk(source):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        stems = {os.path.splitext(fn)[0] for fn in filenames if _is_image_name(fn)}
-        for fn in sorted(filenames):
-            stem, ext = os.path.splitext(fn)
-            if ext == ".txt" and stem in stems:
-                sidecars += 1
-                continue
-            p = Path(dirpath) / fn
-            try:
-                st = p.stat()
-            except OSError:  # dangling link: found, and rejected as unreadable later
-                st = p.lstat()
-            side = f"{stem}.txt" if _is_image_name(fn) and f"{stem}.txt" in filenames else None
-            side_stamp = ""
-            if side:
-                sst = (Path(dirpath) / side).stat()
-                side_stamp = f"{sst.st_size}:{sst.st_mtime_ns}"
-            rel = p.relative_to(source).as_posix()
-            side_rel = (Path(rel).parent / side).as_posix() if side else None
-            found.append(SourceFile(rel, st.st_size, st.st_mtime_ns, side_rel, side_stamp))
-    return sorted(found, key=lambda f: f.rel), sidecars
-
-
-def _is_image_name(fn: str) -> bool:
+def is_image_name(fn: str) -> bool:
+    """Whether a file name is an image's by its extension (a sidecar needs one beside it)."""
     return not fn.startswith(".") and os.path.splitext(fn)[1].lower() in IMAGE_EXTS
 
 
@@ -205,7 +181,7 @@ def _read_source(path: Path) -> bytes:
 
 def crop_row(source: Path, f: SourceFile, p: CropParams) -> dict:
     """One source file -> one chunk row (a sample or a reject)."""
-    row = {"key": sample_key(f.rel), "source": f.rel, "ok": False, "reason": None, "sha256": None,
+    row = {"key": sample_key(f.rel), "source": f.rel, "stamp": f.stamp, "ok": False, "reason": None, "sha256": None,
            "orig_size": None, "crop_box": None, "image": None, "sidecar": None}
     try:
         check_kind(source / f.rel)
@@ -222,9 +198,17 @@ def crop_row(source: Path, f: SourceFile, p: CropParams) -> dict:
     return row
 
 
-def process_chunk(source: Path, files: list[SourceFile], p: CropParams, dst: Path) -> tuple[int, int]:
-    """Crop a chunk of files into one crop chunk at `dst` (atomic); returns (ok, rejected)."""
-    rows = [crop_row(source, f, p) for f in files]
+def process_bucket(source: Path, files: list[SourceFile], p: CropParams, dst: Path,
+                   previous: Path | None = None) -> tuple[int, int]:
+    """Crop one bucket's files into one crop chunk at `dst` (atomic); returns (ok, rejected).
+
+    Rows of files unchanged since `previous` (the bucket's last crop chunk: same stamp) are copied
+    from it; only new or changed files are read and cropped.
+    """
+    kept = {}
+    if previous is not None and previous.exists():
+        kept = {r["stamp"]: r for r in read_crop_chunk(previous).to_pylist()}
+    rows = [kept.get(f.stamp) or crop_row(source, f, p) for f in files]
     write_crop_chunk(rows, dst)
     ok = sum(r["ok"] for r in rows)
     return ok, len(rows) - ok
@@ -232,5 +216,4 @@ def process_chunk(source: Path, files: list[SourceFile], p: CropParams, dst: Pat
 
 def chunk_digest(files: list[SourceFile], p: CropParams, code: str) -> str:
     """A crop chunk's name: the stage's `code` key, the settings and every file's stamp."""
-    stamps = [f"{f.rel}:{f.size}:{f.mtime_ns}:{f.sidecar}:{f.sidecar_stamp}" for f in files]
-    return sha256_text(code, repr(p), *stamps)[:16]
+    return sha256_text(code, repr(p), *(f.stamp for f in files))[:16]

@@ -1,11 +1,13 @@
 """The encode stage's work: image shards -> latent shards through a VAE, and the latent scale factor.
 
-`encode_shard` turns one image shard into a latent shard with the same keys
-(`tagdit.formats.latent_shards`): posterior `mean.npy` / `logvar.npy` (float16, (z, h, w)), and
+`encode_shard` turns one image shard into a latent shard with the same name and keys
+(`tagdit.formats.latent_shards`), reusing the posteriors of samples whose image bytes the latent
+shard it replaces was made from, and records what it was made from (`LatentSource`): posterior `mean.npy` / `logvar.npy` (float16, (z, h, w)), and
 `flip_mean.npy` / `flip_logvar.npy` for the mirrored image when flipping; its images are decoded in
 a thread pool ahead of batched encoding, and it is written atomically. `latent_stats` measures the
 scale factor = 1 / std of posterior samples over the train split (Chan et al.'s parallel variance
-in float64, fixed seed). `loaded_vae` keeps one VAE per process. Planning the shards and stamping
+in float64, a fixed seed per shard name; each shard's moments are recorded when it is encoded, so a
+grown dataset measures only its re-encoded shards). `loaded_vae` keeps one VAE per process. Planning the shards and stamping
 the stage is `tasks.encode`. Preparing the DiT's training data from image shards is the data
 library's kind of work (the VAE itself is `models.vae`), so this lives in `tagdit.data`, not in
 `tagdit.train`, which trains models.
@@ -13,6 +15,7 @@ library's kind of work (the VAE itself is `models.vae`), so this lives in `tagdi
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -20,20 +23,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tagdit.files import sha256_text
 from tagdit.formats.image_shards import decode_image, image_bytes, iter_image_samples
-from tagdit.formats.latent_shards import LatentShardWriter, iter_latent_samples, read_posterior
+from tagdit.formats.latent_shards import (
+    LatentShardWriter,
+    LatentSource,
+    has_flip,
+    iter_latent_samples,
+    read_posterior,
+)
 
 STATS_SEED = 0  # seed of the posterior samples behind the scale factor
 STATS_CHUNK = 256  # latents per variance update
 
 
-def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2) -> Iterator[tuple[list[dict], Any]]:
-    """(raw samples, images (B, 3, R, R)) in shard order; `pool` decodes `ahead` batches early."""
+def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2,
+                  skip: frozenset[str] = frozenset()) -> Iterator[tuple[list[dict], Any]]:
+    """(raw samples, images (B, 3, R, R)) in shard order, keys in `skip` left out; `pool` decodes `ahead` batches early."""
     import torch
 
     def groups() -> Iterator[list[dict]]:
         group: list[dict] = []
         for raw in iter_image_samples(src):
+            if raw["__key__"] in skip:
+                continue
             group.append(raw)
             if len(group) == batch_size:
                 yield group
@@ -52,13 +65,34 @@ def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int 
         yield g, torch.stack([f.result() for f in futures])
 
 
-def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, batch_size: int, device, pool) -> int:
-    """Encode one image shard into `dst` (written atomically); returns the number of samples."""
+def previous_posteriors(dst: Path) -> dict[str, tuple[str, tuple]]:
+    """key -> (image sha256, posterior arrays) of the latent shard now at `dst`, as its `LatentSource` records."""
+    record = LatentSource.load(dst)
+    if record is None or not dst.exists():
+        return {}
+    out = {}
+    for raw in iter_latent_samples([dst]):
+        if (sha := record.images.get(raw["__key__"])) is not None:
+            out[raw["__key__"]] = (sha, read_posterior(raw) + (read_posterior(raw, flipped=True) if has_flip(raw) else ()))
+    return out
+
+
+def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, batch_size: int, device, pool,
+                 image_shard_sha256: str = "") -> int:
+    """Encode one image shard into `dst` (written atomically, then its `LatentSource`); returns the samples.
+
+    Samples whose image bytes equal those of the latent shard already at `dst` keep its posteriors
+    (the same VAE: the latents folder is that VAE's); only new or changed images are encoded.
+    """
     import numpy as np
     import torch
 
-    with LatentShardWriter(dst) as w, torch.inference_mode():
-        for raws, x in image_batches(src, resolution, batch_size, pool):
+    metas = [(raw["__key__"], raw["json"], hashlib.sha256(image_bytes(raw)).hexdigest())
+             for raw in iter_image_samples(src)]
+    previous = previous_posteriors(dst)
+    posteriors = {k: previous[k][1] for k, _, sha in metas if k in previous and previous[k][0] == sha}
+    with torch.inference_mode():
+        for raws, x in image_batches(src, resolution, batch_size, pool, skip=frozenset(posteriors)):
             x = x.to(device)  # (B, 3, R, R)
             if flip:
                 x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): one encode for both
@@ -67,8 +101,13 @@ def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, ba
             logvar = logvar.float().cpu().numpy().astype(np.float16)
             for i, raw in enumerate(raws):
                 j = len(raws) + i  # the mirrored image's row when flipping
-                flipped = (mean[j], logvar[j]) if flip else ()
-                w.write(raw["__key__"], raw["json"], mean[i], logvar[i], *flipped)
+                posteriors[raw["__key__"]] = (mean[i], logvar[i], *((mean[j], logvar[j]) if flip else ()))
+    with LatentShardWriter(dst) as w:
+        for key, meta, _ in metas:
+            w.write(key, meta, *posteriors[key])
+    moments = shard_moments((posteriors[k][:2] for k, _, _ in metas), shard_seed(dst.name))
+    LatentSource(image_shard_sha256=image_shard_sha256, images={k: sha for k, _, sha in metas},
+                 moments=moments).save(dst)
     return w.count
 
 
@@ -81,11 +120,15 @@ class RunningMoments:
     def update(self, x) -> None:
         """Merge a batch of values (any shape) into the running moments."""
         x = x.double().flatten()
-        n_b = x.numel()
-        if n_b == 0:
+        if x.numel() == 0:
             return
         mean_b = float(x.mean())
-        m2_b = float((x - mean_b).pow(2).sum())
+        self.merge(x.numel(), mean_b, float((x - mean_b).pow(2).sum()))
+
+    def merge(self, n_b: int, mean_b: float, m2_b: float) -> None:
+        """Merge the moments (count, mean, sum of squared deviations) of another set of values."""
+        if n_b == 0:
+            return
         n = self.count + n_b
         delta = mean_b - self.mean
         self.mean += delta * n_b / n
@@ -97,31 +140,51 @@ class RunningMoments:
         return (self.m2 / self.count) ** 0.5
 
 
-def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, Any]:
-    """Scale factor = 1 / std of one posterior sample z = mean + exp(logvar / 2)·eps per image."""
+def shard_seed(name: str, seed: int = STATS_SEED) -> int:
+    """The posterior-sample seed of one latent shard: from its name, so independent of resume and of other shards."""
+    return seed * 1_000_003 + int(sha256_text(name)[:8], 16)
+
+
+def shard_moments(posteriors: Iterable[tuple], seed: int) -> dict[str, Any]:
+    """Moments of one posterior sample z = mean + exp(logvar / 2)·eps per image of one shard (unflipped)."""
     import torch
 
     from models.vae import AutoencoderKL
 
-    moments, images, shape = RunningMoments(), 0, None
-    for index, path in enumerate(shards):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per shard: independent of resume
-        means, logvars = [], []
-        for raw in itertools.chain(iter_latent_samples([path]), [None]):  # None: flush
-            if raw is not None:
-                m, lv = read_posterior(raw)
-                means.append(torch.from_numpy(m).float())
-                logvars.append(torch.from_numpy(lv).float())
-            if means and (raw is None or len(means) == STATS_CHUNK):
-                mean, logvar = torch.stack(means), torch.stack(logvars)  # (N, z, h, w)
-                moments.update(AutoencoderKL.sample(mean, logvar, generator=g))
-                images += len(means)
-                shape = list(mean.shape[1:])
-                means, logvars = [], []
-    if moments.count == 0:
+    g = torch.Generator().manual_seed(seed)
+    moments, images, shape, means, logvars = RunningMoments(), 0, None, [], []
+    for p in itertools.chain(posteriors, [None]):  # None: flush
+        if p is not None:
+            means.append(torch.from_numpy(p[0]).float())
+            logvars.append(torch.from_numpy(p[1]).float())
+        if means and (p is None or len(means) == STATS_CHUNK):
+            mean, logvar = torch.stack(means), torch.stack(logvars)  # (N, z, h, w)
+            moments.update(AutoencoderKL.sample(mean, logvar, generator=g))
+            images += len(means)
+            shape = list(mean.shape[1:])
+            means, logvars = [], []
+    return {"seed": seed, "count": moments.count, "mean": moments.mean, "m2": moments.m2, "images": images,
+            "shape": shape}
+
+
+def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, Any]:
+    """Scale factor = 1 / std of one posterior sample per image, merged over shards (Chan et al.).
+
+    A shard's moments come from its `LatentSource` when the encode stage recorded them with this
+    seed (a grown dataset measures only its re-encoded shards), else from reading the shard.
+    """
+    total, images, shape = RunningMoments(), 0, None
+    for path in shards:
+        record, s = LatentSource.load(path), shard_seed(path.name, seed)
+        m = record.moments if record is not None and record.moments and record.moments["seed"] == s else \
+            shard_moments((read_posterior(raw) for raw in iter_latent_samples([path])), s)
+        total.merge(m["count"], m["mean"], m["m2"])
+        images += m["images"]
+        shape = m["shape"] or shape
+    if total.count == 0:
         raise ValueError("no training latents to measure the scale factor on")
-    return {"scale_factor": 1.0 / moments.std, "mean": moments.mean, "std": moments.std,
-            "count": images, "values": moments.count, "latent_shape": shape}
+    return {"scale_factor": 1.0 / total.std, "mean": total.mean, "std": total.std,
+            "count": images, "values": total.count, "latent_shape": shape}
 
 
 @dataclass(frozen=True)

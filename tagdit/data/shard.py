@@ -1,26 +1,34 @@
 """The shard stage's work: crop + tag chunks -> WebDataset image shards, the dataset's tables and vocabulary.
 
-One streaming pass over the crop and tag chunks (`tagdit.formats.chunks`) writes
-`images/{train,val}-NNNNNN.tar` (`tagdit.formats.image_shards`, fixed mtime: byte-identical for the
-same inputs) and `manifest.parquet`; then `rejects.parquet`, `tags.parquet`
-(`tagdit.formats.dataset_tables`) and `vocab.json` (`tagdit.data.vocab`). Each finished shard is
-renamed into place and listed in a progress file, so a killed run skips the shards already complete.
+The unit is a hash bucket: bucket B's train samples go to `images/train-BBBBB-PP.tar`, the val
+samples of val group G (buckets b with b % groups == G, `val_groups`) to `images/val-GGGGG-PP.tar`
+(`tagdit.formats.image_shards`, fixed mtime: byte-identical for the same inputs), each in key-hash
+order, so every shard is a random draw of the whole source (a folder per character mixes). One pass
+over the crop and tag chunks (`tagdit.formats.chunks`) writes the changed units' shards and
+`manifest.parquet`; then `rejects.parquet`, `tags.parquet` (`tagdit.formats.dataset_tables`) and
+`vocab.json` (`tagdit.data.vocab`). `images/shards.json` records each unit's inputs after it
+finishes, so a killed run, or a run after files were added, rewrites only the units that changed.
 Stamping the stage is `tasks.shard`. Splitting, counting tags and choosing the vocabulary are the
 data library's kind of work, so this lives in `tagdit.data`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tagdit.config import ShardsConfig
 from tagdit.data.vocab import SPECIALS, Vocab
-from tagdit.files import sha256_text, write_json_atomic
-from tagdit.formats.chunks import read_crop_chunk, read_tag_chunk
-from tagdit.formats.dataset_tables import manifest_writer, write_rejects, write_tag_table
-from tagdit.formats.image_shards import ShardFile, image_sample
+from tagdit.files import sha256_text
+from tagdit.formats.chunks import CROP_CHUNK_SCHEMA, chunk_bucket, read_crop_chunk, read_tag_chunk
+from tagdit.formats.dataset_tables import (
+    ManifestWriter,
+    manifest_writer,
+    write_rejects,
+    write_tag_table,
+)
+from tagdit.formats.image_shards import ShardFile, ShardIndex, image_sample, shard_name
 from tagdit.formats.selected_tags import RATING
 
 SPLITS = ("train", "val")
@@ -39,10 +47,14 @@ def val_keys(keys: list[str], fraction: float) -> set[str]:
     return val
 
 
-def samples(crop_chunks: list[Path], tag_chunks: list[Path]) -> Iterator[dict]:
-    """Joined crop + tag rows of every sample, in source-path order, one chunk in memory."""
-    for c, t in zip(crop_chunks, tag_chunks, strict=True):
-        crops = read_crop_chunk(c, ok_only=True).to_pylist()
+def samples(chunks: list[tuple[Path, Path]], images: bool = True) -> Iterator[dict]:
+    """Joined crop + tag rows of every sample of (crop chunk, tag chunk) pairs, in chunk (key-hash) order.
+
+    One chunk in memory at a time; without `images` the image bytes are not read (an unchanged unit).
+    """
+    columns = None if images else [f for f in CROP_CHUNK_SCHEMA.names if f != "image"]
+    for c, t in chunks:
+        crops = read_crop_chunk(c, columns, ok_only=True).to_pylist()
         tags = read_tag_chunk(t).to_pylist()
         for cr, tg in zip(crops, tags, strict=True):
             if cr["key"] != tg["key"]:
@@ -85,48 +97,96 @@ class TagStats:
         return Vocab.from_tags([t for t, _ in keep[: max_size - len(SPECIALS)]])
 
 
-class ShardProgress:
-    """The shards already complete (name -> size), kept in a progress file after each one closes."""
+def val_groups(buckets: int, fraction: float) -> int:
+    """How many val groups: the largest power of two <= buckets x val_fraction, at least 1.
 
-    def __init__(self, path: Path):
-        self.path = path
-        done = json.loads(path.read_text()) if path.exists() else {}
-        self.done: dict[str, int] = {n: size for n, size in done.items()
-                                     if (path.parent / n).exists() and (path.parent / n).stat().st_size == size}
+    A bucket holds about one train shard of samples, so a val group (the val samples of the buckets
+    b with b % groups == its number) holds about one shard's worth too: val shards never shrink to a
+    few samples each, and an added file rewrites one val group's shards at most.
+    """
+    n = 1
+    while 2 * n <= buckets * fraction:
+        n *= 2
+    return n
 
-    def finish(self, f: ShardFile) -> None:
+
+@dataclass(frozen=True)
+class Unit:
+    """The shards of one bucket's train samples, or of one val group's val samples."""
+
+    split: str
+    number: int
+    chunks: list[tuple[Path, Path]]  # (crop chunk, tag chunk) pairs it reads, in bucket order
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.number:05d}"
+
+
+def shard_units(crop_chunks: list[Path], tag_chunks: list[Path], buckets: int, fraction: float) -> list[Unit]:
+    """Every bucket's train unit, then every val group's unit (groups with no bucket left out)."""
+    pairs = [(chunk_bucket(c.name), (c, t)) for c, t in zip(crop_chunks, tag_chunks, strict=True)]
+    groups = val_groups(buckets, fraction)
+    val = [Unit("val", g, [ct for b, ct in pairs if b % groups == g]) for g in range(groups)]
+    return [Unit("train", b, [ct]) for b, ct in pairs] + [u for u in val if u.chunks]
+
+
+def write_unit(u: Unit, split_of: dict[str, str], count: int, images: Path, sc: ShardsConfig,
+               write: bool, manifest: ManifestWriter, stats: TagStats) -> list[Path]:
+    """One unit's `count` samples into ceil(count / samples_per_shard) shards of even size; returns their paths.
+
+    Without `write` (the unit is unchanged) only the manifest rows and tag counts are made.
+    """
+    parts = -(-count // sc.samples_per_shard)
+    names, files, i = [shard_name(u.split, u.number, j) for j in range(parts)], {}, 0
+    for s in samples(u.chunks, images=write):
+        if split_of[s["key"]] != u.split:
+            continue
+        name = names[i * parts // count]
+        i += 1
+        stats.add(s, u.split == "train")
+        manifest.add({**s, "split": u.split, "shard": name})
+        if write:
+            if name not in files:
+                for f in files.values():
+                    f.close()
+                files = {name: ShardFile(images / name)}
+            files[name].write(image_sample(s["key"], sc.image_format, s["image"], s))
+    for f in files.values():
         f.close()
-        self.done[f.path.name] = f.path.stat().st_size
-        write_json_atomic(self.path, self.done)
+    return [images / n for n in names]
 
 
-def write_shards(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc: ShardsConfig,
-                 progress: ShardProgress) -> tuple[dict[str, list[str]], dict[str, int], TagStats]:
-    """Shards under `out/images` and `out/manifest.parquet`; returns (shard names, sample counts, tag stats)."""
+def write_shards(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc: ShardsConfig, buckets: int,
+                 code: str) -> tuple[dict[str, list[str]], dict[str, int], TagStats]:
+    """Shards under `out/images` and `out/manifest.parquet`; returns (shard names, sample counts, tag stats).
+
+    A unit whose inputs (its chunks' names, which hash their contents, and the settings) match
+    `images/shards.json` keeps its shards' bytes; the others are written and recorded there.
+    """
     from tqdm import tqdm
 
-    keys = ok_keys(crop_chunks)
-    val = val_keys(keys, sc.val_fraction)
-    counts, open_shards, stats, shards = {"train": 0, "val": 0}, {}, TagStats(), {"train": [], "val": []}
+    keys_by_chunk = {c: ok_keys([c]) for c in crop_chunks}
+    val = val_keys([k for ks in keys_by_chunk.values() for k in ks], sc.val_fraction)
+    split_of = {k: "val" if k in val else "train" for ks in keys_by_chunk.values() for k in ks}
+    extra = sorted(k for k in val if split_hash(k) >= sc.val_fraction)  # the tiny-dataset fallback
+    index, stats = ShardIndex(out / "images"), TagStats()
+    shards, counts = {"train": [], "val": []}, {"train": 0, "val": 0}
+    units = shard_units(crop_chunks, tag_chunks, buckets, sc.val_fraction)
+    settings = repr((sc.image_format, sc.samples_per_shard, sc.val_fraction, buckets))
     with manifest_writer(out) as manifest:
-        for s in tqdm(samples(crop_chunks, tag_chunks), total=len(keys), desc="shard", unit="img",
-                      disable=len(keys) < 1000):
-            split = "val" if s["key"] in val else "train"
-            name = f"{split}-{counts[split] // sc.samples_per_shard:06d}.tar"
-            counts[split] += 1
-            stats.add(s, split == "train")
-            manifest.add({**s, "split": split, "shard": name})
-            if not shards[split] or shards[split][-1] != name:
-                shards[split].append(name)
-            if name in progress.done:
+        for u in tqdm(units, desc="shard", unit="shard", disable=len(units) < 100):
+            inputs = sha256_text(code, settings, *extra, *(f"{c.name}:{t.name}" for c, t in u.chunks))
+            count = sum(split_of[k] == u.split for c, _ in u.chunks for k in keys_by_chunk[c])
+            if count == 0:
                 continue
-            if split not in open_shards:
-                open_shards[split] = ShardFile(out / "images" / name)
-            open_shards[split].write(image_sample(s["key"], sc.image_format, s["image"], s))
-            if counts[split] % sc.samples_per_shard == 0:
-                progress.finish(open_shards.pop(split))
-        for f in list(open_shards.values()):
-            progress.finish(f)
+            fresh = index.fresh(u.name, inputs)
+            paths = write_unit(u, split_of, count, out / "images", sc, not fresh, manifest, stats)
+            if not fresh:
+                index.finish(u.name, inputs, paths)
+            shards[u.split] += [p.name for p in paths]
+            counts[u.split] += count
+    index.keep({u.name for u in units})
     return shards, counts, stats
 
 

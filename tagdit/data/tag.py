@@ -4,8 +4,9 @@ The tagger sees each crop's square cut from the SOURCE file at the source's reso
 small dataset-size crop: the tagger then applies the reference recipe (white square, Pillow BICUBIC to
 448 px). `tagger.pre_shrink` and `tagger.resize=torch` trade that exactness for speed (opt-in).
 
-`tag_chunk` reads a crop chunk and writes its tag chunk (`tagdit.formats.chunks`): rows key, tags
-(score order), scores (sidecar tags score 1.0), categories, rating. `loaded_tagger` keeps one ONNX
+`tag_chunk` reads a crop chunk and writes its tag chunk (`tagdit.formats.chunks`): rows key, input,
+tags (score order), scores (sidecar tags score 1.0), categories, rating; rows of unchanged crops are
+copied from the bucket's previous tag chunk. `loaded_tagger` keeps one ONNX
 tagger per process. Planning the chunks and stamping the stage is `tasks.tag`. Decoding images and
 running the tagger is the data library's kind of work, so it lives in `tagdit.data`.
 """
@@ -25,7 +26,8 @@ from pathlib import Path
 
 from tagdit.config import TaggerConfig
 from tagdit.data.tagger import ResolvedTagger, TagResult, WDTagger, default_preprocess_threads
-from tagdit.formats.chunks import read_crop_chunk, write_tag_chunk
+from tagdit.files import sha256_text
+from tagdit.formats.chunks import read_crop_chunk, read_tag_chunk, tag_chunk_tagger, write_tag_chunk
 from tagdit.formats.selected_tags import UNKNOWN, display_name
 from tagdit.formats.wd_image import WHITE, to_rgb_on_white
 
@@ -103,14 +105,13 @@ def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int],
 
 
 @contextmanager
-def source_images(crop_chunk: Path, source: Path, threads: int, shrink_to: int | None = None) -> Iterator[Iterator]:
-    """The tagger's view of every cropped row of a crop chunk, in order: its square cut from the source file.
+def source_images(rows: list[dict], source: Path, threads: int, shrink_to: int | None = None) -> Iterator[Iterator]:
+    """The tagger's view of crop rows (source, sha256, orig_size, crop_box), in order: each square cut from its source.
 
     Decoding starts on entering, `threads` at a time (Pillow decodes without the GIL) and 2 x threads
     ahead of the consumer, so the first squares decode while the caller loads its model; leaving
     stops it.
     """
-    rows = read_crop_chunk(crop_chunk, ["source", "sha256", "orig_size", "crop_box"], ok_only=True).to_pylist()
 
     def square(r: dict):
         return source_square(source / r["source"], r["sha256"], r["orig_size"], r["crop_box"], shrink_to)
@@ -131,26 +132,43 @@ def source_images(crop_chunk: Path, source: Path, threads: int, shrink_to: int |
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def tag_input(row: dict) -> str:
+    """What a tag row is made from besides the tagger: the source's bytes and its sidecar's text."""
+    return sha256_text(row["sha256"] or "", row["sidecar"] or "")
+
+
+def reusable_tags(previous: Path | None, tagger: str) -> dict[tuple[str, str], dict]:
+    """(key, input) -> tag row of the bucket's previous tag chunk, when the same tagger and settings made it."""
+    if previous is None or not previous.exists() or not tagger or tag_chunk_tagger(previous) != tagger:
+        return {}
+    return {(r["key"], r["input"]): r for r in read_tag_chunk(previous).to_pylist()}
+
+
 def tag_chunk(load_tagger: Callable[[], WDTagger], crop_chunk: Path, dst: Path, tcfg: TaggerConfig,
-              source: Path) -> int:
+              source: Path, previous: Path | None = None, tagger_key: str = "") -> int:
     """Tag one crop chunk into `dst` (atomic), reading the sources under `source`; returns the rows written.
 
-    The first squares decode while `load_tagger` loads the session (once per process), unless
-    `tagger.pre_shrink` needs the model's input size first.
+    Rows whose key and input match a row of `previous` (the bucket's last tag chunk, written under
+    the same `tagger_key`) are copied; only the others go through the tagger. The first squares
+    decode while `load_tagger` loads the session (once per process), unless `tagger.pre_shrink`
+    needs the model's input size first.
     """
-    table = read_crop_chunk(crop_chunk, ["key", "sidecar"], ok_only=True)
-    shrink_to = load_tagger().size if tcfg.pre_shrink else None
-    with source_images(crop_chunk, source, default_preprocess_threads(), shrink_to) as images:
-        tagger = load_tagger()
-        results = tagger.tag_images(images)  # batches never straddle chunks: a resumed run gets the same floats
-        category = tagger.labels.category_of()
-        rows = []
-        for key, side, res in zip(table.column("key").to_pylist(), table.column("sidecar").to_pylist(), results,
-                                  strict=True):
-            tags, scores = merge_tags(res, parse_sidecar(side, tcfg.exclude), tcfg.sidecar)
-            cats = [category.get(t, UNKNOWN) for t in tags]
-            rows.append({"key": key, "tags": tags, "scores": scores, "categories": cats, "rating": res.rating})
-    write_tag_chunk(rows, dst)
+    crops = read_crop_chunk(crop_chunk, ["key", "source", "sha256", "orig_size", "crop_box", "sidecar"],
+                            ok_only=True).to_pylist()
+    kept = reusable_tags(previous, tagger_key)
+    todo = [r for r in crops if (r["key"], tag_input(r)) not in kept]
+    fresh = {}
+    if todo:
+        shrink_to = load_tagger().size if tcfg.pre_shrink else None
+        with source_images(todo, source, default_preprocess_threads(), shrink_to) as images:
+            tagger = load_tagger()
+            category = tagger.labels.category_of()
+            for r, res in zip(todo, tagger.tag_images(images), strict=True):
+                tags, scores = merge_tags(res, parse_sidecar(r["sidecar"], tcfg.exclude), tcfg.sidecar)
+                fresh[r["key"]] = {"key": r["key"], "input": tag_input(r), "tags": tags, "scores": scores,
+                                   "categories": [category.get(t, UNKNOWN) for t in tags], "rating": res.rating}
+    rows = [fresh.get(r["key"]) or kept[(r["key"], tag_input(r))] for r in crops]
+    write_tag_chunk(rows, dst, tagger_key)
     return len(rows)
 
 

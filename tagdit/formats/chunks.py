@@ -1,8 +1,11 @@
 """Crop and tag chunks: the per-chunk parquet files under `<dataset>/work/crop/` and `work/tag/`.
 
 A crop chunk has one row per source file found (`CROP_CHUNK_SCHEMA`): the encoded square crop, or
-`ok=False` and the reason it was rejected. A tag chunk has one row per cropped sample of the crop
-chunk it was made from, in the same order (`TAG_CHUNK_SCHEMA`). Both are written atomically; the
+`ok=False` and the reason it was rejected, and the file's `stamp` (path, size, mtime, sidecar stamp:
+an unchanged file's row is copied on the next run). A tag chunk has one row per cropped sample of
+the crop chunk it was made from, in the same order (`TAG_CHUNK_SCHEMA`), with the `input` it was
+tagged from (source sha256 + sidecar text) and, in the file's metadata, the key of the tagger and
+settings that made it. Both are written atomically; the
 readers refuse a file whose schema is not the format's, naming the file and the difference.
 """
 
@@ -17,19 +20,29 @@ import pyarrow.parquet as pq
 from tagdit.files import atomic_path
 
 CROP_CHUNK_SCHEMA = pa.schema([
-    ("key", pa.string()), ("source", pa.string()), ("ok", pa.bool_()), ("reason", pa.string()),
+    ("key", pa.string()), ("source", pa.string()), ("stamp", pa.string()), ("ok", pa.bool_()), ("reason", pa.string()),
     ("sha256", pa.string()), ("orig_size", pa.list_(pa.int32())), ("crop_box", pa.list_(pa.int32())),
     ("image", pa.binary()), ("sidecar", pa.string()),
 ])  # fmt: skip
 TAG_CHUNK_SCHEMA = pa.schema([
-    ("key", pa.string()), ("tags", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
+    ("key", pa.string()), ("input", pa.string()), ("tags", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
     ("categories", pa.list_(pa.int16())), ("rating", pa.string()),
 ])  # fmt: skip
 
 
-def _write(rows: list[dict], schema: pa.Schema, dst: Path) -> None:
+def chunk_name(bucket: int, digest: str) -> str:
+    """`chunk-00012-<digest>.parquet`: a crop or tag chunk of hash bucket `bucket`, named by its inputs' digest."""
+    return f"chunk-{bucket:05d}-{digest}.parquet"
+
+
+def chunk_bucket(name: str) -> int:
+    """The hash bucket of a chunk file name (`chunk_name`)."""
+    return int(name.split("-")[1])
+
+
+def _write(rows: list[dict], schema: pa.Schema, dst: Path, meta: dict[str, str] | None = None) -> None:
     with atomic_path(dst) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema.with_metadata(meta or {})), tmp)
 
 
 def _check(path: Path, got: pa.Schema, want: pa.Schema, kind: str) -> None:
@@ -52,9 +65,15 @@ def read_crop_chunk(path: Path, columns: list[str] | None = None, ok_only: bool 
     return table.filter(pc.field("ok")) if ok_only else table
 
 
-def write_tag_chunk(rows: list[dict], dst: Path) -> None:
-    """Write tag rows (`TAG_CHUNK_SCHEMA` fields) to `dst`, atomically."""
-    _write(rows, TAG_CHUNK_SCHEMA, dst)
+def write_tag_chunk(rows: list[dict], dst: Path, tagger: str = "") -> None:
+    """Write tag rows (`TAG_CHUNK_SCHEMA` fields) to `dst`, atomically, recording the `tagger` key that made them."""
+    _write(rows, TAG_CHUNK_SCHEMA, dst, {"tagger": tagger})
+
+
+def tag_chunk_tagger(path: Path) -> str:
+    """The tagger key a tag chunk was written with ("" when none was recorded)."""
+    meta = pq.read_schema(path).metadata or {}
+    return meta.get(b"tagger", b"").decode()
 
 
 def read_tag_chunk(path: Path) -> pa.Table:

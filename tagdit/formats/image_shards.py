@@ -1,4 +1,7 @@
-"""Image shards: `<dataset>/images/{train,val}-NNNNNN.tar`, written by the shard stage (`tagdit.data.shard`).
+"""Image shards: `<dataset>/images/{train,val}-UUUUU-PP.tar` + `shards.json`, written by the shard stage.
+
+A train shard holds part PP of hash bucket UUUUU's train samples, a val shard part PP of val group
+UUUUU's (`tagdit.data.shard`); `shards.json` (`ShardIndex`) records what each unit was made from.
 
 A sample is `__key__`, the square crop as `png` or `jpg` bytes, and `json` holding `META_KEYS`:
 tags, scores (to 4 places), rating, source, orig_size, crop_box and sha256. Every member has the
@@ -12,20 +15,70 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tagdit.files import atomic_path
+from tagdit.files import atomic_path, sha256_file, write_json_atomic
 
 MTIME = 946_684_800  # 2000-01-01: a fixed member mtime makes shards byte-identical across runs
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 META_KEYS = ("tags", "scores", "rating", "source", "orig_size", "crop_box", "sha256")
 
 
+SHARD_INDEX = "shards.json"
+
+
+def shard_name(split: str, unit: int, part: int) -> str:
+    """`train-00012-01.tar`: part `part` of the shards of bucket (train) or val group (val) `unit`."""
+    return f"{split}-{unit:05d}-{part:02d}.tar"
+
+
+def shards_in(folder: Path, split: str) -> list[Path]:
+    """The shards of one split in `folder` (image or latent shards), in order: `train-00012-01.tar` (`shard_name`),
+    or the older `train-000003.tar`."""
+    pattern = re.compile(rf"{split}-[0-9]+(-[0-9]+)?\.tar")
+    return sorted(p for p in Path(folder).glob(f"{split}-*.tar") if pattern.fullmatch(p.name))
+
+
 def image_shards(dataset_dir: Path, split: str) -> list[Path]:
     """The dataset's image shards of one split, in order."""
-    return sorted(Path(dataset_dir).glob(f"images/{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    return shards_in(Path(dataset_dir) / "images", split)
+
+
+class ShardIndex:
+    """`images/shards.json`: per shard unit, the digest of its inputs and its shards' sizes and sha256.
+
+    A unit (a bucket's train shards, a val group's val shards) whose inputs are unchanged keeps its
+    shards' bytes; the sha256 here is what the encode stage records its latent shards were made from.
+    """
+
+    def __init__(self, images: Path):
+        self.path = Path(images) / SHARD_INDEX
+        self.units: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def fresh(self, unit: str, inputs: str) -> bool:
+        """Whether `unit` was written from `inputs` and its shards are all still there, at their size."""
+        u = self.units.get(unit)
+        return u is not None and u["inputs"] == inputs and all(
+            (self.path.parent / n).exists() and (self.path.parent / n).stat().st_size == m["size"]
+            for n, m in u["shards"].items())
+
+    def finish(self, unit: str, inputs: str, paths: list[Path]) -> None:
+        """Record a unit's finished shards (after each unit: a killed run keeps what is done)."""
+        self.units[unit] = {"inputs": inputs, "shards": {
+            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}}
+        write_json_atomic(self.path, self.units)
+
+    def keep(self, units: set[str]) -> None:
+        """Forget every unit but `units`."""
+        self.units = {u: m for u, m in self.units.items() if u in units}
+        write_json_atomic(self.path, self.units)
+
+    def sha256(self, name: str) -> str | None:
+        """The recorded sha256 of shard `name`, if any."""
+        return next((u["shards"][name]["sha256"] for u in self.units.values() if name in u["shards"]), None)
 
 
 def sample_json(s: dict) -> bytes:

@@ -1,4 +1,8 @@
-"""Latent shards: `<dataset>/latents-<vae_id>/{train,val}-NNNNNN.tar` + `stats.json`, written by encode.
+"""Latent shards: `<dataset>/latents-<vae_id>/{train,val}-UUUUU-PP.tar` + `stats.json`, written by encode.
+
+Each latent shard is named as the image shard it was made from, and its `<name>.source.json`
+(`LatentSource`) records that image shard's sha256 and each sample's image sha256: a latent shard
+whose image shard changed is encoded again, reusing the posteriors of samples whose image did not.
 
 A sample has the image shard's key and `json`, the VAE posterior as float16 `.npy` arrays
 (z, h, w) `mean.npy` / `logvar.npy`, and `flip_mean.npy` / `flip_logvar.npy` for the mirrored
@@ -18,14 +22,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from tagdit.files import atomic_path, write_json_atomic
+from tagdit.formats.image_shards import shards_in
 
 STATS_FILE = "stats.json"
 FLIP = "flip_"  # member prefix of the mirrored image's posterior
 
 
 def latent_shard_paths(latents_dir: Path, split: str) -> list[Path]:
-    """The latent shards of one split, in order."""
-    return sorted(Path(latents_dir).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    """The latent shards of one split, in order (named as the image shards they were made from)."""
+    return shards_in(latents_dir, split)
 
 
 def npy_bytes(a) -> bytes:
@@ -128,6 +133,29 @@ def read_posterior(raw: dict[str, Any], flipped: bool = False):
     """(mean, logvar) float16 arrays (z, h, w) of a raw sample, or of its mirrored image."""
     prefix = FLIP if flipped else ""
     return read_npy(raw[prefix + "mean.npy"]), read_npy(raw[prefix + "logvar.npy"])
+
+
+class LatentSource(BaseModel):
+    """`<shard>.source.json`: what a latent shard was made from (written after the shard, so never ahead of it)."""
+
+    image_shard_sha256: str
+    images: dict[str, str]  # sample key -> sha256 of its encoded image bytes
+    moments: dict[str, Any] | None = None  # its posterior samples' moments for the scale factor (tagdit.data.encode)
+
+    @staticmethod
+    def path(shard: Path) -> Path:
+        return Path(shard).with_suffix(".source.json")
+
+    @classmethod
+    def load(cls, shard: Path) -> LatentSource | None:
+        """The record beside `shard`, or None when there is none (or it is unreadable)."""
+        try:
+            return cls.model_validate_json(cls.path(shard).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save(self, shard: Path) -> None:
+        write_json_atomic(self.path(shard), self.model_dump(mode="json"))
 
 
 class LatentStats(BaseModel):

@@ -85,7 +85,7 @@ def main() -> None:
         baseline(paths, tmp / "baseline", args.res)
         t_base = time.perf_counter() - t0
         cfg = load_config(None, [f"data.source={tmp / 'src'}", f"data.root={tmp / 'shards'}",
-                                 f"data.resolution={args.res}", "crop.chunk_size=100"])
+                                 f"data.resolution={args.res}"])
         t0 = time.perf_counter()
         crop = crop_stage(cfg)
         t_crop = time.perf_counter() - t0

@@ -89,7 +89,7 @@ def main() -> None:
         folder, what = model_dir(tmp)
         make_images(tmp / "src", args.n)
         cfg = load_config(None, [f"data.source={tmp / 'src'}", f"data.root={tmp / 'shards'}", "data.resolution=64",
-                                 f"tagger.path={folder}", "crop.chunk_size=128", *args.set])
+                                 f"tagger.path={folder}", *args.set])
         crop = crop_stage(cfg)
         tagger = WDTagger.from_config(cfg.tagger)
         imgs = [Image.new("RGB", (64, 64), (i, 255 - i, 128)) for i in range(cfg.tagger.batch_size)]  # the peer: one run of all

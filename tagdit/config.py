@@ -50,7 +50,6 @@ class CropConfig(Section):
     mode: Literal["center", "pad"] = "center"  # centre crop, or pad with white like the tagger
     min_size: int = Field(32, ge=1)  # reject images whose short side is smaller than this
     max_pixels: int | None = 178_956_970  # decompression-bomb limit (Pillow's default x2)
-    chunk_size: int = Field(256, ge=1)  # unused since data.buckets are the crop unit; kept so older configs load
     workers: int = Field(0, ge=0)  # processes; 0 = one per core
 
 
@@ -330,23 +329,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-# Keys that were renamed (section, old key) -> new key: the old spelling loads, with a warning.
-RENAMED = {("evaluate", "cfg"): "cfg_scale"}
+# Keys that were renamed (section, old key) -> new key: the old spelling loads, with a warning;
+# None: a key that no longer does anything (dropped, with a warning).
+RENAMED = {("evaluate", "cfg"): "cfg_scale", ("crop", "chunk_size"): None}
 
 
 def _rename_keys(tree: dict) -> None:
     """Move renamed keys of a config tree (a YAML file, or an override's path) to their new names."""
     for (section, key), new in RENAMED.items():
         if isinstance(node := tree.get(section), dict) and key in node:
-            log.warning("config key %s.%s is spelled %s.%s now", section, key, section, new)
-            node[new] = node.pop(key)
+            value = node.pop(key)
+            if new is None:
+                log.warning("config key %s.%s does nothing now (data.buckets are the units): ignored", section, key)
+            else:
+                log.warning("config key %s.%s is spelled %s.%s now", section, key, section, new)
+                node[new] = value
 
 
 def apply_override(tree: dict, parts: list[str], value: Any) -> None:
     """Set a dotted key in a nested dict, checking each level against `PipelineConfig`."""
-    if len(parts) == 2 and (new := RENAMED.get((parts[0], parts[1]))):
-        log.warning("config key %s.%s is spelled %s.%s now", parts[0], parts[1], parts[0], new)
-        parts = [parts[0], new]
+    if len(parts) == 2 and (parts[0], parts[1]) in RENAMED:
+        probe = {parts[0]: {parts[1]: value}}
+        _rename_keys(probe)  # warns
+        if not probe[parts[0]]:
+            return
+        parts = [parts[0], next(iter(probe[parts[0]]))]
     model: type[BaseModel] | None = PipelineConfig
     node = tree
     for i, part in enumerate(parts):

@@ -77,3 +77,8 @@ def test_a_renamed_key_still_loads_under_its_new_name(tmp_path, caplog):
     assert load_config(old).evaluate.cfg_scale == 3.5
     assert load_config(None, ["evaluate.cfg=2.5"]).evaluate.cfg_scale == 2.5
     assert "evaluate.cfg is spelled evaluate.cfg_scale now" in caplog.text
+
+
+def test_a_key_that_does_nothing_now_is_dropped_with_a_warning(caplog):
+    assert load_config(None, ["crop.chunk_size=32", "crop.min_size=8"]).crop.min_size == 8
+    assert "crop.chunk_size does nothing now" in caplog.text

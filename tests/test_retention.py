@@ -10,6 +10,7 @@ import pytest
 
 from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.formats.checkpoints import Checkpoints
+from tagdit.train import disk
 from tagdit.train.disk import peak_new
 from tests.run_fixtures import config, fake_vae_run, records
 
@@ -58,7 +59,11 @@ def test_a_resumed_run_keeps_the_checkpoints_the_records_name(tmp_path, monkeypa
 
     # a longer run resumes and saves 4 checkpoints past the retention window (keep 1)
     more = config(tmp_path, "dit.train.steps=12", *RUN, "evaluate.device=cpu")
+    projected = []
+    real_check = disk.check_disk_space
+    monkeypatch.setattr(disk, "check_disk_space", lambda *a, **kw: projected.append(kw) or real_check(*a, **kw))
     second = train_dit_stage(more, *records(latents))
+    assert projected[0]["pinned"] == 1  # the disk projection counts the pinned checkpoint beside the kept one
     assert Path(second.info["checkpoint"]).name == "ckpt-0000012"
     assert names(dit_dir) == ["ckpt-0000004", "ckpt-0000012"]  # 6, 8, 10 were pruned; 4 is named
     assert Checkpoints.kept_by(dit_dir / "ckpt-0000004") == ["evaluate"]  # train-dit's pin moved to 12
@@ -94,7 +99,15 @@ def test_a_stamp_written_before_pins_existed_is_pinned_when_the_run_resumes(tmp_
     assert names(ckpt.parent) == ["ckpt-0000002", "ckpt-0000008"] and not Checkpoints.kept_by(ckpt)
 
 
-def test_the_disk_projection_counts_pinned_checkpoints_beside_the_kept_ones():
+def test_the_disk_projection_counts_pinned_checkpoints_beside_the_kept_ones(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    for name in ("ckpt-0000004", "ckpt-0000008"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(10, 10, 0))
+    with pytest.raises(disk.DiskSpaceError, match=r"4 x .*3 kept \+ 2 a record names \+ the one being written"):
+        disk.check_disk_space(tmp_path, 1000, step=8, steps=100, every=4, keep=3, section="dit", what="train-dit",
+                              pinned=2)  # 2 pinned + 3 kept + 1 being written = 6 on disk, 2 there now
     assert peak_new(0, 10, 3) == 4
     assert peak_new(2, 10, 3, pinned=2) == 4  # 2 pinned stay + 3 kept + 1 being written = 6 on disk
     assert peak_new(5, 10, 3, pinned=2) == 1

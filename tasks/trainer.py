@@ -119,8 +119,8 @@ class TrainerStage:
 
         record = read_stamp(out_dir, self.stage.name)
         named = Path(record.info.get("checkpoint", "")) if record else None
-        if named is not None and named.parent == out_dir and (named / "meta.json").is_file():
-            Checkpoints(out_dir).keep_for(named, self.stage.name)
+        if named is not None and named.parent.resolve() == out_dir.resolve() and (named / "meta.json").is_file():
+            Checkpoints(out_dir).keep_for(out_dir / named.name, self.stage.name)
 
     def run_training(self, cfg: PipelineConfig, paths: tuple[Path, ...], out_dir: Path) -> None:
         """In-process training, or torchrun DDP over `<section>.train.nproc` processes."""

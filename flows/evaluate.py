@@ -5,7 +5,8 @@
 The nightly deployment (`evaluate/nightly`) runs this with `nightly=True`: it evaluates the
 checkpoint the run's `dit/latest` points at when it starts, even while training goes on beside it
 (evaluation has its own concurrency slot, `prefect.eval_tag`). That checkpoint is pinned while the
-evaluation runs (checkpoint pruning skips it) and named in metrics.json and in the artifacts.
+evaluation runs (checkpoint pruning skips it), then for as long as the evaluation's record names it,
+and named in metrics.json and in the artifacts.
 A nightly that starts while the previous one still runs is skipped (Cancelled, saying why): they
 never stack (tagdit.orchestrate.single).
 """

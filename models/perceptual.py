@@ -1,14 +1,19 @@
 """VGG19 perceptual loss (the original's): L1 between features at conv1_1 … conv5_1, weighted 1/32 … 1.
 
-The network is built here with torchvision's layer indices (`features.N`), so torchvision's
-ImageNet weights load without a torchvision dependency: from a local file, from the Hugging Face
-Hub's re-host `timm/vgg19.tv_in1k` (torchvision's `vgg19-dcbb9e9d.pth` as safetensors, same
-`features.N` keys), or from torch hub's cache.
+Two networks, the same layers (torchvision's indices, `features.N`):
+  * torchvision's ImageNet VGG19 on ImageNet mean/std RGB input (`VGGPerceptualLoss`): from a local
+    file, the Hugging Face Hub's re-host `timm/vgg19.tv_in1k` (`vgg19-dcbb9e9d.pth` as safetensors),
+    or torch hub's cache;
+  * the original's: Keras' VGG19, i.e. Oxford's Caffe weights, on Caffe-style input (BGR, 0–255 minus
+    the channel means, no std; `CaffeVGGPerceptualLoss`), read from Keras' notop `.h5` with h5py:
+    a local file, a Hub repo that hosts it, or Keras' own cache (`~/.keras/models`).
+Both run in float32 outside autocast, as the original forced (loss.R).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +35,9 @@ FEATURE_LAYERS = (1, 6, 11, 20, 29)
 FEATURE_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # Keras' preprocess_input(mode="caffe"), in BGR order
+KERAS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+KERAS_URL = f"https://storage.googleapis.com/tensorflow/keras-applications/vgg19/{KERAS_FILE}"
 
 
 class VGGWeightsMissing(FileNotFoundError):
@@ -60,15 +68,15 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _from_hub(repo: str, revision: str) -> Path | None:
+def _from_hub(repo: str, revision: str | None, filename: str = HUB_FILE) -> Path | None:
     """The Hub file from the HF cache or a download (HF_HUB_OFFLINE: cache only); None if neither."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo, HUB_FILE, revision=revision))
+        return Path(hf_hub_download(repo, filename, revision=revision))
     except Exception as e:  # noqa: BLE001 - offline, no cache, no network, unknown revision ...
         log.warning("VGG19 weights %s@%s/%s not available from the Hub: %s: %s",
-                    repo, revision[:8], HUB_FILE, type(e).__name__, e)
+                    repo, (revision or "main")[:8], filename, type(e).__name__, e)
         return None
 
 
@@ -99,7 +107,7 @@ def find_vgg19_weights(path: str | Path | None, repo: str, revision: str) -> dic
 
 
 class VGGPerceptualLoss(nn.Module):
-    """Σ_i w_i · mean|φ_i(x) − φ_i(y)| over VGG19 features of ImageNet-normalised [-1, 1] images."""
+    """Σ_i w_i · mean|φ_i(x) − φ_i(y)| over VGG19 features of ImageNet-normalised [-1, 1] images, in fp32."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor] | None = None):
         super().__init__()
@@ -117,8 +125,12 @@ class VGGPerceptualLoss(nn.Module):
     def train(self, mode: bool = True) -> VGGPerceptualLoss:
         return super().train(False)  # a fixed feature extractor: never in training mode
 
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] RGB -> the network's input: ImageNet mean/std RGB."""
+        return ((x + 1) / 2 - self.mean) / self.std  # (B, 3, H, W)
+
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = ((x + 1) / 2 - self.mean) / self.std  # (B, 3, H, W) ImageNet-normalised
+        h = self.preprocess(x)
         out = []
         for i, layer in enumerate(self.features):
             h = layer(h)
@@ -127,10 +139,80 @@ class VGGPerceptualLoss(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Scalar loss between batches x and y, both (B, 3, H, W) in [-1, 1]."""
-        feats = self._features(torch.cat([x, y]))  # one pass over both batches
-        fx, fy = zip(*(f.chunk(2) for f in feats), strict=True)
-        return sum(w * F.l1_loss(a, b) for w, a, b in zip(FEATURE_WEIGHTS, fx, fy, strict=True))
+        """Scalar loss between batches x and y, both (B, 3, H, W) in [-1, 1]; float32 even under autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            feats = self._features(torch.cat([x, y]).float())  # one pass over both batches
+            fx, fy = zip(*(f.chunk(2) for f in feats), strict=True)
+            return sum(w * F.l1_loss(a, b) for w, a, b in zip(FEATURE_WEIGHTS, fx, fy, strict=True))
+
+
+class CaffeVGGPerceptualLoss(VGGPerceptualLoss):
+    """The original's network: Keras' VGG19 (Oxford's Caffe weights) on `preprocess_input` (caffe) input."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor] | None = None):
+        super().__init__(state_dict)
+        self.register_buffer("mean", torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] RGB -> 0..255 BGR minus the BGR channel means (no std), as Keras' caffe mode."""
+        return (x.flip(1) + 1) * 127.5 - self.mean  # (B, 3, H, W): channel 0 is blue
+
+
+def keras_layer_names(last: int = FEATURE_LAYERS[-1]) -> dict[int, str]:
+    """`features` index of each conv up to `last` -> its Keras name (`block1_conv1` …)."""
+    names, block, conv = {}, 1, 0
+    for i, m in enumerate(vgg19_features(last)):
+        if isinstance(m, nn.MaxPool2d):
+            block, conv = block + 1, 0
+        elif isinstance(m, nn.Conv2d):
+            conv += 1
+            names[i] = f"block{block}_conv{conv}"
+    return names
+
+
+def load_keras_vgg19(path: str | Path) -> dict[str, torch.Tensor]:
+    """torchvision-keyed state dict from Keras' VGG19 `.h5` (kernels (kh, kw, in, out) -> (out, in, kh, kw))."""
+    try:
+        import h5py
+    except ImportError as e:
+        raise ImportError("reading Keras' VGG19 .h5 needs h5py: pip install 'tagdit[keras]' (or h5py)") from e
+    state = {}
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f  # a whole saved model, or save_weights'
+        for i, name in keras_layer_names().items():
+            if name not in root:
+                raise ValueError(f"{path} has no layer {name}: not Keras' VGG19 weights")
+            group = root[name]
+            kernel_name, bias_name = (n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"])
+            kernel = torch.from_numpy(group[kernel_name][()]).float()  # (kh, kw, in, out)
+            state[f"features.{i}.weight"] = kernel.permute(3, 2, 0, 1).contiguous()  # (out, in, kh, kw)
+            state[f"features.{i}.bias"] = torch.from_numpy(group[bias_name][()]).float()
+    return state
+
+
+def keras_cache_file() -> Path:
+    """Where Keras' `get_file` keeps the notop weights (KERAS_HOME, else ~/.keras)."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / KERAS_FILE
+
+
+def find_keras_vgg19_weights(path: str | Path | None, repo: str | None) -> Path:
+    """Keras' notop VGG19 `.h5`: `path`, else the Hub repo `repo` (cache first), else Keras' cache."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise VGGWeightsMissing(f"vae.keras_vgg_weights={str(path)!r} does not exist")
+        return Path(path)
+    if repo is not None and (hub_file := _from_hub(repo, None, KERAS_FILE)) is not None:
+        return hub_file
+    if keras_cache_file().is_file():
+        return keras_cache_file()
+    raise VGGWeightsMissing(
+        "Keras' VGG19 weights for the original's perceptual network (vae.perceptual_network=keras) were not found."
+        f" Download {KERAS_URL} and either\n"
+        f"  * put it in Keras' cache: {keras_cache_file()},\n"
+        f"  * or point at it: --set vae.keras_vgg_weights=/path/to/{KERAS_FILE},\n"
+        f"  * or name a Hugging Face repo that hosts {KERAS_FILE}: --set vae.keras_vgg_repo=OWNER/NAME,\n"
+        "  * or use torchvision's network instead: --set vae.perceptual_network=torchvision"
+    )
 
 
 def build_perceptual(weights: str | Path | None = None, repo: str = VGG_REPO, revision: str = VGG_REVISION,
@@ -139,3 +221,8 @@ def build_perceptual(weights: str | Path | None = None, repo: str = VGG_REPO, re
     if not pretrained:
         return VGGPerceptualLoss()
     return VGGPerceptualLoss(find_vgg19_weights(weights, repo, revision))
+
+
+def build_keras_perceptual(weights: str | Path | None = None, repo: str | None = None) -> CaffeVGGPerceptualLoss:
+    """The original's loss: Keras' VGG19 from the `.h5` file `weights`, else the Hub repo `repo`, else Keras' cache."""
+    return CaffeVGGPerceptualLoss(load_keras_vgg19(find_keras_vgg19_weights(weights, repo)))

@@ -146,9 +146,13 @@ class VAEConfig(Section):
     w_l1: float = Field(10.0, ge=0)  # mean |x - x_rec| over pixels
     w_perc: float = Field(1.0, ge=0)  # VGG19 perceptual loss; 0 disables it (no weights needed)
     w_kl: float = Field(1e-5, ge=0)  # KL(q(z|x) || N(0, I)) averaged over latent elements
+    # torchvision's ImageNet VGG19 (vgg_*), the original's Keras/Caffe VGG19 (keras_vgg_*), or auto: Keras' if found
+    perceptual_network: Literal["torchvision", "keras", "auto"] = "torchvision"
     vgg_weights: Path | None = None  # local VGG19 file (.safetensors or torchvision .pth); wins over the Hub
     vgg_repo: str = VGG_REPO  # Hub re-host of torchvision's vgg19-dcbb9e9d.pth
     vgg_revision: str = VGG_REVISION  # pinned: the weights never change
+    keras_vgg_weights: Path | None = None  # local vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5; wins
+    keras_vgg_repo: str | None = None  # a Hub repo hosting that file (Keras serves it from GCS); else ~/.keras
     disc_start: int | None = Field(None, ge=0)  # PatchGAN hinge loss from this step; None = off (the original)
     w_disc: float = Field(0.5, ge=0)  # times the adaptive weight ||grad L_rec|| / ||grad L_g||
     disc_channels: int = Field(64, ge=1)  # PatchGAN base width (taming-transformers: 64)
@@ -206,9 +210,7 @@ class SamplerConfig(Section):
     sampler: Literal["ddim", "dpmpp_2m"] = "ddim"  # generalised DDIM, or DPM-Solver++(2M) (deterministic)
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0)  # DDIM only: 0 = DDIM, 1 = DDPM-like
-    # also report the tag recall of this sampler's CFG samples (same prompts and seeds) next to the
-    # first sampler's, which always has it: e.g. DPM-Solver++(2M) at 20 steps against DDIM at 50
-    recall: bool = False
+    recall: bool = False  # also report its CFG samples' tag recall beside the first sampler's (always there)
 
     @model_validator(mode="after")
     def _eta_is_ddims(self) -> SamplerConfig:
@@ -237,9 +239,8 @@ class EvaluateConfig(Section):
     kid_images: int = Field(1024, ge=0)  # 32 whole batches of 32: the original variant scores all of them
     kid_real_images: int = Field(10000, ge=2)  # validation images (at most) as the real set
     kid_sampler: SamplerConfig = SamplerConfig(name="ddim20", steps=20, eta=0.0)  # KID_measure.R's sampler
-    # an Inception-v3 file: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the FID weights) or
-    # torchvision's inception_v3_google-0cc3c7bd.pth; None = torch hub's cache (FID weights first) if a
-    # file is there, else the Inception KIDs are recorded as not computed (never downloaded)
+    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID weights) or torchvision's inception_v3_google-0cc3c7bd.pth;
+    # None = torch hub's cache (FID weights first) if a file is there, else KIDs not computed (never downloaded)
     inception_weights: Path | None = None
 
 

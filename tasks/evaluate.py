@@ -13,6 +13,7 @@ from prefect import task
 
 from tagdit.config import PipelineConfig
 from tagdit.evaluation.run import evaluate_checkpoint
+from tagdit.formats.checkpoints import Checkpoints
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 from tagdit.sampling.painter import load_painter
 
@@ -64,7 +65,9 @@ def evaluate(cfg: PipelineConfig, shards: StageRecord, vae: StageRecord, latents
                     for name, k in m.kid.items()},
             "recall": {k: getattr(m, k).recall for k in ("cfg", "unconditional", "real", "reconstructed")},
             "sampler_recall": {name: r.recall for name, r in m.sampler_recall.items()}}
-    return EVALUATE.write_stamp(cfg, upstream, [*(Path(g) for g in m.grids.values()), out / "metrics.json"], info)
+    record = EVALUATE.write_stamp(cfg, upstream, [*(Path(g) for g in m.grids.values()), out / "metrics.json"], info)
+    Checkpoints(painter.checkpoint.parent).keep_for(painter.checkpoint, EVALUATE.name)  # the record names it
+    return record
 
 
 @task(name="evaluate", cache_key_fn=stage_cache_key(EVALUATE), persist_result=True, tags=["eval"])

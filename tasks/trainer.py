@@ -109,7 +109,18 @@ class TrainerStage:
         if latest is not None:  # a real one beats the projection
             size = max(size, sum(p.stat().st_size for p in latest.iterdir() if p.is_file()))
         check_disk_space(out_dir, size, step=step, steps=tc.steps, every=tc.checkpoint_every,
-                         keep=tc.keep_checkpoints, section=self.section, what=self.stage.name)
+                         keep=tc.keep_checkpoints, section=self.section, what=self.stage.name,
+                         pinned=len(Checkpoints(out_dir).record_pinned()))
+
+    def pin_recorded(self, out_dir: Path) -> None:
+        """Pin the checkpoint this stage's stamp names, so a resumed run never prunes it (`Checkpoints.keep_for`)."""
+        from tagdit.formats.checkpoints import Checkpoints
+        from tagdit.orchestrate.stage import read_stamp
+
+        record = read_stamp(out_dir, self.stage.name)
+        named = Path(record.info.get("checkpoint", "")) if record else None
+        if named is not None and named.parent.resolve() == out_dir.resolve() and (named / "meta.json").is_file():
+            Checkpoints(out_dir).keep_for(out_dir / named.name, self.stage.name)
 
     def run_training(self, cfg: PipelineConfig, paths: tuple[Path, ...], out_dir: Path) -> None:
         """In-process training, or torchrun DDP over `<section>.train.nproc` processes."""
@@ -134,13 +145,17 @@ class TrainerStage:
         out_dir = self.stage.out_dir(cfg, upstream)
         prepare_out_dir(out_dir, self.identity(cfg, upstream), force, self.stage.name)
         paths = self.input_paths(cfg, upstream)
+        self.pin_recorded(out_dir)  # a stamp written before pins existed
         self.check_disk(cfg, paths, out_dir)
         self.run_training(cfg, paths, out_dir)
-        ckpt = Checkpoints(out_dir).latest()
+        ckpts = Checkpoints(out_dir)
+        ckpt = ckpts.latest()
         if ckpt is None:
             raise RuntimeError(f"{self.stage.name} wrote no checkpoint to {out_dir}")
         files = [ckpt / "model.safetensors", ckpt / "ema.safetensors", ckpt / "meta.json"]
-        return self.stage.write_stamp(cfg, upstream, files, {**checkpoint_facts(ckpt), **self.info(ckpt, paths)})
+        record = self.stage.write_stamp(cfg, upstream, files, {**checkpoint_facts(ckpt), **self.info(ckpt, paths)})
+        ckpts.keep_for(ckpt, self.stage.name)  # moves the pin from the checkpoint the old stamp named
+        return record
 
     def main(self, argv: list[str] | None = None) -> None:
         """torchrun entry point: one DDP rank; a failure leaves its traceback for the launcher (and torchrun)."""

@@ -154,11 +154,35 @@ class Checkpoints:
                 return True
         return False
 
+    def keep_for(self, ckpt: Path, holder: str) -> None:
+        """Pin `ckpt` for as long as `holder`'s record (a stage stamp) names it: pruning never deletes it.
+
+        A record outlives the run that wrote it: a finished train-dit stamp names its last checkpoint
+        while the run is resumed for more steps, and evaluate --force reads that stamp. So the record's
+        checkpoint stays (costing disk beyond `keep`) rather than evaluation silently swapping in another
+        one. One pin per holder: pinning a new checkpoint releases the holder's earlier one.
+        """
+        name = f".kept-{holder}"
+        for other in self.root.glob(f"ckpt-[0-9]*/{name}"):
+            if other.parent != Path(ckpt):
+                other.unlink(missing_ok=True)
+        write_json_atomic(Path(ckpt) / name, {"holder": holder})
+
+    @staticmethod
+    def kept_by(ckpt: Path) -> list[str]:
+        """The records (`keep_for` holders) that pin `ckpt`."""
+        return sorted(p.name.removeprefix(".kept-") for p in Path(ckpt).glob(".kept-*"))
+
+    def record_pinned(self) -> list[Path]:
+        """Checkpoints a record pins (they stay on disk beyond `keep`)."""
+        return [c for c in sorted(self.root.glob("ckpt-[0-9]*")) if self.kept_by(c)]
+
     def prune(self, keep: int) -> list[Path]:
-        """Delete all but the newest `keep` checkpoints, never `latest` or a pinned one; returns the deleted."""
+        """Delete all but the newest `keep` checkpoints, never `latest`, one in use or one a record names."""
         latest = self.latest()
         ckpts = sorted(self.root.glob("ckpt-[0-9]*"))
-        doomed = [c for c in ckpts[:-keep] if c != latest and not self.is_pinned(c)] if keep else []
+        doomed = [c for c in ckpts[:-keep]
+                  if c != latest and not self.is_pinned(c) and not self.kept_by(c)] if keep else []
         for c in doomed:
             shutil.rmtree(c, ignore_errors=True)
         return doomed

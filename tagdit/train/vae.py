@@ -39,17 +39,31 @@ def decode_train(raw: dict[str, Any], resolution: int, crop: int | None = None, 
     return x[:, i : i + crop, j : j + crop].contiguous()  # (3, crop, crop)
 
 
+def build_perceptual_loss(vae: VAEConfig) -> Any:
+    """The VGG19 `vae.perceptual_network` names: torchvision's, Keras' (the original's), or auto (Keras' if found)."""
+    from models.perceptual import VGGWeightsMissing, build_keras_perceptual, build_perceptual
+
+    if vae.perceptual_network != "torchvision":
+        try:
+            loss = build_keras_perceptual(vae.keras_vgg_weights, vae.keras_vgg_repo)
+            log.info("perceptual loss: Keras' VGG19 (Caffe weights, BGR 0-255 input), as the original")
+            return loss
+        except VGGWeightsMissing as e:
+            if vae.perceptual_network == "keras":
+                raise
+            log.warning("vae.perceptual_network=auto: %s\nFalling back to torchvision's VGG19 (ImageNet "
+                        "mean/std RGB input): a different network at a different feature scale than the "
+                        "original's", e)
+    return build_perceptual(vae.vgg_weights, vae.vgg_repo, vae.vgg_revision)
+
+
 def build_vae_loss(vae: VAEConfig) -> Any:
     """The loss `vae` describes: VGG19 weights resolved when w_perc > 0, a PatchGAN when disc_start is set."""
     from models.discriminator import PatchDiscriminator
     from models.vae_loss import VAELoss
 
-    perceptual = None
-    if vae.w_perc > 0:
-        from models.perceptual import build_perceptual
-
-        perceptual = build_perceptual(vae.vgg_weights, vae.vgg_repo, vae.vgg_revision)
-    else:
+    perceptual = build_perceptual_loss(vae) if vae.w_perc > 0 else None
+    if perceptual is None:
         log.warning("perceptual loss is OFF (vae.w_perc=0): training with L1 + KL only")
     disc = None
     if vae.disc_start is not None:

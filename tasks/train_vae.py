@@ -16,7 +16,7 @@ from prefect import task
 from tagdit.config import PipelineConfig
 from tagdit.files import sha256_file
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
-from tagdit.train.vae import train_vae, vae_checkpoint_bytes
+from tagdit.train.vae import perceptual_identity, train_vae, vae_checkpoint_bytes
 from tasks.trainer import TRAIN_MODULES, TrainerStage
 
 TRAIN_VAE = Stage(
@@ -25,6 +25,7 @@ TRAIN_VAE = Stage(
              "models.vae", "models.vae_loss", "models.perceptual", "models.discriminator", *TRAIN_MODULES),
     sections=("vae", "data.resolution"),
     out_dir=lambda cfg, up: cfg.run_dir / "vae",
+    extra_inputs=lambda cfg: perceptual_identity(cfg.vae),
 )
 
 
@@ -46,7 +47,7 @@ TRAINER = TrainerStage(
     train=train_vae,
     info=checkpoint_info,
     checkpoint_bytes=lambda cfg, paths: vae_checkpoint_bytes(cfg),
-    identity_extra=lambda cfg: {"resolution": cfg.data.resolution},
+    identity_extra=lambda cfg: {"resolution": cfg.data.resolution, **perceptual_identity(cfg.vae)},
 )
 
 

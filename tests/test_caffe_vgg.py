@@ -190,6 +190,16 @@ def test_auto_uses_keras_when_found_else_warns_and_uses_torchvision(keras_h5, no
     assert type(build_perceptual(tv)) is VGGPerceptualLoss
 
 
+def test_what_auto_resolves_to_is_part_of_the_train_vae_key(keras_h5, no_keras):
+    from tagdit.train.vae import perceptual_identity
+
+    path, _ = keras_h5
+    found = perceptual_identity(VAEConfig(perceptual_network="auto", keras_vgg_weights=path))
+    missing = perceptual_identity(VAEConfig(perceptual_network="auto"))
+    assert found["perceptual"].startswith("keras:") and missing["perceptual"].startswith("torchvision")
+    assert perceptual_identity(VAEConfig()) == {}  # torchvision's, named by the config alone
+
+
 def test_the_original_preset_asks_for_keras_network_with_fallback():
     cfg = load_config("original-256", [])
     assert cfg.vae.perceptual_network == "auto" and cfg.vae.w_perc == 1.0

@@ -57,6 +57,22 @@ def build_perceptual_loss(vae: VAEConfig) -> Any:
     return build_perceptual(vae.vgg_weights, vae.vgg_repo, vae.vgg_revision)
 
 
+def perceptual_identity(vae: VAEConfig) -> dict[str, str]:
+    """Which VGG19 `auto` resolves to (and Keras' file hash): part of the train-vae key and run identity,
+    so a run that fell back to torchvision's network never resumes with Keras' once its file appears."""
+    from models.perceptual import VGGWeightsMissing, find_keras_vgg19_weights
+    from tagdit.files import file_fingerprint
+
+    if vae.w_perc == 0 or vae.perceptual_network == "torchvision":
+        return {}
+    try:
+        return {"perceptual": f"keras:{file_fingerprint(find_keras_vgg19_weights(vae.keras_vgg_weights, vae.keras_vgg_repo))}"}
+    except VGGWeightsMissing:
+        if vae.perceptual_network == "keras":
+            raise
+        return {"perceptual": "torchvision (auto: Keras' weights not found)"}
+
+
 def build_vae_loss(vae: VAEConfig) -> Any:
     """The loss `vae` describes: VGG19 weights resolved when w_perc > 0, a PatchGAN when disc_start is set."""
     from models.discriminator import PatchDiscriminator

@@ -63,7 +63,7 @@ def test_compiled_training_on_cpu_matches_eager(tmp_path):
     latents = write_latent_fixture(tmp_path / "ds", n_train=12, n_val=4, per_shard=5)
     recs = {}
     for mode in ("eager", "compiled"):
-        cfg = config(tmp_path, *RUN, "dit.train.steps=3", f"run.name={mode}", "dit.model.dropout=0",
+        cfg = config(tmp_path, *RUN, "dit.train.steps=3", f"run.name={mode}", "dit.model.dropout=0", "dit.model.depth=1",
                      f"dit.train.compile={'true' if mode == 'compiled' else 'false'}")
         recs[mode] = train_dit_stage(cfg, *records(latents))
     a, b = (load_weights(recs[m].info["checkpoint"] + "/model.safetensors")[0] for m in ("eager", "compiled"))

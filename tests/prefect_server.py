@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -117,13 +116,11 @@ def api(server: PrefectServer, path: str, body: dict | None = None, method: str 
 
 
 def start(server: PrefectServer, deployment: str, overrides: list[str], **params) -> str:
-    """`prefect deployment run NAME --param …` without waiting; returns the flow run id."""
-    args = ["deployment", "run", deployment, "--param", f"config={CONFIG}",
-            "--param", f"overrides={json.dumps(overrides)}"]
-    for k, v in params.items():
-        args += ["--param", f"{k}={json.dumps(v)}"]
-    out = server.cli(*args, cwd=ROOT).stdout
-    return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    """A flow run of the deployment, as `prefect deployment run NAME --param …` creates it (through the
+    API, without the CLI's seconds of start-up), not waited for; returns the flow run id."""
+    dep = api(server, f"/deployments/name/{deployment}")
+    parameters = {"config": CONFIG, "overrides": overrides, **params}
+    return api(server, f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})["id"]
 
 
 def wait(server: PrefectServer, run_id: str, timeout: float = 600) -> str:
@@ -133,7 +130,7 @@ def wait(server: PrefectServer, run_id: str, timeout: float = 600) -> str:
         state = api(server, f"/flow_runs/{run_id}")["state"]
         if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return state["name"]
-        time.sleep(1)
+        time.sleep(0.5)
     raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
 
 

@@ -104,15 +104,22 @@ def path_overrides(tmp: Path) -> list[str]:
 
 
 def api(server: PrefectServer, path: str, body: dict | None = None, method: str | None = None):
+    import urllib.error
     import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{server.port}/api{path}", data=data,
                                  method=method or ("POST" if body is not None else "GET"),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        raw = r.read()
-    return json.loads(raw) if raw else None
+    for attempt in range(6):  # 503: the server's SQLite database was busy; Prefect's own client retries too
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == 5:
+                raise
+            time.sleep(2 ** attempt * 0.5)
 
 
 def start(server: PrefectServer, deployment: str, overrides: list[str], **params) -> str:

@@ -23,15 +23,37 @@ from tests.prefect_server import ROOT, PrefectServer, api, path_overrides, run, 
 RENEW_SECONDS = 2  # the workers' flow runs renew folder leases this often (default 60 s)
 
 
-def task_states(server: PrefectServer, run_id: str) -> dict[str, str]:
-    runs = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
-    return {r["name"]: r["state"]["name"] for r in runs}
+def task_states(server: PrefectServer, run_id: str, timeout: float = 60) -> dict[str, str]:
+    """Task run name -> state name of a finished flow run (task states reach the server as events, a
+    moment after the flow run's own: read until every one is final)."""
+    deadline = time.time() + timeout
+    while True:
+        runs = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+        if all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs) \
+                or time.time() > deadline:
+            return {r["name"]: r["state"]["name"] for r in runs}
+        time.sleep(0.5)
 
 
 def records(tmp: Path, run: str) -> list[dict]:
     """Every stage stamp of a run and its dataset."""
     stamps = list((tmp / "runs" / run).rglob(".stage-*.json")) + list((tmp / "shards/tiny").rglob(".stage-*.json"))
     return [json.loads(p.read_text())["record"] for p in stamps]
+
+
+def log_records(server: PrefectServer, run_id: str, expect: str, timeout: float = 30) -> list[dict]:
+    """The flow run's log records, read until one contains `expect` (or `timeout` s): a flow run's
+    logs reach the server in batches, the last ones after its final state."""
+    deadline = time.time() + timeout
+    while True:
+        logs = api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+        if any(expect in x["message"] for x in logs) or time.time() > deadline:
+            return logs
+        time.sleep(0.5)
+
+
+def flow_logs(server: PrefectServer, run_id: str, expect: str) -> list[str]:
+    return [x["message"] for x in log_records(server, run_id, expect)]
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +230,8 @@ def test_nightly_evaluation_runs_beside_training_which_cancels_cleanly(deployed,
 
     last = int((dit / "latest").read_text().strip().split("-")[1])
     resumed = run(server, "train-dit/default", a + [f"dit.train.steps={last + 4}", "dit.train.checkpoint_every=2"])
-    logs = api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [resumed]}}})
-    assert any(f"resumed from {dit}/ckpt-{last:07d}" in log["message"] for log in logs), \
-        [log["message"] for log in logs][-20:]
-
-
-def flow_logs(server: PrefectServer, run_id: str) -> list[str]:
-    return [x["message"] for x in api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})]
+    logs = flow_logs(server, resumed, f"resumed from {dit}/ckpt-{last:07d}")
+    assert any(f"resumed from {dit}/ckpt-{last:07d}" in m for m in logs), logs[-20:]
 
 
 def steps_per_second(server: PrefectServer, overrides: list[str], dit: Path) -> float:
@@ -247,7 +264,7 @@ def test_training_survives_a_server_restart_and_blocks_no_later_run(deployed, pi
     time.sleep(5)
     server.start_server()
     assert wait(server, training, timeout=600) == "Completed", (server.home / "worker.log").read_text()[-4000:]
-    logs = api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [training]}}})
+    logs = log_records(server, training, "no longer knows the lease")
     messages = [x["message"] for x in logs]
     gone = [datetime.fromisoformat(x["timestamp"]).timestamp() for x in logs if "no longer knows the lease" in x["message"]]
     assert gone, messages[-20:]
@@ -258,4 +275,5 @@ def test_training_survives_a_server_restart_and_blocks_no_later_run(deployed, pi
     assert folder["active_slots"] == 0, folder  # released by name: its lease was gone
 
     after = run(server, "train-dit/default", a + [f"dit.train.steps={target + 4}", "dit.train.checkpoint_every=2"])
-    assert any("taking the other 1 back" in m for m in flow_logs(server, after)), flow_logs(server, after)[-20:]
+    logs = flow_logs(server, after, "taking the other 1 back")
+    assert any("taking the other 1 back" in m for m in logs), logs[-20:]

@@ -85,12 +85,13 @@ def tiny_run(tmp_path_factory):
     return write_tiny_run(tmp_path_factory.mktemp("run"))
 
 
-# Modules whose results are float maths that another CPU's kernels round differently; `make test`
-# runs them a second time under another instruction set (README: Two commands).
+# `make test` runs the float-sensitive tests a second time under another instruction set (README:
+# Two commands): every test of these small modules of float maths, and elsewhere the tests marked
+# `@pytest.mark.numerics` one by one (floats compared: gradients, resumed weights, samples). Tests
+# of plumbing (files, records, spawning, caching) run once.
 NUMERICS_MODULES = {
     "test_dit", "test_vae", "test_vae_loss", "test_sampling", "test_interpolate", "test_img2img", "test_kid",
-    "test_formats", "test_training", "test_train_dit", "test_train_vae", "test_encode", "test_evaluate",
-    "test_sample_cli", "test_ddp", "test_train_samples", "test_inception", "test_perceptual", "test_gpu_paths",
+    "test_formats",
 }
 
 

@@ -48,6 +48,7 @@ def _worker(rank: int, world: int, rdv: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.numerics
 def test_ddp_gloo_two_processes_match_single_process_gradients(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path / "g.pt")), nprocs=2, join=True)
     single = model()
@@ -180,6 +181,7 @@ def ddp_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.numerics
 def test_ddp_with_grad_accum_matches_one_process_on_the_same_global_batch(ddp_runs, tmp_path):
     from tagdit.formats.checkpoints import load_model_weights
 
@@ -192,6 +194,7 @@ def test_ddp_with_grad_accum_matches_one_process_on_the_same_global_batch(ddp_ru
     assert not all(torch.allclose(one[k], start[k]) for k in one)  # it trained
 
 
+@pytest.mark.numerics
 def test_ddp_resume_with_grad_accum_is_exact(ddp_runs):
     from tagdit.formats.checkpoints import load_model_weights
 

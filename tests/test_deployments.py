@@ -1,9 +1,10 @@
 """Every use the deployments exist for, on a real Prefect server with a process worker.
 
 One server, work pool and worker for the module (`prefect deploy --all` from the clone, as the
-README does); the tests run in order and build on each other's outputs: the full pipeline twice,
-every deployment with `force`, two experiments on one dataset, two prepare-data runs at once, and
-the nightly evaluation of a run that is still training (then cancelled and resumed).
+README does). Each test sets up what it needs and runs in any order: the `pipeline` fixture runs
+the full pipeline twice (run `tiny`; later tests train it further), every deployment with `force`
+works in a folder of its own, two experiments on one dataset, two prepare-data runs at once, the
+nightly evaluation of a run that is still training (then cancelled and resumed), and a server restart.
 """
 
 from __future__ import annotations
@@ -12,16 +13,26 @@ import json
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from tests.prefect_server import ROOT, PrefectServer, api, path_overrides, run, start, wait
 
+RENEW_SECONDS = 2  # the workers' flow runs renew folder leases this often (default 60 s)
 
-def task_states(server: PrefectServer, run_id: str) -> dict[str, str]:
-    runs = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
-    return {r["name"]: r["state"]["name"] for r in runs}
+
+def task_states(server: PrefectServer, run_id: str, timeout: float = 60) -> dict[str, str]:
+    """Task run name -> state name of a finished flow run (task states reach the server as events, a
+    moment after the flow run's own: read until every one is final)."""
+    deadline = time.time() + timeout
+    while True:
+        runs = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+        if all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs) \
+                or time.time() > deadline:
+            return {r["name"]: r["state"]["name"] for r in runs}
+        time.sleep(0.5)
 
 
 def records(tmp: Path, run: str) -> list[dict]:
@@ -30,33 +41,59 @@ def records(tmp: Path, run: str) -> list[dict]:
     return [json.loads(p.read_text())["record"] for p in stamps]
 
 
+def log_records(server: PrefectServer, run_id: str, expect: str, timeout: float = 30) -> list[dict]:
+    """The flow run's log records, read until one contains `expect` (or `timeout` s): a flow run's
+    logs reach the server in batches, the last ones after its final state."""
+    deadline = time.time() + timeout
+    while True:
+        logs = api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+        if any(expect in x["message"] for x in logs) or time.time() > deadline:
+            return logs
+        time.sleep(0.5)
+
+
+def flow_logs(server: PrefectServer, run_id: str, expect: str) -> list[str]:
+    return [x["message"] for x in log_records(server, run_id, expect)]
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deployments")
     with PrefectServer(tmp / "prefect") as server:
         server.env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
+        server.env["TAGDIT_LEASE_RENEW_SECONDS"] = str(RENEW_SECONDS)  # the worker hands it to its flow runs
         server.cli("work-pool", "create", "tagdit", "--type", "process")
         server.cli("--no-prompt", "deploy", "--all", cwd=ROOT)
         server.spawn(["worker", "start", "--pool", "tagdit"], "worker.log", cwd=tmp)  # any cwd works
         yield server, tmp
 
 
-def test_the_full_pipeline_runs_then_hits_every_cache(deployed):
+@pytest.fixture(scope="module")
+def pipeline(deployed) -> dict:
+    """The full pipeline run twice on dataset and run `tiny`: both flow run ids and the first run's metrics."""
     server, tmp = deployed
     first = run(server, "full-pipeline/demo", path_overrides(tmp))
-    assert list((tmp / "shards/tiny/images").glob("train-*.tar"))
     metrics = json.loads(next((tmp / "runs/tiny/eval").glob("*/metrics.json")).read_text())
-    assert {"tag_recall_ratio", "cfg", "unconditional", "real", "reconstructed", "vae_psnr_db"} <= metrics.keys()
+    second = run(server, "full-pipeline/demo", path_overrides(tmp))
+    return {"first": first, "second": second, "metrics": metrics}
+
+
+def test_the_full_pipeline_runs_then_hits_every_cache(deployed, pipeline):
+    server, tmp = deployed
+    first, second = pipeline["first"], pipeline["second"]
+    assert list((tmp / "shards/tiny/images").glob("train-*.tar"))
+    assert {"tag_recall_ratio", "cfg", "unconditional", "real", "reconstructed", "vae_psnr_db"} <= pipeline["metrics"].keys()
     tags = {r["name"].rsplit("-", 1)[0]: set(r["tags"]) for r in api(server, "/task_runs/filter", {
         "flow_runs": {"id": {"any_": [first]}}})}
     assert {k for k, v in tags.items() if "gpu" in v} == {"train-vae", "encode", "train-dit"}, tags
     assert "eval" in tags["evaluate"] and "gpu" not in tags["evaluate"]
-    artifact = api(server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["tagdit-eval-tiny"]}}})[0]
+    artifact = api(server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["tagdit-eval-tiny"]},
+                                                               "flow_run_id": {"any_": [first]}}})[0]
     assert "data:image/png;base64," in artifact["data"] and "file://" not in artifact["data"]
-    table = api(server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["tagdit-metrics-tiny"]}}})
+    table = api(server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["tagdit-metrics-tiny"]},
+                                                            "flow_run_id": {"any_": [first]}}})
     assert table and table[0]["type"] == "table"
 
-    second = run(server, "full-pipeline/demo", path_overrides(tmp))
     states = task_states(server, second)
     assert len(states) >= 8 and set(states.values()) == {"Cached"}, states
     nightly = api(server, "/deployments/name/evaluate/nightly")
@@ -93,7 +130,9 @@ OTHER_DEPLOYMENTS = {  # deployed too, run elsewhere or alike
 
 
 def test_every_deployment_reruns_its_forced_stage(deployed):
-    server, tmp = deployed
+    """In a folder of its own, so that the forced stages change no other test's dataset or run."""
+    server, root = deployed
+    tmp = root / "forced"
     flows = {f["id"]: f["name"] for f in api(server, "/flows/filter", {})}
     deployed_names = {f"{flows[d['flow_id']]}/{d['name']}" for d in api(server, "/deployments/filter", {})}
     assert deployed_names == {d for d, _ in DEPLOYMENTS} | OTHER_DEPLOYMENTS
@@ -109,7 +148,7 @@ def test_every_deployment_reruns_its_forced_stage(deployed):
     assert (tmp / "exported/dit/model.safetensors").is_file() and (tmp / "exported/README.md").is_file()
 
 
-def test_two_experiments_on_one_dataset_keep_to_their_own_folders(deployed):
+def test_two_experiments_on_one_dataset_keep_to_their_own_folders(deployed, pipeline):
     server, tmp = deployed
     a = path_overrides(tmp) + ["run.name=a"]
     b = path_overrides(tmp) + ["run.name=b"]
@@ -124,7 +163,7 @@ def test_two_experiments_on_one_dataset_keep_to_their_own_folders(deployed):
     result = api(server, f"/flow_runs/{again}")
     assert result["state"]["type"] == "COMPLETED"
     assert {p: p.stat().st_mtime_ns for p in (tmp / "runs/a").rglob("*.safetensors")} == ckpts
-    assert not list((tmp / "runs").glob("*.superseded-*"))
+    assert not list((tmp / "runs").glob("[ab].superseded-*"))
 
 
 def waiting_logs(server: PrefectServer, ids: list[str]) -> list[str]:
@@ -132,7 +171,7 @@ def waiting_logs(server: PrefectServer, ids: list[str]) -> list[str]:
     return [log["message"] for log in logs if "waiting for exclusive access" in log["message"]]
 
 
-def test_two_prepare_data_runs_at_once_give_the_single_runs_shards(deployed):
+def test_two_prepare_data_runs_at_once_give_the_single_runs_shards(deployed, pipeline):
     server, tmp = deployed
     twin = path_overrides(tmp) + ["data.name=twin"]
     # hold the dataset folder's slot until a run says it waits, so the runs surely meet the lock
@@ -160,10 +199,10 @@ def rank_processes(out_dir: Path) -> list[str]:
     return [line for line in ps.splitlines() if "tasks.train_dit" in line and str(out_dir) in line]
 
 
-def test_nightly_evaluation_runs_beside_training_which_cancels_cleanly(deployed):
+def test_nightly_evaluation_runs_beside_training_which_cancels_cleanly(deployed, pipeline):
     server, tmp = deployed
-    a = path_overrides(tmp) + ["run.name=a"]
-    dit = tmp / "runs/a/dit"
+    a = path_overrides(tmp)
+    dit = tmp / "runs/tiny/dit"
     done = {p.name for p in dit.glob("ckpt-*")}
     training = start(server, "train-dit/default", a + ["dit.train.steps=100000", "dit.train.nproc=2",
                                                         "dit.train.checkpoint_every=20", "dit.train.keep_checkpoints=1"])
@@ -174,7 +213,7 @@ def test_nightly_evaluation_runs_beside_training_which_cancels_cleanly(deployed)
 
     nightly = run(server, "evaluate/nightly", a, nightly=True)
     assert api(server, f"/flow_runs/{training}")["state"]["type"] == "RUNNING"
-    metrics = json.loads(max((tmp / "runs/a/eval").glob("*/metrics.json"), key=lambda p: p.stat().st_mtime).read_text())
+    metrics = json.loads(max((tmp / "runs/tiny/eval").glob("*/metrics.json"), key=lambda p: p.stat().st_mtime).read_text())
     # pinned while evaluated (pruning to 1 checkpoint skipped it), pruned once training passed it
     evaluated = int(metrics["dit_checkpoint"].removeprefix("ckpt-"))
     assert 0 < evaluated <= int((dit / "latest").read_text().strip().removeprefix("ckpt-"))
@@ -191,52 +230,50 @@ def test_nightly_evaluation_runs_beside_training_which_cancels_cleanly(deployed)
 
     last = int((dit / "latest").read_text().strip().split("-")[1])
     resumed = run(server, "train-dit/default", a + [f"dit.train.steps={last + 4}", "dit.train.checkpoint_every=2"])
-    logs = api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [resumed]}}})
-    assert any(f"resumed from {dit}/ckpt-{last:07d}" in log["message"] for log in logs), \
-        [log["message"] for log in logs][-20:]
-
-
-def flow_logs(server: PrefectServer, run_id: str) -> list[str]:
-    return [x["message"] for x in api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})]
+    logs = flow_logs(server, resumed, f"resumed from {dit}/ckpt-{last:07d}")
+    assert any(f"resumed from {dit}/ckpt-{last:07d}" in m for m in logs), logs[-20:]
 
 
 def steps_per_second(server: PrefectServer, overrides: list[str], dit: Path) -> float:
-    """The tiny DiT's training speed on this machine, from a 400-step run's checkpoint times."""
+    """The tiny DiT's training speed on this machine, from a 120-step run's checkpoint times."""
     last = int((dit / "latest").read_text().strip().removeprefix("ckpt-"))
-    run(server, "train-dit/default", overrides + [f"dit.train.steps={last + 400}", "dit.train.checkpoint_every=100"])
-    kept = sorted(dit.glob("ckpt-*"))  # the newest 3, e.g. 900, 1000, 1004
+    run(server, "train-dit/default", overrides + [f"dit.train.steps={last + 120}", "dit.train.checkpoint_every=30"])
+    kept = sorted(p for p in dit.glob("ckpt-*") if int(p.name.removeprefix("ckpt-")) > last)  # this run's newest
     first, final = kept[0], kept[-1]
     steps = int(final.name.removeprefix("ckpt-")) - int(first.name.removeprefix("ckpt-"))
     return steps / ((final / "meta.json").stat().st_mtime - (first / "meta.json").stat().st_mtime)
 
 
-def test_training_survives_a_server_restart_and_blocks_no_later_run(deployed):
-    """The server stops for 25 s while train-dit trains and comes back on the same database; the next lease
-    renewal meets a server that forgot the lease."""
+def test_training_survives_a_server_restart_and_blocks_no_later_run(deployed, pipeline):
+    """The server stops for 5 s while train-dit trains and comes back on the same database; a lease
+    renewal (every RENEW_SECONDS; the client retries one while the server is down) meets a server that
+    forgot the lease while training still runs, and training carries on to its last step."""
     from tagdit.orchestrate.locks import lock_name
 
     server, tmp = deployed
-    a = path_overrides(tmp) + ["run.name=a"]
-    dit = tmp / "runs/a/dit"
+    a = path_overrides(tmp)
+    dit = tmp / "runs/tiny/dit"
     rate = steps_per_second(server, a, dit)
     last = int((dit / "latest").read_text().strip().removeprefix("ckpt-"))
-    target = last + int(100 * rate)  # ~100 s of training: the folder lease is renewed after 60 s
+    target = last + int(40 * rate)  # ~40 s of training: the restart (~20 s on a loaded machine) and renewals after it
     training = start(server, "train-dit/default", a + [f"dit.train.steps={target}", "dit.train.checkpoint_every=20"])
     deadline = time.time() + 120
     while (dit / "latest").read_text().strip() == f"ckpt-{last:07d}" and time.time() < deadline:  # training
         time.sleep(0.5)
     server.stop_server()
-    time.sleep(25)
+    time.sleep(5)
     server.start_server()
-    restarted = time.time()
     assert wait(server, training, timeout=600) == "Completed", (server.home / "worker.log").read_text()[-4000:]
-    logs = flow_logs(server, training)
-    assert any("no longer knows the lease" in m for m in logs), logs[-20:]
+    logs = log_records(server, training, "no longer knows the lease")
+    messages = [x["message"] for x in logs]
+    gone = [datetime.fromisoformat(x["timestamp"]).timestamp() for x in logs if "no longer knows the lease" in x["message"]]
+    assert gone, messages[-20:]
     assert (dit / "latest").read_text().strip() == f"ckpt-{target:07d}"
-    assert (dit / f"ckpt-{target:07d}" / "meta.json").stat().st_mtime > restarted + 30, "training ended before the restart"
+    assert (dit / f"ckpt-{target:07d}" / "meta.json").stat().st_mtime > gone[0], "training ended before a renewal met the restarted server"
     assert "Terminating execution" not in (server.home / "worker.log").read_text()
     folder = api(server, f"/v2/concurrency_limits/{lock_name(dit)}")
     assert folder["active_slots"] == 0, folder  # released by name: its lease was gone
 
     after = run(server, "train-dit/default", a + [f"dit.train.steps={target + 4}", "dit.train.checkpoint_every=2"])
-    assert any("taking the other 1 back" in m for m in flow_logs(server, after)), flow_logs(server, after)[-20:]
+    logs = flow_logs(server, after, "taking the other 1 back")
+    assert any("taking the other 1 back" in m for m in logs), logs[-20:]

@@ -90,6 +90,7 @@ def test_the_cpu_heap_keeps_freed_activations_on_glibc():
     assert retain_cpu_heap() is (platform.libc_ver()[0] == "glibc")
 
 
+@pytest.mark.numerics
 def test_running_moments_are_exact_on_chunks_far_from_zero():
     rng = np.random.default_rng(0)
     x = 1e6 + rng.normal(0, 0.5, 10_001)  # naive sum-of-squares variance loses everything here
@@ -101,6 +102,7 @@ def test_running_moments_are_exact_on_chunks_far_from_zero():
     assert m.std == pytest.approx(x.std(), rel=1e-9)
 
 
+@pytest.mark.numerics
 def test_scale_factor_is_one_over_the_std_of_posterior_samples(tmp_path):
     import webdataset as wds
 
@@ -120,6 +122,7 @@ def test_scale_factor_is_one_over_the_std_of_posterior_samples(tmp_path):
     assert latent_stats(latent_shard_paths(tmp_path, "train")) == stats  # fixed seed
 
 
+@pytest.mark.numerics
 def test_encoding_resumes_per_shard_and_gives_identical_bytes(tmp_path, dataset, vae_ckpt, monkeypatch):
     cfg = make_cfg(dataset)
     ref = tmp_path / "ref"

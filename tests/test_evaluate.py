@@ -57,6 +57,7 @@ def test_recall_se_is_the_within_prompt_standard_error_of_the_mean_recall():
     assert recall_se(got, wanted, per_prompt=1) is None
 
 
+@pytest.mark.numerics
 def test_reconstruct_round_trips_every_image_and_scores_psnr():
     torch.manual_seed(0)
     vae = build_vae(VAE_PRESETS["demo"]).eval()

@@ -31,6 +31,7 @@ def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu():
         assert not torch.is_autocast_enabled("cpu")
 
 
+@pytest.mark.numerics
 def test_bf16_autocast_trains_a_tiny_dit_on_cpu(tmp_path, monkeypatch):
     latents = write_latent_fixture(tmp_path / "ds", n_train=12, n_val=4, per_shard=5)
     seen, real = [], tagdit.train.dit.dit_loss
@@ -56,12 +57,13 @@ def test_compile_applies_on_cpu_too():
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is model
 
 
+@pytest.mark.numerics
 @pytest.mark.slow  # inductor's first CPU compile of the step takes ~60 s on 2 cores (cached afterwards: ~5 s)
 def test_compiled_training_on_cpu_matches_eager(tmp_path):
     latents = write_latent_fixture(tmp_path / "ds", n_train=12, n_val=4, per_shard=5)
     recs = {}
     for mode in ("eager", "compiled"):
-        cfg = config(tmp_path, *RUN, "dit.train.steps=3", f"run.name={mode}", "dit.model.dropout=0",
+        cfg = config(tmp_path, *RUN, "dit.train.steps=3", f"run.name={mode}", "dit.model.dropout=0", "dit.model.depth=1",
                      f"dit.train.compile={'true' if mode == 'compiled' else 'false'}")
         recs[mode] = train_dit_stage(cfg, *records(latents))
     a, b = (load_weights(recs[m].info["checkpoint"] + "/model.safetensors")[0] for m in ("eager", "compiled"))

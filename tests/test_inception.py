@@ -107,6 +107,7 @@ def test_the_fid_weights_load_onto_the_fid_network_tensorflow_pooling_and_a_max_
     assert float(_avg3_tf(x)[0, 0, 0, 0]) == 1.0 and float(_avg3(x)[0, 0, 0, 0]) == pytest.approx(4 / 9)
 
 
+@pytest.mark.numerics
 def test_features_are_2048_d_finite_and_differ_between_images():
     torch.manual_seed(0)
     model = InceptionV3().eval()
@@ -119,6 +120,7 @@ def test_features_are_2048_d_finite_and_differ_between_images():
     assert inception_features(model, []).shape == (0, 2048)
 
 
+@pytest.mark.numerics
 def test_preprocess_takes_uint8_or_minus_one_to_one_and_resizes_bilinearly_without_antialiasing():
     x = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     a, b = preprocess(x), preprocess(x.float() / 127.5 - 1)

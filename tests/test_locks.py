@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -140,3 +143,14 @@ def test_tag_limits_are_created_on_first_use_and_leaked_slots_taken_back(prefect
         locks.prepare_tag_limits({tag})
         assert client.read_global_concurrency_limit_by_name(f"tag:{tag}").active_slots == 0
     assert "taking the other 1 back" in caplog.text
+
+
+def test_the_renewal_interval_is_set_by_the_environment():
+    """TAGDIT_LEASE_RENEW_SECONDS (tests) renews and retries that often; unset, every 60 s of a 120 s lease."""
+    code = "import tagdit.orchestrate.locks as m; print(m.LEASE_SECONDS, m.RENEW_SECONDS, m.RETRY_SECONDS)"
+    env = {k: v for k, v in os.environ.items() if k != "TAGDIT_LEASE_RENEW_SECONDS"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.split() == ["120", "60.0", "10.0"]
+    short = subprocess.run([sys.executable, "-c", code], env={**env, "TAGDIT_LEASE_RENEW_SECONDS": "2"},
+                           capture_output=True, text=True, check=True)
+    assert short.stdout.split() == ["120", "2.0", "2.0"]

@@ -49,6 +49,7 @@ def test_vgg_layout_matches_torchvision_indices():
     assert all(isinstance(f[i], torch.nn.ReLU) for i in FEATURE_LAYERS)
 
 
+@pytest.mark.numerics
 def test_perceptual_loss_is_zero_for_identical_inputs_and_positive_otherwise():
     torch.manual_seed(0)
     loss = build_perceptual(pretrained=False)
@@ -120,6 +121,7 @@ def test_missing_weights_error_names_repo_file_caches_and_options(no_sources):
         assert part in msg, part
 
 
+@pytest.mark.numerics
 def test_tiny_vae_trains_with_a_perceptual_term_from_a_weights_file(tmp_path):
     path = tmp_path / "vgg.safetensors"
     save_file({k: v for k, v in torchvision_style_state(6).items() if k.startswith("features.")}, path)

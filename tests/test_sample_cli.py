@@ -53,6 +53,7 @@ def test_ddpm_is_ddim_with_eta_one_in_every_tool(tiny_run, tmp_path):
     assert np.array_equal(tiles(tmp_path / "ddpm.png", 2), tiles(tmp_path / "eta1.png", 2))
 
 
+@pytest.mark.numerics
 def test_strength_one_is_plain_sampling_with_the_same_seed(tiny_run, tmp_path, photo):
     common = ["--prompt", "smile, hat", "--steps", "3", "--n", "2", "--seed", "5"]
     sample.main(sample_args(tiny_run, *common, "--out", str(tmp_path / "plain.png")))
@@ -63,6 +64,7 @@ def test_strength_one_is_plain_sampling_with_the_same_seed(tiny_run, tmp_path, p
     assert not np.array_equal(plain[0], plain[1])  # each image its own noise
 
 
+@pytest.mark.numerics
 def test_strength_zero_is_the_vae_round_trip_of_the_centre_crop(tiny_run, tmp_path, photo):
     sample.main(sample_args(tiny_run, "--prompt", "smile", "--steps", "3", "--n", "1", "--init-image", str(photo),
                             "--strength", "0", "--out", str(tmp_path / "s0.png")))
@@ -72,6 +74,7 @@ def test_strength_zero_is_the_vae_round_trip_of_the_centre_crop(tiny_run, tmp_pa
     assert np.array_equal(tiles(tmp_path / "s0.png", 1)[0], np.asarray(painter.decode(z)[0]))
 
 
+@pytest.mark.numerics
 def test_img2img_sees_only_the_centre_square_composited_on_white(tiny_run):
     painter = painter_for_run(tiny_run)
     rgb = np.random.default_rng(1).integers(0, 255, (60, 90, 3), dtype=np.uint8)
@@ -86,6 +89,7 @@ def test_img2img_sees_only_the_centre_square_composited_on_white(tiny_run):
     assert not torch.equal(painter.encode_image(Image.fromarray(rgb)), z[0])
 
 
+@pytest.mark.numerics
 def test_interpolation_writes_a_strip_and_an_animation_whose_ends_are_the_plain_samples(tiny_run, tmp_path):
     out = tmp_path / "interp.png"
     result = sample.main(sample_args(tiny_run, "--prompt", "smile", "--interpolate-prompt", "red hair, hat",

@@ -174,3 +174,30 @@ def test_tar_samples_match_webdataset(tmp_path):
         ours = list(tar_samples(str(path)))
         assert ours == list(tarfile_samples([{"url": str(path)}]))
         assert [s["__key__"] for s in ours] == ["d/" + "x" * 150, "a", "\u00fc/k", "z" * 90 + "/" + "w" * 60]
+
+
+def _endless():
+    while True:
+        yield torch.zeros(16)
+
+
+def test_a_loader_worker_stops_at_once_under_the_parents_sigterm_handler():
+    """A Prefect flow run raises on SIGTERM; its forked loader workers must still end when closed."""
+    import signal
+    import time
+
+    from tagdit.train.loader_workers import WorkerProcess
+
+    def raising(signum, frame):
+        raise RuntimeError("terminated")
+
+    old = signal.signal(signal.SIGTERM, raising)
+    try:
+        worker = WorkerProcess(_endless, ())
+        next(worker)
+        time.sleep(0.5)  # its queue fills up
+        start = time.monotonic()
+        worker.close()
+        assert time.monotonic() - start < 2 and not worker.proc.is_alive()
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -30,6 +30,7 @@ def trained(tmp_path_factory):
     return cfg, latents, record
 
 
+@pytest.mark.numerics
 def test_tiny_dit_overfits_a_few_latents(trained):
     cfg, latents, record = trained
     model = load_dit(record.info["checkpoint"], ema=False)
@@ -57,6 +58,7 @@ def test_finished_stage_is_reused_and_stamped(trained):
     assert again == record
 
 
+@pytest.mark.numerics
 def test_resume_is_exact_on_cpu(tmp_path):
     latents = write_latent_fixture(tmp_path / "ds", n_train=12, n_val=4, per_shard=5)
     cfg = config(tmp_path, "dit.train.steps=8", "dit.train.checkpoint_every=4", "dit.train.log_every=1",

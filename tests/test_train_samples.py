@@ -42,6 +42,7 @@ def assert_same(a: dict, b: dict) -> None:
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
 
 
+@pytest.mark.numerics
 def test_sampling_leaves_checkpoints_bit_identical_and_resumes_exactly(tmp_path):
     latents = latents_with_vae(tmp_path)
     off = config(tmp_path, *RUN, "run.name=plain")

@@ -47,6 +47,7 @@ def recording_loss(monkeypatch, losses: list, stop_at: int | None = None, nan_at
     monkeypatch.setattr(tv, "vae_loss", loss_fn)
 
 
+@pytest.mark.numerics
 def test_resumed_training_matches_uninterrupted_losses_and_weights(tmp_path, dataset, monkeypatch):
     cfg = make_cfg(tmp_path, dataset)
     straight: list = []
@@ -170,6 +171,7 @@ def test_discriminator_trains_from_disc_start_and_not_before(tmp_path, dataset):
     assert s3["d_opt"]["state"] and tuple(s3["d_opt"]["param_groups"][0]["betas"]) == (0.5, 0.9)
 
 
+@pytest.mark.numerics
 def test_resume_after_the_discriminator_started_matches_an_uninterrupted_run(tmp_path, dataset, monkeypatch):
     cfg = make_cfg(tmp_path, dataset, *DISC)
     straight: list = []

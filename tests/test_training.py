@@ -96,6 +96,7 @@ def run_fit(tmp_path, out, steps, urls, loss=loss_fn, grad_accum=1):
                val_fn=lambda m, step, w: {"val": float(step)})
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_fit_resumes_exactly(tmp_path, grad_accum):
     urls = write_shards(tmp_path)
@@ -134,6 +135,7 @@ def test_fit_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
     assert Checkpoints(tmp_path / "n").latest().name == "ckpt-0000003"
 
 
+@pytest.mark.numerics
 def test_no_grad_clip_trains_unclipped(tmp_path):
     urls = write_shards(tmp_path)
 
@@ -190,6 +192,7 @@ def mse(model, batch, step):
     return ((model(x) - x.sin()) ** 2).mean(), {"mse": torch.tensor(0.0)}
 
 
+@pytest.mark.numerics
 def test_grad_accum_update_equals_one_step_on_the_full_batch(tmp_path):
     urls = write_shards(tmp_path)
 

@@ -39,9 +39,11 @@ log = logging.getLogger(__name__)
 HOLDER_SUFFIX = ".tagdit-lock.json"
 ORPHAN_SECONDS = 30.0  # a taken slot with no holder file for this long has lost its holder
 POLL_SECONDS = 5.0  # how often a waiting flow run re-checks (and logs) the holder
-LEASE_SECONDS = 120  # a dead holder's slot expires after this, where the server keeps its lease
-RENEW_SECONDS = LEASE_SECONDS / 2  # renew well before expiry
-RETRY_SECONDS = 10.0  # renewal retries while the server cannot be reached
+LEASE_SECONDS = 120  # a dead holder's slot expires after this, where the server keeps its lease (>= 60)
+# Renew well before expiry. TAGDIT_LEASE_RENEW_SECONDS renews more often (tests: a renewal meets a
+# restarted server within seconds instead of a minute); the lease itself cannot be shorter than 60 s.
+RENEW_SECONDS = float(os.environ.get("TAGDIT_LEASE_RENEW_SECONDS", LEASE_SECONDS / 2))
+RETRY_SECONDS = min(10.0, RENEW_SECONDS)  # renewal retries while the server cannot be reached
 _held = threading.local()  # names this thread holds (re-entry is a no-op)
 
 

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -113,6 +114,9 @@ def _put(q: mp.Queue, payload: bytes, parent: int) -> bool:
 
 def _work(q: mp.Queue, fn: Callable[..., Iterator[Any]], args: tuple, parent: int) -> None:
     """The worker process: every message of fn(*args), pickled, into `q`."""
+    # close() ends us with SIGTERM; a handler forked from the parent (a Prefect flow run's raises an
+    # exception here) would leave us blocked on the full queue until close() gives up after 5 s.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
     try:
         for message in fn(*args):

@@ -91,7 +91,7 @@ def tiny_run(tmp_path_factory):
 # of plumbing (files, records, spawning, caching) run once.
 NUMERICS_MODULES = {
     "test_dit", "test_vae", "test_vae_loss", "test_sampling", "test_interpolate", "test_img2img", "test_kid",
-    "test_formats",
+    "test_formats", "test_caffe_vgg",
 }
 
 

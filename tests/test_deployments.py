@@ -214,7 +214,7 @@ def test_nightly_evaluation_runs_beside_training_which_cancels_cleanly(deployed,
     nightly = run(server, "evaluate/nightly", a, nightly=True)
     assert api(server, f"/flow_runs/{training}")["state"]["type"] == "RUNNING"
     metrics = json.loads(max((tmp / "runs/tiny/eval").glob("*/metrics.json"), key=lambda p: p.stat().st_mtime).read_text())
-    # pinned while evaluated (pruning to 1 checkpoint skipped it), pruned once training passed it
+    # pinned while evaluated (pruning to 1 checkpoint skipped it); the evaluation's record keeps it afterwards
     evaluated = int(metrics["dit_checkpoint"].removeprefix("ckpt-"))
     assert 0 < evaluated <= int((dit / "latest").read_text().strip().removeprefix("ckpt-"))
     artifact = api(server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [nightly]}}})

@@ -46,6 +46,23 @@ def demo_vae(folder: Path) -> Path:
     return folder
 
 
+def realcost_tagger(folder: Path, src: Path) -> Path:
+    """The tag_pipeline_realcost benchmark's MOAT-cost stand-in, calibrated on a few of the source images."""
+    import numpy as np
+    from PIL import Image
+    from tag_pipeline_realcost import (  # benchmarks/ is the script folder
+        N_CHARACTER,
+        N_GENERAL,
+        convnext_t,
+    )
+
+    from tagdit.demo.stand_in_taggers import export_wd_model
+    from tagdit.formats.wd_image import wd_preprocess
+
+    x = np.stack([wd_preprocess(Image.open(p), 448) for p in sorted(src.rglob("*.jpg"))[:8]])  # (8, 448, 448, 3)
+    return export_wd_model(convnext_t(4 + N_GENERAL + N_CHARACTER), folder, N_GENERAL, N_CHARACTER, x)
+
+
 def run(cfg, vae: Path) -> dict:
     """crop -> tag -> shard -> encode, as prepare-data then `tagdit stage encode` run them; returns the shard info
     and the crop chunks' names."""
@@ -72,6 +89,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=400, help="images in the first run")
     ap.add_argument("--grow", type=float, default=0.01, help="fraction of files added before the re-run")
     ap.add_argument("--res", type=int, default=64)
+    ap.add_argument("--tagger", choices=["realcost", "colour"], default="realcost",
+                    help="realcost: a random-weight ConvNeXt-T at a MOAT-like 35.7 GFLOP per image (the tag stage's "
+                         "real share of the work); colour: the near-free stand-in (plumbing and fixed costs only)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from tagdit.config import load_config
@@ -81,8 +101,9 @@ def main() -> None:
         tmp = Path(tmp)
         src = tmp / "src"
         make_jpegs(src, args.n)  # 10 folders
+        tagger = build_wd_model(tmp / "wd") if args.tagger == "colour" else realcost_tagger(tmp / "wd", src)
         cfg = load_config(None, [f"data.source={src}", f"data.root={tmp / 'shards'}", f"data.resolution={args.res}",
-                                 f"tagger.path={build_wd_model(tmp / 'wd')}", "shards.samples_per_shard=50",
+                                 f"tagger.path={tagger}", "shards.samples_per_shard=50",
                                  "shards.min_tag_count=1", "vae.train.device=cpu", "latents.batch_size=16"])
         vae = demo_vae(tmp / "vae")
         t0 = time.perf_counter()
@@ -96,7 +117,7 @@ def main() -> None:
         t_grow = time.perf_counter() - t0
         assert second["found"] == args.n + added == second["sharded"] + second["rejected"], second
         touched = len(set(second["crop_chunks"]) - set(first["crop_chunks"]))
-    print(f"machine: {os.cpu_count()} cores; {args.n} images in {len(first['train_shards'])} train shards; "
+    print(f"machine: {os.cpu_count()} cores; tagger {args.tagger}; {args.n} images in {len(first['train_shards'])} train shards; "
           f"full run {t_full:.2f}s; +{added} files in {touched} of {len(first['crop_chunks'])} buckets: "
           f"re-run {t_grow:.2f}s")
     print(f"RESULT grow_dataset ours={t_grow:.2f} baseline={t_full:.2f} ratio={t_full / t_grow:.1f}")

@@ -13,7 +13,6 @@ is a folder per character of photo-sized JPEGs. Goal: ratio >= 20 (the re-run <=
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -34,16 +33,12 @@ def demo_vae(folder: Path) -> Path:
 
     from models.vae import build_vae
     from tagdit.config import load_config
-    from tagdit.formats.checkpoints import save_weights
+    from tagdit.formats.checkpoints import save_weights_only
 
     torch.manual_seed(0)
     mc = load_config(ROOT / "configs" / "demo.yaml", []).vae.model
     model = build_vae(mc)
-    folder.mkdir(parents=True)
-    for name in ("model.safetensors", "ema.safetensors"):
-        save_weights(folder / name, model.state_dict(), mc.model_dump(mode="json"))
-    (folder / "meta.json").write_text(json.dumps({"step": 0}))
-    return folder
+    return save_weights_only(folder, model, mc.model_dump(mode="json"))
 
 
 def realcost_tagger(folder: Path, src: Path) -> Path:

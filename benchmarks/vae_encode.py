@@ -14,7 +14,6 @@ the two (each encodes every image once; ours into a fresh latent directory) and 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -28,13 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def save_checkpoint(model, cfg_json: dict, ckpt: Path) -> Path:
-    from tagdit.formats.checkpoints import save_weights
+    from tagdit.formats.checkpoints import save_weights_only
 
-    ckpt.mkdir(parents=True)
-    for name in ("model.safetensors", "ema.safetensors"):
-        save_weights(ckpt / name, model.state_dict(), cfg_json)
-    (ckpt / "meta.json").write_text(json.dumps({"step": 0}))
-    return ckpt
+    return save_weights_only(ckpt, model, cfg_json)
 
 
 def baseline(files: list[Path], model, res: int, flip: bool) -> list:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +18,9 @@ from typing import Any
 
 from tagdit.config import PipelineConfig, TrainConfig
 from tagdit.files import write_json_atomic
-from tagdit.orchestrate.markers import marker_matches, write_marker
+from tagdit.orchestrate.markers import prepare_out_dir
 from tagdit.orchestrate.stage import Stage, StageRecord
 
-log = logging.getLogger(__name__)
 
 # The training code whose version is part of a trainer stage's cache key.
 TRAIN_MODULES = ("tasks.trainer", "tagdit.train.ranks", "tagdit.train.loop", "tagdit.train.optim",
@@ -33,44 +30,6 @@ TRAIN_MODULES = ("tasks.trainer", "tagdit.train.ranks", "tagdit.train.loop", "ta
 # nproc / loader_workers change how shards are split: a resumed run restarts the epoch it was in (logged).
 RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile",
              "keep_checkpoints", "grad_accum", "loader_workers")
-
-
-def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """The Prefect run logger inside a flow/task run, else this module's logger."""
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # MissingContextError outside a run
-        return log
-
-
-def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: str) -> None:
-    """Keep a resumable run; move any other non-empty folder aside (never delete it silently).
-
-    `force` deletes the folder. A folder whose `identity.json` is missing or differs holds a run of
-    another configuration (or of unknown origin): it becomes `<name>.superseded-<time>`, logged.
-    """
-    marker = out_dir / "identity.json"
-    if force and out_dir.exists():
-        shutil.rmtree(out_dir)
-    elif out_dir.exists() and not marker_matches(marker, identity):
-        if any(out_dir.iterdir()):
-            aside = out_dir.with_name(f"{out_dir.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
-            why = "another configuration" if marker.is_file() else "unknown configuration (no identity.json)"
-            run_logger().warning("%s holds a %s run of %s; moved it to %s", out_dir, what, why, aside)
-            out_dir.rename(aside)
-    write_marker(marker, identity)
-
-
-def checkpoint_facts(ckpt: Path) -> dict[str, Any]:
-    """What every trainer's stamp records: checkpoint, step, last training loss, parameter count."""
-    from tagdit.formats.checkpoints import load_weights, read_checkpoint_meta
-
-    meta = read_checkpoint_meta(ckpt)
-    state, _ = load_weights(ckpt / "ema.safetensors")
-    return {"checkpoint": str(ckpt), "step": meta.step, "loss": meta.metrics.get("loss"),
-            "params": sum(v.numel() for v in state.values())}
 
 
 @dataclass(frozen=True)
@@ -138,7 +97,7 @@ class TrainerStage:
 
     def run(self, cfg: PipelineConfig, upstream: dict[str, StageRecord], force: bool = False) -> StageRecord:
         """The stage: cached record, or train (resuming) and stamp the final checkpoint."""
-        from tagdit.formats.checkpoints import Checkpoints
+        from tagdit.formats.checkpoints import Checkpoints, checkpoint_facts
 
         if not force and (rec := self.stage.valid_record(cfg, upstream)):
             return rec

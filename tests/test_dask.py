@@ -1,6 +1,5 @@
 """The data stages on a Dask LocalCluster of two worker processes write the same bytes as locally."""
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -60,16 +59,12 @@ def dask_runners(monkeypatch):
 def vae_checkpoint(folder: Path) -> Path:
     """A random-init tiny VAE saved as a checkpoint folder (raw == EMA)."""
     from models.vae import build_vae
-    from tagdit.formats.checkpoints import save_weights
+    from tagdit.formats.checkpoints import save_weights_only
     from tests.model_fixtures import TINY_VAE
 
     torch.manual_seed(0)
     model = build_vae(TINY_VAE)
-    folder.mkdir(parents=True)
-    for name in ("model.safetensors", "ema.safetensors"):
-        save_weights(folder / name, model.state_dict(), TINY_VAE.model_dump(mode="json"))
-    (folder / "meta.json").write_text(json.dumps({"step": 1}))
-    return folder
+    return save_weights_only(folder, model, TINY_VAE.model_dump(mode="json"), step=1)
 
 
 # A local Dask cluster per stage: about 90 s on 2 cores. One torch thread here, like a Dask worker

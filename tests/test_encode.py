@@ -13,7 +13,7 @@ from models.vae import build_vae
 from tagdit.config import load_config
 from tagdit.data.encode import RunningMoments, latent_stats
 from tagdit.files import sha256_file
-from tagdit.formats.checkpoints import save_weights
+from tagdit.formats.checkpoints import save_weights_only
 from tagdit.formats.image_shards import decode_image, image_bytes, image_shards
 from tagdit.formats.latent_shards import latent_shard_paths, npy_bytes
 from tagdit.formats.trained_models import load_vae
@@ -29,11 +29,7 @@ def vae_ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_vae(TINY_VAE)
     ckpt = tmp_path_factory.mktemp("run") / "vae" / "ckpt-0000001"
-    ckpt.mkdir(parents=True)
-    for name in ("model.safetensors", "ema.safetensors"):
-        save_weights(ckpt / name, model.state_dict(), TINY_VAE.model_dump(mode="json"))
-    (ckpt / "meta.json").write_text(json.dumps({"step": 1}))
-    return ckpt
+    return save_weights_only(ckpt, model, TINY_VAE.model_dump(mode="json"), step=1)
 
 
 def make_cfg(dataset: Path, *extra: str):

@@ -15,7 +15,7 @@ import tasks.encode as enc
 from models.vae import build_vae
 from tagdit.config import load_config
 from tagdit.data.tagger import WDTagger
-from tagdit.formats.checkpoints import save_weights
+from tagdit.formats.checkpoints import save_weights_only
 from tagdit.formats.image_shards import image_shards, iter_image_samples
 from tagdit.formats.latent_shards import latent_shard_paths
 from tagdit.formats.sources import SOURCES, read_buckets, read_sources
@@ -55,12 +55,8 @@ def vae_ckpt(tmp_path_factory) -> Path:
     """A random-init tiny VAE checkpoint (raw == EMA)."""
     torch.manual_seed(0)
     model = build_vae(TINY_VAE)
-    ckpt = tmp_path_factory.mktemp("vae") / "ckpt-0000001"
-    ckpt.mkdir(parents=True)
-    for name in ("model.safetensors", "ema.safetensors"):
-        save_weights(ckpt / name, model.state_dict(), TINY_VAE.model_dump(mode="json"))
-    (ckpt / "meta.json").write_text(json.dumps({"step": 1}))
-    return ckpt
+    return save_weights_only(tmp_path_factory.mktemp("vae") / "ckpt-0000001", model,
+                             TINY_VAE.model_dump(mode="json"), step=1)
 
 
 def snapshot(*folders: Path) -> dict[str, bytes]:

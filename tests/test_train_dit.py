@@ -149,7 +149,7 @@ def test_sampling_uses_the_schedule_the_checkpoint_was_trained_with(trained, tmp
 
 
 def test_an_unmarked_run_folder_is_moved_aside_not_resumed(tmp_path):
-    from tasks.trainer import prepare_out_dir
+    from tagdit.orchestrate.markers import prepare_out_dir
 
     run = tmp_path / "dit"
     (run / "ckpt-0000004").mkdir(parents=True)  # someone else's checkpoints, no identity.json

@@ -31,6 +31,17 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: 
     write_bytes_atomic(path, save(tensors, metadata={"config": json.dumps(config, sort_keys=True)}))
 
 
+def save_weights_only(folder: str | Path, model: nn.Module, config: dict, step: int = 0) -> Path:
+    """A checkpoint folder holding one set of weights as both raw and EMA, and no training state:
+    an untrained stand-in model that loads like a trained one (tests, benchmarks)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "ema.safetensors"):
+        save_weights(folder / name, model.state_dict(), config)
+    write_json_atomic(folder / "meta.json", {"step": step})
+    return folder
+
+
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, config) of a file written by `save_weights`."""
     from safetensors import safe_open
@@ -240,3 +251,11 @@ def load_model_weights(path: str | Path, ema: bool = True) -> tuple[dict[str, to
     ckpt = resolve_checkpoint(path)
     state, config = load_weights(ckpt / ("ema.safetensors" if ema else "model.safetensors"))
     return state, config, ckpt
+
+
+def checkpoint_facts(ckpt: Path) -> dict[str, Any]:
+    """What every trainer's stamp records: checkpoint, step, last training loss, parameter count."""
+    meta = read_checkpoint_meta(ckpt)
+    state, _ = load_weights(ckpt / "ema.safetensors")
+    return {"checkpoint": str(ckpt), "step": meta.step, "loss": meta.metrics.get("loss"),
+            "params": sum(v.numel() for v in state.values())}

@@ -3,17 +3,23 @@
 A stage's finished outputs are judged by its stamp (`Stage.valid_record`). Work in progress — a
 training run's checkpoints, latent shards written so far, one demo unit — is judged by a marker
 beside it: the key (or identity) it was made under, and optionally the files it vouches for with
-their sizes. One reader and one writer for every such marker.
+their sizes. One reader and one writer for every such marker; `prepare_out_dir` keeps a run folder
+whose `identity.json` matches and moves any other aside.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from tagdit.files import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 def marker_matches(marker: Path, key: Any) -> bool:
@@ -40,3 +46,21 @@ def write_marker(marker: Path, key: Any, files: Iterable[Path] | None = None) ->
     root = marker.parent
     write_json_atomic(marker, {"key": key, "files": {Path(f).relative_to(root).as_posix(): Path(f).stat().st_size
                                                      for f in files}})
+
+
+def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: str) -> None:
+    """Keep a resumable run; move any other non-empty folder aside (never delete it silently).
+
+    `force` deletes the folder. A folder whose `identity.json` is missing or differs holds a run of
+    another configuration (or of unknown origin): it becomes `<name>.superseded-<time>`, logged.
+    """
+    marker = out_dir / "identity.json"
+    if force and out_dir.exists():
+        shutil.rmtree(out_dir)
+    elif out_dir.exists() and not marker_matches(marker, identity):
+        if any(out_dir.iterdir()):
+            aside = out_dir.with_name(f"{out_dir.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+            why = "another configuration" if marker.is_file() else "unknown configuration (no identity.json)"
+            log.warning("%s holds a %s run of %s; moved it to %s", out_dir, what, why, aside)
+            out_dir.rename(aside)
+    write_marker(marker, identity)

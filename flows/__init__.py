@@ -9,3 +9,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 # Our modules log with `logging.getLogger(__name__)`; Prefect attaches its console and API handlers
 # to these loggers too, so their messages reach the terminal and the flow run's logs in the UI.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tagdit,tasks,models,flows")
+
+
+def outside_flow_runs() -> None:
+    """For commands that run no flow (sample, serve): our loggers' records go to the terminal only,
+    not to Prefect's API handler (which warns on every record it cannot send without a flow run)."""
+    os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"

@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from flows import outside_flow_runs
 from tagdit.config import SamplerConfig
 from tagdit.orchestrate.cli import arg_type, config_parser, parse_config
 from tagdit.orchestrate.params import GuidanceScale, ImageCount, Steps
@@ -168,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    outside_flow_runs()
     p = _parser()
     a = p.parse_args(argv)
     interpolating = a.interpolate_seeds is not None or a.interpolate_prompt is not None

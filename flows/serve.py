@@ -17,6 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from flows import outside_flow_runs
 from flows.sample import add_model_options, painter_from_args
 from tagdit.orchestrate.cli import config_parser, parse_config
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
+    outside_flow_runs()
     p: argparse.ArgumentParser = config_parser("Serve a page that draws images from the trained DiT.")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every one)")
     p.add_argument("--port", type=int, default=8765)

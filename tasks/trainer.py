@@ -21,7 +21,6 @@ from tagdit.files import write_json_atomic
 from tagdit.orchestrate.markers import prepare_out_dir
 from tagdit.orchestrate.stage import Stage, StageRecord
 
-
 # The training code whose version is part of a trainer stage's cache key.
 TRAIN_MODULES = ("tasks.trainer", "tagdit.train.ranks", "tagdit.train.loop", "tagdit.train.optim",
                  "tagdit.formats.checkpoints", "tagdit.train.stream", "tagdit.train.tar_samples",

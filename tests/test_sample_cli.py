@@ -46,6 +46,19 @@ def test_sample_command_writes_images_and_reports_unknown_tags(tiny_run, tmp_pat
     assert result["unknown_tags"] == ["purple_cape"] and "purple_cape" in caplog.text
 
 
+def test_the_installed_command_draws_from_a_run_quietly(tiny_run, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tagdit = str(Path(sys.executable).with_name("tagdit"))
+    done = subprocess.run([tagdit, "sample", *sample_args(tiny_run, "--prompt", "smile", "--sampling-steps", "2",
+                                                          "--n", "1", "--out", str(tmp_path / "o.png"))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and (tmp_path / "o.png").is_file(), done.stderr
+    assert "without a flow run id" not in done.stderr  # Prefect's API handler stays out of commands that run no flow
+
+
 def test_ddpm_is_ddim_with_eta_one_in_every_tool(tiny_run, tmp_path):
     common = ["--prompt", "smile, hat", "--steps", "3", "--n", "2", "--seed", "4"]
     sample.main(sample_args(tiny_run, *common, "--sampler", "ddpm", "--out", str(tmp_path / "ddpm.png")))

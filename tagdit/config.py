@@ -7,10 +7,10 @@ unknown keys, so a typo fails loudly with the key's dotted name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.config import (
     DIT_PRESETS,
@@ -21,6 +21,10 @@ from models.config import (
     VAEModelConfig,
 )
 from tagdit.overrides import ConfigError, apply_override, parse_override, rename_keys
+from tagdit.stores import location, working_dir
+
+# a folder setting: a plain path, or a URL (s3://, gs://, hf://, file://) worked on in a local copy (tagdit.stores)
+Location = Annotated[Path | str, BeforeValidator(location)]
 
 
 class Section(BaseModel):
@@ -33,9 +37,10 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Path = Path("shards/demo-world/images")  # input image folder (walked recursively)
+    # input images: a folder or URL walked recursively, or a manifest file (.parquet/.csv/.jsonl) of them
+    source: Location = Path("shards/demo-world/images")
     name: str = "demo"  # dataset name: shards land in <root>/<name>/
-    root: Path = Path("shards")  # shards root
+    root: Location = Path("shards")  # shards root: a folder or a URL
     resolution: int = Field(64, ge=16)  # square crop size; the original trained at 256
     # hash buckets a source file's key falls in: the unit of crop, tag, shard and encode, so an added
     # file re-does one bucket. None = chosen on the first prepare (power of two >= files / samples_per_shard)
@@ -269,7 +274,7 @@ class PrefectConfig(Section):
 
 class RunConfig(Section):
     name: str = "demo"  # checkpoints, logs and grids go to <root>/<name>/
-    root: Path = Path("runs")
+    root: Location = Path("runs")  # a folder or a URL
 
 
 class PipelineConfig(Section):
@@ -287,11 +292,13 @@ class PipelineConfig(Section):
 
     @property
     def dataset_dir(self) -> Path:
-        return self.data.root / self.data.name
+        """The dataset folder (a local working copy when `data.root` is a URL)."""
+        return working_dir(self.data.root) / self.data.name
 
     @property
     def run_dir(self) -> Path:
-        return self.run.root / self.run.name
+        """The run folder (a local working copy when `run.root` is a URL)."""
+        return working_dir(self.run.root) / self.run.name
 
 
 # ---------------------------------------------------------------- loading

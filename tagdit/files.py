@@ -10,10 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tagdit.stores import publish
+
 
 @contextlib.contextmanager
-def atomic_path(dst: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `dst`; rename it into place only if the block succeeds."""
+def atomic_path(dst: str | Path, upload: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of `dst`; rename it into place only if the block succeeds.
+
+    In a working copy of a URL folder (`tagdit.stores`) the finished file is then uploaded
+    (`upload=False`: it came from the store).
+    """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -25,6 +31,8 @@ def atomic_path(dst: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+    if upload:
+        publish(dst)
 
 
 def write_bytes_atomic(dst: str | Path, data: bytes) -> None:

@@ -1,0 +1,254 @@
+"""Folders that may be URLs: `s3://`, `gs://`, `hf://`, `file://` or a plain path, through fsspec.
+
+A dataset or run root on a URL is worked on in a local working copy (`working_dir`: under
+`TAGDIT_STORE_CACHE`, default `~/.cache/tagdit/stores/<scheme>/<bucket>/<key>`): every stage reads
+and writes plain files there, each finished unit is uploaded the moment it lands (`publish`, called
+by the atomic writers), a stage's folder is reconciled with the store when the stage ends
+(`push_tree`), and a stage first brings down what the store has that the copy lacks (`pull_tree`).
+Which copy is which is a pure function of the path, so worker processes and torchrun ranks publish
+without being told (docs/guide.md, "Data in a bucket").
+
+Credentials and endpoints come from the standard environment and fsspec's configuration (for S3:
+`AWS_*` variables, `~/.aws`, `AWS_ENDPOINT_URL` for an S3-compatible server), never from configs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+URL_SCHEMES = ("s3", "gs", "gcs", "hf", "az", "abfs", "memory", "file")
+CACHE_ENV = "TAGDIT_STORE_CACHE"
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be reached or read, with the URL and the setting that named it."""
+
+
+def is_url(value: object) -> bool:
+    """Whether `value` is a `scheme://...` string of a known fsspec scheme (not a plain path)."""
+    if not isinstance(value, str) or "://" not in value:
+        return False
+    return value.split("://", 1)[0].lower() in URL_SCHEMES
+
+
+def location(value: object) -> object:
+    """Pydantic before-validator of a folder setting: remote URLs stay strings, the rest become Paths."""
+    if isinstance(value, str):
+        if value.lower().startswith("file://"):
+            return Path(value[len("file://"):])
+        if "://" in value and not is_url(value):
+            scheme = value.split("://", 1)[0]
+            raise ValueError(f"unknown URL scheme {scheme!r}: use one of {', '.join(URL_SCHEMES)} or a plain path")
+        if is_url(value):
+            return value.rstrip("/")
+    return value
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for `url`; a missing back-end names the extra to install."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        scheme = url.split("://", 1)[0]
+        extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme, scheme)
+        raise StoreError(f"{url}: the {scheme}:// back-end is not installed "
+                         f"(pip install 'tagdit[{extra}]'): {e}") from None
+
+
+def check_reachable(url: str, setting: str, must_exist: bool = False) -> None:
+    """Fail before any work when the store behind `url` cannot be listed (no bucket, no credentials,
+    no permission, nothing listening), naming the URL and the setting; `must_exist`: `url` itself too."""
+    fs, path = filesystem(url)
+    try:
+        top = path.split("/", 1)[0] if path else path
+        if not fs.exists(top):
+            raise FileNotFoundError(f"bucket or folder {top!r} does not exist")
+        if must_exist and not fs.exists(path):
+            raise FileNotFoundError("nothing there")
+    except StoreError:
+        raise
+    except Exception as e:  # botocore's NoCredentialsError, PermissionError, connection errors, ...
+        raise StoreError(f"{setting}={url}: cannot use the store ({type(e).__name__}: {e}); credentials come from "
+                         "the standard environment (e.g. AWS_* variables, ~/.aws, AWS_ENDPOINT_URL)") from None
+
+
+def object_version(info: dict[str, Any]) -> int:
+    """A number that changes when a stored object does: its modification time in ns where the store
+    has one, else a hash of its ETag / checksum (what `SourceFile.mtime_ns` holds for a URL source)."""
+    for k in ("mtime", "LastModified", "updated", "last_modified", "last_commit"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return int(v.timestamp() * 1e9)
+        if isinstance(v, (int, float)):
+            return int(v * 1e9) if v < 1e12 else int(v)
+        if isinstance(v, str):
+            from datetime import datetime
+
+            try:
+                return int(datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp() * 1e9)
+            except ValueError:
+                pass
+    tag = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "blob_id", "sha256", "crc32c") if info.get(k)), "")
+    from tagdit.files import sha256_text
+
+    return int(sha256_text(tag)[:15], 16)
+
+
+def cache_root() -> Path:
+    """Where working copies of URL folders live (`TAGDIT_STORE_CACHE`, default ~/.cache/tagdit/stores)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tagdit" / "stores").absolute()
+
+
+def working_dir(root: str | Path) -> Path:
+    """The local folder a root setting is worked on in: itself for a path, a working copy for a URL."""
+    if not is_url(root):
+        return Path(root)
+    scheme, rest = str(root).split("://", 1)
+    return cache_root() / scheme.lower() / rest.strip("/")
+
+
+def remote_of(path: str | Path) -> str | None:
+    """The URL a file or folder of a working copy stands for; None for a plain local path."""
+    try:
+        rel = Path(path).absolute().relative_to(cache_root())
+    except ValueError:
+        return None
+    parts = rel.parts
+    if len(parts) < 2 or parts[0].startswith("."):
+        return None
+    return f"{parts[0]}://" + "/".join(parts[1:])
+
+
+def _index_path(path: Path) -> Path:
+    """Where the facts of a working-copy file's last transfer are kept (size, mtime, remote version)."""
+    rel = path.absolute().relative_to(cache_root())
+    return cache_root() / ".index" / rel.parent / f"{rel.name}.json"
+
+
+def _read_index(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(_index_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_index(path: Path, version: int) -> None:
+    from tagdit.files import write_json_atomic
+
+    st = path.stat()
+    write_json_atomic(_index_path(path), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": version})
+
+
+def _in_sync(path: Path) -> bool:
+    """Whether a working-copy file is unchanged since it was last uploaded or downloaded."""
+    entry = _read_index(path)
+    if entry is None:
+        return False
+    st = path.stat()
+    return entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns
+
+
+def _is_temp(path: Path) -> bool:
+    """A file a writer has not finished (`.name.tmp-PID`, or inside such a folder): never uploaded."""
+    return any(part.startswith(".") and ".tmp-" in part for part in path.parts)
+
+
+def publish(path: str | Path) -> None:
+    """Upload one finished file of a working copy to its URL (no-op for a plain path).
+
+    An upload is one PUT: the object appears complete or not at all, so a killed run leaves nothing
+    half-written in the store.
+    """
+    path = Path(path)
+    url = remote_of(path)
+    if url is None or _is_temp(path):
+        return
+    fs, rpath = filesystem(url)
+    try:
+        fs.put_file(str(path), rpath)
+        version = object_version(fs.info(rpath))
+    except Exception as e:
+        raise StoreError(f"could not upload {path} to {url} ({type(e).__name__}: {e})") from None
+    _write_index(path, version)
+
+
+def publish_files(paths: list[Path]) -> None:
+    """Upload several finished files in the given order (the one that marks the unit complete last)."""
+    for p in paths:
+        publish(p)
+
+
+def _remote_objects(url: str) -> tuple[Any, str, dict[str, dict[str, Any]]]:
+    """(fs, path, {relative name: info}) of every object under `url`."""
+    fs, rpath = filesystem(url)
+    try:
+        found = fs.find(rpath, detail=True) if fs.exists(rpath) else {}
+    except FileNotFoundError:
+        found = {}
+    prefix = rpath.rstrip("/") + "/"
+    return fs, rpath, {name[len(prefix):]: info for name, info in found.items() if name.startswith(prefix)}
+
+
+def push_tree(local: str | Path) -> int:
+    """Make the store hold a working-copy folder: upload what changed since its last transfer and
+    delete the objects of files this copy had and removed. Objects it never saw are left alone
+    (another machine's). Returns how many files were uploaded; a no-op for a plain path."""
+    local = Path(local)
+    url = remote_of(local)
+    if url is None or not local.is_dir():
+        return 0
+    fs, rpath, remote = _remote_objects(url)
+    uploaded = 0
+    for dirpath, dirnames, filenames in os.walk(local):
+        dirnames[:] = [d for d in dirnames if ".tmp-" not in d]
+        for fn in filenames:
+            p = Path(dirpath) / fn
+            rel = p.relative_to(local).as_posix()
+            if _is_temp(p) or (rel in remote and _in_sync(p)):
+                continue
+            publish(p)
+            uploaded += 1
+    for rel in remote:
+        p = local / rel
+        if not p.exists() and _read_index(p) is not None:  # ours, and deleted here
+            fs.rm_file(f"{rpath}/{rel}")
+            _index_path(p).unlink(missing_ok=True)
+    if uploaded:
+        log.info("store: %d files uploaded to %s", uploaded, url)
+    return uploaded
+
+
+def pull_tree(local: str | Path) -> int:
+    """Bring a working-copy folder up to date with the store: download every object that is missing
+    here or changed there since this copy last transferred it. Returns how many were downloaded."""
+    from tagdit.files import atomic_path
+
+    local = Path(local)
+    url = remote_of(local)
+    if url is None:
+        return 0
+    fs, rpath, remote = _remote_objects(url)
+    fetched = 0
+    for rel, info in sorted(remote.items()):
+        p = local / rel
+        entry = _read_index(p) if p.exists() else None
+        version = object_version(info)
+        if entry is not None and _in_sync(p) and entry["version"] == version:
+            continue
+        with atomic_path(p, upload=False) as tmp:
+            fs.get_file(f"{rpath}/{rel}", str(tmp))
+        _write_index(p, version)
+        fetched += 1
+    if fetched:
+        log.info("store: %d files downloaded from %s to %s", fetched, url, local)
+    return fetched

@@ -35,13 +35,13 @@ def atomic_path(dst: str | Path, upload: bool = True) -> Iterator[Path]:
         publish(dst)
 
 
-def write_bytes_atomic(dst: str | Path, data: bytes) -> None:
-    with atomic_path(dst) as tmp:
+def write_bytes_atomic(dst: str | Path, data: bytes, upload: bool = True) -> None:
+    with atomic_path(dst, upload) as tmp:
         tmp.write_bytes(data)
 
 
-def write_json_atomic(dst: str | Path, obj: Any) -> None:
-    write_bytes_atomic(dst, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def write_json_atomic(dst: str | Path, obj: Any, upload: bool = True) -> None:
+    write_bytes_atomic(dst, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), upload)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -81,27 +81,13 @@ def check_reachable(url: str, setting: str, must_exist: bool = False) -> None:
 
 
 def object_version(info: dict[str, Any]) -> int:
-    """A number that changes when a stored object does: its modification time in ns where the store
-    has one, else a hash of its ETag / checksum (what `SourceFile.mtime_ns` holds for a URL source)."""
-    for k in ("mtime", "LastModified", "updated", "last_modified", "last_commit"):
-        v = info.get(k)
-        if v is None:
-            continue
-        if hasattr(v, "timestamp"):
-            return int(v.timestamp() * 1e9)
-        if isinstance(v, (int, float)):
-            return int(v * 1e9) if v < 1e12 else int(v)
-        if isinstance(v, str):
-            from datetime import datetime
-
-            try:
-                return int(datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp() * 1e9)
-            except ValueError:
-                pass
-    tag = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "blob_id", "sha256", "crc32c") if info.get(k)), "")
+    """A number that changes when a stored object does: a hash of its modification time and its
+    ETag / checksum, whichever the store reports (what `SourceFile.mtime_ns` holds for a URL source)."""
     from tagdit.files import sha256_text
 
-    return int(sha256_text(tag)[:15], 16)
+    facts = [str(info[k]) for k in ("mtime", "LastModified", "updated", "last_modified", "last_commit", "ETag", "etag",
+                                    "md5Hash", "blob_id", "sha256", "crc32c") if info.get(k) is not None]
+    return int(sha256_text(*facts)[:15], 16)
 
 
 def cache_root() -> Path:
@@ -146,7 +132,8 @@ def _write_index(path: Path, version: int) -> None:
     from tagdit.files import write_json_atomic
 
     st = path.stat()
-    write_json_atomic(_index_path(path), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": version})
+    write_json_atomic(_index_path(path), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": version},
+                      upload=False)
 
 
 def _in_sync(path: Path) -> bool:
@@ -191,6 +178,7 @@ def publish_files(paths: list[Path]) -> None:
 def _remote_objects(url: str) -> tuple[Any, str, dict[str, dict[str, Any]]]:
     """(fs, path, {relative name: info}) of every object under `url`."""
     fs, rpath = filesystem(url)
+    fs.invalidate_cache(rpath)  # another process may have written since this one last listed
     try:
         found = fs.find(rpath, detail=True) if fs.exists(rpath) else {}
     except FileNotFoundError:
@@ -252,3 +240,16 @@ def pull_tree(local: str | Path) -> int:
     if fetched:
         log.info("store: %d files downloaded from %s to %s", fetched, url, local)
     return fetched
+
+
+def location_key(folder: str | Path) -> str:
+    """What names a folder in a cache key, the same wherever its copy lives: a working copy's URL, else
+    the path relative to the working directory when inside it (a moved or copied clone keeps its keys),
+    else the absolute path."""
+    p = Path(folder).absolute()
+    if url := remote_of(p):
+        return url
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(p.resolve())

@@ -163,3 +163,45 @@ def test_two_folders_with_equal_settings_get_their_own_keys_and_records(prefect_
     again = toy_flow(a, 32)
     assert again.cached and CALLS == ["ran", "ran"]
     assert Path(again.out_dir).is_relative_to(Path(a).resolve()) or Path(again.out_dir).is_relative_to(Path(a))
+
+
+def test_a_moved_or_copied_project_keeps_its_caches(tmp_path, monkeypatch, wd_model):
+    """Keys name folders relative to the working directory: a renamed clone and a copy (mtimes kept, as
+    `cp -a`, rsync -a or a restored CI cache keep them) find every data stage's outputs valid."""
+    import shutil
+
+    from tasks.crop import CROP, crop_stage
+    from tasks.shard import SHARD, shard_stage
+    from tasks.tag import TAG, tag_stage
+    from tests.test_grow import make_source
+
+    project = tmp_path / "clone"
+    make_source(project / "images", folders=2, per_folder=4)
+    monkeypatch.chdir(project)
+    cfg = load_config(None, ["data.source=images", "data.root=shards", "data.name=g", "data.resolution=32",
+                             "crop.workers=1", f"tagger.path={wd_model}", "shards.samples_per_shard=8",
+                             "shards.min_tag_count=1"])
+    crop = crop_stage(cfg)
+    tag = tag_stage(cfg, crop)
+    shard = shard_stage(cfg, crop, tag)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(project, tmp_path / "copy", symlinks=True)  # copy2: mtimes kept
+    (project).rename(tmp_path / "renamed")
+    for where in ("copy", "renamed"):
+        monkeypatch.chdir(tmp_path / where)
+        assert CROP.valid_record(cfg, {}) == crop
+        assert TAG.valid_record(cfg, {"crop": crop}) == tag
+        assert SHARD.valid_record(cfg, {"crop": crop, "tag": tag}) == shard
+
+
+def test_a_record_read_elsewhere_points_into_its_new_folder():
+    from tagdit.orchestrate.stage import relocated
+
+    rec = StageRecord(stage="train-vae", key="k", out_dir="/old/runs/r/vae", fingerprint="f",
+                      info={"checkpoint": "/old/runs/r/vae/ckpt-0000006", "other": "/old/runs/r/vaex",
+                            "grids": ["/old/runs/r/vae/g.png"], "steps": 6})
+    moved = relocated(rec, "/new/runs/r/vae")
+    assert moved.out_dir == "/new/runs/r/vae" and moved.info == {
+        "checkpoint": "/new/runs/r/vae/ckpt-0000006", "other": "/old/runs/r/vaex", "grids": ["/new/runs/r/vae/g.png"],
+        "steps": 6}
+    assert relocated(rec, "/old/runs/r/vae") is rec

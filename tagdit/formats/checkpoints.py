@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tagdit.files import write_bytes_atomic, write_json_atomic
+from tagdit.stores import publish_files
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
@@ -225,7 +226,9 @@ class Checkpoints:
                 write_json_atomic(tmp / "meta.json", {"step": step, **meta})
                 shutil.rmtree(final, ignore_errors=True)  # an incomplete folder from a killed run
                 os.replace(tmp, final)
-            write_bytes_atomic(self.root / "latest", f"{final.name}\n".encode())
+                # a run root on a URL: the folder's files uploaded, meta.json (what makes it complete) last
+                publish_files(sorted(final.iterdir(), key=lambda f: (f.name == "meta.json", f.name)))
+            write_bytes_atomic(self.root / "latest", f"{final.name}\n".encode())  # uploaded last
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             before = self.latest()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.files import sha256_text, write_json_atomic
+from tagdit.stores import remote_of
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def lock_name(folder: str | Path) -> str:
     """The global concurrency limit's name for a folder (Prefect names allow no '/' or '%')."""
     p = Path(folder).resolve()
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.name)[:40] or "root"
-    return f"tagdit-{slug}-{sha256_text(str(p))[:10]}"
+    return f"tagdit-{slug}-{sha256_text(remote_of(p) or str(p))[:10]}"  # a URL folder: one slot on every machine
 
 
 def _ensure_limit(client: Any, name: str, slots: int = 1) -> None:
@@ -243,7 +244,7 @@ def exclusive(folder: str | Path, purpose: str = "tagdit") -> Iterator[None]:
         lease = _Lease(name, _acquire(client, name, folder, purpose), purpose)
     me = {"flow_run_id": _current_flow_run_id(), "host": socket.gethostname(), "pid": os.getpid(),
           "since": time.time(), "purpose": purpose}
-    write_json_atomic(holder_file(folder), me)
+    write_json_atomic(holder_file(folder), me, upload=False)  # this machine's, never in a store
     _held.names = held | {name}
     try:
         yield

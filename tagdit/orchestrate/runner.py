@@ -8,7 +8,10 @@
   3. applies the orchestration settings (`cfg.prefect`): retries after a crash for the stages that
      resume (never after a config error, a disk too small or a non-finite loss), optional timeouts,
      the tags that name the stage's concurrency slot (`gpu`, `eval`: limits of 1 created on first
-     use, slots leaked by a server restart taken back).
+     use, slots leaked by a server restart taken back),
+  4. for a `data.root` or `run.root` on a URL: checks the store answers, brings the local working
+     copies up to date before the stage, and makes the store hold the stage's folder after it
+     (`tagdit.stores`; each finished unit was uploaded as it landed).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from tagdit.config import ConfigError, PipelineConfig
 from tagdit.orchestrate.params import stage_spelling
 from tagdit.orchestrate.stage import Stage, StageRecord
+from tagdit.stores import check_reachable, is_url, pull_tree, push_tree
 
 PIPELINE_ORDER = ("demo-world", "crop", "tag", "shard", "train-vae", "encode", "train-dit", "evaluate")
 RESUMING_STAGES = ("train-vae", "encode", "train-dit")  # a retry continues where the crash stopped
@@ -69,6 +73,14 @@ def task_options(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
     return opts
 
 
+def pull_roots(cfg: PipelineConfig) -> None:
+    """Check that the URL roots answer (naming the setting when not) and update their working copies."""
+    for setting, root, folder in (("data.root", cfg.data.root, cfg.dataset_dir), ("run.root", cfg.run.root, cfg.run_dir)):
+        if is_url(root):
+            check_reachable(str(root), setting)
+            pull_tree(folder)
+
+
 def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = False,
               **upstream: StageRecord) -> StageRecord:
     """Call a stage's Prefect task under its folder lock, bypassing the cache when outputs are missing."""
@@ -79,6 +91,7 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
     logger = get_run_logger()
     options = task_options(stage, cfg)
     with exclusive(stage.lock_dir(cfg, upstream), f"stage {stage.name}"):
+        pull_roots(cfg)
         prepare_tag_limits(set(options.get("tags") or stage_task.tags))
         on_disk = None if force else stage.valid_record(cfg, upstream)
         if on_disk is None:
@@ -90,6 +103,7 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
         task = stage_task.with_options(refresh_cache=on_disk is None, **options)
         state = task(cfg, **kwargs, return_state=True)
         record = state.result()  # raises the task's error if it failed
+        push_tree(record.out_dir)
     if state.name == "Cached" and on_disk is not None:
         logger.info("stage %s: cache hit (%s, outputs in %s)", stage.name, on_disk.key, on_disk.out_dir)
         return on_disk.model_copy(update={"cached": True})

@@ -32,6 +32,7 @@ from pydantic import BaseModel
 
 from tagdit.config import PipelineConfig
 from tagdit.files import file_fingerprint, sha256_file, sha256_text, write_json_atomic
+from tagdit.stores import location_key, pull_tree
 
 
 class StageRecord(BaseModel):
@@ -152,8 +153,9 @@ class Stage:
             "config": config_sections(cfg, self.sections),
             "upstream": {k: v.fingerprint for k, v in sorted(upstream.items())},
             "extra": self.extra_inputs(cfg),
-            # where the outputs live: two runs with equal settings must not share a key (and records)
-            "out_dir": str(Path(self.out_dir(cfg, upstream)).resolve()),
+            # where the outputs live: two runs with equal settings must not share a key (and records);
+            # named so that a moved clone or another machine's copy of a URL folder keeps the key
+            "out_dir": location_key(self.out_dir(cfg, upstream)),
         }
         return f"{self.name}-" + sha256_text(json.dumps(payload, sort_keys=True, default=str))[:32]
 
@@ -198,7 +200,7 @@ class Stage:
             return None
         if record.key != self.key(cfg, upstream):
             return None
-        out_dir = Path(record.out_dir)
+        out_dir = Path(self.out_dir(cfg, upstream))
         for rel, meta in stamp["files"].items():
             f = out_dir / rel
             try:
@@ -209,7 +211,7 @@ class Stage:
                 return None
             if st.st_mtime_ns != meta["mtime_ns"] and sha256_file(f) != meta["sha256"]:
                 return None
-        return record
+        return relocated(record, out_dir)
 
 
 def stage_cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str]:
@@ -224,17 +226,37 @@ def stage_cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str]:
     return key_fn
 
 
+def relocated(record: StageRecord, out_dir: str | Path) -> StageRecord:
+    """`record` as found in `out_dir`: its folder, and every path under its recorded folder in its
+    info, moved there (a stamp read in a moved clone, or in another machine's copy of a URL folder)."""
+    old, new = record.out_dir.rstrip("/"), str(out_dir).rstrip("/")
+    if old == new:
+        return record
+
+    def move(v: Any) -> Any:
+        if isinstance(v, str) and (v == old or v.startswith(old + "/")):
+            return new + v[len(old):]
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v
+
+    return record.model_copy(update={"out_dir": new, "info": move(record.info)})
+
+
 def read_stamp(out_dir: str | Path, name: str) -> StageRecord | None:
     """The record a finished stage left in `out_dir` (for running a later stage on its own)."""
     try:
         stamp = json.loads((Path(out_dir) / f".stage-{name}.json").read_text())
-        return StageRecord.model_validate(stamp["record"])
+        return relocated(StageRecord.model_validate(stamp["record"]), out_dir)
     except (OSError, ValueError, KeyError):
         return None
 
 
 def require_stamp(out_dir: str | Path, name: str, hint: str) -> StageRecord:
     """Like `read_stamp`, but a clear error naming the flow to run first."""
+    pull_tree(out_dir)  # a working copy of a URL folder: what the store holds first
     record = read_stamp(out_dir, name)
     if record is None:
         raise FileNotFoundError(f"no finished '{name}' stage in {out_dir}: run {hint} first")

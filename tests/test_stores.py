@@ -1,0 +1,198 @@
+"""Dataset and run roots on object storage: a real S3-compatible server on 127.0.0.1 (moto's server mode).
+
+The data stages and a 2-rank DiT training write to `s3://` through local working copies; what lands in
+the bucket must be byte for byte what the same run writes to local folders, a fresh machine must
+find it there, and a run killed during encode must redo no shard the bucket already holds.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import s3fs
+import torch
+
+import tasks.encode as enc
+from models.vae import build_vae
+from tagdit.config import load_config
+from tagdit.files import write_json_atomic
+from tagdit.formats.checkpoints import save_weights_only
+from tagdit.orchestrate.runner import pull_roots
+from tagdit.orchestrate.stage import StageRecord
+from tagdit.stores import StoreError, pull_tree, push_tree, remote_of, working_dir
+from tests.model_fixtures import TINY_VAE
+from tests.object_store import free_port, new_bucket, s3_server  # noqa: F401 (fixture)
+from tests.test_grow import encoded_keys, make_source, prepare
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fs() -> s3fs.S3FileSystem:
+    s3 = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    s3.invalidate_cache()
+    return s3
+
+
+def objects(url: str) -> dict[str, bytes]:
+    """Every object under an s3:// URL by its name relative to the URL."""
+    s3, base = fs(), url.removeprefix("s3://")
+    return {k[len(base) + 1:]: s3.cat_file(k) for k in s3.find(base)}
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_weights_only(tmp_path_factory.mktemp("vae") / "ckpt-0000001", build_vae(TINY_VAE),
+                             TINY_VAE.model_dump(mode="json"), step=1)
+
+
+def test_a_url_root_is_worked_on_in_a_local_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, ["data.root=s3://bkt/shards", "data.name=ds", "run.root=file:///tmp/r", "run.name=a"])
+    assert cfg.dataset_dir == tmp_path / "cache/s3/bkt/shards/ds" and remote_of(cfg.dataset_dir) == "s3://bkt/shards/ds"
+    assert cfg.run_dir == Path("/tmp/r/a") and remote_of(cfg.run_dir) is None  # file:// is a plain path
+    assert remote_of(tmp_path / "cache/.index/s3/bkt/x.json") is None and working_dir("runs") == Path("runs")
+    with pytest.raises(ValueError, match="unknown URL scheme 'ftpx'"):
+        load_config(None, ["data.root=ftpx://bkt/shards"])
+
+
+def test_units_upload_as_they_land_and_a_fresh_copy_pulls_them(s3_server, tmp_path, monkeypatch):
+    url = f"s3://{new_bucket(s3_server)}/ds"
+    root = working_dir(url)
+    write_json_atomic(root / "a.json", {"a": 1})  # a finished unit: in the bucket at once
+    assert objects(url) == {"a.json": (root / "a.json").read_bytes()}
+    (root / "b.bin").write_bytes(b"xyz")  # written without the atomic writer: the stage's end pushes it
+    (root / ".c.tmp-1").write_bytes(b"partial")  # a writer's temp file: never uploaded
+    assert push_tree(root) == 1 and set(objects(url)) == {"a.json", "b.bin"}
+    assert push_tree(root) == 0  # in sync: nothing uploaded again
+    fs().pipe_file(f"{url.removeprefix('s3://')}/other.json", b"{}")  # another machine's object
+    (root / "b.bin").unlink()
+    push_tree(root)
+    assert set(objects(url)) == {"a.json", "other.json"}  # ours deleted, theirs kept
+
+    monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "machine2"))  # another machine: an empty copy
+    fresh = working_dir(url)
+    assert fresh != root and pull_tree(fresh) == 2 and files(fresh) == objects(url)
+    assert pull_tree(fresh) == 0  # unchanged: nothing downloaded
+    fs().pipe_file(f"{url.removeprefix('s3://')}/a.json", b'{"a": 2}')
+    assert pull_tree(fresh) == 1 and (fresh / "a.json").read_bytes() == b'{"a": 2}'
+
+
+def test_a_missing_bucket_or_a_dead_endpoint_fails_before_any_work(s3_server, tmp_path, monkeypatch):
+    cfg = load_config(None, ["data.root=s3://no-such-bucket-here/shards"])
+    with pytest.raises(StoreError, match=r"data.root=s3://no-such-bucket-here/shards: cannot use the store"):
+        pull_roots(cfg)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made before the change
+    cfg = load_config(None, [f"run.root=s3://{new_bucket(s3_server)}/runs"])
+    start = time.monotonic()
+    with pytest.raises(StoreError, match="run.root=s3://.*cannot use the store"):
+        pull_roots(cfg)
+    assert time.monotonic() - start < 30
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def encode(cfg):
+    return enc.encode_latents(cfg, cfg.dataset_dir, vae_ckpt_path(cfg), cfg.dataset_dir / "latents-x", "x")
+
+
+def vae_ckpt_path(cfg) -> Path:
+    return Path(os.environ["TEST_VAE_CKPT"])
+
+
+def train_dit(cfg, latents: Path, steps: int = 2) -> None:
+    from tasks.train_dit import train_dit_stage
+
+    cfg = load_config(None, [*ARGS(cfg), "dit.model=demo", "dit.model.patch=2", "dit.model.width=32", "dit.model.depth=1",
+                             "dit.model.heads=2", "dit.model.tag_heads=2", "dit.model.max_tags=4", "dit.train.device=cpu",
+                             "dit.train.nproc=2", "dit.train.batch_size=4", f"dit.train.steps={steps}",
+                             "dit.train.warmup_steps=1", "dit.train.log_every=1", "dit.train.val_every=2",
+                             "dit.val_samples=2"])
+    shard = StageRecord(stage="shard", key="k", out_dir=str(cfg.dataset_dir), fingerprint="b")
+    train_dit_stage(cfg, StageRecord(stage="encode", key="k", out_dir=str(latents), fingerprint="a"), shard)
+
+
+def ARGS(cfg) -> list[str]:
+    return [f"data.root={cfg.data.root}", f"data.name={cfg.data.name}", f"run.root={cfg.run.root}", "run.name=r",
+            "data.resolution=32", "shards.samples_per_shard=8"]
+
+
+def test_prepare_encode_and_ddp_training_on_s3_equal_the_local_run(s3_server, tmp_path, wd_model, vae_ckpt,
+                                                                   monkeypatch):
+    monkeypatch.setenv("TEST_VAE_CKPT", str(vae_ckpt))
+    src = make_source(tmp_path / "src", folders=4, per_folder=6)
+    bucket = new_bucket(s3_server)
+    runs = {}
+    for where, root in (("local", str(tmp_path / "local")), ("s3", f"s3://{bucket}/shards")):
+        cfg, _, _ = prepare(root, src, wd_model, f"run.root={root}-runs")
+        encode(cfg)
+        train_dit(cfg, cfg.dataset_dir / "latents-x")
+        runs[where] = cfg
+    local, remote = runs["local"].dataset_dir, f"s3://{bucket}/shards/g"
+    stored = objects(remote)
+    for part in ("images/", "latents-x/"):
+        want = {k: v for k, v in files(local).items() if k.startswith(part) and k.endswith((".tar", ".json"))}
+        assert len(want) >= 4 and {k: stored.get(k) for k in want} == want  # shards + records, byte for byte
+    ckpt = objects(f"s3://{bucket}/shards-runs/r/dit")
+    for name in ("ckpt-0000002/model.safetensors", "ckpt-0000002/ema.safetensors"):
+        assert ckpt[name] == (tmp_path / "local-runs/r/dit" / name).read_bytes()
+    assert ckpt["latest"] == b"ckpt-0000002\n"
+
+
+KILLED_ENCODE = """
+import sys, time
+import tagdit.data.encode as e
+real = e.encode_shard
+def slow(*a, **k):
+    out = real(*a, **k)
+    time.sleep(3)  # a shard finished: time for the test to see it in the bucket and kill us
+    return out
+e.encode_shard = slow
+from tagdit.config import load_config
+import tasks.encode as enc
+cfg = load_config(None, sys.argv[1:])
+enc.encode_latents(cfg, cfg.dataset_dir, enc.Path("{ckpt}"), cfg.dataset_dir / "latents-x", "x")
+"""
+
+
+def test_a_run_killed_during_encode_redoes_no_shard_the_bucket_holds(s3_server, tmp_path, wd_model, vae_ckpt,
+                                                                    monkeypatch):
+    monkeypatch.setenv("TEST_VAE_CKPT", str(vae_ckpt))
+    src = make_source(tmp_path / "src", folders=4, per_folder=6)
+    root = f"s3://{new_bucket(s3_server)}/shards"
+    cfg, _, shard = prepare(root, src, wd_model)
+    shards = shard.info["train_shards"] + shard.info["val_shards"]
+    latents = f"{root}/g/latents-x"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_ENCODE.replace("{ckpt}", str(vae_ckpt)), *ARGS(cfg),
+                             f"tagger.path={wd_model}", "crop.workers=1", "latents.batch_size=4"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while not [k for k in objects(latents) if k.endswith(".source.json")]:
+        assert proc.poll() is None and time.monotonic() < deadline, "encode ended before a shard was stored"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored = {k: fs().info(f"{latents.removeprefix('s3://')}/{k}")["LastModified"] for k in objects(latents)}
+    done = [k.removesuffix(".source.json") for k in stored if k.endswith(".source.json")]
+    assert 1 <= len(done) < len(shards)
+
+    monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "machine2"))  # resumed on another machine
+    cfg2 = load_config(None, [*ARGS(cfg), f"tagger.path={wd_model}", "latents.batch_size=4"])
+    pull_roots(cfg2)
+    encoded = encoded_keys(monkeypatch)
+    encode(cfg2)
+    assert len(encoded) > 0
+    for name in done:  # every shard the bucket held complete was kept, not encoded and uploaded again
+        for k in (f"{name}.tar", f"{name}.source.json"):
+            assert fs().info(f"{latents.removeprefix('s3://')}/{k}")["LastModified"] == stored[k], k
+    assert sorted(k for k in objects(latents) if k.endswith(".tar")) == sorted(shards)

@@ -25,7 +25,7 @@ from tagdit.orchestrate.runner import pull_roots
 from tagdit.orchestrate.stage import StageRecord
 from tagdit.stores import StoreError, pull_tree, push_tree, remote_of, working_dir
 from tests.model_fixtures import TINY_VAE
-from tests.object_store import free_port, new_bucket, s3_server  # noqa: F401 (fixture)
+from tests.object_store import free_port, new_bucket
 from tests.test_grow import encoded_keys, make_source, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,8 +6,17 @@ flows/; models/ (pure torch) is below all of it (docs/design.md §1).
 """
 
 import logging
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+# The clone this package runs from (an editable install), or None: a wheel carries tagdit alone (setup.py).
+CLONE: Path | None = Path(__file__).resolve().parents[1]
+if not ((CLONE / "pyproject.toml").is_file() and (CLONE / "flows" / "command.py").is_file()):
+    CLONE = None
+CLONE_ONLY = ("this install holds the tagdit library and its presets only; the pipeline runs from a clone "
+              "of the repository, installed editable: `git clone <repository> && cd tagdit && make venv` "
+              "(or `pip install -e .` there)")
 
 # The project's modules log progress at INFO; Prefect's default root level is WARNING.
 for _name in ("tagdit", "tasks", "models", "flows"):

@@ -2,11 +2,18 @@
 
 The library, in layers that import only downward: orchestrate/ (Prefect glue) · evaluation/, web/ ·
 train/ · sampling/ · demo/ · data/ · formats/ · config, files, devices. It never imports tasks/ or
-flows/; models/ (pure torch) is below all of it (docs/design.md §1).
+flows/ (but for __main__.py, the `tagdit` command's door); models/ (pure torch) is below all of it
+(docs/design.md §1). `tagdit.from_pretrained` loads an exported model (tagdit.sampling.pretrained).
 """
+
+from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tagdit.sampling.pretrained import TagDiT
 
 __version__ = "0.1.0"
 
@@ -22,3 +29,11 @@ CLONE_ONLY = ("this install holds the tagdit library and its presets only; the p
 for _name in ("tagdit", "tasks", "models", "flows"):
     if logging.getLogger(_name).level == logging.NOTSET:
         logging.getLogger(_name).setLevel(logging.INFO)
+
+
+def from_pretrained(path_or_repo: str | Path, **kwargs: Any) -> TagDiT:
+    """An exported model from a folder or Hub repo id, ready to draw: `tagdit.sampling.pretrained.from_pretrained`
+    (imported when called, so `import tagdit` stays light)."""
+    from tagdit.sampling.pretrained import from_pretrained as load
+
+    return load(path_or_repo, **kwargs)

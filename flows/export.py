@@ -6,8 +6,9 @@
 The folder holds the DiT and the VAE (EMA weights, huggingface_hub's config.json + model.safetensors),
 the noise schedule for diffusers, the vocabulary, the latent scale factor, the sampling settings and a
 model card with the run's latest evaluation grid and metrics (layout: tagdit/formats/exported_model.py).
-`tagdit sample --model DIR|USER/NAME`, `tagdit serve --model …` and `tagdit.from_pretrained(…)` draw from it alone. It exports the run's latest DiT checkpoint,
-pinned against pruning while it is read, so a run still training can be exported.
+`tagdit sample --model DIR|USER/NAME`, `tagdit serve --model …` and `tagdit.from_pretrained(…)` draw
+from it alone. It exports the run's latest DiT checkpoint, pinned against pruning while it is read, so a
+run still training can be exported.
 """
 
 from __future__ import annotations

@@ -65,9 +65,10 @@ def model_folder(path_or_repo: str | Path, *, subfolder: str | None = None, revi
     try:
         folder = snapshot_download(str(path_or_repo), revision=revision, token=token, library_name="tagdit",
                                    library_version=__version__, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
-    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:  # the Hub's messages span lines: one line here
         raise FileNotFoundError(f"{path_or_repo} is no local folder, and the Hub gave no model repository "
-                                f"{path_or_repo}{f' at {revision}' if revision else ''}: {type(e).__name__}: {e}") from None
+                                f"{path_or_repo}{f' at {revision}' if revision else ''}: {type(e).__name__}: "
+                                f"{' '.join(str(e).split())}") from None
     return Path(folder) / subfolder if subfolder else Path(folder)
 
 

@@ -26,9 +26,12 @@ class BuildPy(build_py):
     def run(self) -> None:
         super().run()
         if not self.editable_mode:
+            found = sorted(Path("configs").glob("*.yaml"))
+            if not found:
+                raise SystemExit("setup.py: no presets in configs/*.yaml to carry (an sdist without MANIFEST.in?)")
             presets = Path(self.build_lib, "tagdit", "configs")
             presets.mkdir(parents=True, exist_ok=True)
-            for f in sorted(Path("configs").glob("*.yaml")):
+            for f in found:
                 shutil.copyfile(f, presets / f.name)
 
 

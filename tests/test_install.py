@@ -4,6 +4,7 @@ line; an editable build maps the clone's four packages (setup.py)."""
 import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "setup.py", "LICENSE", "README.md", "configs", "tagdit", "flows", "tasks", "models")
+SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "LICENSE", "README.md", "configs", "tagdit", "flows", "tasks",
+           "models")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,16 @@ def test_a_wheel_carries_tagdit_and_its_presets_and_its_command_refuses_in_one_l
     found = run(str(python), "-c", "from tagdit.presets import preset_path; print(preset_path('demo'))")
     assert Path(found.stdout.strip()) == env_dir / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" \
         / "site-packages" / "tagdit" / "configs" / "demo.yaml", found.stderr
+
+
+def test_an_sdist_carries_the_presets_for_the_wheel_built_from_it(source, tmp_path):
+    (tmp_path / "sdist").mkdir()
+    code = f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path / 'sdist')!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(tmp_path / "sdist" / done.stdout.strip().splitlines()[-1]) as sdist:
+        names = sdist.getnames()
+    assert "tagdit-0.1.0/configs/demo.yaml" in names and "tagdit-0.1.0/setup.py" in names
 
 
 def test_an_editable_build_maps_the_clones_four_packages(source, tmp_path):

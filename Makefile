@@ -13,15 +13,18 @@ export PYTHONUNBUFFERED = 1
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the versions the demo's numbers were measured with (README); CONSTRAINTS= lifts them.
+CONSTRAINTS ?= -c constraints.txt
+
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,$(ORT)]"
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev,$(ORT)]"
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,$(ORT),bench]"
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev,$(ORT),bench]"
 	touch $@
 
 # Build the demo world + demo tagger, then run every pipeline stage on it.

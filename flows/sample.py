@@ -2,7 +2,7 @@
 
     python -m flows.sample --prompt "blue hair, smile" --negative "hat" --cfg 4 --steps 50 --eta 0 \
         --seed 0 --n 4 --out out.png [--config configs/demo.yaml --set k=v] [--checkpoint DIR]
-    ... --model DIR                                    # an exported folder (flows.export) instead of a run
+    ... --model DIR|USER/NAME [--revision R]          # an exported folder or Hub repo (flows.export), not a run
     ... --init-image photo.jpg --strength 0.6          # img2img: variations of an image's centre crop
     ... --interpolate-seeds 0 7 [--interpolate-prompt "red hair"] --frames 8
                                                        # a strip PNG + an animated GIF beside it
@@ -117,26 +117,38 @@ def interpolate_images(
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """`--model DIR` (an exported folder instead of a run) and `--device`; shared with flows.serve."""
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="draw from this exported folder (python -m flows.export) alone: no --config/--set/--checkpoint")
+    """`--model DIR|USER/NAME` (an exported model instead of a run), `--revision`, `--subfolder` and
+    `--device`; shared with flows.serve."""
+    p.add_argument("--model", default=None, metavar="DIR|USER/NAME",
+                   help="draw from this exported folder (tagdit export) or Hub model repository alone: "
+                        "no --config/--set/--checkpoint")
+    p.add_argument("--revision", default=None, help="with a Hub --model: its branch, tag or commit (default: main)")
+    p.add_argument("--subfolder", default=None, help="with --model: the export's folder inside it")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                    help="where to draw (default: auto; for a run, evaluate.device)")
 
 
 def painter_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Any:
-    """The painter the options name: the exported folder `--model`, or the config's run (`--checkpoint`)."""
-    from tagdit.formats.exported_model import is_export
-    from tasks.records import painter_for_export, painter_for_run
+    """The painter the options name: the exported model `--model` (a folder or a Hub repo id, fetched
+    with snapshot_download), or the config's run (`--checkpoint`)."""
+    from tagdit.formats.exported_model import is_export, model_folder
+    from tagdit.sampling.pretrained import painter_for_export
+    from tasks.records import painter_for_run
 
     if a.model is None:
+        if a.revision or a.subfolder:
+            p.error("--revision and --subfolder apply to --model")
         a.overrides += [f"evaluate.device={a.device}"] if a.device else []
         return painter_for_run(parse_config(a), a.checkpoint)
     if a.config or a.overrides or a.checkpoint:
         p.error("--model draws from the exported folder alone: drop --config, --set and --checkpoint")
-    if not is_export(a.model):
-        p.error(f"--model {a.model} is not an exported tagdit model (no tagdit.json); write one with flows.export")
-    return painter_for_export(a.model, a.device or "auto")
+    try:
+        folder = model_folder(a.model, subfolder=a.subfolder, revision=a.revision)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(f"--model: {e}")
+    if not is_export(folder):
+        p.error(f"--model {folder} is not an exported tagdit model (no tagdit.json); write one with tagdit export")
+    return painter_for_export(folder, a.device or "auto")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
     python -m flows.serve --config configs/demo.yaml [--set run.name=...] [--host 127.0.0.1 --port 8765]
         [--checkpoint DIR]
-    python -m flows.serve --model DIR [--samples-dir samples-web]   # an exported folder (flows.export)
+    python -m flows.serve --model DIR|USER/NAME [--samples-dir samples-web]   # an exported model (flows.export)
 
 Loads the run's latest EMA checkpoint (or `--checkpoint`, or the exported folder `--model`) once, then
 serves a page to draw from it: tag prompt with completion, negative prompt, CFG, sampler, steps, seed,

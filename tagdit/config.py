@@ -29,6 +29,7 @@ from models.config import (
     VAEModelConfig,
 )
 from tagdit.overrides import ConfigError, apply_override, parse_override, rename_keys
+from tagdit.presets import preset_path
 from tagdit.stores import location, working_dir
 
 # a folder setting: a plain path, or a URL (s3://, gs://, hf://, file://) worked on in a local copy (tagdit.stores)
@@ -321,17 +322,6 @@ def _resolve_preset(v: Any, presets: dict[str, Section], key: str) -> Any:
         v = dict(v)
         return {**_resolve_preset(v.pop("preset"), presets, key), **v}
     return v
-
-
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def preset_path(name: str) -> Path | None:
-    """`configs/<name>.yaml` when `name` is a bare preset name that exists, else None."""
-    if "/" in name or "\\" in name or name.endswith((".yaml", ".yml")):
-        return None
-    p = PRESETS_DIR / f"{name}.yaml"
-    return p if p.is_file() else None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

@@ -3,8 +3,8 @@
 A stage flow run alone (`python -m flows.train_dit …`), the evaluator and the sample CLI all need the
 records of the stages before them. Each finished stage leaves its record in a stamp beside its
 outputs (`tagdit.orchestrate.stage`); this module is the one place that knows where each stamp lives and which
-flow to run when it is missing. It also loads what draws: a run's painter, or an exported folder's
-(`flows.export`), and finds what an export takes from a run (files, evaluation, training settings).
+flow to run when it is missing. It also loads a run's painter (an exported folder's:
+tagdit.sampling.pretrained), and finds what an export takes from a run (files, evaluation, training settings).
 """
 
 from __future__ import annotations
@@ -94,21 +94,6 @@ def painter_for_run(cfg: PipelineConfig, checkpoint: str | Path | None = None) -
     """The run's painter: its latest DiT checkpoint (or `checkpoint`), its VAE and latents."""
     files = run_files(cfg, checkpoint)
     return load_painter(cfg, files.dit_checkpoint, files.vae_checkpoint, files.latents_dir)
-
-
-def painter_for_export(folder: str | Path, device: str = "auto") -> Painter:
-    """A painter from an exported folder alone (`flows.export`); it names the folder as its checkpoint."""
-    from tagdit.data.vocab import Vocab
-    from tagdit.devices import select_device
-    from tagdit.formats.exported_model import read_export
-
-    dev = select_device(device)
-    model = read_export(folder, dev)
-    vocab = Vocab.load(model.vocab_file)
-    if model.dit.vocab_size != len(vocab):
-        raise ValueError(f"{folder}: the DiT was trained with {model.dit.vocab_size} tokens, vocab.json has {len(vocab)}")
-    return Painter(dit=model.dit, vae=model.vae, vocab=vocab, stats=model.stats, device=dev,
-                   checkpoint=model.folder.absolute())
 
 
 def latest_evaluation(cfg: PipelineConfig, checkpoint: Path) -> Path | None:

@@ -1,50 +1,101 @@
 """An exported model: one folder that draws on its own, in huggingface_hub's model-mixin layout.
 
     <folder>/
-      README.md                       model card: grid, evaluation metrics, training settings, how to use
+      README.md                       model card (tagdit.formats.model_card): front matter, grid, results, use
       tagdit.json                     `ExportIndex`: format version, sampling settings, where it came from
       dit/config.json, model.safetensors   `DiTModel` (EMA weights; the config holds the noise schedule)
       vae/config.json, model.safetensors   `VAEModel` (EMA weights)
+      scheduler/scheduler_config.json the noise schedule as diffusers' DDIMScheduler reads it (trained_betas)
       vocab.json                      the DiT's tag vocabulary (a copy; tagdit.data.vocab reads it)
       stats.json                      the latent scale factor (`LatentStats`)
       metrics.json, grid-*.png        the run's evaluation shown on the card, when it has one
 
-The export flow writes it (`write_export`); `flows.sample --model`, `flows.serve --model` and
-`DiTModel.from_pretrained(folder / "dit")` read it. This module is its one writer and reader.
+Each model.safetensors carries metadata: tagdit's version, the checkpoint's step and the sha256 of
+the training settings the card lists. The export flow writes the folder (`write_export`) and pushes it
+(`push_export`); `model_folder` finds one by path or Hub repo id, `read_export` loads it (`tagdit sample
+--model`, `tagdit.from_pretrained`), `DiTModel.from_pretrained(repo, subfolder="dit")` reads one network.
+This module is its one writer and reader.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
-from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
+from huggingface_hub import PyTorchModelHubMixin
 from pydantic import BaseModel, ConfigDict
 
 from models.config import DiTModelConfig, VAEModelConfig
 from models.dit import DiT
 from models.vae import AutoencoderKL
-from tagdit.files import write_bytes_atomic, write_json_atomic
+from tagdit import __version__
+from tagdit.files import sha256_text, write_bytes_atomic, write_json_atomic
 from tagdit.formats.eval_metrics import EvalMetrics
 from tagdit.formats.latent_shards import LatentStats
+from tagdit.formats.model_card import HUB_TAGS, model_card
 
 INDEX_FILE = "tagdit.json"
 FORMAT_VERSION = 1  # bump when the folder's layout or meaning changes
-HUB_TAGS = ["tagdit", "diffusion-transformer", "latent-diffusion", "tag-to-image"]
+SCHEDULER_FILE = "scheduler/scheduler_config.json"
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # a Hugging Face repo id, user/name
+
+
+def model_folder(path_or_repo: str | Path, *, subfolder: str | None = None, revision: str | None = None,
+                 token: str | None = None) -> Path:
+    """A local folder as it is; else a Hub repo id (user/name), fetched with snapshot_download (only
+    `subfolder` of it when given; from the cache alone with HF_HUB_OFFLINE=1). `subfolder` of the result."""
+    local = Path(path_or_repo)
+    if local.is_dir():
+        if revision:
+            raise ValueError(f"revision {revision!r} applies to a Hub repository; {local} is a local folder")
+        return local / subfolder if subfolder else local
+    if not REPO_ID.match(str(path_or_repo)):
+        raise FileNotFoundError(f"{path_or_repo} is neither a folder nor a Hub repository id (user/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(str(path_or_repo), revision=revision, token=token, library_name="tagdit",
+                                   library_version=__version__, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:  # the Hub's messages span lines: one line here
+        raise FileNotFoundError(f"{path_or_repo} is no local folder, and the Hub gave no model repository "
+                                f"{path_or_repo}{f' at {revision}' if revision else ''}: {type(e).__name__}: "
+                                f"{' '.join(str(e).split())}") from None
+    return Path(folder) / subfolder if subfolder else Path(folder)
+
+
+class _HubModel(PyTorchModelHubMixin):
+    """huggingface_hub's mixin with `subfolder` (a network of an exported folder or repo) and metadata in
+    model.safetensors (`safetensors_metadata`, set before `save_pretrained`)."""
+
+    safetensors_metadata: dict[str, str] = {}
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        save_model(self, str(save_directory / "model.safetensors"), metadata={"format": "pt", **self.safetensors_metadata})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, subfolder: str | None = None,
+                        revision: str | None = None, token: str | None = None, **kwargs: Any) -> Any:
+        """A folder or Hub repo id, as huggingface_hub's `from_pretrained`, and its `subfolder` (dit, vae)."""
+        folder = model_folder(pretrained_model_name_or_path, subfolder=subfolder, revision=revision, token=token)
+        return super().from_pretrained(folder, **kwargs)
 
 
 # The Hub classes take the whole `config.json` as one `config` dict (the mixin's convention for a
 # parameter named `config`), so the file is exactly the config our checkpoints store.
 
 
-class DiTModel(DiT, PyTorchModelHubMixin, library_name="tagdit", tags=HUB_TAGS):
+class DiTModel(DiT, _HubModel, library_name="tagdit", tags=list(HUB_TAGS)):  # a copy: the mixin appends its own
     """The DiT as a Hub model: `config.json` is `DiT.config_dict()` (architecture, vocabulary size,
     latent size, noise schedule); `DiTModel.from_pretrained(folder)` rebuilds it in eval mode."""
 
@@ -54,7 +105,7 @@ class DiTModel(DiT, PyTorchModelHubMixin, library_name="tagdit", tags=HUB_TAGS):
                          schedule=str(config["schedule"]), timesteps=int(config["timesteps"]))
 
 
-class VAEModel(AutoencoderKL, PyTorchModelHubMixin, library_name="tagdit", tags=HUB_TAGS):
+class VAEModel(AutoencoderKL, _HubModel, library_name="tagdit", tags=list(HUB_TAGS)):  # a copy: the mixin appends its own
     """The KL-VAE as a Hub model: `config.json` is its `VAEModelConfig`."""
 
     def __init__(self, config: dict[str, Any]):
@@ -75,7 +126,7 @@ class ExportIndex(BaseModel):
     max_tags: int  # tags the DiT reads per prompt
     sampler: dict[str, Any]  # the evaluation's headline sampler: {sampler, steps, eta}
     cfg_scale: float  # and its guidance scale
-    source: dict[str, Any]  # run, dataset, DiT checkpoint and step, VAE id: where the weights came from
+    source: dict[str, Any]  # run, dataset, DiT checkpoint and step, VAE id, tagger, code: where the weights came from
 
 
 @dataclass
@@ -110,32 +161,56 @@ def check_destination(dst: str | Path, overwrite: bool = False) -> Path:
     return dst
 
 
-def _save_hub_model(hub: PyTorchModelHubMixin, folder: Path) -> None:
+def weights_metadata(settings: dict[str, Any]) -> dict[str, str]:
+    """model.safetensors' metadata for one network: tagdit's version, the step its `settings` (as the card
+    lists them) record, and their sha256 (canonical JSON)."""
+    return {"tagdit_version": __version__, "step": str(settings.get("steps")),
+            "config_sha256": sha256_text(json.dumps(settings, sort_keys=True, default=str))}
+
+
+def _save_hub_model(model: DiT | AutoencoderKL, folder: Path, settings: dict[str, Any]) -> None:
+    hub_class = DiTModel if isinstance(model, DiT) else VAEModel
+    hub = hub_class(model.config_dict() if isinstance(model, DiT) else model.cfg.model_dump())
+    hub.load_state_dict(model.state_dict())
+    hub.safetensors_metadata = weights_metadata(settings)
     hub.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # the mixin's stub card: the folder's one card is at its top
 
 
+def scheduler_config(alpha_bar: torch.Tensor) -> dict[str, Any]:
+    """The DiT's noise schedule as diffusers' DDIMScheduler reads it: β_t = 1 - ᾱ_t / ᾱ_{t-1} (ᾱ_{-1} = 1) as
+    `trained_betas`, so cumprod(1 - β) is the clamped cosine (or linear) ᾱ the DiT was trained with."""
+    ab = alpha_bar.double()
+    betas = 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])  # (T,)
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0", "num_train_timesteps": len(ab),
+            "beta_start": float(betas[0]), "beta_end": float(betas[-1]), "beta_schedule": "linear",
+            "trained_betas": betas.tolist(), "prediction_type": "epsilon", "clip_sample": False,
+            "set_alpha_to_one": True, "steps_offset": 0, "thresholding": False,
+            "timestep_spacing": "linspace",  # tagdit's DDIM truncates linspace(T-1, 0, n) where diffusers rounds
+            "rescale_betas_zero_snr": False}
+
+
 def write_export(dst: str | Path, *, dit: DiT, vae: AutoencoderKL, stats: LatentStats, vocab_file: Path,
                  index: ExportIndex, settings: dict[str, Any], evaluation: Path | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, repo_id: str | None = None) -> Path:
     """Write the folder under a temporary sibling name, then rename it into place (replacing an earlier
-    export only with `overwrite`). `settings` are the training settings the card lists; `evaluation` is
-    an evaluation folder (metrics.json + grids) to show."""
+    export only with `overwrite`). `settings` are the training settings the card lists ({"dit": …, "vae": …});
+    `evaluation` is an evaluation folder (metrics.json + grids) to show; `repo_id` the Hub repository the
+    card's examples load from (else the folder)."""
     dst = check_destination(dst, overwrite).absolute()
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        for name, model, hub_class in (("dit", dit, DiTModel), ("vae", vae, VAEModel)):
-            hub = hub_class(model.config_dict() if isinstance(model, DiT) else model.cfg.model_dump())
-            hub.load_state_dict(model.state_dict())
-            _save_hub_model(hub, tmp / name)
+        for name, model in (("dit", dit), ("vae", vae)):
+            _save_hub_model(model, tmp / name, settings.get(name, {}))
+        write_json_atomic(tmp / SCHEDULER_FILE, scheduler_config(dit.alpha_bar))
         shutil.copyfile(vocab_file, tmp / "vocab.json")
         stats.model_copy(update={"vae_checkpoint": "vae"}).save(tmp)  # no path of the training machine
         metrics = _copy_evaluation(evaluation, tmp) if evaluation else None
         write_json_atomic(tmp / INDEX_FILE, index.model_dump(mode="json"))
         card = model_card(index, stats, metrics, settings, n_params=sum(p.numel() for p in dit.parameters()),
-                          vocab_size=dit.vocab_size)
+                          vocab_size=dit.vocab_size, repo_id=repo_id)
         write_bytes_atomic(tmp / "README.md", str(card).encode())
         if dst.exists():
             shutil.rmtree(dst)  # an earlier export (check_destination) or an empty folder
@@ -179,8 +254,10 @@ def read_export(folder: str | Path, device: torch.device | str = "cpu") -> Expor
     return ExportedModel(folder=folder, index=index, dit=dit, vae=vae, stats=stats, vocab_file=folder / "vocab.json")
 
 
-def push_export(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Upload an exported folder to a Hugging Face model repository (created if missing); its URL."""
+def push_export(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+                commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload an exported folder to a Hugging Face model repository, created if missing (`private` then),
+    as one commit on branch `revision` (created from main if missing; default main); the URL to browse it."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -188,99 +265,10 @@ def push_export(folder: str | Path, repo_id: str, *, private: bool = False, toke
         raise FileNotFoundError(f"{folder} is not an exported tagdit model (no {INDEX_FILE})")
     index = ExportIndex.model_validate_json((folder / INDEX_FILE).read_text())
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
-                      commit_message=f"tagdit export: {index.source.get('run')} {index.source.get('dit_checkpoint')}")
-    return str(url)
-
-
-# ---------------------------------------------------------------- the model card
-
-
-def _table(rows: list[tuple[str, Any]]) -> str:
-    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-
-
-def _number(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
-def _evaluation_section(index: ExportIndex, m: EvalMetrics | None) -> str:
-    if m is None:
-        return ("## Evaluation\n\nThis run had not been evaluated when it was exported "
-                "(`python -m flows.evaluate` renders grids and measures tag fidelity).")
-    which = m.dit_checkpoint + (f" (step {m.dit_step})" if m.dit_step is not None else "")
-    note = "" if m.dit_checkpoint == index.source.get("dit_checkpoint") else (
-        f"\n\nMeasured on {which}, not the exported checkpoint "
-        f"({index.source.get('dit_checkpoint')}, step {index.source.get('dit_step')}).")
-    grids = "\n\n".join(f"![{name}]({path})\n\n*{name}: prompts x seeds, CFG {m.cfg_scale}.*"
-                        for name, path in m.grids.items())
-    rows = [("checkpoint", which), ("sampler", f"{m.sampler}, CFG {m.cfg_scale}"),
-            ("tag recall ratio (CFG recall / real images' recall)", _number(m.tag_recall_ratio)),
-            ("tag recall: CFG / unconditional / real / VAE reconstructions",
-             " / ".join(_number(getattr(m, k).recall) for k in ("cfg", "unconditional", "real", "reconstructed"))),
-            ("tag precision, CFG", _number(m.cfg.precision)),
-            ("KID over tagger scores, CFG / unconditional",
-             " / ".join(_number(m.kid_tagger.get(k), 4) for k in ("cfg", "unconditional")))]
-    if m.kid_inception:
-        rows.append(("KID over Inception-v3 features, CFG", _number(m.kid_inception.get("cfg"), 4)))
-    rows += [(f"KID {k.variant} ({k.weights}, {k.input_size} px, {k.generated} vs {k.real} images)",
-              f"{_number(k.mean, 5)} ± {_number(k.std, 5)}") for k in m.kid.values() if k.mean is not None]
-    rows += [("VAE reconstruction PSNR (dB)", _number(m.vae_psnr_db, 2)),
-             ("DiT validation loss", _number(m.dit_val_loss, 4))]
-    return f"## Evaluation\n\n{grids}\n\n{_table(rows)}{note}\n\nAll numbers: `metrics.json`."
-
-
-def model_card(index: ExportIndex, stats: LatentStats, metrics: EvalMetrics | None, settings: dict[str, Any], *,
-               n_params: int, vocab_size: int) -> ModelCard:
-    """The folder's README.md: what the model is, its samples and metrics, how it was trained, how to draw."""
-    src = index.source
-    data = ModelCardData(library_name="tagdit", pipeline_tag="text-to-image", tags=HUB_TAGS,
-                         license="apache-2.0")  # tagdit's own; change it where the training images ask for another
-    sampler = index.sampler
-    eta = f" --eta {sampler['eta']}" if sampler.get("eta") else ""
-    example = metrics.prompts[0] if metrics and metrics.prompts else "tag, tag"
-    body = f"""
-# tagdit: {src.get('run')}
-
-A tag-conditioned latent Diffusion Transformer ({n_params / 1e6:.1f}M parameters) and its KL-VAE, trained with
-tagdit on the dataset `{src.get('dataset')}`. It draws {index.resolution}x{index.resolution} images from a prompt of
-comma-separated tags: up to {index.max_tags}, from the {vocab_size - 3} tags in `vocab.json`. The weights are
-the EMA weights of the run's {src.get('dit_checkpoint')} (step {src.get('dit_step')}) and of VAE {src.get('vae_id')}.
-
-{_evaluation_section(index, metrics)}
-
-## Use
-
-```bash
-python -m flows.sample --model <this folder> --prompt "{example}" \\
-    --sampler {sampler.get('sampler')} --steps {sampler.get('steps')}{eta} --cfg {index.cfg_scale} --seed 0 --out out.png
-python -m flows.serve --model <this folder>        # the sampling page
-```
-
-In Python, each model loads with huggingface_hub:
-
-```python
-from tagdit.formats.exported_model import DiTModel, VAEModel
-dit = DiTModel.from_pretrained("<this folder>/dit")   # ε-prediction, {index.schedule} schedule, T = {index.timesteps}
-vae = VAEModel.from_pretrained("<this folder>/vae")   # decode(latent / scale_factor) -> images in [-1, 1]
-```
-
-## Sampling settings
-
-{_table([("resolution", f"{index.resolution} px"), ("latent shape (z, h, w)", tuple(index.latent_shape)),
-         ("latent scale factor (`stats.json`)", f"{stats.scale_factor:.5f}"),
-         ("noise schedule", f"{index.schedule}, T = {index.timesteps}"),
-         ("suggested sampler (the evaluation's first)",
-          f"{sampler.get('sampler')}, {sampler.get('steps')} steps, eta {sampler.get('eta', 0)}"),
-         ("classifier-free guidance", index.cfg_scale)])}
-
-## Training
-
-As each training recorded its settings (`steps`: those of the exported checkpoint):
-
-```yaml
-{yaml.safe_dump(settings, sort_keys=False).strip()}
-```
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    url = str(api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True))
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    default = f"tagdit export: {index.source.get('run')} {index.source.get('dit_checkpoint')} (step {index.source.get('dit_step')})"
+    api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), revision=revision,
+                      commit_message=commit_message or default)
+    return f"{url}/tree/{revision}" if revision else url

@@ -30,6 +30,7 @@ Gpus = Annotated[int, Field(ge=1, le=64)]
 ImageCount = Annotated[int, Field(ge=1, le=64)]  # images drawn by one `tagdit sample`
 GuidanceScale = Annotated[float, Field(ge=0, le=50)]
 HubRepo = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")]  # a Hugging Face repo id, user/name
+GitRevision = Annotated[str, StringConstraints(pattern=r"^[\w.][\w./-]*$", max_length=200)]  # a branch, tag or commit of a Hub repo
 SamplerChoice = SamplerName  # ddim, ddpm (DDIM with eta 1, the original's DDPM sampler), dpmpp_2m
 
 # One name per stage everywhere: --force, flows, deployments, stamps (`.stage-<name>.json`), logs.

@@ -34,7 +34,7 @@ from tagdit.orchestrate.params import (
     flow_config,
     with_common_args,
 )
-from tagdit.orchestrate.runner import expand_force, run_stage
+from tagdit.orchestrate.runner import expand_force, pull_roots, run_stage
 from tagdit.orchestrate.single import unless_running
 from tagdit.orchestrate.stage import StageRecord
 from tasks.records import upstream_records
@@ -99,6 +99,7 @@ def evaluate_flow(
                       sampling_steps=sampling_steps, cfg_scale=cfg_scale)
     forced = EVALUATE.name in expand_force(force, (EVALUATE.name,))
     if nightly:
+        pull_roots(cfg)  # a run root on a URL: the checkpoints training uploaded since the last pull
         with unless_running(cfg.run_dir / NIGHTLY_LOCK) as other:
             if other is not None:
                 message = (f"the nightly evaluation of run {cfg.run.name} started {other.get('since', '?')} "

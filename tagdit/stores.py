@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +146,15 @@ def _in_sync(path: Path) -> bool:
     return entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns
 
 
+# one machine's markers, never in a store: checkpoint pins of live processes, folder-lock holders
+LOCAL_ONLY_PREFIXES, LOCAL_ONLY_SUFFIXES = (".pin-",), (".tagdit-lock.json",)
+
+
 def _is_temp(path: Path) -> bool:
-    """A file a writer has not finished (`.name.tmp-PID`, or inside such a folder): never uploaded."""
-    return any(part.startswith(".") and ".tmp-" in part for part in path.parts)
+    """A file a writer has not finished (`.name.tmp-PID`, or inside such a folder) or a local marker:
+    never uploaded."""
+    return any(part.startswith(".") and ".tmp-" in part for part in path.parts) \
+        or path.name.startswith(LOCAL_ONLY_PREFIXES) or path.name.endswith(LOCAL_ONLY_SUFFIXES)
 
 
 def publish(path: str | Path) -> None:
@@ -167,6 +174,26 @@ def publish(path: str | Path) -> None:
     except Exception as e:
         raise StoreError(f"could not upload {path} to {url} ({type(e).__name__}: {e})") from None
     _write_index(path, version)
+
+
+def unpublish(path: str | Path) -> None:
+    """Delete a working-copy file's or folder's objects from the store (no-op for a plain path):
+    checkpoints pruned during a long run leave the bucket too."""
+    path = Path(path)
+    url = remote_of(path)
+    if url is None:
+        return
+    fs, rpath = filesystem(url)
+    try:
+        fs.rm(rpath, recursive=True)
+    except FileNotFoundError:
+        pass
+    except Exception as e:
+        log.warning("store: could not delete %s (%s: %s); the stage's end retries", url, type(e).__name__, e)
+        return
+    index = _index_path(path)
+    index.unlink(missing_ok=True)
+    shutil.rmtree(index.with_suffix(""), ignore_errors=True)  # a folder's entries (index/<name>/...)
 
 
 def publish_files(paths: list[Path]) -> None:

@@ -196,3 +196,21 @@ def test_a_run_killed_during_encode_redoes_no_shard_the_bucket_holds(s3_server, 
         for k in (f"{name}.tar", f"{name}.source.json"):
             assert fs().info(f"{latents.removeprefix('s3://')}/{k}")["LastModified"] == stored[k], k
     assert sorted(k for k in objects(latents) if k.endswith(".tar")) == sorted(shards)
+
+
+def test_pruned_checkpoints_and_released_pins_leave_the_bucket(s3_server):
+    from tagdit.files import write_bytes_atomic
+    from tagdit.formats.checkpoints import Checkpoints
+
+    url = f"s3://{new_bucket(s3_server)}/runs/r/dit"
+    ckpts = Checkpoints(working_dir(url))
+    for step in (1, 2, 3):
+        write_json_atomic(ckpts.dir_for(step) / "meta.json", {"step": step})
+        write_bytes_atomic(ckpts.root / "latest", f"{ckpts.dir_for(step).name}\n".encode())
+    ckpts.keep_for(ckpts.dir_for(1), "train-dit")
+    ckpts.keep_for(ckpts.dir_for(2), "train-dit")  # the record moved on: ckpt 1's pin is released
+    with ckpts.pinned(ckpts.dir_for(3)):  # a live process's pin: this machine's only
+        assert not [k for k in objects(url) if ".pin-" in k]
+    assert ckpts.prune(1) == [ckpts.dir_for(1)]
+    assert sorted(objects(url)) == ["ckpt-0000002/.kept-train-dit", "ckpt-0000002/meta.json",
+                                    "ckpt-0000003/meta.json", "latest"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tagdit.files import write_bytes_atomic, write_json_atomic
-from tagdit.stores import publish_files
+from tagdit.stores import publish_files, unpublish
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
@@ -178,6 +178,7 @@ class Checkpoints:
         for other in self.root.glob(f"ckpt-[0-9]*/{name}"):
             if other.parent != Path(ckpt):
                 other.unlink(missing_ok=True)
+                unpublish(other)
         write_json_atomic(Path(ckpt) / name, {"holder": holder})
 
     @staticmethod
@@ -197,6 +198,7 @@ class Checkpoints:
                   if c != latest and not self.is_pinned(c) and not self.kept_by(c)] if keep else []
         for c in doomed:
             shutil.rmtree(c, ignore_errors=True)
+            unpublish(c)  # a run root on a URL: the store keeps `keep` too
         return doomed
 
     def save(

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.files import sha256_text, write_json_atomic
-from tagdit.stores import remote_of
+from tagdit.stores import LOCAL_ONLY_SUFFIXES, remote_of
 
 log = logging.getLogger(__name__)
 
-HOLDER_SUFFIX = ".tagdit-lock.json"
+HOLDER_SUFFIX = LOCAL_ONLY_SUFFIXES[0]  # ".tagdit-lock.json": never uploaded to a store
 ORPHAN_SECONDS = 30.0  # a taken slot with no holder file for this long has lost its holder
 POLL_SECONDS = 5.0  # how often a waiting flow run re-checks (and logs) the holder
 LEASE_SECONDS = 120  # a dead holder's slot expires after this, where the server keeps its lease (>= 60)
@@ -244,7 +244,7 @@ def exclusive(folder: str | Path, purpose: str = "tagdit") -> Iterator[None]:
         lease = _Lease(name, _acquire(client, name, folder, purpose), purpose)
     me = {"flow_run_id": _current_flow_run_id(), "host": socket.gethostname(), "pid": os.getpid(),
           "since": time.time(), "purpose": purpose}
-    write_json_atomic(holder_file(folder), me, upload=False)  # this machine's, never in a store
+    write_json_atomic(holder_file(folder), me)
     _held.names = held | {name}
     try:
         yield

@@ -8,7 +8,9 @@ Four parts, one line each, then RESULT lines:
   3. the tagger (the demo tagger, else its architecture untrained) through WDTagger with the default
      providers (CUDA first), fixed batch 1 and dynamic batch, vs the CPU provider;
   4. the original-256 preset's train_dit stage on synthetic 256 px latents: 50 steps (compilation), then
-     resumed to --stage-steps, with validation, two sample grids (untrained original VAE) and checkpoints.
+     resumed to --stage-steps, with validation, two sample grids (untrained original VAE) and checkpoints;
+  5. what the hardware wants: the DiT step at 4 vs 64 images per GPU (the original's global batch 32
+     over 8 GPUs is 4 each), VAE encoding in bf16 vs fp32, and one full checkpoint write.
 
     python benchmarks/gpu_check.py                 # one H100/H200: about 4 minutes, at most 8
     python benchmarks/gpu_check.py --smoke         # tiny sizes on CPU (< 2 minutes): the same code paths
@@ -53,6 +55,7 @@ class Sizes:
     compile_backend: str  # inductor on GPU; aot_eager in the smoke run (no C++ build: seconds, not a minute)
     tagger_images: int
     stage_steps: int
+    per_gpu: tuple[int, int] = (4, 64)  # part 5: the DiT step's images per GPU, small vs full
     stage: list[str] = field(default_factory=list)  # part 4 overrides
 
 
@@ -62,7 +65,7 @@ FULL = Sizes(dit=DIT_PRESETS["original-264m"], latent=32, dit_batch=32, vae=VAE_
 TINY_DIT = DiTModelConfig(patch=2, width=64, depth=2, heads=2, tag_heads=2, max_tags=4, mlp_ratio=4)
 SMOKE = Sizes(dit=TINY_DIT, latent=8, dit_batch=8, vae=VAEModelConfig(widths=[8, 16], blocks_per_level=1,
               up_blocks=1, groups=4, heads=2), vae_res=16, vae_batch=2, warmup=1, steps=2, rounds=2, compile_backend="aot_eager",
-              tagger_images=32, stage_steps=12,
+              tagger_images=32, stage_steps=12, per_gpu=(2, 16),
               stage=["dit.model=demo", "dit.model.patch=2", "dit.model.width=64", "dit.model.depth=2",
                      "dit.model.heads=2", "dit.model.tag_heads=2", "dit.model.max_tags=4", "dit.train.batch_size=4",
                      "dit.train.precision=bf16", "dit.sample_every=6", "dit.sample_steps=4", "dit.val_samples=8",
@@ -262,6 +265,42 @@ def stage_part(s: Sizes, device: torch.device, tmp: Path, extra: list[str]) -> d
     return {"rate": rate, "loss": rec.info["loss"]}
 
 
+def hardware_part(s: Sizes, device: torch.device, tmp: Path) -> dict[str, float]:
+    """Part 5: the DiT step at a small and a full per-GPU batch, encode bf16 vs fp32, a checkpoint write."""
+    from models.dit import DiT
+    from models.vae import build_vae
+    from tagdit.devices import autocast
+    from tagdit.formats.checkpoints import Checkpoints
+    from tagdit.train.optim import make_optimizer
+
+    out: dict[str, float] = {}
+    torch.manual_seed(0)
+    model = DiT(s.dit, vocab_size=1000, latent_size=s.latent).to(device).train()
+    opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0), device)
+    for batch in s.per_gpu:
+        x_t, t, eps, tags, _ = inputs(batch, s.latent, s.dit.max_tags, device)
+        rate, mem = timed(make_step(model, lambda m: m(x_t, t, tags), eps, opt, device, "bf16"), batch, s, device)
+        out[f"dit{batch}"] = rate
+        print(f"[5] DiT eager bf16 at {batch} images per GPU: {rate:.1f} images/s, peak {mem:.2f} GiB", flush=True)
+    vae = build_vae(s.vae).to(device).eval()
+    x = torch.rand(s.vae_batch * 4, 3, s.vae_res, s.vae_res, device=device) * 2 - 1
+    for dtype in ("bf16", "fp32"):
+        def encode(dtype=dtype):
+            with torch.no_grad(), autocast(device, dtype):
+                vae.encode(x)
+
+        out[f"encode_{dtype}"], _ = timed(encode, len(x), s, device)
+        print(f"[5] VAE encode {dtype}: {out[f'encode_{dtype}']:.1f} images/s at {s.vae_res} px, batch {len(x)}",
+              flush=True)
+    t0 = time.perf_counter()
+    ckpt = Checkpoints(tmp / "ckpt").save(1, model=model, ema=model, config=s.dit.model_dump(mode="json"),
+                                          state={"optimizer": opt.state_dict()}, meta={})
+    out["ckpt_s"] = time.perf_counter() - t0
+    gb = sum(f.stat().st_size for f in ckpt.iterdir()) / 1e9
+    print(f"[5] checkpoint write: {gb:.2f} GB in {out['ckpt_s']:.1f} s ({gb / out['ckpt_s']:.2f} GB/s)", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, < 2 minutes)")
@@ -286,6 +325,7 @@ def main() -> None:
         vae = vae_part(s, device)
         tag = tagger_part(s, Path(tmp))
         stage = stage_part(s, device, Path(tmp), a.overrides)
+        hw = hardware_part(s, device, Path(tmp))
     print(f"total {time.perf_counter() - start:.0f} s")
     best = max(dit["eager_mfu"], dit["compiled_mfu"])
     print(f"RESULT gpu_dit_mfu ours={best:.3f} baseline=0.5 ratio={best / 0.5:.2f}")
@@ -299,6 +339,11 @@ def main() -> None:
     bare = dit["compiled"] if any("compile=true" in o for o in s.stage + a.overrides) else dit["eager"]
     print(f"RESULT gpu_train_dit ours={stage['rate']:.1f} images/s baseline={bare:.1f} images/s "
           f"ratio={stage['rate'] / bare:.2f} (stage vs bare step)")
+    small, full = s.per_gpu
+    print(f"RESULT gpu_per_gpu_batch ours={hw[f'dit{full}']:.1f} images/s baseline={hw[f'dit{small}']:.1f} images/s "
+          f"ratio={hw[f'dit{full}'] / hw[f'dit{small}']:.2f} ({full} vs {small} images per GPU)")
+    print(f"RESULT gpu_encode_bf16 ours={hw['encode_bf16']:.1f} images/s baseline={hw['encode_fp32']:.1f} images/s "
+          f"ratio={hw['encode_bf16'] / hw['encode_fp32']:.2f} (checkpoint write {hw['ckpt_s']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -25,11 +25,17 @@ from tagdit.orchestrate.params import (
     flow_config,
     with_common_args,
 )
-from tagdit.orchestrate.runner import PIPELINE_ORDER, expand_force, run_stage
+from tagdit.orchestrate.runner import (
+    PIPELINE_ORDER,
+    cancelled_when_stopped,
+    expand_force,
+    run_stage,
+)
 from tagdit.orchestrate.stage import StageRecord
 
 
 @flow(name="full-pipeline", flow_run_name=run_namer("full-pipeline"))
+@cancelled_when_stopped
 @with_common_args
 def full_pipeline_flow(
     config: ConfigRef | None = None, overrides: list[Override] | None = None,

@@ -25,12 +25,13 @@ from tagdit.orchestrate.params import (
     flow_config,
     with_common_args,
 )
-from tagdit.orchestrate.runner import expand_force, run_stage
+from tagdit.orchestrate.runner import cancelled_when_stopped, expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 from tasks.records import latents_record, shard_record
 
 
 @flow(name="train-dit", flow_run_name=run_namer("train-dit"))
+@cancelled_when_stopped
 @with_common_args
 def train_dit_flow(
     config: ConfigRef | None = None, overrides: list[Override] | None = None,

@@ -24,12 +24,13 @@ from tagdit.orchestrate.params import (
     flow_config,
     with_common_args,
 )
-from tagdit.orchestrate.runner import expand_force, run_stage
+from tagdit.orchestrate.runner import cancelled_when_stopped, expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 from tasks.records import shard_record
 
 
 @flow(name="train-vae", flow_run_name=run_namer("train-vae"))
+@cancelled_when_stopped
 @with_common_args
 def train_vae_flow(
     config: ConfigRef | None = None, overrides: list[Override] | None = None,

@@ -139,7 +139,6 @@ class TrainerStage:
             self.train(cfg, *(Path(getattr(a, name)) for name in self.inputs), Path(a.out))
         except TrainingStopped as e:  # a cancel: the launcher raises it again; no traceback, nothing failed
             write_rank_error(e)
-            logging.getLogger(self.module).info("%s", e)
             raise SystemExit(1) from None
         except Exception as e:  # the launcher logs it and re-raises its kind (a NaN loss is never retried)
             write_rank_error(e)

@@ -129,16 +129,3 @@ def test_ranks_that_stopped_raise_training_stopped_which_is_never_retried():
         raise_rank_failure("tasks.train_dit", 1, [*stopped, {**stopped[0], "type": "OSError", "rank": 1}])
     assert not isinstance(e.value, TrainingStopped)
 
-
-def test_a_flow_whose_training_stopped_ends_cancelled(prefect_env):
-    from prefect import flow
-
-    from tagdit.orchestrate.runner import cancelled_when_stopped
-
-    @flow
-    @cancelled_when_stopped
-    def training() -> str:
-        raise TrainingStopped("train-dit: stopped at step 3 of 9 because its flow run is cancelled")
-
-    state = training(return_state=True)
-    assert state.is_cancelled() and "stopped at step 3" in state.message

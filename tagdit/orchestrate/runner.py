@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 from tagdit.config import ConfigError, PipelineConfig
@@ -99,22 +97,13 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
     return record.model_copy(update={"cached": False})
 
 
-def cancelled_when_stopped(flow_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Under `@flow`: training stopped for a cancel (`tagdit.train.stop.TrainingStopped`, raised once its
-    checkpoint is written) ends the flow run Cancelled, not Failed: a Cancelling run may only become
-    Cancelled, and the worker that would have set it may have stopped watching (a server restart)."""
 
-    @functools.wraps(flow_fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        from prefect import get_run_logger
-        from prefect.states import Cancelled
+def cancelled(stopped: BaseException) -> Any:
+    """The Cancelled state a flow returns when its training stopped for a cancel (`TrainingStopped`,
+    raised once the checkpoint is written): a Cancelling run may only become Cancelled, and the worker
+    that would have set it may have stopped watching (a server restart)."""
+    from prefect import get_run_logger
+    from prefect.states import Cancelled
 
-        from tagdit.train.stop import TrainingStopped
-
-        try:
-            return flow_fn(*args, **kwargs)
-        except TrainingStopped as e:
-            get_run_logger().warning("%s", e)
-            return Cancelled(message=str(e))
-
-    return run
+    get_run_logger().warning("%s", stopped)
+    return Cancelled(message=str(stopped))

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -363,7 +363,7 @@ def _after_step_io(st: _State, cfg: TrainConfig, val_fn: ValFn | None, monitor: 
 
 
 def _stop_early(st: _State, cfg: TrainConfig, ckpts: Checkpoints, model_config: dict, desc: str, writer: Any,
-                rank: int, world: int) -> None:
+                rank: int, world: int) -> NoReturn:
     """A checkpoint of this step (unless one was just written), then `TrainingStopped` on every rank."""
     if not _due(st.step, cfg.checkpoint_every, cfg.steps):
         _save_checkpoint(st, ckpts, model_config, desc, writer, rank, world, cfg.keep_checkpoints)

@@ -97,7 +97,6 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
     return record.model_copy(update={"cached": False})
 
 
-
 def cancelled(stopped: BaseException) -> Any:
     """The Cancelled state a flow returns when its training stopped for a cancel (`TrainingStopped`,
     raised once the checkpoint is written): a Cancelling run may only become Cancelled, and the worker

@@ -4,7 +4,7 @@ Prefect's worker cancels a flow run by stopping its process, which it no longer 
 the server for a while (a restart). So the flow run's process watches its own state too
 (`tagdit.orchestrate.cancel`) and, once it reads Cancelling, calls `request_stop`. `fit` checks
 `stop_agreed` after every step: it writes a checkpoint there and raises `TrainingStopped`, which
-is never retried and ends the flow run Cancelled (`tagdit.orchestrate.runner.cancelled_when_stopped`).
+is never retried; the training flows then return a Cancelled state (`tagdit.orchestrate.runner.cancelled`).
 
 torchrun's ranks are other processes: the launcher's report relay creates the file that
 `TAGDIT_STOP_FILE` names in their environment (`forward_stop`), and under DDP the ranks agree on the

@@ -43,8 +43,7 @@ class CancelWatch:
         if self.unreachable:
             log.info("%s: the server answers again; watching flow run %s for a cancel", self.purpose, self.flow_run_id)
             self.unreachable = False
-        state_type = getattr(getattr(state, "type", None), "value", None)
-        if state_type in CANCEL_STATES:
+        if state is not None and state.type.value in CANCEL_STATES:
             self.asked = True
             request_stop(f"{self.purpose}: flow run {self.flow_run_id} is {state.name}")
         return self.asked

@@ -279,7 +279,7 @@ def hardware_part(s: Sizes, device: torch.device, tmp: Path) -> dict[str, float]
     opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0), device)
     for batch in s.per_gpu:
         x_t, t, eps, tags, _ = inputs(batch, s.latent, s.dit.max_tags, device)
-        rate, mem = timed(make_step(model, lambda m: m(x_t, t, tags), eps, opt, device, "bf16"), batch, s, device)
+        rate, mem = timed(make_step(model, lambda m, x_t=x_t, t=t, tags=tags: m(x_t, t, tags), eps, opt, device, "bf16"), batch, s, device)
         out[f"dit{batch}"] = rate
         print(f"[5] DiT eager bf16 at {batch} images per GPU: {rate:.1f} images/s, peak {mem:.2f} GiB", flush=True)
     vae = build_vae(s.vae).to(device).eval()

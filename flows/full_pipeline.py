@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 
 from tagdit.orchestrate.cli import flow_main
 from tagdit.orchestrate.naming import run_namer
@@ -25,8 +25,9 @@ from tagdit.orchestrate.params import (
     flow_config,
     with_common_args,
 )
-from tagdit.orchestrate.runner import PIPELINE_ORDER, expand_force, run_stage
+from tagdit.orchestrate.runner import PIPELINE_ORDER, cancelled, expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
+from tagdit.train.stop import TrainingStopped
 
 
 @flow(name="full-pipeline", flow_run_name=run_namer("full-pipeline"))
@@ -36,7 +37,7 @@ def full_pipeline_flow(
     force: list[PipelineStage] | None = None,
     source: str | None = None, dataset: FolderName | None = None, run: FolderName | None = None,
     vae_steps: Steps | None = None, dit_steps: Steps | None = None, gpus: Gpus | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Run every stage in order; returns where the outputs are and the headline numbers.
 
     Args:
@@ -61,10 +62,13 @@ def full_pipeline_flow(
         records["demo-world"] = run_stage(build_demo_task, DEMO, cfg, force="demo-world" in forced)
     records.update(prepare_data(cfg, force=[s for s in ("crop", "tag", "shard") if s in forced][:1]))
     shards = records["shard"]
-    vae = run_stage(train_vae.train_vae_task, train_vae.TRAIN_VAE, cfg, force="train-vae" in forced, shards=shards)
-    latents = run_stage(encode.encode_task, encode.ENCODE, cfg, force="encode" in forced, shards=shards, vae=vae)
-    dit = run_stage(train_dit.train_dit_task, train_dit.TRAIN_DIT, cfg, force="train-dit" in forced,
-                    latents=latents, shards=shards)
+    try:
+        vae = run_stage(train_vae.train_vae_task, train_vae.TRAIN_VAE, cfg, force="train-vae" in forced, shards=shards)
+        latents = run_stage(encode.encode_task, encode.ENCODE, cfg, force="encode" in forced, shards=shards, vae=vae)
+        dit = run_stage(train_dit.train_dit_task, train_dit.TRAIN_DIT, cfg, force="train-dit" in forced,
+                        latents=latents, shards=shards)
+    except TrainingStopped as e:  # the run is being cancelled: training stopped at a checkpoint
+        return cancelled(e)
     ev = run_stage(evaluate.evaluate_task, evaluate.EVALUATE, cfg, force="evaluate" in forced,
                    shards=shards, vae=vae, latents=latents, dit=dit)
     records.update({"train-vae": vae, "encode": latents, "train-dit": dit, "evaluate": ev})

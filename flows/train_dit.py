@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 
 from tagdit.orchestrate.cli import flow_main
 from tagdit.orchestrate.naming import run_namer
@@ -25,8 +25,9 @@ from tagdit.orchestrate.params import (
     flow_config,
     with_common_args,
 )
-from tagdit.orchestrate.runner import expand_force, run_stage
+from tagdit.orchestrate.runner import cancelled, expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
+from tagdit.train.stop import TrainingStopped
 from tasks.records import latents_record, shard_record
 
 
@@ -37,7 +38,7 @@ def train_dit_flow(
     force: list[TrainDitStage] | None = None,
     dataset: FolderName | None = None, run: FolderName | None = None,
     dit_steps: Steps | None = None, gpus: Gpus | None = None,
-) -> StageRecord:
+) -> StageRecord | State:
     """Train (or resume, or reuse) the DiT on the encoded latents; returns its record.
 
     Args:
@@ -50,7 +51,11 @@ def train_dit_flow(
 
     cfg = flow_config(config, overrides, dataset=dataset, run=run, dit_steps=dit_steps, gpus=gpus)
     forced = TRAIN_DIT.name in expand_force(force, (TRAIN_DIT.name,))  # --force train-dit
-    record = run_stage(train_dit_task, TRAIN_DIT, cfg, force=forced, latents=latents_record(cfg), shards=shard_record(cfg))
+    try:
+        record = run_stage(train_dit_task, TRAIN_DIT, cfg, force=forced, latents=latents_record(cfg),
+                           shards=shard_record(cfg))
+    except TrainingStopped as e:  # the run is being cancelled: training stopped at a checkpoint
+        return cancelled(e)
     get_run_logger().info("train-dit: %s (step %s, val loss %s, %s parameters)", record.info["checkpoint"],
                           record.info["step"], record.info["val_loss"], record.info["params"])
     return record

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 
 from tagdit.orchestrate.cli import flow_main
 from tagdit.orchestrate.naming import run_namer
@@ -24,8 +24,9 @@ from tagdit.orchestrate.params import (
     flow_config,
     with_common_args,
 )
-from tagdit.orchestrate.runner import expand_force, run_stage
+from tagdit.orchestrate.runner import cancelled, expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
+from tagdit.train.stop import TrainingStopped
 from tasks.records import shard_record
 
 
@@ -36,7 +37,7 @@ def train_vae_flow(
     force: list[TrainVaeStage] | None = None,
     dataset: FolderName | None = None, run: FolderName | None = None,
     vae_steps: Steps | None = None, gpus: Gpus | None = None,
-) -> StageRecord:
+) -> StageRecord | State:
     """Train (or resume, or reuse) the VAE on the dataset's image shards; returns its record.
 
     Args:
@@ -49,7 +50,10 @@ def train_vae_flow(
 
     cfg = flow_config(config, overrides, dataset=dataset, run=run, vae_steps=vae_steps, gpus=gpus)
     forced = TRAIN_VAE.name in expand_force(force, (TRAIN_VAE.name,))  # --force train-vae
-    record = run_stage(train_vae_task, TRAIN_VAE, cfg, force=forced, shards=shard_record(cfg))
+    try:
+        record = run_stage(train_vae_task, TRAIN_VAE, cfg, force=forced, shards=shard_record(cfg))
+    except TrainingStopped as e:  # the run is being cancelled: training stopped at a checkpoint
+        return cancelled(e)
     get_run_logger().info("train-vae: %s (vae_id %s, val PSNR %s dB, %s parameters)", record.info["checkpoint"],
                           record.info["vae_id"], record.info["val_psnr"], record.info["params"])
     return record

@@ -125,6 +125,7 @@ class TrainerStage:
         import torch.distributed as dist
 
         from tagdit.train.reports import write_rank_error
+        from tagdit.train.stop import TrainingStopped
 
         p = argparse.ArgumentParser(description=f"one rank of {self.stage.name} (launched by its task)")
         p.add_argument("--config-json", required=True)
@@ -136,6 +137,9 @@ class TrainerStage:
         cfg = PipelineConfig.model_validate_json(Path(a.config_json).read_text())
         try:
             self.train(cfg, *(Path(getattr(a, name)) for name in self.inputs), Path(a.out))
+        except TrainingStopped as e:  # a cancel: the launcher raises it again; no traceback, nothing failed
+            write_rank_error(e)
+            raise SystemExit(1) from None
         except Exception as e:  # the launcher logs it and re-raises its kind (a NaN loss is never retried)
             write_rank_error(e)
             raise

@@ -1,5 +1,5 @@
-"""DDP on CPU with the gloo backend: two processes match one (with and without gradient accumulation), and the
-task's torchrun path trains."""
+"""DDP on CPU with the gloo backend: two processes match one (with and without gradient accumulation), a
+stop asked on one rank stops both after the same step, and the task's torchrun path trains."""
 
 import json
 
@@ -135,7 +135,7 @@ def decode_x(raw):
     return torch.tensor([json.loads(raw["json"])["x"] / 20])
 
 
-def fit_stream(out: str, urls: list[str], rank: int, world: int) -> None:
+def fit_stream(out: str, urls: list[str], rank: int, world: int, loss_fn=None) -> None:
     """4 steps of a global batch of 8 in 2 micro-batches per rank, from shard-split streams; checkpoints at 2 and 4."""
     from tagdit.config import TrainConfig
     from tagdit.train.loop import fit
@@ -145,8 +145,27 @@ def fit_stream(out: str, urls: list[str], rank: int, world: int) -> None:
     cfg = TrainConfig(steps=4, batch_size=GLOBAL_BATCH, lr=1e-2, warmup_steps=1, checkpoint_every=2, grad_accum=2)
     stream = EpochStream(urls, decode_x, batch_size=GLOBAL_BATCH // (2 * world), seed=0, shuffle_buffer=3,
                          rank=rank, world_size=world)
-    fit(model=Tiny(), loss_fn=noisy_mse, stream=stream, cfg=cfg, out_dir=out, model_config={},
+    fit(model=Tiny(), loss_fn=loss_fn or noisy_mse, stream=stream, cfg=cfg, out_dir=out, model_config={},
         device=torch.device("cpu"))
+
+
+def fit_stopped_by_rank_0(out: str, urls: list[str], rank: int, world: int) -> None:
+    """Only rank 0 is asked to stop, during step 3: every rank must stop after it (rank 1 alone would hang)."""
+    from pathlib import Path
+
+    from tagdit.train.stop import TrainingStopped, clear_stop, request_stop
+
+    def loss(model, x, step):
+        if rank == 0 and step == 2:
+            request_stop("test")
+        return noisy_mse(model, x, step)
+
+    try:
+        fit_stream(out, urls, rank, world, loss)
+    except TrainingStopped as e:
+        Path(out, f"stopped-rank{rank}.txt").write_text(str(e))
+    finally:
+        clear_stop()
 
 
 def _ddp_worker(rank: int, world: int, root: str, urls: list[str]) -> None:
@@ -167,13 +186,15 @@ def _ddp_worker(rank: int, world: int, root: str, urls: list[str]) -> None:
             Path(root, "killed", "latest").write_text("ckpt-0000002\n")
         dist.barrier()
         fit_stream(f"{root}/killed", urls, rank, world)
+        fit_stopped_by_rank_0(f"{root}/stopped", urls, rank, world)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    """Two gloo ranks: a grad-accumulation run, and a stream run straight through and resumed mid-way."""
+    """Two gloo ranks: a grad-accumulation run, a stream run straight through and resumed mid-way, and
+    one that rank 0 alone is asked to stop."""
     from tests.test_training import write_shards
 
     root = tmp_path_factory.mktemp("ddp")
@@ -204,3 +225,9 @@ def test_ddp_resume_with_grad_accum_is_exact(ddp_runs):
     state = torch.load(ddp_runs / "killed" / "ckpt-0000002" / "state.pt", weights_only=True)
     assert [r["stream"]["world"] for r in state["ranks"]] == [2, 2]
     assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])  # each rank's own
+
+
+def test_a_stop_asked_on_one_rank_stops_every_rank_after_the_same_step(ddp_runs):
+    said = [(ddp_runs / "stopped" / f"stopped-rank{r}.txt").read_text() for r in (0, 1)]
+    assert all("stopped at step 3 of 4" in s for s in said), said
+    assert (ddp_runs / "stopped" / "latest").read_text().strip() == "ckpt-0000003"  # not a regular one (2, 4)

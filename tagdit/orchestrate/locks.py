@@ -12,7 +12,9 @@ slot is taken back: the holder's process is gone (same host), its flow run is in
 no holder file has appeared for `ORPHAN_SECONDS` while the slot stays taken. Within one process the same folder may be locked again (nested stages): a no-op.
 
 A Prefect server restart does not stop the holder: lease renewals that fail are logged and retried,
-and a lease the restarted server forgot is released by name at the end (`_Lease`). The same restart
+and a lease the restarted server forgot is released by name at the end (`_Lease`). The same thread
+watches the holding flow run for a cancel that the worker, after such a restart, no longer carries
+out (`tagdit.orchestrate.cancel`). The same restart
 leaks the slots of task-tag limits (`gpu`, `eval`), which Prefect holds through leases too;
 `prepare_tag_limits` creates those limits on first use and takes back slots no live lease holds.
 """
@@ -33,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.files import sha256_text, write_json_atomic
+from tagdit.orchestrate.cancel import CancelWatch
 from tagdit.stores import LOCAL_ONLY_SUFFIXES, remote_of
+from tagdit.train.stop import clear_stop
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ LEASE_SECONDS = 120  # a dead holder's slot expires after this, where the server
 # restarted server within seconds instead of a minute); the lease itself cannot be shorter than 60 s.
 RENEW_SECONDS = float(os.environ.get("TAGDIT_LEASE_RENEW_SECONDS", LEASE_SECONDS / 2))
 RETRY_SECONDS = min(10.0, RENEW_SECONDS)  # renewal retries while the server cannot be reached
+WATCH_SECONDS = min(10.0, RENEW_SECONDS)  # how often the holding flow run's state is read (a cancel stops it)
 _held = threading.local()  # names this thread holds (re-entry is a no-op)
 
 
@@ -145,11 +150,14 @@ class _Lease:
     Prefect keeps leases in the server's memory by default, so a server restart forgets them while
     the slot stays taken. A renewal that cannot reach the server is logged and retried; one the
     server answers with 410 Gone (the lease was forgotten) is logged once, and the slot, still
-    counted as taken, is released by name at the end. Training never stops for either.
+    counted as taken, is released by name at the end. Training never stops for either. In a flow
+    run the thread also polls the run's state every `WATCH_SECONDS` (`CancelWatch`), lease lost or not.
     """
 
     def __init__(self, name: str, lease_id: Any, purpose: str):
         self.name, self.lease_id, self.purpose = name, lease_id, purpose
+        run_id = _current_flow_run_id()
+        self.watch = CancelWatch(run_id, purpose) if run_id else None
         self.lost = False
         self.since = time.monotonic()
         self.stop = threading.Event()
@@ -173,17 +181,27 @@ class _Lease:
             return False
 
     def _renew_loop(self) -> None:
+        """Renew when due, poll the flow run's state (`CancelWatch`) in between; until released."""
         from prefect.client.orchestration import get_client
 
-        wait = RENEW_SECONDS
-        while not self.stop.wait(wait) and not self.lost:
+        renew_at = time.monotonic() + RENEW_SECONDS
+        while not (self.lost and self.watch is None) and not self.stop.wait(self._next_wait(renew_at)):
             try:
                 with get_client(sync_client=True) as client:
-                    wait = RENEW_SECONDS if self._renew_once(client) else RETRY_SECONDS
+                    if self.watch is not None:
+                        self.watch.poll(client)
+                    if not self.lost and time.monotonic() >= renew_at:
+                        renew_at = time.monotonic() + (RENEW_SECONDS if self._renew_once(client) else RETRY_SECONDS)
             except Exception as e:  # the client itself could not start: same as unreachable
                 log.warning("%s: lease renewal on %s failed (%s); retrying in %.0f s", self.purpose, self.name, e,
                             RETRY_SECONDS)
-                wait = RETRY_SECONDS
+                renew_at = time.monotonic() + RETRY_SECONDS
+
+    def _next_wait(self, renew_at: float) -> float:
+        renewal = max(0.0, renew_at - time.monotonic())
+        if self.watch is None:
+            return renewal
+        return WATCH_SECONDS if self.lost else min(renewal, WATCH_SECONDS)
 
     def release(self, client: Any, folder: Path, me: dict[str, Any]) -> None:
         """Give the slot back: through the lease, or by name when the server lost the lease."""
@@ -256,6 +274,8 @@ def exclusive(folder: str | Path, purpose: str = "tagdit") -> Iterator[None]:
         except Exception as e:  # the server is away: the next run takes the slot back (no holder file)
             log.warning("%s: could not release %s (%s); the next run on %s takes it back", purpose, name, e, folder)
         holder_file(folder).unlink(missing_ok=True)
+        if lease.watch is not None and lease.watch.asked:
+            clear_stop()  # the stage it stopped is over; a later flow run in this process trains on
 
 
 def prepare_tag_limits(tags: set[str] | list[str], slots: int = 1) -> None:

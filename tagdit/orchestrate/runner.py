@@ -6,7 +6,7 @@
   2. checks the stage's stamp on disk: outputs missing or changed -> the task runs with
      `refresh_cache=True`; on a cache hit the record checked on disk is the one returned,
   3. applies the orchestration settings (`cfg.prefect`): retries after a crash for the stages that
-     resume (never after a config error, a disk too small or a non-finite loss), optional timeouts,
+     resume (never after a config error, a disk too small, a non-finite loss or a cancel), optional timeouts,
      the tags that name the stage's concurrency slot (`gpu`, `eval`: limits of 1 created on first
      use, slots leaked by a server restart taken back),
   4. for a `data.root` or `run.root` on a URL: checks the store answers, brings the local working
@@ -40,13 +40,14 @@ def expand_force(force: list[str] | None, order: tuple[str, ...] = PIPELINE_ORDE
 
 
 def _never_retry(exc: BaseException) -> bool:
-    """Errors a retry cannot fix: bad settings, missing inputs, a diverged loss."""
+    """Errors a retry cannot fix: bad settings, missing inputs, a diverged loss; and a cancel."""
     from pydantic import ValidationError
 
     from tagdit.train.loop import NonFiniteLossError
+    from tagdit.train.stop import TrainingStopped
 
     return isinstance(exc, ConfigError | ValidationError | ValueError | TypeError | KeyError
-                      | FileNotFoundError | NonFiniteLossError)
+                      | FileNotFoundError | NonFiniteLossError | TrainingStopped)
 
 
 def retry_after_crash(task: Any, task_run: Any, state: Any) -> bool:
@@ -108,3 +109,14 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
         logger.info("stage %s: cache hit (%s, outputs in %s)", stage.name, on_disk.key, on_disk.out_dir)
         return on_disk.model_copy(update={"cached": True})
     return record.model_copy(update={"cached": False})
+
+
+def cancelled(stopped: BaseException) -> Any:
+    """The Cancelled state a flow returns when its training stopped for a cancel (`TrainingStopped`,
+    raised once the checkpoint is written): a Cancelling run may only become Cancelled, and the worker
+    that would have set it may have stopped watching (a server restart)."""
+    from prefect import get_run_logger
+    from prefect.states import Cancelled
+
+    get_run_logger().warning("%s", stopped)
+    return Cancelled(message=str(stopped))

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tagdit.train.reports import REPORT_DIR_ENV, Relay, rank_errors
+from tagdit.train.stop import STOP_FILE_ENV, TrainingStopped, stop_file
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ def launch_torchrun(module: str, args: list[str], nproc: int, out_dir: Path) -> 
     """Run `python -m module args` under torchrun with `nproc` processes on this node.
 
     torchrun and its ranks get their own process group: when this process is cancelled (Prefect
-    sends SIGTERM, raised here as an exception) or dies, every rank is stopped within seconds.
+    sends SIGTERM, raised here as an exception) or dies, every rank is stopped within seconds. A stop
+    asked in this process (`tagdit.train.stop`) reaches the ranks through their stop file: they
+    checkpoint, stop, and `TrainingStopped` is raised here.
     Rank 0's output streams into this process's log (and so into the flow run's log); its progress
     and sample grids, and any rank's exception, come through `out_dir/reports/`
     (`tagdit.train.reports`) and become this run's artifacts and log lines.
@@ -76,7 +79,7 @@ def launch_torchrun(module: str, args: list[str], nproc: int, out_dir: Path) -> 
            "--local-ranks-filter=0", "-m", module, *args]
     log.info("launching %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env={**os.environ, REPORT_DIR_ENV: str(reports)},
+                            env={**os.environ, REPORT_DIR_ENV: str(reports), STOP_FILE_ENV: str(stop_file(reports))},
                             start_new_session=True, preexec_fn=_die_with_parent)
     try:
         with Relay(reports):
@@ -93,7 +96,10 @@ def launch_torchrun(module: str, args: list[str], nproc: int, out_dir: Path) -> 
 
 def raise_rank_failure(module: str, code: int, errors: list[dict]) -> None:
     """Log every failed rank's traceback; raise the first failure again, as the same built-in kind (or
-    NonFiniteLossError) where it is one, so that errors a retry cannot fix are not retried."""
+    NonFiniteLossError) where it is one, so that errors a retry cannot fix are not retried. Ranks that all
+    stopped for a cancel raise `TrainingStopped` (no tracebacks: nothing failed)."""
+    if errors and all(e["type"] == TrainingStopped.__name__ for e in errors):
+        raise TrainingStopped(errors[0]["message"])
     for e in errors:
         log.error("rank %d failed:\n%s", e["rank"], e["traceback"].rstrip())
     if not errors:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from tagdit.formats.checkpoints import (
 )
 from tagdit.train.optim import EMA, make_optimizer, make_scheduler
 from tagdit.train.reports import Progress
+from tagdit.train.stop import TrainingStopped, stop_agreed
 from tagdit.train.stream import EpochStream
 
 log = logging.getLogger(__name__)
@@ -340,6 +341,8 @@ def fit(
                 _log(st, loss, logs, grad_norm, writer, progress, logged)
                 logged = st.step
             _after_step_io(st, cfg, val_fn, monitor, ckpts, model_config, desc, writer, device, rank, world)
+            if st.step < cfg.steps and stop_agreed(world, device):  # its flow run is cancelled (tagdit.train.stop)
+                _stop_early(st, cfg, ckpts, model_config, desc, writer, rank, world)
     finally:
         getattr(batches, "close", lambda: None)()
         progress.close()
@@ -357,3 +360,12 @@ def _after_step_io(st: _State, cfg: TrainConfig, val_fn: ValFn | None, monitor: 
         monitor(st.ema.module, st.step, writer)
     if _due(st.step, cfg.checkpoint_every, cfg.steps):
         _save_checkpoint(st, ckpts, model_config, desc, writer, rank, world, cfg.keep_checkpoints)
+
+
+def _stop_early(st: _State, cfg: TrainConfig, ckpts: Checkpoints, model_config: dict, desc: str, writer: Any,
+                rank: int, world: int) -> NoReturn:
+    """A checkpoint of this step (unless one was just written), then `TrainingStopped` on every rank."""
+    if not _due(st.step, cfg.checkpoint_every, cfg.steps):
+        _save_checkpoint(st, ckpts, model_config, desc, writer, rank, world, cfg.keep_checkpoints)
+    raise TrainingStopped(f"{desc}: stopped at step {st.step} of {cfg.steps} because its flow run is cancelled; "
+                          f"checkpoint {st.last_good} (the next run resumes from it)")

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from tagdit.files import atomic_path, write_json_atomic
+from tagdit.train.stop import forward_stop, stop_file
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def rank_errors(d: Path) -> list[dict[str, Any]]:
 class Relay:
     """Turns the ranks' report files into artifacts while torchrun runs (a thread in the launcher).
 
-    Runs in a copy of the launcher's context, so the artifacts belong to the launching task run.
+    Runs in a copy of the launcher's context, so the artifacts belong to the launching task run. It
+    also hands the ranks a stop asked in the launcher (`tagdit.train.stop.forward_stop`).
     """
 
     def __init__(self, d: Path):
@@ -154,6 +156,7 @@ class Relay:
         while True:
             stopping = self.stop.wait(RELAY_SECONDS)
             try:
+                forward_stop(stop_file(self.dir))
                 self.relay()
             except Exception as e:  # reporting must never stop training
                 log.warning("could not relay training reports: %s", e)

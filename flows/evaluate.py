@@ -31,6 +31,7 @@ from tagdit.orchestrate.params import (
     Override,
     SamplerChoice,
     Steps,
+    Unset,
     flow_config,
     with_common_args,
 )
@@ -72,21 +73,21 @@ def publish(cfg: PipelineConfig, record: StageRecord) -> None:
 @flow(name="evaluate", flow_run_name=run_namer("evaluate"))
 @with_common_args
 def evaluate_flow(
-    config: ConfigRef | None = None,
-    overrides: list[Override] | None = None,
-    force: list[EvaluateStage] | None = None,
-    dataset: FolderName | None = None,
-    run: FolderName | None = None,
-    sampler: SamplerChoice | None = None,
-    sampling_steps: Steps | None = None,
-    cfg_scale: GuidanceScale | None = None,
+    config: ConfigRef | Unset = None,
+    overrides: list[Override] | Unset = None,
+    force: list[EvaluateStage] | Unset = None,
+    dataset: FolderName | Unset = None,
+    run: FolderName | Unset = None,
+    sampler: SamplerChoice | Unset = None,
+    sampling_steps: Steps | Unset = None,
+    cfg_scale: GuidanceScale | Unset = None,
     nightly: bool = False,
 ) -> dict:
     """Evaluate the run's DiT: its finished training, or with `nightly` its latest checkpoint.
 
     Args:
-        dataset: the dataset whose validation images are the reference, shards/<dataset>/ (data.name).
-        run: the run to evaluate, runs/<run>/ (run.name).
+        dataset: the dataset whose validation images are the reference, shards/DATASET/ (data.name).
+        run: the run to evaluate, runs/RUN/ (run.name).
         sampler: draw with this sampler only (ddim, ddpm = DDIM with eta 1, dpmpp_2m) instead of the preset's list.
         sampling_steps: the sampler's steps (with `sampler`, or for the preset's first sampler).
         cfg_scale: classifier-free guidance scale of the evaluation samples (evaluate.cfg_scale).

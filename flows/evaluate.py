@@ -63,8 +63,10 @@ def publish(cfg: PipelineConfig, record: StageRecord) -> None:
     rows = trend_rows(Path(record.info["metrics"]).parent.parent)
     create_table_artifact(table=rows, key=artifact_key("metrics", cfg),
                           description=f"tagdit metrics of run {cfg.run.name}: one row per evaluated checkpoint")
+    tensorboard = f"Every number of every evaluation: `tensorboard --logdir {cfg.run_dir / 'eval' / 'tb'}` (eval/*)."
     create_markdown_artifact(key=artifact_key("trend", cfg), description=f"tag recall of run {cfg.run.name} by step",
-                             markdown=f"# Run {cfg.run.name}: tag recall by step\n\n![trend]({image_data_uri(trend_plot(rows))})")
+                             markdown=f"# Run {cfg.run.name}: tag recall by step\n\n![trend]({image_data_uri(trend_plot(rows))})"
+                                      f"\n\n{tensorboard}")
     get_run_logger().info("evaluation of %s: tag_recall_ratio %s, grids %s, metrics %s", checkpoint,
                           ratio_text(EvalMetrics.read(record.info["metrics"])), record.info["grids"],
                           record.info["metrics"])

@@ -197,3 +197,14 @@ def test_a_nightly_is_skipped_while_the_previous_one_runs(prefect_env, tmp_path)
     # the holder is gone (however it ended): the next nightly goes ahead (and fails here: no checkpoint)
     state = evaluate_flow(overrides=[f"run.root={tmp_path / 'runs'}"], run="tiny", nightly=True, return_state=True)
     assert state.is_failed() and "checkpoint" in str(state.message).lower()
+
+
+def test_a_flow_process_starts_prefect_without_telemetry():
+    """A first ephemeral run printed the telemetry service's "database is locked" traceback."""
+    import os
+
+    code = ("import flows\nfrom prefect.settings import get_current_settings\n"
+            "print(get_current_settings().server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}  # as a user's shell
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "False", run.stderr[-2000:]

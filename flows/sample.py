@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +56,23 @@ def model_name(checkpoint: Path) -> str:
     return hub[len("models--"):].replace("--", "/") if hub else checkpoint.name
 
 
-def _write(images: list[Any], seeds: list[int] | int, out: Path, caption: str, parameters: Any) -> list[str]:
-    """The captioned row at `out` (with the first seed's parameters); with a list of seeds also one file
-    per seed beside it, `<out>-seed<S>.png`, each carrying its own."""
+def _write(images: list[Any], seeds: list[int] | int, out: Path, caption: str,
+           parameters: Callable[..., str]) -> list[str]:
+    """The captioned row at `out`; with a list of seeds also one file per seed beside it,
+    `<out>-seed<S>.png`. Each PNG carries its parameters: the row's in A1111's batch convention
+    (`Seed` the first, image i drew seed + i), or, drawn from one generator, saying so."""
     from tagdit.formats.png_parameters import save_png
     from tagdit.sampling.grid import render_grid
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    per_seed = isinstance(seeds, list)
-    labels = [f"seed {s}" for s in seeds] if per_seed else [f"#{i}" for i in range(len(images))]
-    first = seeds[0] if per_seed else seeds
-    save_png(render_grid([images], [caption], labels), out, parameters(first, **{"Batch size": len(images)}))
-    files = [out.with_name(f"{out.stem}-seed{s}.png") for s in seeds] if per_seed else []
-    for image, seed, path in zip(images, seeds if per_seed else [], files, strict=False):
+    if isinstance(seeds, int):
+        row = parameters(seeds, **{"Batch size": len(images), "Batch noise": "one generator"})
+        save_png(render_grid([images], [caption], [f"#{i}" for i in range(len(images))]), out, row)
+        return []
+    save_png(render_grid([images], [caption], [f"seed {s}" for s in seeds]), out,
+             parameters(seeds[0], **{"Batch size": len(images)}))
+    files = [out.with_name(f"{out.stem}-seed{s}.png") for s in seeds]
+    for image, seed, path in zip(images, seeds, files, strict=True):
         save_png(image, path, parameters(seed))
     return [str(f) for f in files]
 

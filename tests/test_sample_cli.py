@@ -79,6 +79,7 @@ def test_each_png_carries_its_parameters_and_a_seeds_own_file_redraws_alone(tiny
     sample.main(sample_args(tiny_run, "--prompt", "smile", "--steps", "2", "--n", "1", "--out", str(tmp_path / "p.png")))
     plain = read_parameters(tmp_path / "p.png")
     assert plain["negative"] == "" and "Negative prompt" not in Image.open(tmp_path / "p.png").text["parameters"]
+    assert (plain["Seed"], plain["Batch noise"]) == ("0", "one generator")
     assert not list(tmp_path.glob("p-seed*.png"))  # one file per seed only on request
 
 

@@ -30,8 +30,6 @@ Unset = SkipJsonSchema[None]
 Preset = Literal["demo", "original-256"]  # configs/<name>.yaml (a test keeps this list in step)
 YamlFile = Annotated[str, StringConstraints(pattern=r"\.ya?ml$")]
 ConfigRef = Preset | YamlFile
-
-
 Override = Annotated[str, StringConstraints(pattern=r"^\s*[A-Za-z_][\w.]*\s*="),
                      WithJsonSchema(override_json_schema(PipelineConfig))]  # keys checked by the server
 FolderName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.-]*$", max_length=100)]

@@ -128,12 +128,12 @@ def preset_defaults() -> dict[str, str]:
 
 
 def _with_preset_values(lines: list[str]) -> list[str]:
-    """`dit_steps: DiT optimizer steps (dit.train.steps).` + ` Empty: the preset's (demo: 900; original-256: ...).`"""
+    """`dit_steps: DiT optimizer steps (dit.train.steps).` + ` Default: the preset's (demo: 900; original-256: ...).`"""
     defaults = preset_defaults()
     out = []
     for line in lines:
         name = line.strip().split(":", 1)[0]
-        out.append(f"{line.rstrip()} Empty: the preset's ({defaults[name]})." if name in defaults else line)
+        out.append(f"{line.rstrip()} Default: the preset's ({defaults[name]})." if name in defaults else line)
     return out
 
 

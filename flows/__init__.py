@@ -9,6 +9,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 # Our modules log with `logging.getLogger(__name__)`; Prefect attaches its console and API handlers
 # to these loggers too, so their messages reach the terminal and the flow run's logs in the UI.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tagdit,tasks,models,flows")
+# That temporary server's telemetry service writes to the database while the first run migrates it
+# and prints a "database is locked" traceback; no telemetry unless the user asks for it (as `make` does).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def outside_flow_runs() -> None:

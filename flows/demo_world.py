@@ -16,7 +16,14 @@ from prefect import flow, get_run_logger
 
 from tagdit.orchestrate.cli import flow_main
 from tagdit.orchestrate.naming import run_namer
-from tagdit.orchestrate.params import ConfigRef, DemoStage, Override, flow_config, with_common_args
+from tagdit.orchestrate.params import (
+    ConfigRef,
+    DemoStage,
+    Override,
+    Unset,
+    flow_config,
+    with_common_args,
+)
 from tagdit.orchestrate.runner import expand_force, run_stage
 from tagdit.orchestrate.stage import StageRecord
 
@@ -24,8 +31,8 @@ from tagdit.orchestrate.stage import StageRecord
 @flow(name="demo-world", flow_run_name=run_namer("demo-world", "dataset"))
 @with_common_args
 def demo_world_flow(
-    config: ConfigRef | None = None, overrides: list[Override] | None = None,
-    force: list[DemoStage] | None = None,
+    config: ConfigRef | Unset = None, overrides: list[Override] | Unset = None,
+    force: list[DemoStage] | Unset = None,
 ) -> StageRecord:
     """Build the demo world + demo tagger (cached); returns the stage record."""
     from prefect.artifacts import create_markdown_artifact

@@ -19,6 +19,7 @@ from tagdit.orchestrate.params import (
     EncodeStage,
     FolderName,
     Override,
+    Unset,
     flow_config,
     with_common_args,
 )
@@ -30,15 +31,15 @@ from tasks.records import shard_record, vae_record
 @flow(name="encode", flow_run_name=run_namer("encode"))
 @with_common_args
 def encode_flow(
-    config: ConfigRef | None = None, overrides: list[Override] | None = None,
-    force: list[EncodeStage] | None = None,
-    dataset: FolderName | None = None, run: FolderName | None = None,
+    config: ConfigRef | Unset = None, overrides: list[Override] | Unset = None,
+    force: list[EncodeStage] | Unset = None,
+    dataset: FolderName | Unset = None, run: FolderName | Unset = None,
 ) -> StageRecord:
     """Encode every image shard with the run's EMA VAE; returns the encode stage's record.
 
     Args:
-        dataset: the dataset to encode, shards/<dataset>/ (data.name).
-        run: the run whose VAE encodes, runs/<run>/ (run.name).
+        dataset: the dataset to encode, shards/DATASET/ (data.name).
+        run: the run whose VAE encodes, runs/RUN/ (run.name).
     """
     from tasks.encode import ENCODE, encode_task
 

@@ -31,6 +31,7 @@ from tagdit.orchestrate.params import (
     Override,
     SamplerChoice,
     Steps,
+    Unset,
     flow_config,
     with_common_args,
 )
@@ -62,8 +63,10 @@ def publish(cfg: PipelineConfig, record: StageRecord) -> None:
     rows = trend_rows(Path(record.info["metrics"]).parent.parent)
     create_table_artifact(table=rows, key=artifact_key("metrics", cfg),
                           description=f"tagdit metrics of run {cfg.run.name}: one row per evaluated checkpoint")
+    tensorboard = f"Every number of every evaluation: `tensorboard --logdir {cfg.run_dir / 'eval' / 'tb'}` (eval/*)."
     create_markdown_artifact(key=artifact_key("trend", cfg), description=f"tag recall of run {cfg.run.name} by step",
-                             markdown=f"# Run {cfg.run.name}: tag recall by step\n\n![trend]({image_data_uri(trend_plot(rows))})")
+                             markdown=f"# Run {cfg.run.name}: tag recall by step\n\n![trend]({image_data_uri(trend_plot(rows))})"
+                                      f"\n\n{tensorboard}")
     get_run_logger().info("evaluation of %s: tag_recall_ratio %s, grids %s, metrics %s", checkpoint,
                           ratio_text(EvalMetrics.read(record.info["metrics"])), record.info["grids"],
                           record.info["metrics"])
@@ -72,21 +75,21 @@ def publish(cfg: PipelineConfig, record: StageRecord) -> None:
 @flow(name="evaluate", flow_run_name=run_namer("evaluate"))
 @with_common_args
 def evaluate_flow(
-    config: ConfigRef | None = None,
-    overrides: list[Override] | None = None,
-    force: list[EvaluateStage] | None = None,
-    dataset: FolderName | None = None,
-    run: FolderName | None = None,
-    sampler: SamplerChoice | None = None,
-    sampling_steps: Steps | None = None,
-    cfg_scale: GuidanceScale | None = None,
+    config: ConfigRef | Unset = None,
+    overrides: list[Override] | Unset = None,
+    force: list[EvaluateStage] | Unset = None,
+    dataset: FolderName | Unset = None,
+    run: FolderName | Unset = None,
+    sampler: SamplerChoice | Unset = None,
+    sampling_steps: Steps | Unset = None,
+    cfg_scale: GuidanceScale | Unset = None,
     nightly: bool = False,
 ) -> dict:
     """Evaluate the run's DiT: its finished training, or with `nightly` its latest checkpoint.
 
     Args:
-        dataset: the dataset whose validation images are the reference, shards/<dataset>/ (data.name).
-        run: the run to evaluate, runs/<run>/ (run.name).
+        dataset: the dataset whose validation images are the reference, shards/DATASET/ (data.name).
+        run: the run to evaluate, runs/RUN/ (run.name).
         sampler: draw with this sampler only (ddim, ddpm = DDIM with eta 1, dpmpp_2m) instead of the preset's list.
         sampling_steps: the sampler's steps (with `sampler`, or for the preset's first sampler).
         cfg_scale: classifier-free guidance scale of the evaluation samples (evaluate.cfg_scale).

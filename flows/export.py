@@ -29,6 +29,7 @@ from tagdit.orchestrate.params import (
     GitRevision,
     HubRepo,
     Override,
+    Unset,
     flow_config,
     with_common_args,
 )
@@ -96,15 +97,15 @@ def push_task(folder: str, repo_id: str, private: bool = False, revision: str | 
 
 @flow(name="export", flow_run_name=run_namer("export"))
 @with_common_args
-def export_flow(config: ConfigRef | None = None, overrides: list[Override] | None = None, *, to: str,
-                run: FolderName | None = None, push: HubRepo | None = None, private: bool = False,
-                revision: GitRevision | None = None, commit_message: str | None = None,
-                hub_dataset: HubRepo | None = None, overwrite: bool = False) -> dict[str, Any]:
+def export_flow(config: ConfigRef | Unset = None, overrides: list[Override] | Unset = None, *, to: str,
+                run: FolderName | Unset = None, push: HubRepo | Unset = None, private: bool = False,
+                revision: GitRevision | Unset = None, commit_message: str | Unset = None,
+                hub_dataset: HubRepo | Unset = None, overwrite: bool = False) -> dict[str, Any]:
     """Export the run's latest DiT checkpoint as one self-contained folder; optionally push it to the Hub.
 
     Args:
         to: the folder to write (absent or empty, or an earlier export with overwrite).
-        run: the run to export, runs/<run>/ (run.name).
+        run: the run to export, runs/RUN/ (run.name).
         push: a Hugging Face model repository (user/name) to upload the folder to; needs a token.
         private: with push: create the repository private (an existing one keeps its visibility).
         revision: with push: the branch to commit to, created from main if missing (default: main).

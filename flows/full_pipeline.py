@@ -22,6 +22,7 @@ from tagdit.orchestrate.params import (
     Override,
     PipelineStage,
     Steps,
+    Unset,
     flow_config,
     with_common_args,
 )
@@ -33,17 +34,17 @@ from tagdit.train.stop import TrainingStopped
 @flow(name="full-pipeline", flow_run_name=run_namer("full-pipeline"))
 @with_common_args
 def full_pipeline_flow(
-    config: ConfigRef | None = None, overrides: list[Override] | None = None,
-    force: list[PipelineStage] | None = None,
-    source: str | None = None, dataset: FolderName | None = None, run: FolderName | None = None,
-    vae_steps: Steps | None = None, dit_steps: Steps | None = None, gpus: Gpus | None = None,
+    config: ConfigRef | Unset = None, overrides: list[Override] | Unset = None,
+    force: list[PipelineStage] | Unset = None,
+    source: str | Unset = None, dataset: FolderName | Unset = None, run: FolderName | Unset = None,
+    vae_steps: Steps | Unset = None, dit_steps: Steps | Unset = None, gpus: Gpus | Unset = None,
 ) -> dict[str, Any] | State:
     """Run every stage in order; returns where the outputs are and the headline numbers.
 
     Args:
         source: the folder of your images, walked recursively (data.source).
-        dataset: the dataset's name: shards go to shards/<dataset>/ (data.name).
-        run: the run's name: models go to runs/<run>/ (run.name).
+        dataset: the dataset's name: shards go to shards/DATASET/ (data.name).
+        run: the run's name: models go to runs/RUN/ (run.name).
         vae_steps: VAE optimizer steps (vae.train.steps).
         dit_steps: DiT optimizer steps (dit.train.steps).
         gpus: GPUs to train on with torchrun (vae.train.nproc and dit.train.nproc).

@@ -19,6 +19,7 @@ from tagdit.orchestrate.params import (
     FolderName,
     Override,
     PrepareStage,
+    Unset,
     flow_config,
     with_common_args,
 )
@@ -65,15 +66,15 @@ def publish(cfg: PipelineConfig, shard: StageRecord) -> None:
 @flow(name="prepare-data", flow_run_name=run_namer("prepare-data", "dataset"))
 @with_common_args
 def prepare_data_flow(
-    config: ConfigRef | None = None, overrides: list[Override] | None = None,
-    force: list[PrepareStage] | None = None,
-    source: str | None = None, dataset: FolderName | None = None,
+    config: ConfigRef | Unset = None, overrides: list[Override] | Unset = None,
+    force: list[PrepareStage] | Unset = None,
+    source: str | Unset = None, dataset: FolderName | Unset = None,
 ) -> StageRecord:
     """Crop, tag and shard `data.source`; returns the shard stage's record.
 
     Args:
         source: the folder of your images, walked recursively (data.source).
-        dataset: the dataset's name: shards go to shards/<dataset>/ (data.name).
+        dataset: the dataset's name: shards go to shards/DATASET/ (data.name).
     """
     return prepare_data(flow_config(config, overrides, source=source, dataset=dataset), force)["shard"]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,36 @@ def _settings(negative: str, scale: float, sampler: SamplerConfig) -> str:
     return (f" | negative: {negative}" if negative else "") + f" | cfg {scale}, {sampler.sampler} {sampler.steps} steps{eta}"
 
 
+def model_name(checkpoint: Path) -> str:
+    """How a PNG names the weights: `RUN/ckpt-0000900` for a run's checkpoint, `user/name` for a Hub
+    snapshot, else the exported folder's name."""
+    if checkpoint.name.startswith("ckpt-"):
+        return f"{checkpoint.parent.parent.name}/{checkpoint.name}"
+    hub = next((p.name for p in checkpoint.parents if p.name.startswith("models--")), None)
+    return hub[len("models--"):].replace("--", "/") if hub else checkpoint.name
+
+
+def _write(images: list[Any], seeds: list[int] | int, out: Path, caption: str,
+           parameters: Callable[..., str]) -> list[str]:
+    """The captioned row at `out`; with a list of seeds also one file per seed beside it,
+    `<out>-seed<S>.png`. Each PNG carries its parameters: the row's in A1111's batch convention
+    (`Seed` the first, image i drew seed + i), or, drawn from one generator, saying so."""
+    from tagdit.formats.png_parameters import save_png
+    from tagdit.sampling.grid import render_grid
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(seeds, int):
+        row = parameters(seeds, **{"Batch size": len(images), "Batch noise": "one generator"})
+        save_png(render_grid([images], [caption], [f"#{i}" for i in range(len(images))]), out, row)
+        return []
+    save_png(render_grid([images], [caption], [f"seed {s}" for s in seeds]), out,
+             parameters(seeds[0], **{"Batch size": len(images)}))
+    files = [out.with_name(f"{out.stem}-seed{s}.png") for s in seeds]
+    for image, seed, path in zip(images, seeds, files, strict=True):
+        save_png(image, path, parameters(seed))
+    return [str(f) for f in files]
+
+
 def sample_images(
     painter: Any,
     prompt: str,
@@ -61,26 +92,36 @@ def sample_images(
     init_image: str | Path | None = None,
     strength: float = 0.6,
     shorten: bool = False,
+    per_seed: bool = False,
 ) -> dict[str, Any]:
-    """Generate `n` images for one prompt (from `init_image` when given), write them as one captioned row to `out`."""
-    from tagdit.sampling.grid import render_grid
+    """Generate `n` images for one prompt (from `init_image` when given), write them as one captioned row to `out`;
+    with `per_seed`, image i has seed `seed + i` of its own and a file of its own too. Each PNG carries its
+    parameters (A1111's `parameters` text: tagdit.formats.png_parameters)."""
+    from tagdit.formats.png_parameters import infotext
     from tagdit.sampling.painter import read_image
 
     method = sampler_method(sampler, steps, eta, name="cli")
     image = read_image(Path(init_image).read_bytes()) if init_image else None
     (cond, neg), unknown = _prompts(painter, prompt, negative)
+    seeds = [seed + i for i in range(n)] if per_seed else seed
     if image is None:
-        images = painter.sample(cond, neg, method, scale, seed, n)
+        images = painter.sample(cond, neg, method, scale, seeds, n)
     else:
-        images = painter.img2img(image, cond, neg, method, scale, strength, seed, n, shorten=shorten)
-    caption = prompt + _settings(negative, scale, method) + f", seed {seed}"
+        images = painter.img2img(image, cond, neg, method, scale, strength, seeds, n, shorten=shorten)
+    caption = prompt + _settings(negative, scale, method) + ("" if per_seed else f", seed {seed}")
+    extra = {}
     if image is not None:
         caption += f" | init {Path(init_image).name}, strength {strength}" + (" (shortened)" if shorten else "")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    render_grid([images], [caption], [f"#{i}" for i in range(n)]).save(out)
+        extra = {"Denoising strength": f"{strength:g}"}
+
+    def parameters(image_seed: int, **more: Any) -> str:
+        return infotext(prompt, negative, method, scale, image_seed, images[0].size,
+                        model_name(Path(painter.checkpoint)), **extra, **more)
+
+    files = _write(images, seeds, Path(out), caption, parameters)
     log.info("wrote %s (%d images, checkpoint %s)", out, n, painter.checkpoint)
-    return {"out": str(out), "checkpoint": str(painter.checkpoint), "unknown_tags": unknown}
+    return {"out": str(out), "checkpoint": str(painter.checkpoint), "unknown_tags": unknown,
+            **({"files": files} if per_seed else {})}
 
 
 def interpolate_images(
@@ -162,9 +203,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="ddim only: 0 = DDIM, 1 = DDPM-like")
     p.add_argument("--sampler", default="ddim", choices=typing.get_args(SamplerName),
                    help="ddim; ddpm (DDIM with eta 1, the original's); dpmpp_2m (DPM-Solver++(2M), ~20 steps)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise for all n images (drawn from one generator)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the noise for all n images (drawn from one generator; see --per-seed)")
     p.add_argument("--n", type=arg_type(ImageCount), default=4, help="number of images (1-64)")
     p.add_argument("--out", default="out.png", help="the PNG to write (one captioned row)")
+    p.add_argument("--per-seed", action="store_true",
+                   help="image i gets seed SEED+i of its own and a file of its own too, OUT-seed<S>.png")
     p.add_argument("--checkpoint", default=None, help="checkpoint or run dir (default: <run>/dit latest EMA)")
     add_model_options(p)
     p.add_argument("--init-image", default=None, help="img2img: start from this image's centre crop")
@@ -203,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   frames=a.frames, scale=a.cfg, steps=a.steps, sampler=a.sampler, out=a.out)
     return sample_images(painter, a.prompt, a.negative, scale=a.cfg, steps=a.steps, eta=a.eta, sampler=a.sampler,
                          seed=a.seed, n=a.n, out=a.out, init_image=a.init_image, strength=a.strength,
-                         shorten=a.shorten)
+                         shorten=a.shorten, per_seed=a.per_seed)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""train-dit flow: latent shards + tag vocabulary -> DiT checkpoints in `<run>/dit/` (cached, resumable).
+"""train-dit flow: latent shards + tag vocabulary -> DiT checkpoints in `runs/RUN/dit/` (cached, resumable).
 
     python -m flows.train_dit --config configs/demo.yaml [--set dit.train.steps=4000]
 
@@ -22,6 +22,7 @@ from tagdit.orchestrate.params import (
     Override,
     Steps,
     TrainDitStage,
+    Unset,
     flow_config,
     with_common_args,
 )
@@ -34,16 +35,16 @@ from tasks.records import latents_record, shard_record
 @flow(name="train-dit", flow_run_name=run_namer("train-dit"))
 @with_common_args
 def train_dit_flow(
-    config: ConfigRef | None = None, overrides: list[Override] | None = None,
-    force: list[TrainDitStage] | None = None,
-    dataset: FolderName | None = None, run: FolderName | None = None,
-    dit_steps: Steps | None = None, gpus: Gpus | None = None,
+    config: ConfigRef | Unset = None, overrides: list[Override] | Unset = None,
+    force: list[TrainDitStage] | Unset = None,
+    dataset: FolderName | Unset = None, run: FolderName | Unset = None,
+    dit_steps: Steps | Unset = None, gpus: Gpus | Unset = None,
 ) -> StageRecord | State:
     """Train (or resume, or reuse) the DiT on the encoded latents; returns its record.
 
     Args:
-        dataset: the dataset to train on, shards/<dataset>/ (data.name).
-        run: the run to train, runs/<run>/ (run.name).
+        dataset: the dataset to train on, shards/DATASET/ (data.name).
+        run: the run to train, runs/RUN/ (run.name).
         dit_steps: optimizer steps (dit.train.steps); a finished run given more steps resumes.
         gpus: GPUs to train on with torchrun (vae.train.nproc and dit.train.nproc).
     """

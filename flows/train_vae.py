@@ -1,4 +1,4 @@
-"""train-vae flow: image shards -> KL-VAE checkpoints in `<run>/vae/` (cached, resumable).
+"""train-vae flow: image shards -> KL-VAE checkpoints in `runs/RUN/vae/` (cached, resumable).
 
     python -m flows.train_vae --config configs/demo.yaml [--set vae.train.steps=3000]
 
@@ -21,6 +21,7 @@ from tagdit.orchestrate.params import (
     Override,
     Steps,
     TrainVaeStage,
+    Unset,
     flow_config,
     with_common_args,
 )
@@ -33,16 +34,16 @@ from tasks.records import shard_record
 @flow(name="train-vae", flow_run_name=run_namer("train-vae"))
 @with_common_args
 def train_vae_flow(
-    config: ConfigRef | None = None, overrides: list[Override] | None = None,
-    force: list[TrainVaeStage] | None = None,
-    dataset: FolderName | None = None, run: FolderName | None = None,
-    vae_steps: Steps | None = None, gpus: Gpus | None = None,
+    config: ConfigRef | Unset = None, overrides: list[Override] | Unset = None,
+    force: list[TrainVaeStage] | Unset = None,
+    dataset: FolderName | Unset = None, run: FolderName | Unset = None,
+    vae_steps: Steps | Unset = None, gpus: Gpus | Unset = None,
 ) -> StageRecord | State:
     """Train (or resume, or reuse) the VAE on the dataset's image shards; returns its record.
 
     Args:
-        dataset: the dataset to train on, shards/<dataset>/ (data.name).
-        run: the run to train, runs/<run>/ (run.name).
+        dataset: the dataset to train on, shards/DATASET/ (data.name).
+        run: the run to train, runs/RUN/ (run.name).
         vae_steps: optimizer steps (vae.train.steps).
         gpus: GPUs to train on with torchrun (vae.train.nproc and dit.train.nproc).
     """

@@ -74,12 +74,13 @@ def test_artifacts_have_the_grid_the_metrics_and_paths_but_no_file_links(tmp_pat
     row = {"recall": 0.5, "precision": 0.6, "n": 4}
     metrics = {"dit_checkpoint": "ckpt-0000010", "grids": {"ddim50": str(grid)}, "cfg_scale": 4.0, "sampler": "ddim50",
                "cfg": row, "unconditional": row, "real": row, "reconstructed": row, "tag_recall_ratio": 0.9,
-               "vae_psnr_db": 20.0, "dit_val_loss": 0.1, "kid_tagger": {"cfg": 0.01, "unconditional": 0.2}}
+               "vae_psnr_db": 20.0, "dit_val_loss": 0.123456789, "kid_tagger": {"cfg": 0.0123456789, "unconditional": 0.2}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     record = StageRecord(stage="evaluate", key="k", out_dir=str(tmp_path), fingerprint="f",
                          info={"metrics": str(tmp_path / "metrics.json")})
     md = artifact_markdown(record.info["metrics"])
     assert "data:image/png;base64," in md
+    assert "DiT val loss: 0.1235 · kid_tagger (CFG): 0.01235" in md and "456789" not in md  # rounded, not raw floats
     assert md.count("| 0.500 | 0.600 |") == 4
     metrics["sampler_recall"] = {"ddim50": {"sampler": "ddim", "steps": 50, **row},
                                  "dpmpp20": {"sampler": "dpmpp_2m", "steps": 20, "recall": 0.25, "precision": 0.5, "n": 4}}

@@ -38,11 +38,68 @@ def test_every_parameter_is_typed_and_described(module):
     for name, prop in props.items():
         assert prop.get("description"), f"{module}.{name} has no description"
         assert prop.get("anyOf") or prop.get("type"), f"{module}.{name} has no type"
+        assert {"type": "null"} not in prop.get("anyOf", []), f"{module}.{name} would show 'Property is type None'"
+        assert "<" not in prop["description"], f"{module}.{name}: the UI renders <...> as HTML"
     config = props["config"]["anyOf"]
     assert config[0]["enum"] == list(typing.get_args(Preset)) and config[1]["pattern"]
     if FLOWS[module][1] is not None:  # export has no stages to force
-        force_items = props["force"]["anyOf"][0]["items"]
+        force_items = props["force"]["items"]
         assert force_items.get("enum", [force_items.get("const")]) == FLOWS[module][1]
+
+
+def test_empty_typed_settings_say_what_each_preset_runs_with():
+    props = schema("full_pipeline")["properties"]
+    demo, original = flow_config("demo", None), flow_config("original-256", None)
+    assert f"demo: {demo.dit.train.steps}; original-256: {original.dit.train.steps}" in props["dit_steps"]["description"]
+    assert f"demo: {demo.run.name};" in props["run"]["description"]
+    sampler = schema("evaluate")["properties"]["sampler"]["description"]
+    assert "demo: " + ", ".join(s.name for s in demo.evaluate.samplers) in sampler
+
+
+def create(parameters: dict, module: str = "train_dit") -> str:
+    """What the Prefect server answers when a run with these parameters is created: "" if accepted."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    try:
+        validate(parameters, schema(module), raise_on_error=True)  # as the server's create_flow_run does
+    except ValidationError as e:
+        return str(e)
+    return ""
+
+
+def test_the_server_refuses_an_unknown_override_key_naming_the_closest_one():
+    assert "'dit.train.stpes=5' does not match '^\\\\s*dit\\\\.train\\\\.steps(" in create(
+        {"overrides": ["dit.train.lr=2e-4", "dit.train.stpes=5"]})
+    far = create({"overrides": ["vae.model.depht=3"]})  # nothing near: the section's keys are listed
+    assert "'vae.model.depht=3' does not match" in far and "|blocks_per_level|" in far
+    from prefect.utilities.schema_tools.validation import validate
+
+    errors = validate({"overrides": ["dti.x=1", "dit.train.steps", "data.name=ok"], "dit_steps": None},
+                      schema("train_dit"))  # every error at once: a misspelt section, no value, an explicit null
+    assert {e.json_path for e in errors} == {"$.overrides[0]", "$.overrides[1]", "$.dit_steps"}
+
+
+def test_every_config_key_passes_the_servers_override_check():
+    def keys(tree: dict, prefix: str = "") -> list[str]:
+        return [k for name, v in tree.items()
+                for k in (keys(v, f"{prefix}{name}.") if isinstance(v, dict) and v else [f"{prefix}{name}"])]
+
+    every = keys(flow_config("demo", None).model_dump())
+    assert len(every) > 100 and "dit.train.steps" in every
+    renamed_and_whole = ["evaluate.cfg=3", "vae.model=demo", ' dit.train.lr = 2e-4', "evaluate.samplers=[]"]
+    assert create({"overrides": [f"{k}=1" for k in every] + renamed_and_whole}) == ""
+
+
+def test_every_deployment_is_described_and_tagged():
+    import yaml
+
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    assert len(deployments) == 10
+    for d in deployments:
+        where = f"{d['entrypoint']} {d['name']}"
+        assert d.get("description") and "<" not in d["description"] and d.get("tags"), where
+    nightly = next(d for d in deployments if d["name"] == "nightly")
+    assert nightly["schedules"][0]["slug"] and "nightly" in nightly["tags"]
 
 
 def test_the_preset_choices_are_the_configs_folder():
@@ -140,3 +197,14 @@ def test_a_nightly_is_skipped_while_the_previous_one_runs(prefect_env, tmp_path)
     # the holder is gone (however it ended): the next nightly goes ahead (and fails here: no checkpoint)
     state = evaluate_flow(overrides=[f"run.root={tmp_path / 'runs'}"], run="tiny", nightly=True, return_state=True)
     assert state.is_failed() and "checkpoint" in str(state.message).lower()
+
+
+def test_a_flow_process_starts_prefect_without_telemetry():
+    """A first ephemeral run printed the telemetry service's "database is locked" traceback."""
+    import os
+
+    code = ("import flows\nfrom prefect.settings import get_current_settings\n"
+            "print(get_current_settings().server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}  # as a user's shell
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "False", run.stderr[-2000:]

@@ -59,6 +59,30 @@ def test_the_installed_command_draws_from_a_run_quietly(tiny_run, tmp_path):
     assert "without a flow run id" not in done.stderr  # Prefect's API handler stays out of commands that run no flow
 
 
+@pytest.mark.numerics
+def test_each_png_carries_its_parameters_and_a_seeds_own_file_redraws_alone(tiny_run, tmp_path):
+    from tagdit.formats.png_parameters import read_parameters
+
+    common = ["--prompt", "red hair, smile", "--cfg", "3", "--steps", "2", "--eta", "0.5"]
+    result = sample.main(sample_args(tiny_run, *common, "--negative", "hat", "--n", "2", "--seed", "5", "--per-seed",
+                                     "--out", str(tmp_path / "row.png")))
+    assert result["files"] == [str(tmp_path / "row-seed5.png"), str(tmp_path / "row-seed6.png")]
+    own = read_parameters(tmp_path / "row-seed6.png")
+    assert own == {"prompt": "red hair, smile", "negative": "hat", "Steps": "2", "Sampler": "DDIM", "CFG scale": "3",
+                   "Seed": "6", "Size": "64x64", "Model": own["Model"], "Eta DDIM": "0.5"}
+    assert own["Model"].endswith("/ckpt-0000004") and Image.open(tmp_path / "row-seed6.png").size == (64, 64)
+    row = read_parameters(tmp_path / "row.png")
+    assert (row["Seed"], row["Batch size"]) == ("5", "2")
+    sample.main(sample_args(tiny_run, *common, "--negative", "hat", "--n", "1", "--seed", "6", "--per-seed",
+                            "--out", str(tmp_path / "alone.png")))  # what the file says redraws it
+    assert_images_close(Image.open(tmp_path / "alone-seed6.png"), Image.open(tmp_path / "row-seed6.png"))
+    sample.main(sample_args(tiny_run, "--prompt", "smile", "--steps", "2", "--n", "1", "--out", str(tmp_path / "p.png")))
+    plain = read_parameters(tmp_path / "p.png")
+    assert plain["negative"] == "" and "Negative prompt" not in Image.open(tmp_path / "p.png").text["parameters"]
+    assert (plain["Seed"], plain["Batch noise"]) == ("0", "one generator")
+    assert not list(tmp_path.glob("p-seed*.png"))  # one file per seed only on request
+
+
 def test_ddpm_is_ddim_with_eta_one_in_every_tool(tiny_run, tmp_path):
     common = ["--prompt", "smile, hat", "--steps", "3", "--n", "2", "--seed", "4"]
     sample.main(sample_args(tiny_run, *common, "--sampler", "ddpm", "--out", str(tmp_path / "ddpm.png")))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tagdit.evaluation.trend import trend_plot, trend_rows
+import numpy as np
+
+from tagdit.evaluation.plot import nice_ticks
+from tagdit.evaluation.trend import SERIES, trend_plot, trend_rows
 from tagdit.formats.eval_metrics import EvalMetrics, Fidelity
 
 
@@ -29,5 +32,18 @@ def test_rows_by_step_with_the_latest_evaluation_of_each_checkpoint(tmp_path):
     assert [(r["step"], r["tag recall (CFG)"], r["tag recall (no CFG)"]) for r in rows] == [(200, 0.4, 0.2), (400, 0.7, 0.35)]
     assert rows[1]["recall ratio"] == 0.875 and rows[1]["KID (tagger)"] == 4.0 and rows[1]["val loss"] == 0.0025
     plot = trend_plot(rows)
-    assert plot.size == (480, 240) and len(plot.getcolors(10_000)) > 3  # lines, points and labels drawn
-    assert trend_rows(tmp_path / "missing") == [] and trend_plot([]).size == (480, 240)
+    assert plot.size == (640, 320) and len(plot.getcolors(10_000)) > 3  # lines, points and labels drawn
+    assert trend_rows(tmp_path / "missing") == [] and trend_plot([]).size == (640, 320)
+
+
+def test_the_x_axis_runs_from_step_0_to_a_round_number_past_the_last_checkpoint():
+    assert nice_ticks(900) == [0, 200, 400, 600, 800, 1000] and nice_ticks(433_200)[-1] == 500_000
+    assert nice_ticks(7) == [0, 2, 4, 6, 8] and nice_ticks(0) == [0, 1]
+
+
+def test_a_single_checkpoint_is_a_dot_at_its_step_not_a_degenerate_axis():
+    """One evaluation at step 900 read "step 900 ... step 900" across the whole axis."""
+    plot = np.asarray(trend_plot([{"step": 900, "tag recall (CFG)": 0.5, "tag recall (no CFG)": 0.25,
+                                   "recall ratio": 0.8}]))
+    ys, xs = np.nonzero((plot[:250] == SERIES[0][1]).all(-1))  # the CFG series' colour above the legend
+    assert len(xs) and 0.85 < (xs.mean() - 52) / (640 - 52 - 16) < 0.95  # at 900 of an axis to 1000

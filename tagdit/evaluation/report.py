@@ -38,6 +38,11 @@ def _kids(m: EvalMetrics) -> dict[str, dict[str, float | None]]:
     return {"kid_tagger": m.kid_tagger, **({"kid_inception": m.kid_inception} if m.kid_inception is not None else {})}
 
 
+def _num(x: float | None, places: int) -> str:
+    """A metric as people read it: `places` decimals, or "not computed"."""
+    return "not computed" if x is None else f"{x:.{places}f}"
+
+
 def ratio_text(m: EvalMetrics) -> str:
     """`ratio ± se` (the se when the evaluation has one)."""
     return f"{m.tag_recall_ratio:.3f}" + ("" if m.tag_recall_ratio_se is None else f" ± {m.tag_recall_ratio_se:.3f}")
@@ -72,10 +77,10 @@ def artifact_markdown(metrics_path: str | Path) -> str:
     for name, r in list(m.sampler_recall.items())[1:]:
         lines.append(f"| CFG {m.cfg_scale} samples ({name}: {r.sampler}, {r.steps} steps) "
                      f"| {r.recall:.3f} | {r.precision:.3f} |")
-    kids = " · ".join(f"{kind} (CFG): {values.get('cfg')}" for kind, values in _kids(m).items())
+    kids = " · ".join(f"{kind} (CFG): {_num(values.get('cfg'), 5)}" for kind, values in _kids(m).items())
     se = "" if m.tag_recall_ratio_se is None else f" (± standard error over {m.samples_per_prompt} samples per prompt)"
     lines += ["", f"**tag_recall_ratio** (CFG / real): {ratio_text(m)}{se} · VAE PSNR: "
-              f"{m.vae_psnr_db:.2f} dB · DiT val loss: {m.dit_val_loss} · {kids}", ""]
+              f"{m.vae_psnr_db:.2f} dB · DiT val loss: {_num(m.dit_val_loss, 4)} · {kids}", ""]
     lines += [kid_line(k) for k in m.kid.values()]
     lines += ["", "Full-size files (on the machine that ran the evaluation):"]
     lines += [f"- {name}: `{Path(p).resolve()}`" for name, p in m.grids.items()]

@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from tagdit.evaluation.plot import Series, line_chart
 from tagdit.formats.eval_metrics import EvalMetrics
 
 
@@ -49,30 +50,8 @@ SERIES = (("tag recall (CFG)", (31, 119, 180)), ("tag recall (no CFG)", (150, 15
           ("recall ratio", (214, 39, 40)))
 
 
-def trend_plot(rows: list[dict[str, Any]], size: tuple[int, int] = (480, 240)) -> Image.Image:
-    """Tag recall with and without CFG and their ratio against the training step (y from 0 to 1)."""
-    w, h = size
-    left, right, top, bottom = 36, 12, 10, 34
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    steps = [r["step"] or 0 for r in rows]
-    lo, hi = min(steps, default=0), max(steps, default=1)
-    span = (hi - lo) or 1
-
-    def xy(step: float, value: float) -> tuple[float, float]:
-        return (left + (step - lo) / span * (w - left - right), top + (1 - min(max(value, 0), 1)) * (h - top - bottom))
-
-    for v in (0, 0.5, 1):
-        draw.line([xy(lo, v), xy(hi, v)], fill=(225, 225, 225))
-        draw.text((4, xy(lo, v)[1] - 6), f"{v:.1f}", fill="black", font=font)
-    draw.text((left, h - bottom + 4), f"step {lo}", fill="black", font=font)
-    draw.text((w - right - 60, h - bottom + 4), f"step {hi}", fill="black", font=font)
-    for i, (name, colour) in enumerate(SERIES):
-        points = [xy(s, r[name]) for s, r in zip(steps, rows, strict=True)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((left + i * 150, h - 14), name, fill=colour, font=font)
-    return img
+def trend_plot(rows: list[dict[str, Any]]) -> Image.Image:
+    """Tag recall with and without CFG and their ratio (0 to 1) against the training step, from step 0;
+    the legend gives the latest checkpoint's values."""
+    series = [Series(name, colour, [(r["step"] or 0, r[name]) for r in rows]) for name, colour in SERIES]
+    return line_chart(series, "training step", "tag recall", [i / 5 for i in range(6)])

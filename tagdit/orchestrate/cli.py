@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from tagdit.config import ConfigError, PipelineConfig
-from tagdit.orchestrate.params import flow_config, stage_spelling, typed_settings
+from tagdit.orchestrate.params import Unset, flow_config, stage_spelling, typed_settings
 
 COMMON = ("config", "overrides", "force")
 
@@ -78,7 +78,7 @@ def _unwrap(annotation: Any) -> tuple[Any, list[Any]]:
             meta += list(annotation.__metadata__)
             annotation = annotation.__origin__
             continue
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        args = [a for a in typing.get_args(annotation) if a is not type(None) and a != Unset]
         if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
             annotation = args[0]
             continue

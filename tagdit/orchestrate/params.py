@@ -12,18 +12,26 @@ becomes a `key=value` override applied after `overrides`, the escape hatch for e
 
 from __future__ import annotations
 
+import functools
 import json
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, WithJsonSchema
+from pydantic.json_schema import SkipJsonSchema
 
 from tagdit.config import PipelineConfig, load_config
+from tagdit.orchestrate.override_schema import override_json_schema
 from tagdit.sampling.methods import SamplerName, sampler_method, sampler_name
 
+# `X | Unset = None`: optional, None when not given, but the schema offers X alone, so Prefect's form shows
+# an X input (empty: not sent) instead of "Property is type None"; an explicit null is refused.
+Unset = SkipJsonSchema[None]
 Preset = Literal["demo", "original-256"]  # configs/<name>.yaml (a test keeps this list in step)
 YamlFile = Annotated[str, StringConstraints(pattern=r"\.ya?ml$")]
 ConfigRef = Preset | YamlFile
-Override = Annotated[str, StringConstraints(pattern=r"^\s*[A-Za-z_][\w.]*\s*=")]
+Override = Annotated[str, StringConstraints(pattern=r"^\s*[A-Za-z_][\w.]*\s*="),
+                     WithJsonSchema(override_json_schema(PipelineConfig))]  # keys checked by the server
 FolderName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.-]*$", max_length=100)]
 Steps = Annotated[int, Field(ge=1)]
 Gpus = Annotated[int, Field(ge=1, le=64)]
@@ -103,8 +111,35 @@ force: stages to recompute, with every stage after them, ignoring their caches.
 """
 
 
+def preset_settings(cfg: PipelineConfig) -> dict[str, str]:
+    """What each typed setting is when left empty, under this config (`dit_steps` -> "900")."""
+    first = cfg.evaluate.samplers[0]
+    return {"source": str(cfg.data.source), "dataset": cfg.data.name, "run": cfg.run.name,
+            "vae_steps": str(cfg.vae.train.steps), "dit_steps": str(cfg.dit.train.steps),
+            "gpus": str(cfg.dit.train.nproc), "cfg_scale": str(cfg.evaluate.cfg_scale),
+            "sampler": ", ".join(s.name for s in cfg.evaluate.samplers), "sampling_steps": str(first.steps)}
+
+
+@functools.cache
+def preset_defaults() -> dict[str, str]:
+    """Per typed setting, its value under each preset, as the run form says it: "demo: 900; original-256: 500000"."""
+    values = {name: preset_settings(load_config(name)) for name in typing.get_args(Preset)}
+    return {key: "; ".join(f"{name}: {v[key]}" for name, v in values.items()) for key in next(iter(values.values()))}
+
+
+def _with_preset_values(lines: list[str]) -> list[str]:
+    """`dit_steps: DiT optimizer steps (dit.train.steps).` + ` Default: the preset's (demo: 900; original-256: ...).`"""
+    defaults = preset_defaults()
+    out = []
+    for line in lines:
+        name = line.strip().split(":", 1)[0]
+        out.append(f"{line.rstrip()} Default: the preset's ({defaults[name]})." if name in defaults else line)
+    return out
+
+
 def with_common_args(fn: Any) -> Any:
-    """Put the `config`/`overrides`/`force` descriptions at the top of `fn`'s `Args:` docstring section.
+    """Put the `config`/`overrides`/`force` descriptions at the top of `fn`'s `Args:` docstring section,
+    and end each typed setting's with its value under each preset (what an empty field runs with).
 
     Apply under `@flow`: Prefect reads the descriptions when the flow is decorated.
     """
@@ -113,5 +148,6 @@ def with_common_args(fn: Any) -> Any:
         doc = doc.rstrip() + "\n\n    Args:\n        \n"
     head, sep, tail = doc.partition("Args:\n")
     indent = tail[: len(tail) - len(tail.lstrip(" "))]
+    tail = "\n".join(_with_preset_values(tail.split("\n")))
     fn.__doc__ = head + sep + "".join(indent + line + "\n" for line in COMMON_ARGS.splitlines()) + tail
     return fn

@@ -33,6 +33,8 @@ NOT_OUTPUT_CODE = {
     "tagdit.train.reports": "progress, grids and rank errors shown in Prefect, not the stage's files",
     "tagdit.train.disk": "refuses a run that cannot fit; what it writes does not change",
     "tagdit.evaluation.report": "artifacts and TensorBoard, not the stage's files",
+    "tagdit.stores": "copies finished files to and from a URL folder; the bytes are the stage's",
+    "tagdit.train.stop": "a cancel's stop flag: a checkpoint sooner, and resuming from it is exact (tested)",
 }
 
 

@@ -266,7 +266,7 @@ class PrefectConfig(Section):
     task_runner: Literal["local", "dask"] = "local"
     dask_address: str | None = None  # an existing Dask scheduler (tcp://host:8786); None = a local cluster
     dask_workers: int = Field(2, ge=1)  # worker processes of that local cluster
-    # where the local runner runs tag chunks and encode shards: a spawned worker per device, each with its
+    # where the local runner runs tag chunks and encode shards: a worker process per device, each with its
     # own ONNX session / VAE on it. auto = one per visible CUDA device when there are several, else in this
     # process; or a list: [cuda:0, cuda:2], or fake [cpu:0, cpu:1] (a one-thread CPU worker each: tests)
     devices: Literal["auto"] | list[str] = "auto"

@@ -4,7 +4,7 @@ A stage task plans its units and hands the missing ones to `run_units`, which su
 task run per unit on the runner `chunk_runner(cfg.prefect, ...)` opened:
   - `local` (default): `LocalTaskRunner`, Prefect's thread-pool runner for the task runs plus, for
     CPU-bound units, a pool of forked processes that the unit bodies `offload` their work to, and for
-    device units (tag, encode) a spawned worker per device (`tagdit.orchestrate.device_workers`). Forked
+    device units (tag, encode) a worker process per device (`tagdit.orchestrate.device_workers`). Forked
     workers start in milliseconds with everything imported; Prefect's ProcessPoolTaskRunner spawns
     fresh interpreters that each import Prefect and connect to its API first (cropping 300 JPEGs in
     6 chunks on 2 cores: 4-5 s here, 14-17 s on that runner; with the ephemeral API it times out).

@@ -18,8 +18,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig, TaggerConfig
-from tagdit.data.onnx_session import tagger_cuda_devices
-from tagdit.data.tag import forget_taggers, tag_chunk_on
+from tagdit.data.tag import forget_taggers, tag_chunk_on, tagger_cuda_devices
 from tagdit.data.tagger import ResolvedTagger, resolve_tagger
 from tagdit.files import remove_stale_temps, sha256_text
 from tagdit.formats.chunks import chunk_bucket, chunk_name, tag_chunk_rows
@@ -49,7 +48,8 @@ TAG = Stage(
     name="tag",
     version=4,  # 2: the tagger reads the source square; 3: Pillow's resize; 4: per bucket, rows record their input
     modules=("tasks.tag", "tagdit.data.tag", "tagdit.data.tagger", "tagdit.data.onnx_session", "tagdit.formats.chunks",
-             "tagdit.formats.selected_tags", "tagdit.formats.wd_image"),
+             "tagdit.formats.selected_tags", "tagdit.formats.wd_image",
+             "tagdit.devices:unit_threads", "tagdit.devices:is_fake"),  # a fake device's one thread
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
               "tagger.sidecar", "tagger.resize", "tagger.pre_shrink"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "tag",

@@ -51,15 +51,6 @@ def device_providers(device: str | None) -> list | None:
     return [("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])}), "CPUExecutionProvider"]
 
 
-def tagger_cuda_devices() -> int:
-    """CUDA devices the tagger can run on: torch's count when this onnxruntime has the CUDA provider, else 0."""
-    if "CUDAExecutionProvider" not in import_onnxruntime().get_available_providers():
-        return 0
-    from tagdit.devices import cuda_device_count
-
-    return cuda_device_count()
-
-
 def _installed(dist: str) -> str | None:
     """The installed version of a distribution, or None."""
     from importlib.metadata import PackageNotFoundError, version

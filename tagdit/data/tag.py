@@ -25,7 +25,7 @@ from itertools import islice
 from pathlib import Path
 
 from tagdit.config import TaggerConfig
-from tagdit.data.onnx_session import device_providers
+from tagdit.data.onnx_session import device_providers, import_onnxruntime
 from tagdit.data.tagger import ResolvedTagger, TagResult, WDTagger, default_preprocess_threads
 from tagdit.files import sha256_text
 from tagdit.formats.chunks import read_crop_chunk, read_tag_chunk, tag_chunk_tagger, write_tag_chunk
@@ -171,6 +171,15 @@ def tag_chunk(load_tagger: Callable[[], WDTagger], crop_chunk: Path, dst: Path, 
     rows = [fresh.get(r["key"]) or kept[(r["key"], tag_input(r))] for r in crops]
     write_tag_chunk(rows, dst, tagger_key)
     return len(rows)
+
+
+def tagger_cuda_devices() -> int:
+    """CUDA devices the tagger can run on: torch's count when this onnxruntime has the CUDA provider, else 0."""
+    from tagdit.devices import cuda_device_count
+
+    if "CUDAExecutionProvider" not in import_onnxruntime().get_available_providers():
+        return 0
+    return cuda_device_count()
 
 
 def tag_chunk_on(device: str | None, crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig,

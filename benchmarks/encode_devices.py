@@ -25,7 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bar per side
 
 
 def latent_bytes(folder: Path) -> dict[str, bytes]:

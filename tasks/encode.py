@@ -105,10 +105,11 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
                      lc.batch_size)
     devices = local_devices(cfg.prefect.devices, cuda_device_count())
     try:  # on one device one shard at a time: the model uses the whole device
-        with chunk_runner(cfg.prefect, devices=devices) as runner:
-            run_units(runner, encode_shard_task, [{"src": s, "dst": out_dir / s.name, "p": p,
-                                                   "image_shard_sha256": shas[s.name]} for s in missing],
-                      "encode", unit_name="shard")
+        if missing:  # no workers started for nothing
+            with chunk_runner(cfg.prefect, devices=devices) as runner:
+                run_units(runner, encode_shard_task, [{"src": s, "dst": out_dir / s.name, "p": p,
+                                                       "image_shard_sha256": shas[s.name]} for s in missing],
+                          "encode", unit_name="shard")
     finally:
         forget_vaes()  # the local runner's model; a Dask worker keeps its own
     stats = LatentStats(**latent_stats(latent_shard_paths(out_dir, "train")), vae_checkpoint_sha256=weights_sha,

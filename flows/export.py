@@ -61,7 +61,7 @@ def export_run(cfg: PipelineConfig, to: str | Path, overwrite: bool = False, *, 
     if dit.vocab_size != (n := len(Vocab.load(files.vocab))):
         raise ValueError(f"{ckpt} was trained with {dit.vocab_size} tokens, {files.vocab} has {n}")
     vae, _ = load_vae(files.vae_checkpoint)
-    stats = LatentStats.load(files.latents_dir)
+    stats = LatentStats.of_run(ckpt.parent, files.latents_dir)  # the scale factor the DiT trained with
     sampler, evaluation = cfg.evaluate.samplers[0], latest_evaluation(cfg, ckpt)
     index = ExportIndex(
         resolution=stats.latent_shape[-1] * vae.downsample_factor, latent_shape=stats.latent_shape,

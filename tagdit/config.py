@@ -6,6 +6,7 @@ unknown keys, so a typo fails loudly with the key's dotted name.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -279,6 +280,20 @@ class PrefectConfig(Section):
     task_runner: Literal["local", "dask"] = "local"
     dask_address: str | None = None  # an existing Dask scheduler (tcp://host:8786); None = a local cluster
     dask_workers: int = Field(2, ge=1)  # worker processes of that local cluster
+    # where the local runner runs tag chunks and encode shards: a worker process per device, each with its
+    # own ONNX session / VAE on it. auto = one per visible CUDA device when there are several, else in this
+    # process; or a list: [cuda:0, cuda:2], or fake [cpu:0, cpu:1] (a one-thread CPU worker each: tests)
+    devices: Literal["auto"] | list[str] = "auto"
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, v: str | list[str]) -> str | list[str]:
+        if v == "auto":
+            return v
+        bad = [d for d in v if not re.fullmatch(r"(cuda|cpu):\d+", d)]
+        if not v or bad or len(set(v)) < len(v):
+            raise ValueError(f"prefect.devices must be auto or distinct cuda:N / cpu:N names, got {v}")
+        return v
 
 
 class RunConfig(Section):

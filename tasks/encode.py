@@ -1,7 +1,8 @@
 """Stage encode: image shards + VAE -> latent shards `<dataset>/latents-<vae_id>/` + `stats.json`.
 
 The Prefect contract only: `ENCODE` (what the stage's key hashes), `encode_shard_task` (one shard on
-the stage's task runner, `tagdit.orchestrate.chunks`, with the VAE loaded once per worker process),
+the stage's task runner, `tagdit.orchestrate.chunks`, on a worker per device of `prefect.devices`,
+with the VAE loaded once per worker process),
 `encode_latents` (drops latents made by other settings, runs the missing shards, writes
 `stats.json`: the only place the latent scale factor is stored), `encode_stage` and `encode_task`.
 The encoding and the scale-factor pass are `tagdit.data.encode`. A latent shard is kept only when
@@ -13,7 +14,6 @@ shard is encoded again, even with the same VAE.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,16 @@ from tagdit.config import PipelineConfig
 from tagdit.data.encode import (
     STATS_SEED,
     EncodeParams,
-    encode_shard,
+    encode_shard_on,
     forget_vaes,
     latent_stats,
-    loaded_vae,
 )
+from tagdit.devices import cuda_device_count
 from tagdit.files import remove_stale_temps, sha256_file
 from tagdit.formats.image_shards import ShardIndex, image_shards
 from tagdit.formats.latent_shards import STATS_FILE, LatentSource, LatentStats, latent_shard_paths
 from tagdit.orchestrate.chunks import chunk_runner, run_units, unit_task
+from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_device
 from tagdit.orchestrate.markers import marker_matches, write_marker
 from tagdit.orchestrate.stage import Stage, StageRecord, code_version, stage_cache_key
 
@@ -72,16 +73,11 @@ def _fresh(dst: Path, image_shard_sha256: str) -> bool:
 
 
 @unit_task(name="encode-shard", run_name="encode {src.name}")
-def encode_shard_task(src: Path, dst: Path, p: EncodeParams, image_shard_sha256: str = "") -> int:
-    """One latent shard, with this worker process's loaded VAE; returns the number of samples."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    model, device = loaded_vae(p)
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        n = encode_shard(model, src, dst, resolution=p.resolution, flip=p.flip, batch_size=p.batch_size,
-                         device=device, pool=pool, image_shard_sha256=image_shard_sha256)
-    log.info("encode: %s -> %d latents", src.name, n)
-    return n
+def encode_shard_task(src: Path, dst: Path, p: EncodeParams, image_shard_sha256: str = "") -> DeviceRun:
+    """One latent shard on a free device worker's VAE (or this process's); its value is the number of samples."""
+    run = on_device(encode_shard_on, src, dst, p, image_shard_sha256)
+    log.info("encode: %s -> %d latents on %s", src.name, run.value, run.device or "the default device")
+    return run
 
 
 def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_dir: Path,
@@ -107,11 +103,13 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
              len(missing), len(todo), out_dir, len(todo) - len(missing))
     p = EncodeParams(ckpt, lc.use_ema, weights_sha, cfg.vae.train.device, cfg.data.resolution, lc.flip,
                      lc.batch_size)
-    try:
-        with chunk_runner(cfg.prefect) as runner:  # locally one shard at a time: the model uses the device
-            run_units(runner, encode_shard_task, [{"src": s, "dst": out_dir / s.name, "p": p,
-                                                   "image_shard_sha256": shas[s.name]} for s in missing],
-                      "encode", unit_name="shard")
+    devices = local_devices(cfg.prefect.devices, cuda_device_count())
+    try:  # on one device one shard at a time: the model uses the whole device
+        if missing:  # no workers started for nothing
+            with chunk_runner(cfg.prefect, devices=devices) as runner:
+                run_units(runner, encode_shard_task, [{"src": s, "dst": out_dir / s.name, "p": p,
+                                                       "image_shard_sha256": shas[s.name]} for s in missing],
+                          "encode", unit_name="shard")
     finally:
         forget_vaes()  # the local runner's model; a Dask worker keeps its own
     stats = LatentStats(**latent_stats(latent_shard_paths(out_dir, "train")), vae_checkpoint_sha256=weights_sha,

@@ -1,8 +1,8 @@
 """Tag stage: WD 1.4 tags for every crop, merged with sidecar `name.txt` tags; one tag chunk per crop chunk.
 
 The Prefect contract only: `TAG` (what the stage's key hashes), `tag_chunk_task` (one chunk on the
-stage's task runner, `tagdit.orchestrate.chunks`, with the ONNX tagger loaded once per worker
-process), `tag_stage` and `tag_task`. The tagging itself is `tagdit.data.tag`; the chunk files are
+stage's task runner, `tagdit.orchestrate.chunks`, on a worker per device of `prefect.devices`, with
+the ONNX tagger loaded once per worker process), `tag_stage` and `tag_task` (the `gpu` slot). The tagging itself is `tagdit.data.tag`; the chunk files are
 `tagdit.formats.chunks`. A tag chunk is named by its crop chunk's bucket and a digest of the crop
 chunk's bytes, the tagger files and the tag settings: a killed run resumes at the first missing
 chunk, a changed crop chunk re-tags only itself, and in it only its new or changed crops (the rest
@@ -18,11 +18,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig, TaggerConfig
-from tagdit.data.tag import forget_taggers, loaded_tagger, tag_chunk
+from tagdit.data.tag import forget_taggers, tag_chunk_on, tagger_cuda_devices
 from tagdit.data.tagger import ResolvedTagger, resolve_tagger
 from tagdit.files import remove_stale_temps, sha256_text
 from tagdit.formats.chunks import chunk_bucket, chunk_name, tag_chunk_rows
 from tagdit.orchestrate.chunks import chunk_runner, run_units, unit_task
+from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_device
 from tagdit.orchestrate.stage import (
     Stage,
     StageRecord,
@@ -36,16 +37,19 @@ log = logging.getLogger(__name__)
 
 @unit_task(name="tag-chunk", run_name="tag {dst.name}")
 def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig, source: Path,
-                   previous: Path | None = None, tagger_key: str = "") -> int:
-    """One tag chunk, with this worker process's loaded tagger; returns the rows written."""
-    return tag_chunk(lambda: loaded_tagger(tagger, tcfg), crop_chunk, dst, tcfg, source, previous, tagger_key)
+                   previous: Path | None = None, tagger_key: str = "") -> DeviceRun:
+    """One tag chunk on a free device worker's tagger (or this process's); its value is the rows written."""
+    run = on_device(tag_chunk_on, crop_chunk, dst, tagger, tcfg, source, previous, tagger_key)
+    log.info("tag: %s -> %d rows on %s", dst.name, run.value, run.device or "the default device")
+    return run
 
 
 TAG = Stage(
     name="tag",
     version=4,  # 2: the tagger reads the source square; 3: Pillow's resize; 4: per bucket, rows record their input
     modules=("tasks.tag", "tagdit.data.tag", "tagdit.data.tagger", "tagdit.data.onnx_session", "tagdit.formats.chunks",
-             "tagdit.formats.selected_tags", "tagdit.formats.wd_image"),
+             "tagdit.formats.selected_tags", "tagdit.formats.wd_image",
+             "tagdit.devices:unit_threads", "tagdit.devices:is_fake"),  # a fake device's one thread
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
               "tagger.sidecar", "tagger.resize", "tagger.pre_shrink"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "tag",
@@ -85,8 +89,9 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
         params = [{"crop_chunk": crop_chunks[i], "dst": dsts[i], "tagger": resolve_tagger(cfg.tagger),
                    "tcfg": cfg.tagger, "source": Path(crop.info["source"]), "previous": previous[i],
                    "tagger_key": key} for i in todo]
-        try:
-            with chunk_runner(cfg.prefect) as runner:  # locally one chunk at a time: ONNX uses every core
+        devices = local_devices(cfg.prefect.devices, tagger_cuda_devices())
+        try:  # on one device one chunk at a time: ONNX uses the whole device (every core of a CPU)
+            with chunk_runner(cfg.prefect, devices=devices) as runner:
                 run_units(runner, tag_chunk_task, params, "tag", unit_name="chunk")
         finally:
             forget_taggers()  # the local runner's session; a Dask worker keeps its own
@@ -99,7 +104,7 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
     return TAG.write_stamp(cfg, {"crop": crop}, dsts, info)
 
 
-@task(name="tag", cache_key_fn=stage_cache_key(TAG), persist_result=True)
+@task(name="tag", cache_key_fn=stage_cache_key(TAG), persist_result=True, tags=["gpu"])
 def tag_task(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> StageRecord:
     """Prefect task: WD 1.4 tags (+ sidecar tags) for every crop."""
     rec = tag_stage(cfg, crop, force=force)

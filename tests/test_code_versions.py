@@ -25,6 +25,7 @@ NOT_OUTPUT_CODE = {
     "tagdit.files": "atomic writes and hashing",
     "tagdit.orchestrate.stage": "the cache machinery itself",
     "tagdit.orchestrate.chunks": "how units are scheduled (processes, Dask)",
+    "tagdit.orchestrate.device_workers": "which device's worker runs a unit; the bytes are one device's (tested)",
     "tagdit.orchestrate.markers": "reads and writes resume markers; the key they hold is the stage's",
     "tagdit.data.prefetch": "reads ahead in a thread; same items, same order",
     "tagdit.demo.parallel": "maps work over processes; same results, same order",

@@ -82,3 +82,16 @@ def test_a_renamed_key_still_loads_under_its_new_name(tmp_path, caplog):
 def test_a_key_that_does_nothing_now_is_dropped_with_a_warning(caplog):
     assert load_config(None, ["crop.chunk_size=32", "crop.min_size=8"]).crop.min_size == 8
     assert "crop.chunk_size does nothing now" in caplog.text
+
+
+def test_devices_are_auto_or_distinct_device_names_and_auto_uses_several_gpus_only():
+    from tagdit.orchestrate.device_workers import local_devices
+
+    assert load_config(None, []).prefect.devices == "auto"
+    assert load_config(None, ["prefect.devices=[cuda:0,cuda:2]"]).prefect.devices == ["cuda:0", "cuda:2"]
+    for bad in ("[gpu0]", "[cuda:0,cuda:0]", "[]", "cuda"):
+        with pytest.raises(ConfigError, match="prefect.devices"):
+            load_config(None, [f"prefect.devices={bad}"])
+    assert local_devices("auto", 0) == local_devices("auto", 1) == [None]  # in this process, as before
+    assert local_devices("auto", 3) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert local_devices(["cpu:0", "cpu:1"], 8) == ["cpu:0", "cpu:1"]

@@ -105,3 +105,25 @@ def test_dask_cluster_writes_byte_identical_shards_and_latents(prefect_env, tmp_
     assert tars and tars == sorted(p.name for p in lat_dask.glob("*.tar"))
     for name in [*tars, "stats.json"]:
         assert (lat_local / name).read_bytes() == (lat_dask / name).read_bytes(), name
+
+
+@unit_task(name="on-device", run_name="on device {i}")
+def on_a_device(i: int):
+    """The device and worker a unit's work ran on."""
+    from tagdit.devices import unit_threads
+    from tagdit.orchestrate.device_workers import on_device
+
+    return on_device(unit_threads)  # a fake device's worker: 1 thread
+
+
+def test_local_runner_runs_device_units_as_task_runs_on_a_worker_per_device(prefect_env):
+    from prefect import flow
+
+    @flow
+    def units() -> list:
+        with chunk_runner(PrefectConfig(devices=["cpu:0", "cpu:1"]), devices=["cpu:0", "cpu:1"]) as runner:
+            return run_units(runner, on_a_device, [{"i": i} for i in range(4)], "units")
+
+    runs = units()  # tiny units: one worker may finish them all before the next is submitted
+    assert len(runs) == 4 and {r.device for r in runs} <= {"cpu:0", "cpu:1"} and {r.value for r in runs} == {1}
+    assert len({(r.pid, r.device) for r in runs}) == len({r.pid for r in runs}) and os.getpid() not in {r.pid for r in runs}

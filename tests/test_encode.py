@@ -8,6 +8,7 @@ import pytest
 import torch
 from webdataset.tariterators import tarfile_samples
 
+import tagdit.data.encode
 import tasks.encode as enc
 from models.vae import build_vae
 from tagdit.config import load_config
@@ -125,7 +126,7 @@ def test_encoding_resumes_per_shard_and_gives_identical_bytes(tmp_path, dataset,
     enc.encode_latents(cfg, dataset, vae_ckpt, ref, "abc")
 
     out = tmp_path / "out"
-    real, calls = enc.encode_shard, []
+    real, calls = tagdit.data.encode.encode_shard, []
 
     def dying(model, src, dst, **kw):
         if len(calls) == 2:
@@ -133,14 +134,14 @@ def test_encoding_resumes_per_shard_and_gives_identical_bytes(tmp_path, dataset,
         calls.append(src.name)
         return real(model, src, dst, **kw)
 
-    monkeypatch.setattr(enc, "encode_shard", dying)
+    monkeypatch.setattr(tagdit.data.encode, "encode_shard", dying)
     with pytest.raises(KeyboardInterrupt):
         enc.encode_latents(cfg, dataset, vae_ckpt, out, "abc")
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert sorted(done) == calls == ["train-000000.tar", "train-000001.tar"]
 
     calls.clear()
-    monkeypatch.setattr(enc, "encode_shard", lambda *a, **k: (calls.append(a[1].name), real(*a, **k))[1])
+    monkeypatch.setattr(tagdit.data.encode, "encode_shard", lambda *a, **k: (calls.append(a[1].name), real(*a, **k))[1])
     enc.encode_latents(cfg, dataset, vae_ckpt, out, "abc")
     assert calls == ["train-000002.tar", "val-000000.tar"]  # complete shards are skipped
     assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in done.items())
@@ -166,3 +167,106 @@ def test_train_vae_and_encode_latents_flows_run_and_cache(prefect_env, dataset):
     assert stats["scale_factor"] == latents.info["scale_factor"] > 0
     again = encode_flow(overrides=overrides)
     assert again.cached and again.fingerprint == latents.fingerprint
+
+
+def unit_runs(monkeypatch, module) -> list:
+    """Every DeviceRun the stage's units return from now on (run_units wrapped in `module`)."""
+    real, runs = module.run_units, []
+    monkeypatch.setattr(module, "run_units", lambda *a, **k: runs.extend(real(*a, **k)) or runs)
+    return runs
+
+
+def assert_a_worker_per_device(runs: list, devices: set[str]) -> None:
+    """Each device used by one process of its own, and no two units on one device at once."""
+    assert {r.device for r in runs} == devices and os.getpid() not in {r.pid for r in runs}
+    assert len({(r.device, r.pid) for r in runs}) == len(devices) == len({r.pid for r in runs})
+    for a in runs:
+        for b in runs:
+            if a is not b and a.started < b.finished and b.started < a.finished:
+                assert a.device != b.device, (a, b)
+
+
+@pytest.mark.numerics  # the default run's one torch thread vs each worker's one thread: same kernels
+def test_encode_runs_a_worker_per_fake_device_and_writes_the_single_device_bytes(tmp_path, dataset, vae_ckpt,
+                                                                                 monkeypatch):
+    one = tmp_path / "one"
+    enc.encode_latents(make_cfg(dataset), dataset, vae_ckpt, one, "abc")  # auto on a CPU: in this process
+    runs = unit_runs(monkeypatch, enc)
+    two = tmp_path / "two"
+    enc.encode_latents(make_cfg(dataset, "prefect.devices=[cpu:0,cpu:1]"), dataset, vae_ckpt, two, "abc")
+    assert len(runs) == 4 and sum(r.value for r in runs) == 18
+    assert_a_worker_per_device(runs, {"cpu:0", "cpu:1"})
+    names = sorted(p.name for p in one.iterdir() if p.name != "encode.json")
+    assert names == sorted(p.name for p in two.iterdir() if p.name != "encode.json") and len(names) == 9
+    for name in names:  # 4 shards, their source records, stats.json
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def serial_pass(paths: list[Path]) -> tuple[float, float, int]:
+    """(mean, std, values) of one posterior sample per image over every latent at once, in float64
+    (each shard's samples drawn as the encode stage draws them: its own seed, one chunk of <= 256)."""
+    from models.vae import AutoencoderKL
+    from tagdit.data.encode import shard_seed
+    from tagdit.formats.latent_shards import iter_latent_samples, read_posterior
+
+    zs = []
+    for p in paths:
+        means, logvars = zip(*(read_posterior(raw) for raw in iter_latent_samples([p])), strict=True)
+        mean, logvar = (torch.from_numpy(np.stack(a)).float() for a in (means, logvars))
+        g = torch.Generator().manual_seed(shard_seed(p.name))
+        zs.append(AutoencoderKL.sample(mean, logvar, generator=g).double().flatten())
+    z = torch.cat(zs)
+    return z.mean().item(), z.std(unbiased=False).item(), z.numel()
+
+
+def no_latent_reads(monkeypatch) -> list:
+    """Latent shards read by the scale-factor pass from now on (recorded, and still read)."""
+    import tagdit.data.encode as lib
+
+    real, reads = lib.iter_latent_samples, []
+    monkeypatch.setattr(lib, "iter_latent_samples", lambda paths: (reads.extend(paths), real(paths))[1])
+    return reads
+
+
+@pytest.mark.numerics
+def test_scale_factor_merges_recorded_moments_without_reading_latents_and_equals_the_serial_pass(
+        tmp_path, dataset, vae_ckpt, monkeypatch, caplog):
+    import logging
+
+    from tagdit.formats.latent_shards import LatentSource
+
+    out = tmp_path / "latents"
+    enc.encode_latents(make_cfg(dataset), dataset, vae_ckpt, out, "abc")
+    train = latent_shard_paths(out, "train")
+    reads = no_latent_reads(monkeypatch)
+    merged = latent_stats(train)
+    assert reads == [] and merged == {k: v for k, v in json.loads((out / "stats.json").read_text()).items()
+                                      if k in merged}
+    mean, std, values = serial_pass(train)
+    assert merged["values"] == values and merged["count"] == 14
+    assert merged["mean"] == pytest.approx(mean, rel=1e-12, abs=1e-15)
+    assert merged["std"] == pytest.approx(std, rel=1e-12) and merged["scale_factor"] == pytest.approx(1 / std, rel=1e-12)
+
+    record = LatentSource.load(train[1])
+    LatentSource(image_shard_sha256=record.image_shard_sha256, images=record.images).save(train[1])  # no moments
+    with caplog.at_level(logging.INFO, logger="tagdit.data.encode"):
+        assert latent_stats(train) == merged and reads == [train[1]]  # measured: the same moments
+    assert f"{train[1].name} has no recorded moments" in caplog.text
+
+
+def test_a_grown_dataset_updates_the_scale_factor_reading_no_old_latents(tmp_path, dataset, vae_ckpt, monkeypatch):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    late = ds / "images" / "train-000002.tar"
+    late.rename(tmp_path / late.name)  # the dataset before it grew: two train shards
+    out = tmp_path / "latents"
+    before = enc.encode_latents(make_cfg(ds), ds, vae_ckpt, out, "abc")
+    (tmp_path / late.name).rename(late)
+    reads = no_latent_reads(monkeypatch)
+    after = enc.encode_latents(make_cfg(ds), ds, vae_ckpt, out, "abc")
+    assert reads == []  # neither the old shards' latents nor the new one's are read again
+    assert (before.count, after.count) == (10, 14) and after.scale_factor != before.scale_factor
+    _, std, _ = serial_pass(latent_shard_paths(out, "train"))
+    assert after.scale_factor == pytest.approx(1 / std, rel=1e-12)

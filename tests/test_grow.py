@@ -151,7 +151,7 @@ def test_a_changed_image_re_encodes_its_latent_shard_with_the_same_vae(tmp_path,
     target = src / "char2" / "005.png"
     Image.new("RGB", Image.open(target).size, (0, 255, 0)).save(target)  # new pixels, same name
     encoded = encoded_keys(monkeypatch)
-    shards = count_calls(monkeypatch, enc, "encode_shard")
+    shards = count_calls(monkeypatch, tagdit.data.encode, "encode_shard")
     prepare(tmp_path, src, wd_model)
     enc.encode_latents(cfg, ds, vae_ckpt, latents, "abc")
     images_after, latents_after = snapshot(ds / "images"), snapshot(latents)

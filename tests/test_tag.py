@@ -56,11 +56,10 @@ def test_first_squares_decode_while_the_session_loads_unless_pre_shrink_needs_it
     import threading
 
     import tagdit.data.tag as tag_lib
-    import tasks.tag as tag
 
     cfg = config(tmp_path, world, f"tagger.pre_shrink={str(pre_shrink).lower()}")
     crop = crop_stage(cfg)
-    decoding, load = threading.Event(), tag.loaded_tagger
+    decoding, load = threading.Event(), tag_lib.loaded_tagger
     real_square = tag_lib.source_square
     monkeypatch.setattr(tag_lib, "source_square", lambda *a: decoding.set() or real_square(*a))
 
@@ -70,7 +69,7 @@ def test_first_squares_decode_while_the_session_loads_unless_pre_shrink_needs_it
         return load(*a)
 
     seen: list[bool] = []
-    monkeypatch.setattr(tag, "loaded_tagger", slow_load)
+    monkeypatch.setattr(tag_lib, "loaded_tagger", slow_load)
     rec = tag_stage(cfg, crop)
     assert rec.info["tagged"] == GOOD and seen[0] is (not pre_shrink)
 
@@ -314,3 +313,21 @@ def test_tag_stage_warns_once_when_torch_sees_cuda_but_onnxruntime_offers_no_cud
     warnings = [r for r in caplog.records if "TAGGING RUNS ON THE CPU" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert "BOTH onnxruntime 1.32.0 and onnxruntime-gpu 1.32.0" in warnings[0].getMessage()
+
+
+@pytest.mark.numerics  # the default session's single-threaded runs vs each worker's one thread
+def test_tag_runs_a_worker_per_fake_device_and_writes_the_single_device_chunks(tmp_path, world, monkeypatch):
+    import tasks.tag
+    from tests.test_encode import assert_a_worker_per_device, unit_runs
+
+    one = config(tmp_path / "one", world)
+    crop = crop_stage(one)
+    rec_one = tag_stage(one, crop)  # auto on a CPU: in this process
+    runs = unit_runs(monkeypatch, tasks.tag)
+    two = config(tmp_path / "one", world, "prefect.devices=[cpu:0,cpu:1]", "data.name=t2")
+    rec_two = tag_stage(two, crop)
+    assert len(runs) == 4 and sum(r.value for r in runs) == rec_one.info["tagged"] == GOOD
+    assert_a_worker_per_device(runs, {"cpu:0", "cpu:1"})
+    assert rec_one.info["chunks"] == rec_two.info["chunks"]
+    for name in rec_one.info["chunks"]:
+        assert (Path(rec_one.out_dir) / name).read_bytes() == (Path(rec_two.out_dir) / name).read_bytes(), name

@@ -158,3 +158,34 @@ def test_an_unmarked_run_folder_is_moved_aside_not_resumed(tmp_path):
     (run / "ckpt-0000002").mkdir()
     prepare_out_dir(run, {"a": 1}, force=False, what="train-dit")  # same identity: resumed in place
     assert (run / "ckpt-0000002").is_dir() and json.loads((run / "identity.json").read_text()) == {"a": 1}
+
+
+def test_a_continued_run_keeps_its_scale_factor_and_a_new_run_takes_the_grown_latents_one(tmp_path, monkeypatch,
+                                                                                           caplog):
+    import logging
+
+    import tagdit.train.dit
+    from tagdit.sampling.painter import load_painter
+
+    latents = write_latent_fixture(tmp_path / "ds", n_train=8, n_val=4, per_shard=4)  # scale factor 0.5
+    settings = ["dit.train.val_every=2", "dit.train.batch_size=4"]
+    cfg = config(tmp_path, "dit.train.steps=2", *settings)
+    used, real = [], tagdit.train.dit.dit_loss
+    monkeypatch.setattr(tagdit.train.dit, "dit_loss", lambda *a, stats, **k: used.append(stats.scale_factor)
+                        or real(*a, stats=stats, **k))
+    first = train_dit_stage(cfg, *records(latents))
+    grown = LatentStats.load(latents).model_copy(update={"scale_factor": 0.25, "std": 4.0})
+    grown.save(latents)  # what the latents measure after the dataset grew
+    with caplog.at_level(logging.WARNING, logger="tagdit.train.dit"):
+        more = train_dit_stage(config(tmp_path, "dit.train.steps=4", *settings), *records(latents))  # it continues
+    assert more.info["step"] == 4 and set(used) == {0.5} and len(used) == 4
+    assert first.info["scale_factor"] == more.info["scale_factor"] == 0.5
+    assert "continues with the scale factor it started with, 0.500000" in caplog.text and "0.250000" in caplog.text
+    fake_vae_run(cfg, latents)
+    painter = load_painter(cfg, more.info["checkpoint"], cfg.run_dir / "vae" / "ckpt-0000001", latents)
+    assert painter.stats.scale_factor == 0.5  # drawn with the factor it trained with
+
+    enc, shards = records(latents)  # a grown dataset's encode record: a new fingerprint, a new run
+    new = train_dit_stage(cfg, enc.model_copy(update={"fingerprint": "grown"}), shards)
+    assert new.info["scale_factor"] == 0.25 and set(used[4:]) == {0.25}
+    assert len(list((tmp_path / "runs" / "demo").glob("dit.superseded-*"))) == 1

@@ -5,9 +5,9 @@
 shard it replaces was made from, and records what it was made from (`LatentSource`): posterior `mean.npy` / `logvar.npy` (float16, (z, h, w)), and
 `flip_mean.npy` / `flip_logvar.npy` for the mirrored image when flipping; its images are decoded in
 a thread pool ahead of batched encoding, and it is written atomically. `latent_stats` measures the
-scale factor = 1 / std of posterior samples over the train split (Chan et al.'s parallel variance
-in float64, a fixed seed per shard name; each shard's moments are recorded when it is encoded, so a
-grown dataset measures only its re-encoded shards). `loaded_vae` keeps one VAE per process. Planning the shards and stamping
+scale factor = 1 / std of posterior samples over the train split: Chan et al.'s parallel merge in
+float64 of the moments each shard recorded when it was encoded (a fixed seed per shard name), so no
+latent is read again and a grown dataset costs only its new shards. `loaded_vae` keeps one VAE per process. Planning the shards and stamping
 the stage is `tasks.encode`. Preparing the DiT's training data from image shards is the data
 library's kind of work (the VAE itself is `models.vae`), so this lives in `tagdit.data`, not in
 `tagdit.train`, which trains models.
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ from tagdit.formats.latent_shards import (
     iter_latent_samples,
     read_posterior,
 )
+
+log = logging.getLogger(__name__)
 
 STATS_SEED = 0  # seed of the posterior samples behind the scale factor
 STATS_CHUNK = 256  # latents per variance update
@@ -167,17 +171,27 @@ def shard_moments(posteriors: Iterable[tuple], seed: int) -> dict[str, Any]:
             "shape": shape}
 
 
-def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, Any]:
-    """Scale factor = 1 / std of one posterior sample per image, merged over shards (Chan et al.).
+def recorded_moments(path: Path, seed: int) -> dict[str, Any] | None:
+    """The moments the encode stage recorded beside latent shard `path` with this seed, or None."""
+    record = LatentSource.load(path)
+    m = record.moments if record is not None else None
+    return m if m and m.get("seed") == seed else None
 
-    A shard's moments come from its `LatentSource` when the encode stage recorded them with this
-    seed (a grown dataset measures only its re-encoded shards), else from reading the shard.
+
+def latent_stats(shards: Iterable[Path], seed: int = STATS_SEED) -> dict[str, Any]:
+    """Scale factor = 1 / std of one posterior sample per image: the exact merge (Chan et al.) of each
+    shard's moments, equal to one pass over every latent to float64 rounding.
+
+    A shard's moments come from the `LatentSource` the encode stage wrote beside it with this seed:
+    with every record present no latent is read, so a grown dataset costs only its new shards. A
+    shard without one (encoded before moments were recorded) is measured here, and the log says so.
     """
     total, images, shape = RunningMoments(), 0, None
     for path in shards:
-        record, s = LatentSource.load(path), shard_seed(path.name, seed)
-        m = record.moments if record is not None and record.moments and record.moments["seed"] == s else \
-            shard_moments((read_posterior(raw) for raw in iter_latent_samples([path])), s)
+        s = shard_seed(path.name, seed)
+        if (m := recorded_moments(path, s)) is None:
+            log.info("scale factor: %s has no recorded moments (seed %d): measuring its latents", path.name, s)
+            m = shard_moments((read_posterior(raw) for raw in iter_latent_samples([path])), s)
         total.merge(m["count"], m["mean"], m["m2"])
         images += m["images"]
         shape = m["shape"] or shape
@@ -194,24 +208,36 @@ class EncodeParams:
     vae_ckpt: Path
     use_ema: bool
     weights_sha: str  # part of the loaded-model key: a rewritten checkpoint is loaded again
-    device: str
+    device: str  # where a process without a device of its own encodes: vae.train.device (auto, cpu, cuda)
     resolution: int
     flip: bool
     batch_size: int
 
 
+def encode_shard_on(device: str | None, src: Path, dst: Path, p: EncodeParams, image_shard_sha256: str = "") -> int:
+    """`encode_shard` with this process's VAE on `device` (a device worker's; None: `p.device`); returns the samples."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tagdit.devices import unit_threads
+
+    model, torch_device = loaded_vae(p, device)
+    with ThreadPoolExecutor(unit_threads(device) or max(1, min(4, os.cpu_count() or 1))) as pool:
+        return encode_shard(model, src, dst, resolution=p.resolution, flip=p.flip, batch_size=p.batch_size,
+                            device=torch_device, pool=pool, image_shard_sha256=image_shard_sha256)
+
+
 _VAES: dict[tuple, tuple[Any, Any]] = {}  # this process's loaded VAE and its device
 
 
-def loaded_vae(p: EncodeParams) -> tuple[Any, Any]:
-    """(VAE on its device, the device), loaded once per worker process."""
-    from tagdit.devices import configure_backends, select_device
+def loaded_vae(p: EncodeParams, device: str | None = None) -> tuple[Any, Any]:
+    """(VAE on `device`, the torch device), loaded once per process; None = `p.device` (auto/cpu/cuda)."""
+    from tagdit.devices import configure_backends, unit_device
     from tagdit.formats.trained_models import load_vae
 
-    key = (str(p.vae_ckpt), p.use_ema, p.weights_sha, p.device)
+    key = (str(p.vae_ckpt), p.use_ema, p.weights_sha, p.device, device)
     if key not in _VAES:
         _VAES.clear()  # one model at a time
-        device = select_device(p.device)
+        device = unit_device(device, p.device)
         configure_backends(device)
         model, _ = load_vae(p.vae_ckpt, ema=p.use_ema)
         _VAES[key] = (model.to(device), device)

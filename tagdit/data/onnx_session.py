@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tagdit.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,20 @@ def default_providers() -> list[str]:
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def device_providers(device: str | None) -> list | None:
+    """ONNX Runtime providers for a data-stage worker's device: `cuda:i` = CUDA on device_id i (then the
+    CPU), a fake `cpu:i` = the CPU, None = `default_providers()` (chosen for the user, warned about)."""
+    if device is None:
+        return None
+    if device.startswith("cpu"):
+        return ["CPUExecutionProvider"]
+    available = import_onnxruntime().get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise ConfigError(f"prefect.devices names {device}, but this onnxruntime offers no CUDAExecutionProvider "
+                           f"({available}): pip install -e '.[gpu]' (docs/guide.md: GPU tagging)")
+    return [("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])}), "CPUExecutionProvider"]
 
 
 def _installed(dist: str) -> str | None:
@@ -75,15 +91,17 @@ def warn_once_if_gpu_idle() -> None:
         log.warning("%s\n%s\n%s", "!" * 100, msg, "!" * 100)
 
 
-def open_session(model_path: str | Path, providers: Sequence[str] | None, threads: int) -> tuple[Any, int, bool]:
-    """(ONNX session, runs side by side, on a CPU) for `model_path`; `providers` None = `default_providers()`."""
+def open_session(model_path: str | Path, providers: Sequence[Any] | None, threads: int) -> tuple[Any, int, bool]:
+    """(ONNX session, runs side by side, on a CPU) for `model_path`; `providers` None = `default_providers()`
+    (a provider is a name or a (name, options) pair)."""
     ort = import_onnxruntime()
     if providers is None:  # chosen for the user: say so loudly when a GPU sits idle
         warn_once_if_gpu_idle()
     providers = list(providers or default_providers())
     # On a CPU, `runs` single-threaded runs at once (one per core by default) instead of one run
     # split over the cores: no run waits for a thread whose core is preprocessing (docs/design.md §6)
-    on_cpu = providers == ["CPUExecutionProvider"]
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    on_cpu = names == ["CPUExecutionProvider"]
     runs = (threads or os.cpu_count() or 1) if on_cpu else 1
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1 if runs > 1 else threads  # 0 = onnxruntime's default (all cores)
@@ -91,7 +109,7 @@ def open_session(model_path: str | Path, providers: Sequence[str] | None, thread
     # no busy-waiting between runs: the preprocessing threads need those cycles
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model_path), opts, providers=providers)
-    if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
+    if "CUDAExecutionProvider" in names and "CUDAExecutionProvider" not in session.get_providers():
         log.warning("tagger: onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries missing or "
                     "not matching?); tagging on %s", session.get_providers())
     return session, runs, on_cpu

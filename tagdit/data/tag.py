@@ -25,6 +25,7 @@ from itertools import islice
 from pathlib import Path
 
 from tagdit.config import TaggerConfig
+from tagdit.data.onnx_session import device_providers, import_onnxruntime
 from tagdit.data.tagger import ResolvedTagger, TagResult, WDTagger, default_preprocess_threads
 from tagdit.files import sha256_text
 from tagdit.formats.chunks import read_crop_chunk, read_tag_chunk, tag_chunk_tagger, write_tag_chunk
@@ -145,13 +146,13 @@ def reusable_tags(previous: Path | None, tagger: str) -> dict[tuple[str, str], d
 
 
 def tag_chunk(load_tagger: Callable[[], WDTagger], crop_chunk: Path, dst: Path, tcfg: TaggerConfig,
-              source: Path, previous: Path | None = None, tagger_key: str = "") -> int:
+              source: Path, previous: Path | None = None, tagger_key: str = "", threads: int = 0) -> int:
     """Tag one crop chunk into `dst` (atomic), reading the sources under `source`; returns the rows written.
 
     Rows whose key and input match a row of `previous` (the bucket's last tag chunk, written under
     the same `tagger_key`) are copied; only the others go through the tagger. The first squares
     decode while `load_tagger` loads the session (once per process), unless `tagger.pre_shrink`
-    needs the model's input size first.
+    needs the model's input size first. `threads` decode at once (0: `default_preprocess_threads()`).
     """
     crops = read_crop_chunk(crop_chunk, ["key", "source", "sha256", "orig_size", "crop_box", "sidecar"],
                             ok_only=True).to_pylist()
@@ -160,7 +161,7 @@ def tag_chunk(load_tagger: Callable[[], WDTagger], crop_chunk: Path, dst: Path, 
     fresh = {}
     if todo:
         shrink_to = load_tagger().size if tcfg.pre_shrink else None
-        with source_images(todo, source, default_preprocess_threads(), shrink_to) as images:
+        with source_images(todo, source, threads or default_preprocess_threads(), shrink_to) as images:
             tagger = load_tagger()
             category = tagger.labels.category_of()
             for r, res in zip(todo, tagger.tag_images(images), strict=True):
@@ -172,16 +173,39 @@ def tag_chunk(load_tagger: Callable[[], WDTagger], crop_chunk: Path, dst: Path, 
     return len(rows)
 
 
-_TAGGERS: dict[str, WDTagger] = {}  # this process's loaded tagger, keyed on its files and settings
+def tagger_cuda_devices() -> int:
+    """CUDA devices the tagger can run on: torch's count when this onnxruntime has the CUDA provider, else 0."""
+    from tagdit.devices import cuda_device_count
+
+    if "CUDAExecutionProvider" not in import_onnxruntime().get_available_providers():
+        return 0
+    return cuda_device_count()
 
 
-def loaded_tagger(tagger: ResolvedTagger, tcfg: TaggerConfig) -> WDTagger:
-    """The ONNX tagger for these files and settings, loaded once per worker process."""
-    key = tagger.model_dump_json() + tcfg.model_dump_json()
+def tag_chunk_on(device: str | None, crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig,
+                 source: Path, previous: Path | None = None, tagger_key: str = "") -> int:
+    """`tag_chunk` with this process's tagger on `device` (a device worker's; None: the default providers)."""
+    from tagdit.devices import unit_threads
+
+    return tag_chunk(lambda: loaded_tagger(tagger, tcfg, device), crop_chunk, dst, tcfg, source, previous,
+                     tagger_key, threads=unit_threads(device))
+
+
+_TAGGERS: dict[str, WDTagger] = {}  # this process's loaded tagger, keyed on its files, settings and device
+
+
+def loaded_tagger(tagger: ResolvedTagger, tcfg: TaggerConfig, device: str | None = None) -> WDTagger:
+    """The ONNX tagger for these files and settings on `device` (None: the default providers), loaded once per process."""
+    from tagdit.devices import unit_threads
+
+    key = tagger.model_dump_json() + tcfg.model_dump_json() + str(device)
     if key not in _TAGGERS:
         _TAGGERS.clear()  # one model at a time
+        threads = unit_threads(device)
         _TAGGERS[key] = WDTagger(tagger.model, tagger.tags_csv, tcfg.general_threshold, tcfg.character_threshold,
-                                 tcfg.mcut, tcfg.exclude, tcfg.batch_size, tcfg.cpu_batch_size, resize=tcfg.resize)
+                                 tcfg.mcut, tcfg.exclude, tcfg.batch_size, tcfg.cpu_batch_size,
+                                 providers=device_providers(device), threads=threads,
+                                 preprocess_threads=threads or None, resize=tcfg.resize)
     return _TAGGERS[key]
 
 

@@ -7,7 +7,8 @@ whose image shard changed is encoded again, reusing the posteriors of samples wh
 A sample has the image shard's key and `json`, the VAE posterior as float16 `.npy` arrays
 (z, h, w) `mean.npy` / `logvar.npy`, and `flip_mean.npy` / `flip_logvar.npy` for the mirrored
 image when encoded with flips. `stats.json` (`LatentStats`) holds the latent scale factor: the DiT
-works on `to_model(z)` = scale · z, and the VAE decodes `to_vae(z)` = z / scale.
+works on `to_model(z)` = scale · z, and the VAE decodes `to_vae(z)` = z / scale. A DiT run keeps a
+copy in its folder (`LatentStats.of_run`): the factor it started with, whatever the latents measure later.
 """
 
 from __future__ import annotations
@@ -182,6 +183,12 @@ class LatentStats(BaseModel):
         path = Path(latents_dir) / STATS_FILE
         write_json_atomic(path, self.model_dump(mode="json"))
         return path
+
+    @classmethod
+    def of_run(cls, run_dir: str | Path, latents_dir: str | Path) -> LatentStats:
+        """The stats a DiT run trains and draws with: the copy in its folder (the latents' when it
+        started), else the latents' own (a run from before runs kept one)."""
+        return cls.load(run_dir) if (Path(run_dir) / STATS_FILE).is_file() else cls.load(latents_dir)
 
     def to_model(self, z):
         """VAE latent -> the DiT's unit-variance latent space."""

@@ -3,7 +3,8 @@
 A stage task plans its units and hands the missing ones to `run_units`, which submits one Prefect
 task run per unit on the runner `chunk_runner(cfg.prefect, ...)` opened:
   - `local` (default): `LocalTaskRunner`, Prefect's thread-pool runner for the task runs plus, for
-    CPU-bound units, a pool of forked processes that the unit bodies `offload` their work to. Forked
+    CPU-bound units, a pool of forked processes that the unit bodies `offload` their work to, and for
+    device units (tag, encode) a worker process per device (`tagdit.orchestrate.device_workers`). Forked
     workers start in milliseconds with everything imported; Prefect's ProcessPoolTaskRunner spawns
     fresh interpreters that each import Prefect and connect to its API first (cropping 300 JPEGs in
     6 chunks on 2 cores: 4-5 s here, 14-17 s on that runner; with the ephemeral API it times out).
@@ -19,7 +20,7 @@ import multiprocessing
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from prefect import Task, task
@@ -27,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tagdit.config import ConfigError
+from tagdit.orchestrate.device_workers import device_pool
 
 if TYPE_CHECKING:
     from tagdit.config import PrefectConfig
@@ -48,20 +50,25 @@ def offload(fn: Callable[..., Any], /, *args: Any) -> Any:
 
 
 class LocalTaskRunner(ThreadPoolTaskRunner):
-    """Task runs on `threads` threads of this process; the work they `offload`, on `processes` forks."""
+    """Task runs on `threads` threads of this process; the work they `offload`, on `processes` forks;
+    the work they run `on_device`, on a worker per device (a thread each), or here for [None]."""
 
-    def __init__(self, threads: int = 1, processes: int = 1):
+    def __init__(self, threads: int = 1, processes: int = 1, devices: list[str | None] | None = None):
+        self.devices = devices or [None]
+        threads = max(threads, len(self.devices))
         super().__init__(max_workers=threads)
         self.threads, self.processes = threads, processes
         self._pool: ProcessPoolExecutor | None = None
         self._outer: ProcessPoolExecutor | None = None
+        self._devices = ExitStack()
 
     def duplicate(self) -> LocalTaskRunner:
-        return type(self)(self.threads, self.processes)
+        return type(self)(self.threads, self.processes, self.devices)
 
     def __enter__(self) -> LocalTaskRunner:
         global _POOL
         super().__enter__()
+        self._devices.enter_context(device_pool(self.devices))
         if self.processes > 1:
             # fork: workers start with everything imported and need no `__main__` guard; they only
             # run the units' PIL / pyarrow work (Python re-initialises logging locks after fork).
@@ -75,6 +82,7 @@ class LocalTaskRunner(ThreadPoolTaskRunner):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             _POOL, self._pool = self._outer, None
+        self._devices.close()
         super().__exit__(*exc)
 
 
@@ -91,9 +99,11 @@ def dask_runner(pc: PrefectConfig) -> TaskRunner:
 
 
 @contextmanager
-def chunk_runner(pc: PrefectConfig, threads: int = 1, processes: int = 1) -> Iterator[TaskRunner]:
-    """The open task runner for a stage's units; `threads` / `processes` size the local one."""
-    runner = dask_runner(pc) if pc.task_runner == "dask" else LocalTaskRunner(threads, processes)
+def chunk_runner(pc: PrefectConfig, threads: int = 1, processes: int = 1,
+                 devices: list[str | None] | None = None) -> Iterator[TaskRunner]:
+    """The open task runner for a stage's units; `threads` / `processes` / `devices` shape the local one
+    (a Dask worker runs its units on its own default device)."""
+    runner = dask_runner(pc) if pc.task_runner == "dask" else LocalTaskRunner(threads, processes, devices)
     with runner:
         yield runner
 

@@ -203,7 +203,8 @@ class Painter:
 
 def load_painter(cfg: PipelineConfig, checkpoint: str | Path, vae_checkpoint: str | Path,
                  latents_dir: str | Path) -> Painter:
-    """A painter from explicit files; the DiT's noise schedule comes from its checkpoint."""
+    """A painter from explicit files; the DiT's noise schedule comes from its checkpoint, its scale factor
+    from its run (`LatentStats.of_run`)."""
     from tagdit.data.vocab import Vocab
     from tagdit.devices import select_device
     from tagdit.formats.checkpoints import resolve_checkpoint
@@ -216,5 +217,5 @@ def load_painter(cfg: PipelineConfig, checkpoint: str | Path, vae_checkpoint: st
     if dit.vocab_size != len(vocab):
         raise ValueError(f"{ckpt} was trained with {dit.vocab_size} tokens, {cfg.dataset_dir}/vocab.json has {len(vocab)}")
     vae, _ = load_vae(Path(vae_checkpoint))
-    return Painter(dit=dit, vae=vae.to(device).eval(), vocab=vocab, stats=LatentStats.load(latents_dir),
+    return Painter(dit=dit, vae=vae.to(device).eval(), vocab=vocab, stats=LatentStats.of_run(ckpt.parent, latents_dir),
                    device=device, checkpoint=ckpt)

@@ -1,7 +1,7 @@
 """Training the tag-conditioned DiT: latent shards + tag vocabulary -> DiT checkpoints (raw + EMA).
 
 Streams the encode stage's latent shards (one posterior sample per step, a random flip when the
-flipped posterior is stored, times the scale factor from stats.json), tokenises the tags with
+flipped posterior is stored, times the scale factor the run started with: `started_stats`), tokenises the tags with
 conditioning augmentation, and trains ε-prediction (`dit_loss`, DDPM's L_simple, or Min-SNR-γ
 weighted) with `tagdit.train.loop.fit`; the checkpoints carry the noise schedule. One step reads
 top to bottom here, in `tagdit.train.loop` and in `models.diffusion` / `models.dit`.
@@ -18,6 +18,7 @@ from typing import Any
 from tagdit.config import DiTConfig, PipelineConfig
 from tagdit.data.vocab import Vocab, augment_tags
 from tagdit.formats.latent_shards import (
+    STATS_FILE,
     LatentStats,
     has_flip,
     iter_latent_samples,
@@ -117,6 +118,25 @@ def build_dit(cfg: PipelineConfig, vocab_size: int, latent_shape: tuple[int, int
                timesteps=cfg.dit.timesteps)
 
 
+def started_stats(latents_dir: Path, out_dir: Path, is_main: bool) -> LatentStats:
+    """The latent stats of this run: those it started with (its own `stats.json`, kept once it has a
+    checkpoint), never a newer scale factor measured on grown latents; a new run takes the latents'."""
+    from tagdit.formats.checkpoints import Checkpoints
+
+    latents = LatentStats.load(latents_dir)
+    if Checkpoints(out_dir).latest() is None or not (out_dir / STATS_FILE).is_file():
+        if is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            latents.save(out_dir)
+        return latents
+    kept = LatentStats.load(out_dir)
+    if is_main and kept.scale_factor != latents.scale_factor:
+        log.warning("train-dit: %s continues with the scale factor it started with, %.6f; %s now measures "
+                    "%.6f (grown or re-encoded latents): a new run uses that one", out_dir, kept.scale_factor,
+                    latents_dir / STATS_FILE, latents.scale_factor)
+    return kept
+
+
 def dit_checkpoint_bytes(cfg: PipelineConfig, vocab_size: int, latent_shape: tuple[int, int, int] | list[int]) -> int:
     """One checkpoint's size, counted on a model built on the meta device (no memory)."""
     import torch
@@ -140,7 +160,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
 
     tc = cfg.dit.train
     r = start_rank(tc, "dit")
-    stats = LatentStats.load(latents_dir)
+    stats = started_stats(latents_dir, out_dir, r.is_main)
     z_ch, h, w = stats.latent_shape
     if h != w:
         raise ValueError(f"DiT needs square latents, got {h}x{w}")
@@ -151,7 +171,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     alpha_bar = model.alpha_bar.to(r.device)  # (T,) float64; stored with the checkpoint
     decode = partial(decode_latent, vocab=vocab, dit=cfg.dit)
     val_fn = make_val_fn(latents_dir, vocab, cfg, alpha_bar, stats, r.device)  # every rank: fit syncs around it
-    monitor = make_sample_monitor(cfg, vocab, latents_dir, vae_checkpoint, r.device) if r.is_main else None
+    monitor = make_sample_monitor(cfg, vocab, latents_dir, stats, vae_checkpoint, r.device) if r.is_main else None
     return fit(model=model,
                loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, min_snr_gamma=cfg.dit.min_snr_gamma),
                stream=epoch_stream(shard_urls(latents_dir, "train"), decode, tc, r), cfg=tc, out_dir=out_dir,

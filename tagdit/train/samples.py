@@ -113,19 +113,18 @@ class SampleMonitor:
         log.info("samples: grid of %d prompts x %d seeds at step %d", len(self.prompts), len(self.seeds), step)
 
 
-def make_sample_monitor(cfg: PipelineConfig, vocab: Any, latents_dir: Path, vae_checkpoint: str | Path | None,
-                        device: Any) -> SampleMonitor | None:
+def make_sample_monitor(cfg: PipelineConfig, vocab: Any, latents_dir: Path, stats: Any,
+                        vae_checkpoint: str | Path | None, device: Any) -> SampleMonitor | None:
     """The monitor `dit.sample_every` asks for (None when off); loads the VAE onto `device`.
 
-    The VAE is the one the latents were encoded with (stats.json's `vae_checkpoint`) unless
-    `vae_checkpoint` names another; a missing one fails at start, not hours into training.
+    `stats` are the run's latent stats (its scale factor). The VAE is the one the latents were
+    encoded with (stats.json's `vae_checkpoint`) unless `vae_checkpoint` names another; a missing
+    one fails at start, not hours into training.
     """
-    from tagdit.formats.latent_shards import LatentStats
     from tagdit.formats.trained_models import load_vae
 
     if cfg.dit.sample_every is None:
         return None
-    stats = LatentStats.load(latents_dir)
     where = vae_checkpoint or stats.vae_checkpoint
     if not where or not Path(where).exists():
         raise FileNotFoundError(f"dit.sample_every needs the VAE to decode samples, but {where!r} (from "

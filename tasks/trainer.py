@@ -22,6 +22,8 @@ from tagdit.orchestrate.markers import prepare_out_dir
 from tagdit.orchestrate.stage import Stage, StageRecord
 from tagdit.train.nodes import Rendezvous
 
+log = logging.getLogger(__name__)
+
 # The training code whose version is part of a trainer stage's cache key.
 TRAIN_MODULES = ("tasks.trainer", "tagdit.train.ranks", "tagdit.train.loop", "tagdit.train.optim",
                  "tagdit.formats.checkpoints", "tagdit.train.stream", "tagdit.train.tar_samples",
@@ -98,6 +100,10 @@ class TrainerStage:
         if nproc <= 1 and rdzv is None:
             self.train(cfg, *paths, out_dir)
             return
+        if rdzv is not None:
+            log.info("%s on %d nodes: start `tagdit train-agent --stage %s` with this config on the other %d "
+                     "(rendezvous %s, id %s)", self.stage.name, rdzv.nnodes, self.stage.name, rdzv.nnodes - 1,
+                     rdzv.endpoint, rdzv.run_id)
         cfg_path = out_dir / "config.json"
         write_json_atomic(cfg_path, cfg.model_dump(mode="json"))
         flags = [a for name, p in zip(self.inputs, paths, strict=True) for a in (f"--{name}", str(p))]

@@ -3,6 +3,7 @@ and two agents on 127.0.0.1 (nnodes 2, gloo, c10d) training one run led by a flo
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -92,9 +93,28 @@ def one_thread_ranks(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the flow's torchrun ranks: 2 ranks on shared cores
 
 
+class Lines(logging.Handler):
+    """The messages of one logger, whatever Prefect's logging set-up does with propagation and streams."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.INFO)
+        self.logger, self.lines = logging.getLogger(name), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        self.logger.addHandler(self)
+        self.level_was, self.logger.level = self.logger.level, logging.INFO
+        return self.lines
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.level = self.level_was
+
+
 @pytest.mark.slow
-def test_two_agents_train_one_run_from_a_flow_and_one_node_resumes_it(prefect_env, one_thread_ranks, tmp_path,
-                                                                      capfd):
+def test_two_agents_train_one_run_from_a_flow_and_one_node_resumes_it(prefect_env, one_thread_ranks, tmp_path):
     from prefect import flow
     from prefect.runtime import flow_run
 
@@ -111,10 +131,11 @@ def test_two_agents_train_one_run_from_a_flow_and_one_node_resumes_it(prefect_en
     def train_in_a_flow() -> tuple[str, int]:
         return flow_run.id, train_dit_stage(cfg, *records(latents)).info["step"]
 
-    run_id, step = train_in_a_flow()
+    with Lines("tagdit.train.launch") as launch_log:
+        run_id, step = train_in_a_flow()
     assert agent.wait(timeout=60) == 0, (tmp_path / "agent.log").read_text()
-    flow_log = capfd.readouterr().err  # the flow run's log lines (Prefect's console handler)
-    assert step == 4 and "--rdzv-backend=c10d" in flow_log and "[local rank 0]" in flow_log
+    assert step == 4 and "--rdzv-backend=c10d" in launch_log[0]
+    assert any(line.startswith("[local rank 0]") for line in launch_log)  # the ranks' output reaches the flow's log
     progress = [a for a in flow_artifacts(run_id) if a.type == "progress"]
     assert progress and progress[-1].data == 100.0  # relayed from rank 0, wherever it ran
     run = cfg.run_dir / "dit"
@@ -122,8 +143,9 @@ def test_two_agents_train_one_run_from_a_flow_and_one_node_resumes_it(prefect_en
 
     one = config(tmp_path, "dit.train.batch_size=8", "dit.train.loader_workers=0", "dit.train.steps=6",
                  "dit.train.checkpoint_every=2", "dit.train.val_every=6")
-    assert train_dit_stage(one, *records(latents)).info["step"] == 6
-    assert f"resumed from {run / 'ckpt-0000004'} (step 4)" in capfd.readouterr().err
+    with Lines("tagdit.train.loop") as loop_log:
+        assert train_dit_stage(one, *records(latents)).info["step"] == 6
+    assert f"train-dit: resumed from {run / 'ckpt-0000004'} (step 4)" in loop_log
     assert not list(run.parent.glob("dit.superseded-*"))  # kept, not moved aside
 
 

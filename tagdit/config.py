@@ -275,7 +275,7 @@ class LaunchConfig(Section):
     # host:port of the c10d rendezvous (the flow run's node hosts it); None = MASTER_ADDR[:MASTER_PORT],
     # else the first host of SLURM_JOB_NODELIST, port 29400
     rdzv_endpoint: str | None = Field(None, pattern=r"^[^:\s]+(:\d+)?$")
-    rdzv_id: str | None = None  # the rendezvous' name, the same on every node; None = SLURM_JOB_ID, else <run.name>-<stage>
+    rdzv_id: str | None = None  # the rendezvous' name (+ -<stage>), the same on every node; None = SLURM_JOB_ID, else run.name
     max_restarts: int = Field(0, ge=0)  # torchrun restarts all ranks after a failure this often (each resumes)
     join_timeout: float = Field(600, gt=0)  # seconds a node waits for the others to join
 

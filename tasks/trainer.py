@@ -87,7 +87,7 @@ class TrainerStage:
         """The nodes this trainer spans (`launch:` or SLURM's), None for one; refuses a batch they cannot split."""
         from tagdit.train.nodes import resolve_rendezvous
 
-        rdzv = resolve_rendezvous(cfg.launch, default_id=f"{cfg.run.name}-{self.stage.name}")
+        rdzv = resolve_rendezvous(cfg.launch, cfg.run.name, self.stage.name)
         if rdzv is not None and (problem := batch_split_error(self.train_config(cfg), self.section, rdzv.nnodes)):
             raise ValueError(problem)
         return rdzv

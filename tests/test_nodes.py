@@ -24,16 +24,17 @@ SLURM = {"SLURM_JOB_NUM_NODES": "4", "SLURM_NNODES": "3", "SLURM_JOB_ID": "81234
 
 
 def test_slurm_job_gives_the_rendezvous_and_launch_settings_win():
-    r = resolve_rendezvous(LaunchConfig(), "demo-train-dit", SLURM)
-    assert r == Rendezvous(nnodes=4, endpoint="gpu007:29400", run_id="81234")  # the job's nodes, not the step's
+    r = resolve_rendezvous(LaunchConfig(), "demo", "train-dit", SLURM)
+    assert r == Rendezvous(nnodes=4, endpoint="gpu007:29400", run_id="81234-train-dit")  # the job's nodes, not the step's
     explicit = LaunchConfig(nnodes=2, rdzv_endpoint="head:1234", rdzv_id="mine", max_restarts=3)
-    assert resolve_rendezvous(explicit, "x", SLURM) == Rendezvous(2, "head:1234", "mine", max_restarts=3)
-    assert resolve_rendezvous(LaunchConfig(nnodes=2), "demo-train-dit", {"MASTER_ADDR": "10.0.0.5"}) == \
+    assert resolve_rendezvous(explicit, "demo", "train-vae", SLURM) == Rendezvous(2, "head:1234", "mine-train-vae",
+                                                                                 max_restarts=3)
+    assert resolve_rendezvous(LaunchConfig(nnodes=2), "demo", "train-dit", {"MASTER_ADDR": "10.0.0.5"}) == \
         Rendezvous(2, "10.0.0.5:29400", "demo-train-dit")
-    assert resolve_rendezvous(LaunchConfig(), "x", {}) is None  # one node: torchrun --standalone
-    assert resolve_rendezvous(LaunchConfig(nnodes=1), "x", SLURM) is None
+    assert resolve_rendezvous(LaunchConfig(), "demo", "train-dit", {}) is None  # one node: torchrun --standalone
+    assert resolve_rendezvous(LaunchConfig(nnodes=1), "demo", "train-dit", SLURM) is None
     with pytest.raises(ValueError, match="launch.rdzv_endpoint"):
-        resolve_rendezvous(LaunchConfig(nnodes=2), "x", {})
+        resolve_rendezvous(LaunchConfig(nnodes=2), "demo", "train-dit", {})
 
 
 def test_first_host_of_a_slurm_node_list():

@@ -55,11 +55,13 @@ def first_host(nodelist: str) -> str:
     return m.group(1) + (m.group(2) or "")
 
 
-def resolve_rendezvous(lc: LaunchConfig, default_id: str, env: Mapping[str, str] = os.environ) -> Rendezvous | None:
-    """The rendezvous a trainer joins; None for one node (torchrun --standalone).
+def resolve_rendezvous(lc: LaunchConfig, run_name: str, stage: str,
+                       env: Mapping[str, str] = os.environ) -> Rendezvous | None:
+    """The rendezvous of `stage`'s training; None for one node (torchrun --standalone).
 
     A setting in `launch:` wins; else SLURM's job (SLURM_JOB_NUM_NODES, SLURM_JOB_ID, the first host
-    of SLURM_JOB_NODELIST) or MASTER_ADDR / MASTER_PORT; else one node.
+    of SLURM_JOB_NODELIST) or MASTER_ADDR / MASTER_PORT; else one node. The id ends in the stage, so
+    an agent of one trainer never joins another's ranks (`tagdit run` trains the VAE, then the DiT).
     """
     nnodes = lc.nnodes or int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
     if nnodes == 1:
@@ -72,7 +74,7 @@ def resolve_rendezvous(lc: LaunchConfig, default_id: str, env: Mapping[str, str]
     if endpoint is None:
         raise ValueError(f"launch.nnodes is {nnodes} but no rendezvous endpoint is known: set launch.rdzv_endpoint="
                          "HOST:PORT (the node that runs the flow), or MASTER_ADDR, or run under SLURM")
-    run_id = lc.rdzv_id or env.get("SLURM_JOB_ID") or default_id
+    run_id = f"{lc.rdzv_id or env.get('SLURM_JOB_ID') or run_name}-{stage}"
     return Rendezvous(nnodes, endpoint, run_id, lc.max_restarts, lc.join_timeout)
 
 

@@ -2,7 +2,8 @@
 
 A trainer stage: reuse a stamped record, or keep a resumable run folder (moving a run of another
 configuration aside), refuse a run whose checkpoints cannot fit the disk, train in this process or
-under torchrun (`main` is one rank), then stamp the latest checkpoint. A stage supplies its library
+under torchrun (`main` is one rank) on this node or several (`join`: another node's ranks, for
+`tagdit train-agent`; `tagdit.train.nodes`), then stamp the latest checkpoint. A stage supplies its library
 trainer `train(cfg, *inputs, out_dir)` (`tagdit.train.vae.train_vae`, `tagdit.train.dit.train_dit`),
 one checkpoint's projected size, and the facts its stamp adds to `checkpoint_facts`.
 """

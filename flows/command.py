@@ -4,6 +4,8 @@
     tagdit stage train-dit --config demo --dit-steps 4000
     tagdit sample --config demo --prompt "blue hair, smile" --out out.png
     tagdit serve --model exported/          tagdit export --config demo --to exported/
+    tagdit train-agent --config demo --set launch.nnodes=2 --set launch.rdzv_endpoint=node0:29400
+                                                   # another node's ranks for a flow's training run
 
 `tagdit COMMAND --help` shows the command's options.
 """
@@ -16,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-COMMANDS = ("run", "sample", "serve", "export")
+COMMANDS = ("run", "sample", "serve", "export", "train-agent")
 STAGES = ("demo-world", "prepare-data", "train-vae", "encode", "train-dit", "evaluate")  # `tagdit stage NAME`
 
 
@@ -30,6 +32,8 @@ def entry(command: str) -> Callable[[list[str]], Any]:
         from flows.serve import main
     elif command == "export":
         from flows.export import main
+    elif command == "train-agent":
+        from flows.train_agent import main
     elif command == "demo-world":
         from flows.demo_world import main
     elif command == "prepare-data":

@@ -296,6 +296,19 @@ class PrefectConfig(Section):
         return v
 
 
+class LaunchConfig(Section):
+    """How a trainer's torchrun spans nodes (not part of any cache key). Unset = the scheduler's (SLURM)
+    environment, else one node; the other nodes join with `tagdit train-agent` (docs/guide.md)."""
+
+    nnodes: int | None = Field(None, ge=1)  # nodes training together; None = SLURM_JOB_NUM_NODES, else 1
+    # host:port of the c10d rendezvous (the flow run's node hosts it); None = MASTER_ADDR[:MASTER_PORT],
+    # else the first host of SLURM_JOB_NODELIST, port 29400
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[^:\s]+(:\d+)?$")
+    rdzv_id: str | None = None  # the rendezvous' name (+ -<stage>), the same on every node; None = SLURM_JOB_ID, else run.name
+    max_restarts: int = Field(0, ge=0)  # torchrun restarts all ranks after a failure this often (each resumes)
+    join_timeout: float = Field(600, gt=0)  # seconds a node waits for the others to join
+
+
 class RunConfig(Section):
     name: str = "demo"  # checkpoints, logs and grids go to <root>/<name>/
     root: Location = Path("runs")  # a folder or a URL
@@ -313,6 +326,14 @@ class PipelineConfig(Section):
     run: RunConfig = RunConfig()
     demo: DemoConfig = DemoConfig()
     prefect: PrefectConfig = PrefectConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _batches_split_over_the_ranks(self) -> PipelineConfig:
+        for section in ("vae", "dit"):
+            if problem := batch_split_error(getattr(self, section).train, section, self.launch.nnodes or 1):
+                raise ValueError(problem)
+        return self
 
     @property
     def dataset_dir(self) -> Path:
@@ -323,6 +344,16 @@ class PipelineConfig(Section):
     def run_dir(self) -> Path:
         """The run folder (a local working copy when `run.root` is a URL)."""
         return working_dir(self.run.root) / self.run.name
+
+
+def batch_split_error(tc: TrainConfig, section: str, nnodes: int) -> str | None:
+    """Why `<section>.train.batch_size` cannot be split over nnodes x nproc ranks x grad_accum micro-batches, or None."""
+    world = nnodes * tc.nproc
+    if tc.batch_size % (world * tc.grad_accum) == 0:
+        return None
+    return (f"{section}.train.batch_size {tc.batch_size} does not divide by the world size {world} (launch.nnodes "
+            f"{nnodes} x {section}.train.nproc {tc.nproc}) x {section}.train.grad_accum {tc.grad_accum}: "
+            f"make it a multiple of {world * tc.grad_accum}")
 
 
 # ---------------------------------------------------------------- loading
@@ -359,5 +390,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         lines = []
         for err in e.errors():
             key = ".".join(str(x) for x in err["loc"])
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})" if key else f"  {err['msg']}")  # a cross-section check
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None

@@ -2,7 +2,8 @@
 
 A trainer stage: reuse a stamped record, or keep a resumable run folder (moving a run of another
 configuration aside), refuse a run whose checkpoints cannot fit the disk, train in this process or
-under torchrun (`main` is one rank), then stamp the latest checkpoint. A stage supplies its library
+under torchrun (`main` is one rank) on this node or several (`join`: another node's ranks, for
+`tagdit train-agent`; `tagdit.train.nodes`), then stamp the latest checkpoint. A stage supplies its library
 trainer `train(cfg, *inputs, out_dir)` (`tagdit.train.vae.train_vae`, `tagdit.train.dit.train_dit`),
 one checkpoint's projected size, and the facts its stamp adds to `checkpoint_facts`.
 """
@@ -16,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tagdit.config import PipelineConfig, TrainConfig
+from tagdit.config import PipelineConfig, TrainConfig, batch_split_error
 from tagdit.files import write_json_atomic
 from tagdit.orchestrate.markers import prepare_out_dir
 from tagdit.orchestrate.stage import Stage, StageRecord
+from tagdit.train.nodes import Rendezvous
+
+log = logging.getLogger(__name__)
 
 # The training code whose version is part of a trainer stage's cache key.
 TRAIN_MODULES = ("tasks.trainer", "tagdit.train.ranks", "tagdit.train.loop", "tagdit.train.optim",
@@ -80,19 +84,44 @@ class TrainerStage:
         if named is not None and named.parent.resolve() == out_dir.resolve() and (named / "meta.json").is_file():
             Checkpoints(out_dir).keep_for(out_dir / named.name, self.stage.name)
 
+    def rendezvous(self, cfg: PipelineConfig) -> Rendezvous | None:
+        """The nodes this trainer spans (`launch:` or SLURM's), None for one; refuses a batch they cannot split."""
+        from tagdit.train.nodes import resolve_rendezvous
+
+        rdzv = resolve_rendezvous(cfg.launch, cfg.run.name, self.stage.name)
+        if rdzv is not None and (problem := batch_split_error(self.train_config(cfg), self.section, rdzv.nnodes)):
+            raise ValueError(problem)
+        return rdzv
+
     def run_training(self, cfg: PipelineConfig, paths: tuple[Path, ...], out_dir: Path) -> None:
-        """In-process training, or torchrun DDP over `<section>.train.nproc` processes."""
+        """In-process training, or torchrun DDP over `<section>.train.nproc` processes (on each of the nodes)."""
         from tagdit.train.launch import launch_torchrun
 
-        nproc = self.train_config(cfg).nproc
-        if nproc <= 1:
+        nproc, rdzv = self.train_config(cfg).nproc, self.rendezvous(cfg)
+        if nproc <= 1 and rdzv is None:
             self.train(cfg, *paths, out_dir)
             return
+        if rdzv is not None:
+            log.info("%s on %d nodes: start `tagdit train-agent --stage %s` with this config on the other %d "
+                     "(rendezvous %s, id %s)", self.stage.name, rdzv.nnodes, self.stage.name, rdzv.nnodes - 1,
+                     rdzv.endpoint, rdzv.run_id)
         cfg_path = out_dir / "config.json"
         write_json_atomic(cfg_path, cfg.model_dump(mode="json"))
         flags = [a for name, p in zip(self.inputs, paths, strict=True) for a in (f"--{name}", str(p))]
         launch_torchrun(self.module, ["--config-json", str(cfg_path), *flags, "--out", str(out_dir)], nproc,
-                        out_dir=out_dir)
+                        out_dir=out_dir, rdzv=rdzv)
+
+    def join(self, cfg: PipelineConfig) -> None:
+        """Another node's ranks for the run the training task launches (`tagdit train-agent`): no bookkeeping."""
+        from tagdit.train.launch import launch_torchrun
+
+        rdzv = self.rendezvous(cfg)
+        if rdzv is None:
+            raise ValueError("launch.nnodes is 1 (and no SLURM job of several nodes): there is no run of several "
+                             "nodes to join; set launch.nnodes and launch.rdzv_endpoint as the training flow has them")
+        out_dir = self.stage.out_dir(cfg, {})
+        launch_torchrun(self.module, ["--join", str(out_dir)], self.train_config(cfg).nproc, out_dir=out_dir,
+                        rdzv=rdzv, joining=True)
 
     def run(self, cfg: PipelineConfig, upstream: dict[str, StageRecord], force: bool = False) -> StageRecord:
         """The stage: cached record, or train (resuming) and stamp the final checkpoint."""
@@ -122,20 +151,23 @@ class TrainerStage:
         record(self._rank_main)(argv)
 
     def _rank_main(self, argv: list[str] | None) -> None:
+        import sys
+
         import torch.distributed as dist
 
+        from tagdit.train.nodes import start_ranks
         from tagdit.train.reports import write_rank_error
         from tagdit.train.stop import TrainingStopped
 
-        p = argparse.ArgumentParser(description=f"one rank of {self.stage.name} (launched by its task)")
-        p.add_argument("--config-json", required=True)
-        for name in self.inputs:
-            p.add_argument(f"--{name}", required=True)
-        p.add_argument("--out", required=True)
-        a = p.parse_args(argv)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        cfg = PipelineConfig.model_validate_json(Path(a.config_json).read_text())
+        p = argparse.ArgumentParser(description=f"one rank of {self.stage.name} (launched by its task or an agent)")
+        for name in ("config-json", *self.inputs, "out"):
+            p.add_argument(f"--{name}", required="--join" not in (argv or sys.argv))
+        p.add_argument("--join", help="a joining agent's run folder: the arguments come from the task's ranks")
+        a = p.parse_args(argv)
         try:
+            a = p.parse_args(start_ranks(None if a.join else (argv or sys.argv[1:]), Path(a.join or a.out)))
+            cfg = PipelineConfig.model_validate_json(Path(a.config_json).read_text())
             self.train(cfg, *(Path(getattr(a, name)) for name in self.inputs), Path(a.out))
         except TrainingStopped as e:  # a cancel: the launcher raises it again; no traceback, nothing failed
             write_rank_error(e)

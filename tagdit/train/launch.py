@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tagdit.train.nodes import Rendezvous
 from tagdit.train.reports import REPORT_DIR_ENV, Relay, rank_errors
 from tagdit.train.stop import STOP_FILE_ENV, TrainingStopped, stop_file
 
@@ -61,9 +63,13 @@ def stop_process_group(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS
     proc.wait()
 
 
-def launch_torchrun(module: str, args: list[str], nproc: int, out_dir: Path) -> None:
+def launch_torchrun(module: str, args: list[str], nproc: int, out_dir: Path, rdzv: Rendezvous | None = None,
+                    joining: bool = False) -> None:
     """Run `python -m module args` under torchrun with `nproc` processes on this node.
 
+    `rdzv`: this node is one of several meeting there (else `--standalone`). The node of the training
+    task clears and relays the run's reports; a `joining` node (`tagdit train-agent`) only adds its
+    ranks, which write into the same, shared, folder.
     torchrun and its ranks get their own process group: when this process is cancelled (Prefect
     sends SIGTERM, raised here as an exception) or dies, every rank is stopped within seconds. A stop
     asked in this process (`tagdit.train.stop`) reaches the ranks through their stop file: they
@@ -73,18 +79,20 @@ def launch_torchrun(module: str, args: list[str], nproc: int, out_dir: Path) -> 
     (`tagdit.train.reports`) and become this run's artifacts and log lines.
     """
     reports = out_dir / "reports"
-    shutil.rmtree(reports, ignore_errors=True)
-    reports.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    if not joining:
+        shutil.rmtree(reports, ignore_errors=True)
+    reports.mkdir(parents=True, exist_ok=True)
+    where = rdzv.torchrun_options() if rdzv is not None else ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
            "--local-ranks-filter=0", "-m", module, *args]
     log.info("launching %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, REPORT_DIR_ENV: str(reports), STOP_FILE_ENV: str(stop_file(reports))},
                             start_new_session=True, preexec_fn=_die_with_parent)
     try:
-        with Relay(reports):
+        with contextlib.nullcontext() if joining else Relay(reports):
             for line in proc.stdout:  # type: ignore[union-attr]
-                log.info("[rank 0] %s", line.rstrip())
+                log.info("[local rank 0] %s" if rdzv is not None else "[rank 0] %s", line.rstrip())
             code = proc.wait()
     finally:
         if proc.poll() is None or _group_alive(proc.pid):

@@ -54,7 +54,31 @@ def decode_latent(raw: dict[str, Any], *, vocab: Vocab, dit: DiTConfig, augment:
     }
 
 
-def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, stats: LatentStats,
+class StepNoise:
+    """One rank's noise and timestep draws: a generator seeded with (seed, step, rank) at each optimiser step.
+
+    The ranks' draws differ, a step's micro-batches continue one generator, and a resume on any number
+    of ranks draws what an uninterrupted run would have (no rank's RNG state is copied to another).
+    """
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank = seed, rank
+        self._step: int | None = None
+        self._generator = None
+
+    def at(self, step: int, device):
+        """The generator of optimiser step `step` on `device` (the same one for each of its micro-batches)."""
+        import torch
+
+        from tagdit.train.resume import step_seed
+
+        if step != self._step:
+            self._generator = torch.Generator(device=device).manual_seed(step_seed(self.seed, step, self.rank))
+            self._step = step
+        return self._generator
+
+
+def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, stats: LatentStats, noise: StepNoise,
              min_snr_gamma: float | None = None):
     """L_simple (or Min-SNR-γ weighted) on one batch: t ~ U{0..T-1}, ε ~ N(0, I), x_t = q_sample(z, t, ε)."""
     import torch
@@ -62,9 +86,10 @@ def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, stats: Laten
     from models.diffusion import eps_loss, min_snr_weight, q_sample
     from models.vae import AutoencoderKL
 
-    z = stats.to_model(AutoencoderKL.sample(batch["mean"].float(), batch["logvar"].float()))  # (B, C, H, W)
-    t = torch.randint(0, len(alpha_bar), (z.shape[0],), device=z.device)
-    eps = torch.randn_like(z)
+    g = noise.at(step, batch["mean"].device)
+    z = stats.to_model(AutoencoderKL.sample(batch["mean"].float(), batch["logvar"].float(), g))  # (B, C, H, W)
+    t = torch.randint(0, len(alpha_bar), (z.shape[0],), device=z.device, generator=g)
+    eps = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=g)
     weight = None if min_snr_gamma is None else min_snr_weight(t, alpha_bar, min_snr_gamma)
     return eps_loss(model(q_sample(z, t, eps, alpha_bar), t, batch["tags"]), eps, weight), {}
 
@@ -153,6 +178,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     val_fn = make_val_fn(latents_dir, vocab, cfg, alpha_bar, stats, r.device)  # every rank: fit syncs around it
     monitor = make_sample_monitor(cfg, vocab, latents_dir, vae_checkpoint, r.device) if r.is_main else None
     return fit(model=model,
-               loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, min_snr_gamma=cfg.dit.min_snr_gamma),
+               loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, noise=StepNoise(tc.seed, r.rank),
+                               min_snr_gamma=cfg.dit.min_snr_gamma),
                stream=epoch_stream(shard_urls(latents_dir, "train"), decode, tc, r), cfg=tc, out_dir=out_dir,
                model_config=model.config_dict(), device=r.device, val_fn=val_fn, monitor=monitor, desc="train-dit")

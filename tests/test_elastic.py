@@ -79,3 +79,15 @@ def test_checkpoint_minutes_adds_timed_checkpoints_and_their_write_time_is_logge
     with caplog.at_level(logging.INFO, logger="tagdit.train.loop"):
         assert run("timed", 1e-9) == ["ckpt-0000001", "ckpt-0000002", "ckpt-0000003"]  # due at every step
     assert "wrote ckpt-0000001 in" in caplog.text
+
+
+def test_a_latent_shards_count_comes_from_its_source_record_else_its_headers(tmp_path):
+    from tagdit.demo.stand_in_latents import write_latent_fixture
+    from tagdit.formats.latent_shards import LatentSource
+    from tagdit.train.dit import latent_sample_count, shard_urls
+    from tagdit.train.tar_samples import tar_sample_count
+
+    url = shard_urls(write_latent_fixture(tmp_path, n_train=6, n_val=2, per_shard=6), "train")[0]
+    assert latent_sample_count(url) == tar_sample_count(url) == 6
+    LatentSource(image_shard_sha256="", images={f"k{i}": "" for i in range(5)}).save(Path(url))
+    assert latent_sample_count(url) == 5  # the record is read, not the shard

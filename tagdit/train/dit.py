@@ -18,6 +18,7 @@ from typing import Any
 from tagdit.config import DiTConfig, PipelineConfig
 from tagdit.data.vocab import Vocab, augment_tags
 from tagdit.formats.latent_shards import (
+    LatentSource,
     LatentStats,
     has_flip,
     iter_latent_samples,
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 
 def shard_urls(latents_dir: Path, split: str) -> list[str]:
     return [str(p) for p in latent_shard_paths(latents_dir, split)]
+
+
+def latent_sample_count(url: str) -> int:
+    """A latent shard's number of samples: from its `.source.json` (written with it), else from its tar headers."""
+    from tagdit.train.tar_samples import tar_sample_count
+
+    source = LatentSource.load(Path(url))
+    return len(source.images) if source is not None else tar_sample_count(url)
 
 
 def decode_latent(raw: dict[str, Any], *, vocab: Vocab, dit: DiTConfig, augment: bool = True) -> dict[str, Any]:
@@ -177,8 +186,9 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     decode = partial(decode_latent, vocab=vocab, dit=cfg.dit)
     val_fn = make_val_fn(latents_dir, vocab, cfg, alpha_bar, stats, r.device)  # every rank: fit syncs around it
     monitor = make_sample_monitor(cfg, vocab, latents_dir, vae_checkpoint, r.device) if r.is_main else None
+    urls = shard_urls(latents_dir, "train")
     return fit(model=model,
                loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, noise=StepNoise(tc.seed, r.rank),
                                min_snr_gamma=cfg.dit.min_snr_gamma),
-               stream=epoch_stream(shard_urls(latents_dir, "train"), decode, tc, r), cfg=tc, out_dir=out_dir,
+               stream=epoch_stream(urls, decode, tc, r, latent_sample_count), cfg=tc, out_dir=out_dir,
                model_config=model.config_dict(), device=r.device, val_fn=val_fn, monitor=monitor, desc="train-dit")

@@ -41,16 +41,20 @@ def start_rank(tc: TrainConfig, section: str) -> Rank:
     return Rank(rank, world, device)
 
 
-def shard_counts(urls: list[str], r: Rank) -> list[int]:
-    """The shards' sample counts, read from their tar headers by rank 0 alone and broadcast."""
-    counts = [[tar_sample_count(u) for u in urls] if r.is_main else None]
+def shard_counts(urls: list[str], r: Rank, count: Callable[[str], int] = tar_sample_count) -> list[int]:
+    """The shards' sample counts, `count(url)` each, read by rank 0 alone and broadcast."""
+    counts = [[count(u) for u in urls] if r.is_main else None]
     if r.world > 1:
         dist.broadcast_object_list(counts, src=0)
     return counts[0]  # type: ignore[return-value]
 
 
-def epoch_stream(urls: list[str], decode: Callable[[dict[str, Any]], Any], tc: TrainConfig, r: Rank) -> EpochStream:
-    """This rank's share of each epoch's sample order as resumable micro-batches of batch_size / (world · grad_accum)."""
+def epoch_stream(urls: list[str], decode: Callable[[dict[str, Any]], Any], tc: TrainConfig, r: Rank,
+                 count: Callable[[str], int] = tar_sample_count) -> EpochStream:
+    """This rank's share of each epoch's sample order as resumable micro-batches of batch_size / (world · grad_accum).
+
+    `count(url)`: a shard's number of samples (default: from its tar headers).
+    """
     return EpochStream(urls, decode, batch_size=tc.batch_size // (r.world * tc.grad_accum), seed=tc.seed,
                        shuffle_buffer=tc.shuffle_buffer, rank=r.rank, world_size=r.world, workers=tc.loader_workers,
-                       counts=shard_counts(urls, r))
+                       counts=shard_counts(urls, r, count))

@@ -97,10 +97,10 @@ def _sample_members(f: BinaryIO, url: str) -> Iterator[tuple[str, list[tuple[str
 class TarShard:
     """One shard's samples by index, read forward: a local tar's samples passed over are seeked past, not read."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, buffering: int = 1 << 20):
         self.url, self.index = url, 0  # index: of the next sample
         if url.endswith(".tar") and Path(url).is_file():
-            self._file: BinaryIO | None = open(url, "rb", buffering=1 << 20)  # noqa: SIM115 (closed in close())
+            self._file: BinaryIO | None = open(url, "rb", buffering=buffering)  # noqa: SIM115 (closed in close())
             self._next: Iterator[Any] = _sample_members(self._file, url)
         else:
             from webdataset.tariterators import tarfile_samples
@@ -149,8 +149,8 @@ def tar_samples(url: str) -> Iterator[dict[str, Any]]:
 
 
 def tar_sample_count(url: str) -> int:
-    """The number of samples in one shard (for a local tar, from its headers alone)."""
-    shard = TarShard(url)
+    """The number of samples in one shard (for a local tar, from its headers alone: unbuffered, so bodies are not read)."""
+    shard = TarShard(url, buffering=0)
     try:
         return sum(1 for _ in shard._next)
     finally:

@@ -1,5 +1,6 @@
 """One rank of the tiny torchrun run of tests/test_elastic.py: logs the keys it trains on at each step,
-which checkpoints it read from disk, and dies at step `kill_at` (as if killed) when one is given.
+which checkpoints it read from disk, a checksum of the checkpoint it resumed from, and dies at step
+`kill_at` (as if killed) when one is given.
 
     torchrun ... -m tests.elastic_run SHARDS OUT STEPS [KILL_AT]
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import tagdit.train.loop as loop
 import tagdit.train.resume as resume
 from tagdit.config import TrainConfig
 from tagdit.train.loop import fit
@@ -30,8 +32,19 @@ def main(shards: str, out: str, steps: int, kill_at: int | None) -> None:
                      val_every=1000, device="cpu", loader_workers=0, shuffle_buffer=4)
     r = start_rank(tc, "test")
     log = open(Path(out) / f"keys-{r.world}-{r.rank}.jsonl", "a", buffering=1)  # noqa: SIM115
-    real_read = resume.read_checkpoint
+    real_read, real_load = resume.read_checkpoint, resume.load_checkpoint
     resume.read_checkpoint = lambda ckpt: log.write(json.dumps({"read": str(ckpt)}) + "\n") and real_read(ckpt)
+
+    def load(*args):
+        record = real_load(*args)
+        if record is not None:  # a checksum of every tensor each rank got
+            tensors: list[torch.Tensor] = []
+            resume._split(record, tensors)
+            total = sum(float(t.double().sum()) for t in tensors)
+            log.write(json.dumps({"checksum": total}) + "\n")
+        return record
+
+    loop.load_checkpoint = load
 
     def loss_fn(model, batch, step):
         if step == kill_at:

@@ -39,6 +39,8 @@ def test_two_ranks_killed_mid_epoch_and_resumed_as_three_read_each_sample_once(t
     assert sorted(before + after) == sorted(100 * s + i for s, n in enumerate(SIZES) for i in range(n))
     reads = [[rec["read"] for rec in records(out, 3, r) if "read" in rec] for r in range(3)]
     assert reads == [[str(out / "ckpt-0000004")], [], []]  # rank 0 read it, the others got it broadcast
+    sums = [[rec["checksum"] for rec in records(out, 3, r) if "checksum" in rec] for r in range(3)]
+    assert sums[0] == sums[1] == sums[2] and len(sums[0]) == 1 and sums[0][0] != 0  # all got the same record
     state = torch.load(out / "ckpt-0000010" / "state.pt", weights_only=True)
     rngs = [r["rng"]["torch"] for r in state["ranks"]]
     assert not torch.equal(rngs[1], rngs[2])  # no rank's RNG state copied to another

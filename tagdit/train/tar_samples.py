@@ -4,6 +4,7 @@ The training loader spends most of its time splitting shards into members; this 
 tar headers directly (ustar/GNU/pax names; the magic, or else the checksum, verified) and groups members into samples
 exactly as `webdataset.tariterators.tarfile_samples` does: `__key__` = the member name up to the
 first dot of its base name, `__url__`, and one lower-cased extension -> bytes entry per member.
+`TarShard` reads samples by index, forward, seeking past the bodies of the samples it passes over.
 Anything else (a URL, a compressed shard) goes through webdataset.
 """
 

@@ -25,7 +25,7 @@ from models.dit import DiT
 from tagdit.config import load_config
 from tagdit.data.vocab import Vocab
 from tagdit.formats.latent_shards import LatentShardWriter, LatentStats, latent_shard_name
-from tagdit.train.dit import decode_latent, dit_loss, shard_urls
+from tagdit.train.dit import StepNoise, decode_latent, dit_loss, shard_urls
 from tagdit.train.optim import make_optimizer
 from tagdit.train.stream import EpochStream
 
@@ -86,7 +86,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = DiT(cfg.dit.model, vocab_size=len(vocab), latent_size=16).train()
         opt = make_optimizer(model, cfg.dit.train, torch.device("cpu"))
-        loss_fn = partial(dit_loss, alpha_bar=make_alpha_bar(cfg.dit.schedule, cfg.dit.timesteps), stats=unit_stats((4, 16, 16), a.samples))
+        loss_fn = partial(dit_loss, alpha_bar=make_alpha_bar(cfg.dit.schedule, cfg.dit.timesteps), stats=unit_stats((4, 16, 16), a.samples),
+                          noise=StepNoise(0, 0))
         fixed = next(iter(EpochStream(urls, decode, batch_size=batch, seed=1)))
 
         def step_rate() -> float:

@@ -119,6 +119,7 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm; None = no clipping, as the original
     checkpoint_every: int = Field(500, ge=1)
+    checkpoint_minutes: float | None = Field(None, gt=0)  # also checkpoint when this long has passed since the last
     log_every: int = Field(50, ge=1)
     val_every: int = Field(250, ge=1)
     seed: int = 0
@@ -126,8 +127,8 @@ class TrainConfig(Section):
     nproc: int = Field(1, ge=1)  # >1 launches torchrun DDP
     compile: bool = False  # torch.compile the training forward (inductor; CPU needs a C compiler)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
-    shuffle_buffer: int = Field(1000, ge=1)  # samples per loader worker's shuffle buffer
-    loader_workers: int = Field(2, ge=0)  # decoding processes per rank, each with its own shards; 0 = in a thread
+    shuffle_buffer: int = Field(1000, ge=1)  # runs of this many samples are shuffled together in each epoch's order
+    loader_workers: int = Field(2, ge=0)  # decoding processes per rank, each with its own piece of the order; 0 = in a thread
     # keep the newest N (plus those an evaluation pins); None = keep all. A checkpoint is ~16 bytes per
     # parameter (weights, EMA, two AdamW moments): 4.2 GB for the original DiT, so keeping all 88 needs 370 GB
     keep_checkpoints: int | None = Field(3, ge=1)

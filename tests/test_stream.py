@@ -1,4 +1,4 @@
-"""The training stream: shard-level split over ranks and loader workers, exact resume, epoch coverage."""
+"""The training stream: a global per-epoch sample order split over ranks and loader workers, exact resume, coverage."""
 
 import io
 import json
@@ -10,6 +10,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
+from tagdit.train.epoch_order import piece
 from tagdit.train.stream import EpochStream
 from tagdit.train.tar_samples import tar_samples
 
@@ -81,14 +82,16 @@ SIZES = [5, 7, 6, 4, 8, 3]  # uneven shards: workers and ranks run out at differ
 @pytest.mark.parametrize("world", [1, 2])
 def test_resuming_mid_epoch_gives_the_uninterrupted_batches(tmp_path, workers, world):
     urls = write_shards(tmp_path, SIZES)
+    states = []
     for rank in range(world):
-        straight = take(stream(urls, rank, world, workers, fn=drop_sevens), 14)  # > 1 epoch on every rank
         first = stream(urls, rank, world, workers, fn=drop_sevens)
         take(first, 2)
-        state = first.state_dict()
+        states.append(first.state_dict())
+    for rank in range(world):
+        straight = take(stream(urls, rank, world, workers, fn=drop_sevens), 14)  # > 1 epoch on every rank
         resumed = stream(urls, rank, world, workers, fn=drop_sevens)
-        resumed.load_state_dict(state)
-        assert state["epoch"] == 0 and sum(state["consumed"]) < sum(SIZES) // world
+        resumed.load_state_dict(states)
+        assert states[rank]["epoch"] == 0 and sum(states[rank]["consumed"]) < sum(SIZES) // world
         rest = take(resumed, 12)
         assert all(torch.equal(a, b) for a, b in zip(straight[2:], rest, strict=True))
 
@@ -115,35 +118,73 @@ def test_every_sample_is_seen_once_per_epoch_over_all_ranks_and_workers(tmp_path
     assert [x for x, _ in epochs[0][0]] != [x for x, _ in epochs[0][1]]  # reshuffled each epoch
 
 
-def test_ranks_read_only_their_own_shards(tmp_path):
+def test_ranks_read_about_their_share_of_the_samples(tmp_path, monkeypatch):
+    """A rank reads the samples of its contiguous piece of the order and no others, from a few shards."""
+    import tagdit.train.tar_samples as ts
+
     urls = write_shards(tmp_path, SIZES)
-    shards = [{x // 100 for x, _ in by_epoch(stream(urls, r, 3, 1, batch=1), 1)[0]} for r in range(3)]
-    assert [len(s) for s in shards] == [2, 2, 2] and set().union(*shards) == set(range(6))
+    reads = []
+    real = ts.TarShard._read
+    monkeypatch.setattr(ts.TarShard, "_read", lambda self, key, members: reads.append(key) or real(self, key, members))
+    order = stream(urls).order
+    for r in range(3):
+        reads.clear()
+        got = [raw["__key__"] for raw in order.samples(0, piece([(0, order.n)], r, 3))]
+        assert sorted(reads) == sorted(got) and len(got) == sum(SIZES) // 3  # no sample read that the rank does not use
+        assert len({k[:3] for k in reads}) <= 3  # from a few neighbouring shards
 
 
-def test_sample_seeds_do_not_depend_on_the_split(tmp_path):
+def read_tagged(s, until_epoch=None, n=None):
+    """[(epoch, x)] of a batch-size-1 stream: `n` samples, or all until epoch `until_epoch` begins."""
+    out, it = [], iter(s)
+    while n is None or len(out) < n:
+        x = next(it)[0][0].item()
+        epoch = s.state_dict()["epoch"]
+        if epoch == until_epoch:
+            break
+        out.append((epoch, x))
+    it.close()
+    return out
+
+
+@pytest.mark.parametrize(("read", "workers"), [((5, 6), (2, 1)), ((18, 3), (1, 2)), ((0, 33), (2, 0))])
+def test_an_epoch_resumed_on_three_ranks_reads_each_sample_once(tmp_path, read, workers):
+    """2 ranks read some samples (one maybe into the next epoch), 3 ranks resume: each epoch covers the data once."""
     urls = write_shards(tmp_path, SIZES)
-
-    def seeds(world, workers):
-        return dict(x for r in range(world) for x in by_epoch(stream(urls, r, world, workers, batch=1), 1)[0])
-
-    one = seeds(1, 0)
-    assert seeds(2, 2) == one and len(set(one.values())) == len(one)
-
-
-def test_fewer_shards_than_slots_warns_how_to_reshard(tmp_path, caplog):
-    urls = write_shards(tmp_path, [6, 6])
-    with caplog.at_level(logging.WARNING):
-        take(stream(urls, 0, 2, 2), 1)
-    assert "shards.samples_per_shard" in caplog.text and "at least 4 shards" in caplog.text
+    before = [stream(urls, r, 2, workers[0], batch=1) for r in range(2)]
+    seen = [t for s, n in zip(before, read, strict=True) for t in read_tagged(s, n=n)]
+    states = [s.state_dict() for s in before]
+    for r in range(3):
+        after = stream(urls, r, 3, workers[1], batch=1)
+        after.load_state_dict(states)
+        seen += read_tagged(after, until_epoch=2)
+    everything = sorted(100 * s + i for s, n in enumerate(SIZES) for i in range(n))
+    assert sorted(x for e, x in seen if e == 0) == everything
+    assert sorted(x for e, x in seen if e == 1) == everything
 
 
-def test_a_state_of_another_split_restarts_its_epoch(tmp_path, caplog):
+def test_the_epoch_order_does_not_depend_on_the_split(tmp_path):
+    urls = write_shards(tmp_path, SIZES)
+    order = stream(urls).order
+    whole = [raw["__key__"] for raw in order.samples(1, [(0, order.n)])]
+    pieces = [raw["__key__"] for k in range(3) for raw in order.samples(1, piece([(0, order.n)], k, 3))]
+    assert pieces == whole and sorted(whole) == sorted(f"s{100 * s + i:04d}" for s, n in enumerate(SIZES) for i in range(n))
+    assert whole != [raw["__key__"] for raw in order.samples(0, [(0, order.n)])]  # another epoch, another order
+
+
+def test_too_few_samples_for_the_slots_is_a_clear_error(tmp_path):
+    urls = write_shards(tmp_path, [2, 1])
+    with pytest.raises(ValueError, match="3 training samples for 4 loader slots.*train.loader_workers"):
+        stream(urls, 0, 2, 2)
+
+
+def test_a_state_of_another_order_restarts_its_epoch(tmp_path, caplog):
     urls = write_shards(tmp_path, SIZES)
     s = stream(urls, workers=2)
     with caplog.at_level(logging.WARNING):
-        s.load_state_dict({"epoch": 3, "consumed": 7})  # the old per-sample format
-    assert s.state_dict() == {"epoch": 3, "consumed": [0, 0], "next": 0, "world": 1}
+        s.load_state_dict([{"epoch": 3, "consumed": 7}])  # the old per-sample format
+    assert {k: v for k, v in s.state_dict().items() if k in ("epoch", "consumed", "next")} == {
+        "epoch": 3, "consumed": [0, 0], "next": 0}
     assert "restarts" in caplog.text
 
 

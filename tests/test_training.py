@@ -43,7 +43,7 @@ def test_stream_is_deterministic_and_resumes_exactly(tmp_path):
     take(b, 7)
     state = b.state_dict()
     c = EpochStream(urls, decode, batch_size=4, seed=1, shuffle_buffer=5)
-    c.load_state_dict(state)
+    c.load_state_dict([state])
     rest = take(c, 5)
     assert all(torch.equal(x, y) for x, y in zip(full[7:], rest, strict=True))
     first_epoch = torch.cat(full)[:21].flatten().tolist()

@@ -19,6 +19,7 @@ from tagdit.config import DiTConfig, PipelineConfig
 from tagdit.data.vocab import Vocab, augment_tags
 from tagdit.formats.latent_shards import (
     STATS_FILE,
+    LatentSource,
     LatentStats,
     has_flip,
     iter_latent_samples,
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 
 def shard_urls(latents_dir: Path, split: str) -> list[str]:
     return [str(p) for p in latent_shard_paths(latents_dir, split)]
+
+
+def latent_sample_count(url: str) -> int:
+    """A latent shard's number of samples: from its `.source.json` (written with it), else from its tar headers."""
+    from tagdit.train.tar_samples import tar_sample_count
+
+    source = LatentSource.load(Path(url))
+    return len(source.images) if source is not None else tar_sample_count(url)
 
 
 def decode_latent(raw: dict[str, Any], *, vocab: Vocab, dit: DiTConfig, augment: bool = True) -> dict[str, Any]:
@@ -55,7 +64,31 @@ def decode_latent(raw: dict[str, Any], *, vocab: Vocab, dit: DiTConfig, augment:
     }
 
 
-def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, stats: LatentStats,
+class StepNoise:
+    """One rank's noise and timestep draws: a generator seeded with (seed, step, rank) at each optimiser step.
+
+    The ranks' draws differ, a step's micro-batches continue one generator, and a resume on any number
+    of ranks draws what an uninterrupted run would have (no rank's RNG state is copied to another).
+    """
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank = seed, rank
+        self._step: int | None = None
+        self._generator = None
+
+    def at(self, step: int, device):
+        """The generator of optimiser step `step` on `device` (the same one for each of its micro-batches)."""
+        import torch
+
+        from tagdit.train.resume import step_seed
+
+        if step != self._step:
+            self._generator = torch.Generator(device=device).manual_seed(step_seed(self.seed, step, self.rank))
+            self._step = step
+        return self._generator
+
+
+def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, stats: LatentStats, noise: StepNoise,
              min_snr_gamma: float | None = None):
     """L_simple (or Min-SNR-γ weighted) on one batch: t ~ U{0..T-1}, ε ~ N(0, I), x_t = q_sample(z, t, ε)."""
     import torch
@@ -63,9 +96,10 @@ def dit_loss(model, batch: dict[str, Any], step: int, *, alpha_bar, stats: Laten
     from models.diffusion import eps_loss, min_snr_weight, q_sample
     from models.vae import AutoencoderKL
 
-    z = stats.to_model(AutoencoderKL.sample(batch["mean"].float(), batch["logvar"].float()))  # (B, C, H, W)
-    t = torch.randint(0, len(alpha_bar), (z.shape[0],), device=z.device)
-    eps = torch.randn_like(z)
+    g = noise.at(step, batch["mean"].device)
+    z = stats.to_model(AutoencoderKL.sample(batch["mean"].float(), batch["logvar"].float(), g))  # (B, C, H, W)
+    t = torch.randint(0, len(alpha_bar), (z.shape[0],), device=z.device, generator=g)
+    eps = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=g)
     weight = None if min_snr_gamma is None else min_snr_weight(t, alpha_bar, min_snr_gamma)
     return eps_loss(model(q_sample(z, t, eps, alpha_bar), t, batch["tags"]), eps, weight), {}
 
@@ -172,7 +206,9 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     decode = partial(decode_latent, vocab=vocab, dit=cfg.dit)
     val_fn = make_val_fn(latents_dir, vocab, cfg, alpha_bar, stats, r.device)  # every rank: fit syncs around it
     monitor = make_sample_monitor(cfg, vocab, latents_dir, stats, vae_checkpoint, r.device) if r.is_main else None
+    urls = shard_urls(latents_dir, "train")
     return fit(model=model,
-               loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, min_snr_gamma=cfg.dit.min_snr_gamma),
-               stream=epoch_stream(shard_urls(latents_dir, "train"), decode, tc, r), cfg=tc, out_dir=out_dir,
+               loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, noise=StepNoise(tc.seed, r.rank),
+                               min_snr_gamma=cfg.dit.min_snr_gamma),
+               stream=epoch_stream(urls, decode, tc, r, latent_sample_count), cfg=tc, out_dir=out_dir,
                model_config=model.config_dict(), device=r.device, val_fn=val_fn, monitor=monitor, desc="train-dit")

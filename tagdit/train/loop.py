@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +23,10 @@ from torch import nn
 
 from tagdit.config import TrainConfig
 from tagdit.devices import autocast, configure_backends
-from tagdit.formats.checkpoints import (
-    Checkpoints,
-    load_weights,
-    read_checkpoint_meta,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from tagdit.formats.checkpoints import Checkpoints, seed_everything
 from tagdit.train.optim import EMA, make_optimizer, make_scheduler
 from tagdit.train.reports import Progress
+from tagdit.train.resume import load_checkpoint, rank_states, restore_rank
 from tagdit.train.stop import TrainingStopped, stop_agreed
 from tagdit.train.stream import EpochStream
 
@@ -67,9 +62,10 @@ class _State:
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     last_good: Path | None = None
+    saved_at: float = field(default_factory=time.monotonic)  # when the last checkpoint was written (or the run began)
 
     def state_dict(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-        """The contents of a checkpoint's `state.pt`; `ranks`: every rank's `_rank_states` entry."""
+        """The contents of a checkpoint's `state.pt`; `ranks`: every rank's `rank_states` entry."""
         return {
             "step": self.step,
             "optimizer": self.opt.state_dict(),
@@ -122,41 +118,24 @@ def _due(step: int, every: int, total: int) -> bool:
     return step % every == 0 or step == total
 
 
-def _rank_states(st: _State, world: int) -> list[dict[str, Any]]:
-    """Every rank's stream position and RNG state, in rank order (a collective under DDP)."""
-    mine = {"stream": st.stream.state_dict(), "rng": rng_state()}
-    if world == 1:
-        return [mine]
-    states: list[Any] = [None] * world
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def _restore_rank(st: _State, state: dict[str, Any], rank: int) -> None:
-    """This rank's stream position and RNG; a checkpoint of another world size restarts the stream's epoch."""
-    ranks = state.get("ranks") or [{"stream": state["stream"], "rng": state["rng"]}]  # before per-rank states
-    mine = ranks[min(rank, len(ranks) - 1)]
-    st.stream.load_state_dict(mine["stream"])  # logs and restarts the epoch if the split differs
-    set_rng_state(mine["rng"])
-
-
-def _restore_or_seed(st: _State, ckpt: Path | None, seed: int, desc: str, rank: int = 0) -> None:
-    """Continue from checkpoint `ckpt` exactly (weights, optimiser, stream, RNG), or seed a fresh run."""
-    if ckpt is None:
-        seed_everything(seed)
+def _restore_or_seed(st: _State, ckpt: Path | None, seed: int, desc: str, device: torch.device,
+                     rank: int = 0, world: int = 1) -> None:
+    """Continue from checkpoint `ckpt` exactly (read by rank 0 and broadcast), or seed a fresh run."""
+    record = load_checkpoint(ckpt, rank, world, device)
+    if record is None:
+        seed_everything(seed + rank)
         return
-    st.model.load_state_dict(load_weights(ckpt / "model.safetensors")[0])
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    ema_weights = {"module." + k: v for k, v in load_weights(ckpt / "ema.safetensors")[0].items()}
+    state = record["state"]
+    st.model.load_state_dict(record["model"])
+    ema_weights = {"module." + k: v for k, v in record["ema"].items()}
     st.ema.load_state_dict({**st.ema.state_dict(), **ema_weights, "n_averaged": state["ema_n_averaged"]})
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
     for name, obj in st.extra.items():
         obj.load_state_dict(state["extra"][name])
-    _restore_rank(st, state, rank)
-    st.step, st.last_good = int(state["step"]), ckpt
-    st.metrics = dict(read_checkpoint_meta(ckpt).metrics)
-    log.info("%s: resumed from %s (step %d)", desc, ckpt, st.step)
+    restore_rank(st.stream, state, seed, rank, world)
+    st.step, st.last_good, st.metrics = int(state["step"]), Path(record["path"]), record["metrics"]
+    log.info("%s: resumed from %s (step %d)", desc, record["path"], st.step)
 
 
 def _wrap_model(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
@@ -261,17 +240,31 @@ def _validate(st: _State, val_fn: ValFn | None, writer: Any, device: torch.devic
 def _save_checkpoint(st: _State, ckpts: Checkpoints, model_config: dict, desc: str, writer: Any,
                      rank: int, world: int, keep: int | None = None) -> None:
     """Rank 0 writes `ckpt-<step>/` (with every rank's stream position and RNG); all point `last_good` at it."""
-    ranks = _rank_states(st, world)
+    ranks = rank_states(st.stream, world)
     if rank == 0:
-        ckpts.save(st.step, model=st.model, ema=st.ema.module, config=model_config, state=st.state_dict(ranks),
-                   meta={"metrics": st.metrics, "desc": desc})
+        start = time.perf_counter()
+        path = ckpts.save(st.step, model=st.model, ema=st.ema.module, config=model_config,
+                          state=st.state_dict(ranks), meta={"metrics": st.metrics, "desc": desc})
+        seconds = time.perf_counter() - start
+        log.info("%s: wrote %s in %.2f s", desc, path.name, seconds)
+        writer.add_scalar("train/checkpoint_seconds", seconds, st.step)
         if keep:
             for gone in ckpts.prune(keep):
                 log.info("%s: pruned %s (train.keep_checkpoints=%d)", desc, gone.name, keep)
         writer.flush()
     if world > 1:
         dist.barrier()
-    st.last_good = ckpts.latest()
+    st.last_good, st.saved_at = ckpts.latest(), time.monotonic()
+
+
+def _time_due(since: float, minutes: float | None, device: torch.device, world: int) -> bool:
+    """Whether `minutes` have passed since `since` on rank 0's clock (every rank gets its answer)."""
+    if minutes is None:
+        return False
+    due = torch.tensor([time.monotonic() - since >= minutes * 60], dtype=torch.int32, device=device)
+    if world > 1:
+        dist.broadcast(due, src=0)
+    return bool(due.item())
 
 
 def _log_batch(stream: EpochStream, cfg: TrainConfig, world: int, writer: Any, desc: str) -> None:
@@ -319,7 +312,7 @@ def fit(
     opt = make_optimizer(model, cfg, device)
     st = _State(model, ema, opt, make_scheduler(opt, cfg), stream, extra or {})
     ckpts = Checkpoints(out_dir)
-    _restore_or_seed(st, ckpts.latest(), cfg.seed + rank, desc, rank)
+    _restore_or_seed(st, ckpts.latest() if rank == 0 else None, cfg.seed, desc, device, rank, world)
     if st.step >= cfg.steps:
         return st.result()
     train_model = _wrap_model(model, cfg, device, world)
@@ -358,7 +351,7 @@ def _after_step_io(st: _State, cfg: TrainConfig, val_fn: ValFn | None, monitor: 
         _validate(st, val_fn, writer, device, rank, world, cfg.precision)
     if monitor is not None and rank == 0:
         monitor(st.ema.module, st.step, writer)
-    if _due(st.step, cfg.checkpoint_every, cfg.steps):
+    if _due(st.step, cfg.checkpoint_every, cfg.steps) or _time_due(st.saved_at, cfg.checkpoint_minutes, device, world):
         _save_checkpoint(st, ckpts, model_config, desc, writer, rank, world, cfg.keep_checkpoints)
 
 

@@ -1,5 +1,5 @@
 """The per-rank set-up every trainer begins with: join the torchrun group, pick the device, seed the
-initial weights (`start_rank`), and stream this rank's share of the shards (`epoch_stream`)."""
+initial weights (`start_rank`), and stream this rank's share of the samples (`epoch_stream`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from tagdit.config import TrainConfig
 from tagdit.devices import select_device
 from tagdit.train.launch import init_distributed
 from tagdit.train.stream import EpochStream
+from tagdit.train.tar_samples import tar_sample_count
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,20 @@ def start_rank(tc: TrainConfig, section: str) -> Rank:
     return Rank(rank, world, device)
 
 
-def epoch_stream(urls: list[str], decode: Callable[[dict[str, Any]], Any], tc: TrainConfig, r: Rank) -> EpochStream:
-    """This rank's shards as shuffled, resumable micro-batches of batch_size / (world · grad_accum)."""
+def shard_counts(urls: list[str], r: Rank, count: Callable[[str], int] = tar_sample_count) -> list[int]:
+    """The shards' sample counts, `count(url)` each, read by rank 0 alone and broadcast."""
+    counts = [[count(u) for u in urls] if r.is_main else None]
+    if r.world > 1:
+        dist.broadcast_object_list(counts, src=0)
+    return counts[0]  # type: ignore[return-value]
+
+
+def epoch_stream(urls: list[str], decode: Callable[[dict[str, Any]], Any], tc: TrainConfig, r: Rank,
+                 count: Callable[[str], int] = tar_sample_count) -> EpochStream:
+    """This rank's share of each epoch's sample order as resumable micro-batches of batch_size / (world · grad_accum).
+
+    `count(url)`: a shard's number of samples (default: from its tar headers).
+    """
     return EpochStream(urls, decode, batch_size=tc.batch_size // (r.world * tc.grad_accum), seed=tc.seed,
-                       shuffle_buffer=tc.shuffle_buffer, rank=r.rank, world_size=r.world, workers=tc.loader_workers)
+                       shuffle_buffer=tc.shuffle_buffer, rank=r.rank, world_size=r.world, workers=tc.loader_workers,
+                       counts=shard_counts(urls, r, count))

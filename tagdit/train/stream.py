@@ -1,82 +1,42 @@
 """An exactly resumable, deterministic stream of training batches from WebDataset tar shards.
 
-Each epoch shuffles the shard order with (seed, epoch) and deals the shards round-robin to slots,
-one slot per (rank, loader worker): slot k = rank · workers + worker reads shards k, k + K, k + 2K,
-... of the epoch's order (K = world · workers), so a rank reads only its own shards. A slot streams
-its shards through its own shuffle buffer (RNG seeded with (seed, epoch, slot)); a rank takes its
-workers' samples in a fixed round-robin order (a worker whose share of the epoch is used up is
-passed over) and starts the next epoch when all are. With fewer shards than slots every slot reads
-all shards and keeps every K-th sample (logged, with how to reshard). Either way every sample is
-seen once per epoch across all ranks and workers.
+Each epoch reads every sample once in a global order fixed by (seed, epoch) and the shards' sample
+counts (`tagdit.train.epoch_order`): one slot per (rank, loader worker) reads its contiguous piece of
+that order, slot k = rank · workers + worker of K = world · workers, from a few neighbouring shards,
+read forward. A rank takes its workers' samples in a fixed round-robin order (a worker whose piece is
+used up is passed over) and starts the next epoch when all are. The position (samples each worker
+consumed) resumes exactly on the same split; on another split (a resume on more or fewer ranks) the
+samples of the epoch that no old slot consumed are split anew, so the epoch still reads each once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import random
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from tagdit.data.prefetch import prefetch
+from tagdit.train.epoch_order import EpochOrder, Plan, piece, size
 from tagdit.train.loader_workers import END, WorkerProcess
-from tagdit.train.tar_samples import tar_samples
+from tagdit.train.tar_samples import tar_sample_count
 
 log = logging.getLogger(__name__)
 
 CHUNK = 16  # decoded examples per message from a loader worker
 
 
-def sample_seed(seed: int, epoch: int, url: str, key: str) -> int:
-    """A sample's augmentation seed: fixed by (seed, epoch, shard file name, key), whatever the split."""
-    text = f"{seed}-{epoch}-{Path(url).name}-{key}".encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & 0x7FFFFFFF
-
-
-def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
-    """All shards in epoch `epoch`'s order (the same on every rank)."""
-    order = sorted(urls)
-    random.Random(f"{seed}-{epoch}").shuffle(order)
-    return order
-
-
-def slot_samples(urls: list[str], seed: int, epoch: int, slot: int, slots: int,
-                 shuffle_buffer: int) -> Iterator[dict[str, Any]]:
-    """Slot `slot` of `slots`: its raw samples of one epoch, shuffled, each with its `__seed__`."""
-    order = epoch_shards(urls, seed, epoch)
-    per_sample = len(order) < slots  # too few shards to deal out: every slot keeps every K-th sample
-    rng = random.Random(f"{seed}-{epoch}-{slot}")
-    buffer: list[dict[str, Any]] = []
-    index = 0
-    for url in order if per_sample else order[slot::slots]:
-        for sample in tar_samples(url):
-            index += 1
-            if per_sample and (index - 1) % slots != slot:
-                continue
-            sample["__seed__"] = sample_seed(seed, epoch, url, sample["__key__"])
-            buffer.append(sample)
-            if len(buffer) >= shuffle_buffer:
-                j = rng.randrange(len(buffer))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def slot_messages(urls: list[str], decode: Callable[[dict[str, Any]], Any], seed: int, slot: int, slots: int,
-                  shuffle_buffer: int, epoch: int, skip: int) -> Iterator[Any]:
+def slot_messages(order: EpochOrder, decode: Callable[[dict[str, Any]], Any], plan: Plan, slot: int, slots: int,
+                  epoch: int, skip: int) -> Iterator[Any]:
     """One slot's decoded examples (None = dropped) in chunks, an END after each epoch, forever.
 
-    Starts `skip` samples into `epoch`; skipped samples are read but not decoded.
+    Starts `skip` samples into its piece of `epoch`; skipped samples are not read.
     """
     while True:
         chunk = []
-        for i, raw in enumerate(slot_samples(urls, seed, epoch, slot, slots, shuffle_buffer)):
-            if i >= skip:
-                chunk.append(decode(raw))
+        for raw in order.samples(epoch, piece(plan.remaining(epoch, order.n), slot, slots), skip):
+            chunk.append(decode(raw))
             if len(chunk) == CHUNK:
                 yield chunk
                 chunk = []
@@ -92,9 +52,11 @@ class EpochStream:
     `decode(raw)` turns a raw sample (`__key__`, `__seed__` and extension -> bytes) into a training
     example, or None to drop it; `__seed__` is a per-sample integer for augmentation randomness, the
     same whatever the rank/worker split (use it, not a global RNG). `workers` = 0 decodes in the
-    prefetch thread; n > 0 decodes in n processes, each with its own slot of shards (0 and 1 give the
-    same batches). The state is (epoch, samples each worker consumed, the next worker); resuming
-    skips samples without decoding them.
+    prefetch thread; n > 0 decodes in n processes, each with its own piece of the rank's samples (0
+    and 1 give the same batches). `shuffle_buffer` samples are shuffled together in the epoch's order.
+    `counts`: the shards' sample counts in `urls` order (default: counted from the tar headers).
+    The state is (epoch, samples each worker consumed, the next worker) and the plan and order it
+    belongs to; resuming reads no skipped sample.
     """
 
     def __init__(
@@ -109,55 +71,67 @@ class EpochStream:
         workers: int = 0,
         collate: Callable[[list], Any] | None = None,
         prefetch: int = 2,
+        counts: list[int] | None = None,
     ):
         if not urls:
             raise ValueError("EpochStream needs at least one shard")
-        self.urls = sorted(str(u) for u in urls)
+        counts = list(counts) if counts is not None else [tar_sample_count(str(u)) for u in urls]
+        shards = sorted(zip((str(u) for u in urls), counts, strict=True))
+        self.urls = [u for u, _ in shards]
+        self.order = EpochOrder(self.urls, [c for _, c in shards], seed, shuffle_buffer)
         self.decode, self.batch_size, self.seed = decode, batch_size, seed
-        self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
+        self.rank, self.world_size = rank, world_size
         self.workers, self.slots_per_rank = workers, max(1, workers)
+        if self.order.n < self.slots:
+            raise ValueError(f"{self.order.n} training samples for {self.slots} loader slots ({world_size} ranks x "
+                             f"{self.slots_per_rank} loader workers): lower train.loader_workers or the ranks")
         self.collate = collate or torch.utils.data.default_collate
         self.prefetch = prefetch
+        self.plan = Plan()
         self._state = self._start_of(0)
 
     @property
     def slots(self) -> int:
-        """Loader slots over all ranks: the number of ways each epoch's shards are split."""
+        """Loader slots over all ranks: the number of pieces each epoch's order is split into."""
         return self.world_size * self.slots_per_rank
 
     def _start_of(self, epoch: int) -> dict[str, Any]:
-        return {"epoch": epoch, "consumed": [0] * self.slots_per_rank, "next": 0, "world": self.world_size}
+        return {"epoch": epoch, "consumed": [0] * self.slots_per_rank, "next": 0}
 
     def state_dict(self) -> dict[str, Any]:
-        """Position after the last batch handed out."""
-        return {**self._state, "consumed": list(self._state["consumed"])}
+        """Position after the last batch handed out, with the split, plan and order it counts in."""
+        return {**self._state, "consumed": list(self._state["consumed"]), "world": self.world_size,
+                "workers": self.slots_per_rank, "plan": self.plan.to_dict(), "order": self.order.fingerprint}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state_dict()`; a state of another split restarts its epoch (logged)."""
-        consumed = state.get("consumed")
-        if (not isinstance(consumed, list) or len(consumed) != self.slots_per_rank
-                or state.get("world") != self.world_size):
-            log.warning("stream position saved for another split (world %s, consumed %s); this one has world %d "
-                        "and %d loader slots: epoch %d restarts from its first sample",
-                        state.get("world"), consumed, self.world_size, self.slots_per_rank, int(state["epoch"]))
-            self._state = self._start_of(int(state["epoch"]))
-            return
-        self._state = {"epoch": int(state["epoch"]), "consumed": [int(c) for c in consumed],
-                       "next": int(state["next"]), "world": self.world_size}
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        """Continue from every rank's `state_dict()` (rank order), saved on this split or another."""
+        fingerprint, mine = self.order.fingerprint, states[min(self.rank, len(states) - 1)]
+        if any(s.get("order") != fingerprint or s.get("workers") != states[0].get("workers") for s in states):
+            log.warning("stream position saved for another order of the samples (other shards, counts, seed or "
+                        "train.shuffle_buffer, or an older format): epoch %d restarts from its first sample",
+                        int(mine["epoch"]))
+            self.plan, self._state = Plan(), self._start_of(int(mine["epoch"]))
+        elif len(states) == self.world_size and states[0]["workers"] == self.slots_per_rank:
+            self.plan = Plan.from_dict(mine["plan"])
+            self._state = {"epoch": int(mine["epoch"]), "consumed": [int(c) for c in mine["consumed"]],
+                           "next": int(mine["next"])}
+        else:
+            self.plan = self._replan(states)
+            self._state = self._start_of(self.plan.start)
 
-    def _check_split(self) -> None:
-        if len(self.urls) < self.slots:
-            log.warning(
-                "%d shards for %d loader slots (%d ranks x %d workers): every slot reads every shard and keeps "
-                "1 sample in %d. For shard-level splitting write at least %d shards, e.g. "
-                "--set shards.samples_per_shard=<train images / %d or fewer>",
-                len(self.urls), self.slots, self.world_size, self.slots_per_rank, self.slots, self.slots,
-                self.slots)
+    def _replan(self, states: list[dict[str, Any]]) -> Plan:
+        """The positions no rank of `states` consumed, to be split over this split's slots (logged)."""
+        old, workers = Plan.from_dict(states[0]["plan"]), int(states[0]["workers"])
+        plan = old.after([(int(s["epoch"]), [int(c) for c in s["consumed"]]) for s in states], workers, self.order.n)
+        left = size(plan.remaining(plan.start, self.order.n))
+        log.info("stream resumed on another split (%d ranks x %d workers, was %d x %d): epoch %d continues with its "
+                 "%d of %d samples not yet read", self.world_size, self.slots_per_rank, len(states), workers,
+                 plan.start, left, self.order.n)
+        return plan
 
     def _source(self, w: int, epoch: int, skip: int) -> Iterator[Any]:
-        """Worker `w`'s message stream, `skip` samples into `epoch`."""
-        args = (self.urls, self.decode, self.seed, self.rank * self.slots_per_rank + w, self.slots,
-                self.shuffle_buffer, epoch, skip)
+        """Worker `w`'s message stream, `skip` samples into its piece of `epoch`."""
+        args = (self.order, self.decode, self.plan, self.rank * self.slots_per_rank + w, self.slots, epoch, skip)
         if not self.workers:
             return slot_messages(*args)
         return WorkerProcess(slot_messages, args, name=f"loader-{self.rank}-{w}")
@@ -179,12 +153,8 @@ class EpochStream:
                         pending[w] = [] if done[w] else message[::-1]
                     if pending[w]:
                         consumed[w] += 1
-                        position = {"epoch": epoch, "consumed": list(consumed), "next": (w + 1) % n,
-                                    "world": self.world_size}
-                        yield pending[w].pop(), position
+                        yield pending[w].pop(), {"epoch": epoch, "consumed": list(consumed), "next": (w + 1) % n}
                     w = (w + 1) % n
-                if not any(consumed):
-                    raise RuntimeError(f"no samples for rank {self.rank} of {self.world_size} in {self.urls}")
                 epoch, consumed, w = epoch + 1, [0] * n, 0
         finally:
             for source in sources:
@@ -192,7 +162,6 @@ class EpochStream:
 
     def _batches(self) -> Iterator[tuple[Any, dict[str, Any]]]:
         """(batch, stream position after it) forever, from the current position."""
-        self._check_split()
         examples = []
         for example, state in self._examples():
             if example is not None:

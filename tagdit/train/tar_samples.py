@@ -4,13 +4,14 @@ The training loader spends most of its time splitting shards into members; this 
 tar headers directly (ustar/GNU/pax names; the magic, or else the checksum, verified) and groups members into samples
 exactly as `webdataset.tariterators.tarfile_samples` does: `__key__` = the member name up to the
 first dot of its base name, `__url__`, and one lower-cased extension -> bytes entry per member.
+`TarShard` reads samples by index, forward, seeking past the bodies of the samples it passes over.
 Anything else (a URL, a compressed shard) goes through webdataset.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,21 +47,23 @@ def _pax_path(body: bytes) -> str | None:
     return None
 
 
-def tar_members(f: BinaryIO, name: str) -> Iterator[tuple[str, bytes]]:
-    """(member name, contents) of the regular files in tar stream `f`, in archive order."""
-    long_name = None
+def _members(f: BinaryIO, name: str) -> Iterator[tuple[str, int, int]]:
+    """(member name, body offset, body size) of the regular files in tar file `f`, in archive order.
+
+    Bodies are seeked past, not read: the caller reads the ones it wants (`f.seek`, `f.read`).
+    """
+    long_name, pos = None, 0
     while True:
+        f.seek(pos)
         header = f.read(_BLOCK)
         if len(header) < _BLOCK or header.count(0) == _BLOCK:
             return
         if header[257:262] != b"ustar" and not _checksum_ok(header):  # summing costs more than parsing
-            raise ValueError(f"{name}: bad tar header checksum at byte {f.tell() - _BLOCK}")
+            raise ValueError(f"{name}: bad tar header checksum at byte {pos}")
         size, kind = _number(header[124:136]), header[156:157]
-        body = f.read(size)
-        if len(body) < size:
-            raise ValueError(f"{name}: truncated tar member at byte {f.tell() - len(body)}")
-        f.read(-size % _BLOCK)
+        offset, pos = pos + _BLOCK, pos + _BLOCK + size + (-size % _BLOCK)
         if kind in (b"L", b"x"):  # the next member's long name (GNU) or pax extended header
+            body = f.read(size)
             long_name = body.rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(body)
             continue
         member = long_name
@@ -71,32 +74,85 @@ def tar_members(f: BinaryIO, name: str) -> Iterator[tuple[str, bytes]]:
             member = header[:100].rstrip(b"\0").decode("utf-8")
             if header[257:265] == b"ustar\x0000" and header[345] != 0:
                 member = header[345:500].rstrip(b"\0").decode("utf-8") + "/" + member
-        yield member, body
+        yield member, offset, size
+
+
+def _sample_members(f: BinaryIO, url: str) -> Iterator[tuple[str, list[tuple[str, int, int]]]]:
+    """(key, [(extension, body offset, size), ...]) of each sample, grouped as webdataset groups members."""
+    key, members = None, []
+    for member, offset, size in _members(f, url):
+        if ("/" not in member and member.startswith("__") and member.endswith("__")) or _META.match(member):
+            continue
+        m = _KEY_EXT.match(member)
+        if m is None:
+            continue
+        if m.group(1) != key:
+            if key is not None:
+                yield key, members
+            key, members = m.group(1), []
+        members.append((m.group(2).lower(), offset, size))
+    if key is not None:
+        yield key, members
+
+
+class TarShard:
+    """One shard's samples by index, read forward: a local tar's samples passed over are seeked past, not read."""
+
+    def __init__(self, url: str, buffering: int = 1 << 20):
+        self.url, self.index = url, 0  # index: of the next sample
+        if url.endswith(".tar") and Path(url).is_file():
+            self._file: BinaryIO | None = open(url, "rb", buffering=buffering)  # noqa: SIM115 (closed in close())
+            self._next: Iterator[Any] = _sample_members(self._file, url)
+        else:
+            from webdataset.tariterators import tarfile_samples
+
+            self._file, self._next = None, iter(tarfile_samples([{"url": url}]))
+
+    def _read(self, key: str, members: list[tuple[str, int, int]]) -> dict[str, Any]:
+        sample: dict[str, Any] = {"__key__": key, "__url__": self.url}
+        for ext, offset, size in members:
+            if ext in sample:
+                raise ValueError(f"{key}.{ext}: duplicate file name in tar file {self.url}")
+            self._file.seek(offset)  # type: ignore[union-attr]
+            sample[ext] = self._file.read(size)  # type: ignore[union-attr]
+        return sample
+
+    def samples(self, indices: Iterable[int] | None = None) -> Iterator[dict[str, Any]]:
+        """Samples `indices` (ascending, from `self.index` on), or all the rest."""
+        wanted = iter(indices) if indices is not None else None
+        target = next(wanted, None) if wanted is not None else self.index
+        while target is not None:
+            try:
+                item = next(self._next)
+            except StopIteration:
+                if indices is None:
+                    return
+                raise ValueError(f"{self.url} has no sample {target}: it has {self.index} "
+                                 "(the shard changed since its samples were counted)") from None
+            self.index += 1
+            if self.index - 1 < target:
+                continue
+            yield item if self._file is None else self._read(*item)
+            target = next(wanted, None) if wanted is not None else self.index
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def tar_samples(url: str) -> Iterator[dict[str, Any]]:
     """The samples of one shard, as webdataset groups them."""
-    path = Path(url)
-    if not url.endswith(".tar") or not path.is_file():
-        from webdataset.tariterators import tarfile_samples
+    shard = TarShard(url)
+    try:
+        yield from shard.samples()
+    finally:
+        shard.close()
 
-        yield from tarfile_samples([{"url": url}])
-        return
-    sample: dict[str, Any] | None = None
-    with open(path, "rb", buffering=1 << 20) as f:
-        for member, body in tar_members(f, url):
-            if ("/" not in member and member.startswith("__") and member.endswith("__")) or _META.match(member):
-                continue
-            m = _KEY_EXT.match(member)
-            if m is None:
-                continue
-            key, ext = m.group(1), m.group(2).lower()
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key, "__url__": url}
-            if ext in sample:
-                raise ValueError(f"{member}: duplicate file name in tar file {url}")
-            sample[ext] = body
-    if sample is not None:
-        yield sample
+
+def tar_sample_count(url: str) -> int:
+    """The number of samples in one shard (for a local tar, from its headers alone: unbuffered, so bodies are not read)."""
+    shard = TarShard(url, buffering=0)
+    try:
+        return sum(1 for _ in shard._next)
+    finally:
+        shard.close()

@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 # The training code whose version is part of a trainer stage's cache key.
 TRAIN_MODULES = ("tasks.trainer", "tagdit.train.ranks", "tagdit.train.loop", "tagdit.train.optim",
                  "tagdit.formats.checkpoints", "tagdit.train.stream", "tagdit.train.tar_samples",
-                 "tagdit.train.loader_workers", "tagdit.devices", "models.config")
+                 "tagdit.train.loader_workers", "tagdit.train.epoch_order", "tagdit.train.resume", "tagdit.devices",
+                 "models.config")
 # Settings that may change between runs without invalidating the checkpoints (resume continues).
-# nproc / loader_workers change how shards are split: a resumed run restarts the epoch it was in (logged).
+# nproc / loader_workers change how the epoch's sample order is split: a resumed run re-splits what is
+# left of its epoch over the new ranks and workers (each sample once; tagdit.train.epoch_order).
 RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile",
              "keep_checkpoints", "grad_accum", "loader_workers")
 

@@ -20,10 +20,11 @@ from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig
 from tagdit.data.crop import CropParams, chunk_digest
-from tagdit.data.sources import bucket_count, crop_bucket, key_hash, listing_scope, source_listing
+from tagdit.data.sources import Listing, bucket_count, crop_bucket, listing_scope, source_listing
+from tagdit.data.walk import source_base
 from tagdit.files import remove_stale_temps
 from tagdit.formats.chunks import chunk_name, read_crop_chunk
-from tagdit.formats.sources import SOURCES, read_buckets, write_buckets, write_sources
+from tagdit.formats.sources import SOURCES, bucket_sizes, bucket_stamps, read_buckets, sort_sources, write_buckets
 from tagdit.orchestrate.chunks import chunk_runner, offload, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
@@ -31,23 +32,24 @@ log = logging.getLogger(__name__)
 
 
 @unit_task(name="crop-chunk", run_name="crop {dst.name}")
-def crop_chunk_task(source: Path, manifest: Path, bucket: int, p: CropParams, dst: Path,
+def crop_chunk_task(base: str | Path, manifest: Path, bucket: int, p: CropParams, dst: Path,
                     previous: Path | None) -> tuple[int, int]:
     """One bucket's crop chunk (on the local runner's process pool when it has one); returns (ok, rejected)."""
-    return offload(crop_bucket, source, manifest, bucket, p, dst, previous)
+    return offload(crop_bucket, base, manifest, bucket, p, dst, previous)
 
 
 def _key_inputs(cfg: PipelineConfig) -> dict[str, str]:
     """The source listing's fingerprint and the bucket count, from this run's one listing."""
-    listing = source_listing(cfg.data.source)
+    listing = source_listing(cfg)
     return {"source": listing.fingerprint, "buckets": str(bucket_count(cfg, listing))}
 
 
 CROP = Stage(
     name="crop",
-    version=3,  # 2: a row for every file found, sidecars counted apart; 3: one chunk per hash bucket, rows' stamps
-    modules=("tasks.crop", "tagdit.data.crop", "tagdit.data.sources", "tagdit.formats.chunks",
-             "tagdit.formats.sources", "tagdit.formats.wd_image"),
+    version=4,  # 2: a row for every file found, sidecars counted apart; 3: one chunk per hash bucket, rows' stamps;
+    # 4: sources on URLs and user manifests, the listing streamed (its fingerprint in walk order)
+    modules=("tasks.crop", "tagdit.data.crop", "tagdit.data.sources", "tagdit.data.walk", "tagdit.formats.chunks",
+             "tagdit.formats.sources", "tagdit.formats.user_manifest", "tagdit.formats.wd_image"),
     sections=("data.resolution", "crop.mode", "crop.min_size", "crop.max_pixels",
               "shards.image_format", "shards.jpeg_quality"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "crop",
@@ -66,11 +68,18 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
         return _crop_stage(cfg, force)
 
 
+def _plan(cfg: PipelineConfig, listing: Listing, n: int, out: Path) -> tuple[dict[int, Path], dict[int, int]]:
+    """Sort the listing into the source manifest by bucket; (each bucket's chunk path, its file count)."""
+    manifest, p = cfg.dataset_dir / SOURCES, CropParams.from_config(cfg)
+    sizes = bucket_sizes(listing.path, n)
+    sort_sources(listing.path, manifest, n, sizes)
+    dsts = {b: out / chunk_name(b, chunk_digest(stamps, p, CROP.code_key())) for b, stamps in bucket_stamps(manifest)}
+    return dsts, {b: int(sizes[b]) for b in dsts}
+
+
 def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
-    source = Path(cfg.data.source)
-    if not source.is_dir():
-        raise FileNotFoundError(f"data.source={str(source)!r} is not a folder")
-    listing = source_listing(source)
+    source = cfg.data.source
+    listing = source_listing(cfg)  # refuses a missing folder or manifest, an unusable store
     n = bucket_count(cfg, listing)
     if read_buckets(cfg.dataset_dir) != n:
         write_buckets(cfg.dataset_dir, n)  # a growing dataset keeps the count chosen on its first prepare
@@ -81,25 +90,20 @@ def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    rows = listing.rows(n)
-    write_sources(rows, cfg.dataset_dir / SOURCES)
-    p, by_bucket = CropParams.from_config(cfg), {}
-    for f, r in sorted(zip(listing.files, rows, strict=True), key=lambda fr: key_hash(fr[1]["key"])):
-        by_bucket.setdefault(r["bucket"], []).append(f)
-    dsts = {b: out / chunk_name(b, chunk_digest(fs, p, CROP.code_key()))
-            for b, fs in sorted(by_bucket.items())}
+    dsts, sizes = _plan(cfg, listing, n, out)
     todo = [b for b, d in dsts.items() if not d.exists()]
     log.info("crop: %d files (+ %d sidecars) in %d buckets (%d with files) under %s; %d buckets to do",
-             len(listing.files), listing.sidecars, n, len(dsts), source, len(todo))
+             listing.found, listing.sidecars, n, len(dsts), source, len(todo))
     if todo:
         workers = min(cfg.crop.workers or os.cpu_count() or 1, len(todo))
-        params = [{"source": source, "manifest": cfg.dataset_dir / SOURCES, "bucket": b, "p": p, "dst": dsts[b],
-                   "previous": _previous(out, b, dsts[b])} for b in todo]
+        params = [{"base": source_base(source), "manifest": cfg.dataset_dir / SOURCES, "bucket": b,
+                   "p": CropParams.from_config(cfg), "dst": dsts[b], "previous": _previous(out, b, dsts[b])}
+                  for b in todo]
         with chunk_runner(cfg.prefect, threads=workers, processes=workers) as runner:
-            run_units(runner, crop_chunk_task, params, "crop", [len(by_bucket[b]) for b in todo], "img")
+            run_units(runner, crop_chunk_task, params, "crop", [sizes[b] for b in todo], "img")
     for stale in set(out.glob("chunk-*.parquet")) - set(dsts.values()):
         stale.unlink()
-    found, chunks = len(listing.files), list(dsts.values())
+    found, chunks = listing.found, list(dsts.values())
     ok = sum(sum(read_crop_chunk(d, ["ok"]).column("ok").to_pylist()) for d in chunks)
     info = {"found": found, "sidecars": listing.sidecars, "ok": ok, "rejected": found - ok, "buckets": n,
             "chunks": [d.name for d in chunks], "source": str(source)}

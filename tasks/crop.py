@@ -86,11 +86,11 @@ def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
     if not force and (rec := CROP.valid_record(cfg, {})):
         return rec
     out = CROP.out_dir(cfg, {})
+    dsts, sizes = _plan(cfg, listing, n, out)  # refuses a manifest naming a file twice, before any work
     if force and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    dsts, sizes = _plan(cfg, listing, n, out)
     todo = [b for b, d in dsts.items() if not d.exists()]
     log.info("crop: %d files (+ %d sidecars) in %d buckets (%d with files) under %s; %d buckets to do",
              listing.found, listing.sidecars, n, len(dsts), source, len(todo))

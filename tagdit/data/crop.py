@@ -233,16 +233,14 @@ def read_source(where: str | Path) -> bytes:
     return _read_source(where)
 
 
-def _sidecar_text(where: str | Path) -> str:
-    """A sidecar's text, local or through fsspec."""
+def fetch_bytes(where: str | Path) -> bytes:
+    """A listed file's bytes as they are (a sidecar, the tagger's source): a local path or a URL through fsspec."""
     if isinstance(where, str):
         from tagdit.stores import filesystem
 
         fs, path = filesystem(where)
-        data = fs.cat_file(path)
-    else:
-        data = where.read_bytes()
-    return data.decode("utf-8", errors="replace")
+        return fs.cat_file(path)
+    return Path(where).read_bytes()
 
 
 def crop_row(base: str | Path, f: SourceFile, p: CropParams) -> dict:
@@ -257,7 +255,7 @@ def crop_row(base: str | Path, f: SourceFile, p: CropParams) -> dict:
         if f.tags is not None:
             row["sidecar"] = f.tags
         elif f.sidecar:
-            row["sidecar"] = _sidecar_text(locate(base, f.sidecar))
+            row["sidecar"] = fetch_bytes(locate(base, f.sidecar)).decode("utf-8", errors="replace")
     except Reject as e:
         row["reason"] = str(e)
     except Exception as e:  # a decoder bug must not stop the run: record it

@@ -30,9 +30,9 @@ class WalkCounts:
 
 def source_base(source: str | Path) -> str | Path:
     """What a listed `rel` is relative to: `data.source` itself, or a manifest's folder."""
-    if not is_manifest(source):
-        return source
-    return str(source).rsplit("/", 1)[0] if is_url(source) else Path(source).parent
+    if is_url(source):
+        return str(source).rsplit("/", 1)[0] if is_manifest(source) else str(source)
+    return Path(source).parent if is_manifest(source) else Path(source)
 
 
 def _folder(reldir: str, entries: dict[str, tuple[int, int]], counts: WalkCounts) -> Iterator[SourceFile]:
@@ -71,6 +71,7 @@ def url_files(url: str, counts: WalkCounts) -> Iterator[SourceFile]:
     """Every object under a URL (one `find`), its object version standing for an mtime."""
     fs, root = filesystem(url)
     try:
+        fs.invalidate_cache(root)  # a listing cached by an earlier stage run of this process may be stale
         found = fs.find(root, detail=True)
     except Exception as e:
         raise StoreError(f"data.source={url}: cannot list it ({type(e).__name__}: {e})") from None

@@ -20,11 +20,18 @@ from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig
 from tagdit.data.crop import CropParams, chunk_digest
-from tagdit.data.sources import Listing, bucket_count, crop_bucket, listing_scope, source_listing
+from tagdit.data.sources import (
+    Listing,
+    bucket_count,
+    crop_bucket,
+    keys_of,
+    listing_scope,
+    source_listing,
+)
 from tagdit.data.walk import source_base
 from tagdit.files import remove_stale_temps
 from tagdit.formats.chunks import chunk_name, read_crop_chunk
-from tagdit.formats.sources import SOURCES, bucket_sizes, bucket_stamps, read_buckets, sort_sources, write_buckets
+from tagdit.formats.sources import SOURCES, bucket_stamps, read_buckets, sort_sources, write_buckets
 from tagdit.orchestrate.chunks import chunk_runner, offload, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
@@ -71,8 +78,7 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
 def _plan(cfg: PipelineConfig, listing: Listing, n: int, out: Path) -> tuple[dict[int, Path], dict[int, int]]:
     """Sort the listing into the source manifest by bucket; (each bucket's chunk path, its file count)."""
     manifest, p = cfg.dataset_dir / SOURCES, CropParams.from_config(cfg)
-    sizes = bucket_sizes(listing.path, n)
-    sort_sources(listing.path, manifest, n, sizes)
+    sizes = sort_sources(listing.path, manifest, n, listing.found, keys_of)
     dsts = {b: out / chunk_name(b, chunk_digest(stamps, p, CROP.code_key())) for b, stamps in bucket_stamps(manifest)}
     return dsts, {b: int(sizes[b]) for b in dsts}
 

@@ -1,6 +1,6 @@
 """A real S3-compatible server (moto's server mode) on a free loopback port, for tests of URL sources and roots.
 
-    from tests.s3_server import s3_server  # noqa: F401  (the fixture)
+    pytest_plugins = ["tests.s3_server"]  # in the test module: the `s3_server` fixture
 
     def test_x(s3_server):
         url = s3_server.bucket("src")          # a fresh, empty bucket: "s3://src-<n>"

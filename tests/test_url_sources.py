@@ -12,8 +12,8 @@ from tagdit.stores import StoreError
 from tasks.crop import crop_stage
 from tasks.shard import shard_stage
 from tasks.tag import tag_stage
-from tests.s3_server import s3_server  # noqa: F401  (the fixture)
 
+pytest_plugins = ["tests.s3_server"]  # the `s3_server` fixture
 pytestmark = pytest.mark.usefixtures("one_thread")
 SAME = ["key", "source", "ok", "reason", "sha256", "orig_size", "crop_box", "image", "sidecar"]  # all but the stamp
 

@@ -84,11 +84,6 @@ def sample_key(rel: str) -> str:
     return f"{stem}-{sha256_text(rel)[:8]}"
 
 
-def is_image_name(fn: str) -> bool:
-    """Whether a file name is an image's by its extension (a sidecar needs one beside it)."""
-    return not fn.startswith(".") and os.path.splitext(fn)[1].lower() in IMAGE_EXTS
-
-
 def check_name(name: str) -> bool:
     """Reject by name what is not a raster image (hidden, vector, stray text); True for a raster extension."""
     ext = os.path.splitext(name)[1].lower()

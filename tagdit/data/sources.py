@@ -68,18 +68,22 @@ def list_source(source: str | Path, dst: Path) -> Listing:
     counts, h, t0 = WalkCounts(), hashlib.sha256(), time.monotonic()
     last = t0
     with listing_writer(dst) as w:
-        for f in walk_source(source, counts):
-            key, stamp = sample_key(f.rel), f.stamp
+        for i, f in enumerate(walk_source(source, counts), 1):
+            stamp = f.stamp
             h.update(stamp.encode())
             h.update(b"\0")
-            w.add({"rel": f.rel, "size": f.size, "mtime_ns": f.mtime_ns, "sidecar": f.sidecar,
-                   "sidecar_stamp": f.sidecar_stamp, "tags": f.tags, "stamp": stamp, "key": key,
-                   "key_hash": key_hash(key)})
+            w.add((f.rel, f.size, f.mtime_ns, f.sidecar, f.sidecar_stamp, f.tags, stamp))
             if (now := time.monotonic()) - last >= PROGRESS_S:
-                log.info("listing %s: %d files so far (%.0f files/s)", source, w.rows, w.rows / (now - t0))
+                log.info("listing %s: %d files so far (%.0f files/s)", source, i, i / (now - t0))
                 last = now
     log.info("listing %s: %d files (+ %d sidecars) in %.1fs", source, w.rows, counts.sidecars, time.monotonic() - t0)
     return Listing(dst, w.rows, counts.sidecars, sha256_text(str(counts.sidecars), h.hexdigest()))
+
+
+def keys_of(rels: list[str]) -> tuple[list[str], list[int]]:
+    """Sample keys and their hashes (`sort_sources`: computed when the crop stage plans, not on each listing)."""
+    keys = [sample_key(r) for r in rels]
+    return keys, [key_hash(k) for k in keys]
 
 
 def check_source(source: str | Path) -> None:

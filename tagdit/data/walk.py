@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tagdit.data.crop import SourceFile, is_image_name
+from tagdit.data.crop import IMAGE_EXTS, SourceFile
 from tagdit.files import sha256_text
 from tagdit.formats.user_manifest import is_manifest, manifest_rows
 from tagdit.stores import StoreError, filesystem, is_url, object_version
@@ -37,14 +37,16 @@ def source_base(source: str | Path) -> str | Path:
 
 def _folder(reldir: str, entries: dict[str, tuple[int, int]], counts: WalkCounts) -> Iterator[SourceFile]:
     """The files of one folder ({name: (size, version)}), sidecars counted apart, in name order."""
-    stems = {os.path.splitext(fn)[0] for fn in entries if is_image_name(fn)}
+    parts = {fn: os.path.splitext(fn) for fn in entries}
+    images = {fn for fn, (_, ext) in parts.items() if ext.lower() in IMAGE_EXTS and not fn.startswith(".")}
+    stems = {parts[fn][0] for fn in images}
     prefix = f"{reldir}/" if reldir else ""
     for fn in sorted(entries):
-        stem, ext = os.path.splitext(fn)
+        stem, ext = parts[fn]
         if ext == ".txt" and stem in stems:
             counts.sidecars += 1
             continue
-        side = f"{stem}.txt" if is_image_name(fn) and f"{stem}.txt" in entries else None
+        side = f"{stem}.txt" if fn in images and f"{stem}.txt" in entries else None
         stamp = "{}:{}".format(*entries[side]) if side else ""
         size, version = entries[fn]
         yield SourceFile(prefix + fn, size, version, prefix + side if side else None, stamp)
@@ -64,7 +66,7 @@ def folder_files(source: Path, counts: WalkCounts) -> Iterator[SourceFile]:
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         reldir = "" if dirpath == top else os.path.relpath(dirpath, top).replace(os.sep, "/")
-        yield from _folder(reldir, {fn: _stat(os.path.join(dirpath, fn)) for fn in filenames}, counts)
+        yield from _folder(reldir, {fn: _stat(f"{dirpath}/{fn}") for fn in filenames}, counts)
 
 
 def url_files(url: str, counts: WalkCounts) -> Iterator[SourceFile]:

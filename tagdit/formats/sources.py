@@ -3,9 +3,9 @@
 The listing (`work/listing.parquet`, `LISTING_SCHEMA`) is written while the source is walked, in
 batches of `BATCH` rows (`ListingWriter`): one row per file found, with its path (relative to
 `data.source`, or a manifest's URI), size, mtime or object version, sidecar, the tags a user manifest
-gave it, its `stamp` (what says it is unchanged), sample key and key hash. The source manifest
-(`SOURCES_SCHEMA`) is the same rows with their hash bucket, sorted by (bucket, key hash) and written
-in small row groups (`sort_sources`, memory bounded by `SORT_ROWS` rows), so a crop unit reads only
+gave it, and its `stamp` (what says it is unchanged). The source manifest (`SOURCES_SCHEMA`) is the
+same rows with their sample key, key hash and hash bucket, sorted by (bucket, key hash) and written
+in small row groups (`sort_sources`: an external sort, `SORT_ROWS` rows in memory at a time), so a crop unit reads only
 the row groups of its bucket (`read_sources`). `dataset.json` records the bucket count chosen on the
 dataset's first prepare, so later runs of a growing dataset keep it.
 """
@@ -13,7 +13,8 @@ dataset's first prepare, so later runs of a growing dataset keep it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,34 +28,34 @@ from tagdit.files import atomic_path, write_json_atomic
 LISTING = "work/listing.parquet"
 SOURCES = "work/sources.parquet"
 DATASET_INFO = "dataset.json"
-BATCH = 65536  # listing rows per parquet row group: the listing's memory, whatever the source's size
-SORT_ROWS = 1 << 20  # rows sorted in memory at a time when the listing becomes the source manifest
+BATCH = 4096  # listing rows per parquet row group: the listing's memory, whatever the source's size
+SORT_ROWS = 8192  # rows sorted in memory at a time when the listing becomes the source manifest
+MAX_PARTS = 512  # at most this many part files open while sorting (SORT_ROWS grows past it beyond 4M rows)
 ROW_GROUP = 8192  # source manifest rows per row group: a bucket's read touches one or two
 LISTING_SCHEMA = pa.schema([
     ("rel", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sidecar", pa.string()),
-    ("sidecar_stamp", pa.string()), ("tags", pa.string()), ("stamp", pa.string()), ("key", pa.string()),
-    ("key_hash", pa.uint64()),
+    ("sidecar_stamp", pa.string()), ("tags", pa.string()), ("stamp", pa.string()),
 ])  # fmt: skip
-SOURCES_SCHEMA = LISTING_SCHEMA.append(pa.field("bucket", pa.int32()))
+SOURCES_SCHEMA = pa.schema([*LISTING_SCHEMA, ("key", pa.string()), ("key_hash", pa.uint64()), ("bucket", pa.int32())])
 
 
 class ListingWriter:
-    """Appends listing rows (dicts of `LISTING_SCHEMA`'s fields), a row group every `BATCH` rows."""
+    """Appends listing rows (tuples in `LISTING_SCHEMA`'s field order), a row group every `BATCH` rows."""
 
     def __init__(self, writer: pq.ParquetWriter):
-        self._writer, self._cols, self.rows = writer, {f: [] for f in LISTING_SCHEMA.names}, 0
+        self._writer, self._rows, self.rows = writer, [], 0
 
-    def add(self, row: dict) -> None:
-        for f, col in self._cols.items():
-            col.append(row[f])
-        self.rows += 1
-        if len(self._cols["rel"]) == BATCH:
+    def add(self, row: tuple) -> None:
+        self._rows.append(row)
+        if len(self._rows) == BATCH:
             self.flush()
 
     def flush(self) -> None:
-        self._writer.write_batch(pa.RecordBatch.from_pydict(self._cols, LISTING_SCHEMA))
-        for col in self._cols.values():
-            col.clear()
+        cols = list(zip(*self._rows, strict=True)) if self._rows else [()] * len(LISTING_SCHEMA)
+        self._writer.write_batch(pa.RecordBatch.from_arrays(
+            [pa.array(c, f.type) for c, f in zip(cols, LISTING_SCHEMA, strict=True)], schema=LISTING_SCHEMA))
+        self.rows += len(self._rows)
+        self._rows.clear()
 
 
 @contextmanager
@@ -66,43 +67,45 @@ def listing_writer(dst: Path) -> Iterator[ListingWriter]:
         w.flush()
 
 
-def _buckets(key_hash: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
-    return (np.asarray(key_hash, dtype=np.uint64) % np.uint64(n)).astype(np.int32)
+def sort_sources(listing: Path, dst: Path, n: int, found: int,
+                 keys_of: Callable[[list[str]], tuple[list[str], list[int]]]) -> np.ndarray:
+    """Write the listing's rows with their key, key hash (`keys_of(rels)`) and bucket (hash mod `n`),
+    sorted by (bucket, key hash), to `dst`; returns the number of rows in each bucket.
 
-
-def bucket_sizes(listing: Path, n: int) -> np.ndarray:
-    """How many listed files fall in each of `n` buckets (the key hash column only, batch by batch)."""
-    sizes = np.zeros(n, np.int64)
-    for batch in pq.ParquetFile(listing).iter_batches(columns=["key_hash"]):
-        sizes += np.bincount(_buckets(batch.column(0), n), minlength=n)
-    return sizes
-
-
-def sort_sources(listing: Path, dst: Path, n: int, sizes: np.ndarray) -> None:
-    """Write the listing's rows with their bucket (of `n`), sorted by (bucket, key hash), to `dst`.
-
-    Buckets are sorted a range at a time (about `SORT_ROWS` rows each), one pass over the listing per
-    range, so memory stays bounded. Two rows with one key (a manifest naming a file twice) are refused.
+    An external sort in two passes, whatever the listing's size: the rows are split into part files
+    by bucket range (keys hash uniformly: about `SORT_ROWS` rows a part), then each part is sorted in
+    memory and appended. Two rows with one key (a manifest naming a file twice) are refused.
     """
-    ends = np.cumsum(sizes)
+    parts_n = min(n, MAX_PARTS, max(1, -(-found // SORT_ROWS)))
+    starts = np.arange(parts_n) * n // parts_n  # first bucket of each part
+    sizes = np.zeros(n, np.int64)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp, pq.ParquetWriter(tmp, SOURCES_SCHEMA) as pw:
-        lo = 0
-        while lo < n:
-            start = ends[lo - 1] if lo else 0
-            hi = max(lo + 1, int(np.searchsorted(ends, start + SORT_ROWS, side="right")))
-            parts = []
-            for batch in pq.ParquetFile(listing).iter_batches():
-                b = _buckets(batch.column("key_hash"), n)
-                keep = (b >= lo) & (b < hi)
-                if keep.any():
-                    parts.append(batch.filter(pa.array(keep)).append_column("bucket", pa.array(b[keep])))
-            if parts:
-                table = pa.Table.from_batches(parts, SOURCES_SCHEMA).sort_by([("bucket", "ascending"),
-                                                                              ("key_hash", "ascending")])
+    with tempfile.TemporaryDirectory(prefix=".sources.tmp-", dir=dst.parent) as tmp_dir:
+        parts = [Path(tmp_dir) / f"part-{i:05d}.arrow" for i in range(parts_n)]
+        sinks = [pa.OSFile(str(p), "wb") for p in parts]
+        writers = [pa.ipc.new_stream(f, SOURCES_SCHEMA) for f in sinks]  # unbuffered: flat memory per part
+        try:
+            for batch in pq.ParquetFile(listing).iter_batches(batch_size=BATCH):
+                keys, hashes = keys_of(batch.column("rel").to_pylist())
+                h = np.array(hashes, np.uint64)
+                b = (h % np.uint64(n)).astype(np.int32)
+                sizes += np.bincount(b, minlength=n)
+                which = np.searchsorted(starts, b, side="right") - 1
+                batch = pa.RecordBatch.from_arrays([*batch.columns, pa.array(keys, pa.string()), pa.array(h),
+                                                    pa.array(b)], schema=SOURCES_SCHEMA)
+                for i in np.unique(which):
+                    writers[i].write_batch(batch.filter(pa.array(which == i)))
+        finally:
+            for w, f in zip(writers, sinks, strict=True):
+                w.close()
+                f.close()
+        with atomic_path(dst) as tmp, pq.ParquetWriter(tmp, SOURCES_SCHEMA) as pw:
+            for part in parts:
+                with pa.memory_map(str(part)) as f, pa.ipc.open_stream(f) as r:
+                    table = r.read_all().sort_by([("bucket", "ascending"), ("key_hash", "ascending")])
                 _refuse_twice(table)
                 pw.write_table(table, row_group_size=ROW_GROUP)
-            lo = hi
+    return sizes
 
 
 def _refuse_twice(table: pa.Table) -> None:
@@ -118,14 +121,20 @@ def read_sources(path: Path, bucket: int | None = None) -> list[dict]:
     schema = pq.read_schema(path)
     if not schema.equals(SOURCES_SCHEMA, check_metadata=False):
         raise ValueError(f"{path} is not a source manifest: its schema is\n{schema}")
-    filters = None if bucket is None else [("bucket", "=", bucket)]
-    return pq.read_table(path, filters=filters).to_pylist()
+    pf = pq.ParquetFile(path)
+    if bucket is None:
+        return pf.read().to_pylist()
+    col = SOURCES_SCHEMA.get_field_index("bucket")
+    groups = [i for i in range(pf.num_row_groups)
+              if (st := pf.metadata.row_group(i).column(col).statistics) is None or st.min <= bucket <= st.max]
+    table = pf.read_row_groups(groups)  # the rows are sorted by bucket: its one or two row groups
+    return table.filter(pc.equal(table.column("bucket"), bucket)).to_pylist()
 
 
 def bucket_stamps(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(bucket, its rows' stamps in key-hash order) of each bucket with files, streamed from a source manifest."""
     bucket, stamps = None, []
-    for batch in pq.ParquetFile(path).iter_batches(columns=["bucket", "stamp"]):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH, columns=["bucket", "stamp"]):
         b = batch.column(0).to_numpy()
         cuts = [0, *(np.flatnonzero(np.diff(b)) + 1), len(b)]
         for i, j in zip(cuts[:-1], cuts[1:], strict=True):

@@ -84,9 +84,8 @@ def _jsonl_rows(name: str, f: IO[bytes]) -> Iterator[tuple[str, str | None]]:
 
 
 def _parquet_rows(name: str, f: IO[bytes]) -> Iterator[tuple[str, str | None]]:
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(f)
@@ -95,7 +94,7 @@ def _parquet_rows(name: str, f: IO[bytes]) -> Iterator[tuple[str, str | None]]:
     uri_col = _uri_column(name, pf.schema_arrow.names)
     columns = [uri_col] + (["tags"] if "tags" in pf.schema_arrow.names else [])
     i = 0
-    for batch in pf.iter_batches(columns=columns, batch_size=65536):
+    for batch in pf.iter_batches(columns=columns, batch_size=4096):
         for row in batch.to_pylist():
             i += 1
             yield _row(name, f"row {i}", uri_col, row)

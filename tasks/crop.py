@@ -1,10 +1,11 @@
-"""Crop stage: every file under `data.source` -> a crop chunk row (a square crop or a reject).
+"""Crop stage: every file of `data.source` (a folder, a URL or a manifest) -> a crop chunk row (a crop or a reject).
 
 The Prefect contract only: `CROP` (what the stage's key hashes), `crop_chunk_task` (one hash
-bucket on the stage's task runner, see `tagdit.orchestrate.chunks`), `crop_stage` (lists the files
-once, writes the source manifest, runs the buckets whose chunk is missing, stamps the outputs) and
-`crop_task`. The listing and the buckets are `tagdit.data.sources`, the cropping `tagdit.data.crop`,
-the chunk files `tagdit.formats.chunks`. A chunk is named by its bucket and a digest of its files'
+bucket on the stage's task runner, see `tagdit.orchestrate.chunks`: it gets the source manifest's
+path and its bucket number, never a list of files), `crop_stage` (lists the source once; when the
+listing's fingerprint is not the stamp's, sorts it into the source manifest, runs the buckets whose
+chunk is missing, stamps the outputs) and `crop_task`. The listing and the buckets are
+`tagdit.data.sources`, the cropping `tagdit.data.crop`, the chunk files `tagdit.formats.chunks`. A chunk is named by its bucket and a digest of its files'
 stamps, so a killed run resumes, and an added or changed file re-crops only its bucket (and in it,
 only itself: the other rows are copied from the bucket's previous chunk).
 """

@@ -1,10 +1,11 @@
-"""Crop stage: every file under `data.source` -> a crop chunk row (a square crop or a reject).
+"""Crop stage: every file of `data.source` (a folder, a URL or a manifest) -> a crop chunk row (a crop or a reject).
 
 The Prefect contract only: `CROP` (what the stage's key hashes), `crop_chunk_task` (one hash
-bucket on the stage's task runner, see `tagdit.orchestrate.chunks`), `crop_stage` (lists the files
-once, writes the source manifest, runs the buckets whose chunk is missing, stamps the outputs) and
-`crop_task`. The listing and the buckets are `tagdit.data.sources`, the cropping `tagdit.data.crop`,
-the chunk files `tagdit.formats.chunks`. A chunk is named by its bucket and a digest of its files'
+bucket on the stage's task runner, see `tagdit.orchestrate.chunks`: it gets the source manifest's
+path and its bucket number, never a list of files), `crop_stage` (lists the source once; when the
+listing's fingerprint is not the stamp's, sorts it into the source manifest, runs the buckets whose
+chunk is missing, stamps the outputs) and `crop_task`. The listing and the buckets are
+`tagdit.data.sources`, the cropping `tagdit.data.crop`, the chunk files `tagdit.formats.chunks`. A chunk is named by its bucket and a digest of its files'
 stamps, so a killed run resumes, and an added or changed file re-crops only its bucket (and in it,
 only itself: the other rows are copied from the bucket's previous chunk).
 """
@@ -20,10 +21,18 @@ from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig
 from tagdit.data.crop import CropParams, chunk_digest
-from tagdit.data.sources import bucket_count, crop_bucket, key_hash, listing_scope, source_listing
+from tagdit.data.sources import (
+    Listing,
+    bucket_count,
+    crop_bucket,
+    keys_of,
+    listing_scope,
+    source_listing,
+)
+from tagdit.data.walk import source_base
 from tagdit.files import remove_stale_temps
 from tagdit.formats.chunks import chunk_name, read_crop_chunk
-from tagdit.formats.sources import SOURCES, read_buckets, write_buckets, write_sources
+from tagdit.formats.sources import SOURCES, bucket_stamps, read_buckets, sort_sources, write_buckets
 from tagdit.orchestrate.chunks import chunk_runner, offload, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
@@ -31,23 +40,24 @@ log = logging.getLogger(__name__)
 
 
 @unit_task(name="crop-chunk", run_name="crop {dst.name}")
-def crop_chunk_task(source: Path, manifest: Path, bucket: int, p: CropParams, dst: Path,
+def crop_chunk_task(base: str | Path, manifest: Path, bucket: int, p: CropParams, dst: Path,
                     previous: Path | None) -> tuple[int, int]:
     """One bucket's crop chunk (on the local runner's process pool when it has one); returns (ok, rejected)."""
-    return offload(crop_bucket, source, manifest, bucket, p, dst, previous)
+    return offload(crop_bucket, base, manifest, bucket, p, dst, previous)
 
 
 def _key_inputs(cfg: PipelineConfig) -> dict[str, str]:
     """The source listing's fingerprint and the bucket count, from this run's one listing."""
-    listing = source_listing(cfg.data.source)
+    listing = source_listing(cfg)
     return {"source": listing.fingerprint, "buckets": str(bucket_count(cfg, listing))}
 
 
 CROP = Stage(
     name="crop",
-    version=3,  # 2: a row for every file found, sidecars counted apart; 3: one chunk per hash bucket, rows' stamps
-    modules=("tasks.crop", "tagdit.data.crop", "tagdit.data.sources", "tagdit.formats.chunks",
-             "tagdit.formats.sources", "tagdit.formats.wd_image"),
+    version=4,  # 2: a row for every file found, sidecars counted apart; 3: one chunk per hash bucket, rows' stamps;
+    # 4: sources on URLs and user manifests, the listing streamed (its fingerprint in walk order)
+    modules=("tasks.crop", "tagdit.data.crop", "tagdit.data.sources", "tagdit.data.walk", "tagdit.formats.chunks",
+             "tagdit.formats.sources", "tagdit.formats.user_manifest", "tagdit.formats.wd_image"),
     sections=("data.resolution", "crop.mode", "crop.min_size", "crop.max_pixels",
               "shards.image_format", "shards.jpeg_quality"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "crop",
@@ -66,40 +76,41 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
         return _crop_stage(cfg, force)
 
 
+def _plan(cfg: PipelineConfig, listing: Listing, n: int, out: Path) -> tuple[dict[int, Path], dict[int, int]]:
+    """Sort the listing into the source manifest by bucket; (each bucket's chunk path, its file count)."""
+    manifest, p = cfg.dataset_dir / SOURCES, CropParams.from_config(cfg)
+    sizes = sort_sources(listing.path, manifest, n, listing.found, keys_of)
+    dsts = {b: out / chunk_name(b, chunk_digest(stamps, p, CROP.code_key())) for b, stamps in bucket_stamps(manifest)}
+    return dsts, {b: int(sizes[b]) for b in dsts}
+
+
 def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
-    source = Path(cfg.data.source)
-    if not source.is_dir():
-        raise FileNotFoundError(f"data.source={str(source)!r} is not a folder")
-    listing = source_listing(source)
+    source = cfg.data.source
+    listing = source_listing(cfg)  # refuses a missing folder or manifest, an unusable store
     n = bucket_count(cfg, listing)
     if read_buckets(cfg.dataset_dir) != n:
         write_buckets(cfg.dataset_dir, n)  # a growing dataset keeps the count chosen on its first prepare
     if not force and (rec := CROP.valid_record(cfg, {})):
         return rec
     out = CROP.out_dir(cfg, {})
+    dsts, sizes = _plan(cfg, listing, n, out)  # refuses a manifest naming a file twice, before any work
     if force and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    rows = listing.rows(n)
-    write_sources(rows, cfg.dataset_dir / SOURCES)
-    p, by_bucket = CropParams.from_config(cfg), {}
-    for f, r in sorted(zip(listing.files, rows, strict=True), key=lambda fr: key_hash(fr[1]["key"])):
-        by_bucket.setdefault(r["bucket"], []).append(f)
-    dsts = {b: out / chunk_name(b, chunk_digest(fs, p, CROP.code_key()))
-            for b, fs in sorted(by_bucket.items())}
     todo = [b for b, d in dsts.items() if not d.exists()]
     log.info("crop: %d files (+ %d sidecars) in %d buckets (%d with files) under %s; %d buckets to do",
-             len(listing.files), listing.sidecars, n, len(dsts), source, len(todo))
+             listing.found, listing.sidecars, n, len(dsts), source, len(todo))
     if todo:
         workers = min(cfg.crop.workers or os.cpu_count() or 1, len(todo))
-        params = [{"source": source, "manifest": cfg.dataset_dir / SOURCES, "bucket": b, "p": p, "dst": dsts[b],
-                   "previous": _previous(out, b, dsts[b])} for b in todo]
+        params = [{"base": source_base(source), "manifest": cfg.dataset_dir / SOURCES, "bucket": b,
+                   "p": CropParams.from_config(cfg), "dst": dsts[b], "previous": _previous(out, b, dsts[b])}
+                  for b in todo]
         with chunk_runner(cfg.prefect, threads=workers, processes=workers) as runner:
-            run_units(runner, crop_chunk_task, params, "crop", [len(by_bucket[b]) for b in todo], "img")
+            run_units(runner, crop_chunk_task, params, "crop", [sizes[b] for b in todo], "img")
     for stale in set(out.glob("chunk-*.parquet")) - set(dsts.values()):
         stale.unlink()
-    found, chunks = len(listing.files), list(dsts.values())
+    found, chunks = listing.found, list(dsts.values())
     ok = sum(sum(read_crop_chunk(d, ["ok"]).column("ok").to_pylist()) for d in chunks)
     info = {"found": found, "sidecars": listing.sidecars, "ok": ok, "rejected": found - ok, "buckets": n,
             "chunks": [d.name for d in chunks], "source": str(source)}

@@ -20,6 +20,7 @@ from prefect import get_run_logger, task
 from tagdit.config import PipelineConfig, TaggerConfig
 from tagdit.data.tag import forget_taggers, tag_chunk_on, tagger_cuda_devices
 from tagdit.data.tagger import ResolvedTagger, resolve_tagger
+from tagdit.data.walk import source_base
 from tagdit.files import remove_stale_temps, sha256_text
 from tagdit.formats.chunks import chunk_bucket, chunk_name, tag_chunk_rows
 from tagdit.orchestrate.chunks import chunk_runner, run_units, unit_task
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 @unit_task(name="tag-chunk", run_name="tag {dst.name}")
-def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig, source: Path,
+def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig, source: str | Path,
                    previous: Path | None = None, tagger_key: str = "") -> DeviceRun:
     """One tag chunk on a free device worker's tagger (or this process's); its value is the rows written."""
     run = on_device(tag_chunk_on, crop_chunk, dst, tagger, tcfg, source, previous, tagger_key)
@@ -87,7 +88,7 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
         previous = {i: next(iter(sorted(out.glob(chunk_name(chunk_bucket(dsts[i].name), "*")))), None)
                     for i in todo}  # the bucket's earlier tag chunk: rows of unchanged crops are copied
         params = [{"crop_chunk": crop_chunks[i], "dst": dsts[i], "tagger": resolve_tagger(cfg.tagger),
-                   "tcfg": cfg.tagger, "source": Path(crop.info["source"]), "previous": previous[i],
+                   "tcfg": cfg.tagger, "source": source_base(crop.info["source"]), "previous": previous[i],
                    "tagger_key": key} for i in todo]
         devices = local_devices(cfg.prefect.devices, tagger_cuda_devices())
         try:  # on one device one chunk at a time: ONNX uses the whole device (every core of a CPU)

@@ -16,7 +16,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import pytest  # noqa: E402
 
 from tagdit.demo.stand_in_taggers import build_wd_model  # noqa: E402
-from tests.object_store import s3_server  # noqa: E402,F401  (a moto S3 server: tests/test_stores.py)
+from tests.s3_server import s3_server  # noqa: E402,F401  (one moto S3 server for the session)
 from tests.shard_fixtures import write_image_shards  # noqa: E402
 from tests.wd_fixture import make_corpus  # noqa: E402
 

@@ -62,7 +62,7 @@ def test_dataset_tables_round_trip(tmp_path):
     [row] = read_manifest(tmp_path)
     assert row["split"] == "train" and row["tags"] == ["smile", "red"] and "image" not in row
     assert read_manifest(tmp_path, ["key"]) == [{"key": "a-1"}]
-    write_rejects(tmp_path, [REJECTED], "crop")
+    write_rejects(tmp_path, [pa.Table.from_pylist([REJECTED])], "crop")
     assert read_rejects(tmp_path) == [{"path": "b.svg", "stage": "crop", "reason": "not a raster image"}]
     write_tag_table(tmp_path, [("smile", 0, 2, 1, 1.5)])
     assert read_tag_table(tmp_path) == [{"tag": "smile", "category": 0, "count": 2, "train_count": 1,

@@ -25,11 +25,23 @@ from tagdit.orchestrate.runner import pull_roots
 from tagdit.orchestrate.stage import StageRecord
 from tagdit.stores import StoreError, pull_tree, push_tree, remote_of, working_dir
 from tests.model_fixtures import TINY_VAE
-from tests.object_store import free_port, new_bucket
+from tests.s3_server import free_port
 from tests.test_grow import encoded_keys, make_source, prepare
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "store_cache")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store_cache(tmp_path, monkeypatch) -> Path:
+    """This test's own folder of working copies (TAGDIT_STORE_CACHE)."""
+    monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "store-cache"))
+    return tmp_path / "store-cache"
+
+
+def new_bucket(s3) -> str:
+    """A fresh bucket's name."""
+    return s3.bucket("tagdit").removeprefix("s3://")
 
 
 def fs() -> s3fs.S3FileSystem:
@@ -91,10 +103,10 @@ def test_a_missing_bucket_or_a_dead_endpoint_fails_before_any_work(s3_server, tm
     cfg = load_config(None, ["data.root=s3://no-such-bucket-here/shards"])
     with pytest.raises(StoreError, match=r"data.root=s3://no-such-bucket-here/shards: cannot use the store"):
         pull_roots(cfg)
+    cfg = load_config(None, [f"run.root=s3://{new_bucket(s3_server)}/runs"])
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made before the change
-    cfg = load_config(None, [f"run.root=s3://{new_bucket(s3_server)}/runs"])
     start = time.monotonic()
     with pytest.raises(StoreError, match="run.root=s3://.*cannot use the store"):
         pull_roots(cfg)

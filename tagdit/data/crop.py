@@ -1,15 +1,16 @@
-"""The crop stage's work: every file under a source folder -> a square RGB crop, or a reject with its reason.
+"""The crop stage's work: every file of a source -> a square RGB crop, or a reject with its reason.
 
 Every file found becomes a row: a crop, or a reject with its reason (vector files, stray text,
 hidden files, undecodable images); a `name.txt` beside an image is that image's sidecar, not a file
-of its own. Hidden folders are not walked.
+of its own. Hidden folders are not walked. A file is read from a local path or, for a URL source
+or a manifest's URL, through fsspec (`read_source`); an object gone since the listing is a reject.
 
 Layers (webdataset style): `crop_image` (one file's bytes -> encoded crop, or a `Reject` with a
 reason) -> `crop_row` (one file -> one chunk row) -> `process_bucket` (one hash bucket's files -> one crop
 chunk, `tagdit.formats.chunks`, written atomically, reusing the rows of unchanged files from the
-bucket's previous chunk). Listing the files is `tagdit.data.sources`; planning the buckets, running
+bucket's previous chunk). Listing the files is `tagdit.data.walk` and `tagdit.data.sources`; planning the buckets, running
 them and stamping the stage is `tasks.crop`. This is image decoding and cropping, the data library's kind of work,
-so it lives in `tagdit.data` and imports only formats/, config and files.
+so it lives in `tagdit.data` and imports only formats/, config, files and stores.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class SourceFile:
     mtime_ns: int
     sidecar: str | None  # rel path of `name.txt` when it exists
     sidecar_stamp: str = ""
+    tags: str | None = None  # a user manifest's tags: the sidecar's text, given inline
 
     @property
     def stamp(self) -> str:
@@ -82,32 +84,22 @@ def sample_key(rel: str) -> str:
     return f"{stem}-{sha256_text(rel)[:8]}"
 
 
-def is_image_name(fn: str) -> bool:
-    """Whether a file name is an image's by its extension (a sidecar needs one beside it)."""
-    return not fn.startswith(".") and os.path.splitext(fn)[1].lower() in IMAGE_EXTS
-
-
-def check_kind(path: Path) -> None:
-    """Reject what is not a raster image before reading it whole: hidden, vector and non-image files.
-
-    A file under an unusual extension that Pillow identifies from its header passes (and is decoded).
-    """
-    ext = path.suffix.lower()
-    if path.name.startswith("."):
+def check_name(name: str) -> bool:
+    """Reject by name what is not a raster image (hidden, vector, stray text); True for a raster extension."""
+    ext = os.path.splitext(name)[1].lower()
+    if name.startswith("."):
         raise Reject("hidden file")
     if ext in VECTOR_EXTS:
         raise Reject(f"not a raster image (vector format {ext})")
-    if ext in IMAGE_EXTS:
-        return
     if ext == ".txt":
         raise Reject("unreadable image: a .txt file with no image of the same name (not a sidecar)")
+    return ext in IMAGE_EXTS
+
+
+def _identify(open_arg: Path | io.BytesIO, ext: str) -> None:
+    """Pass a file under an unusual extension only if Pillow identifies it from its header."""
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below
-            raise Reject("unreadable: not a regular file")
-        if st.st_size == 0:
-            raise Reject("unreadable image: empty file")
-        with Image.open(path):  # reads the header only
+        with Image.open(open_arg):  # reads the header only
             return
     except Image.DecompressionBombError:  # an image, and too big: the decode records why
         return
@@ -115,6 +107,24 @@ def check_kind(path: Path) -> None:
         raise Reject(f"unreadable image: not an image format Pillow can open ({ext or 'no extension'})") from None
     except OSError as e:
         raise Reject(f"unreadable image: {e.strerror or type(e).__name__}") from None
+
+
+def check_kind(path: Path) -> None:
+    """Reject what is not a raster image before reading it whole: hidden, vector and non-image files.
+
+    A file under an unusual extension that Pillow identifies from its header passes (and is decoded).
+    """
+    if check_name(path.name):
+        return
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise Reject(f"unreadable image: {e.strerror or type(e).__name__}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below
+        raise Reject("unreadable: not a regular file")
+    if st.st_size == 0:
+        raise Reject("unreadable image: empty file")
+    _identify(path, path.suffix.lower())
 
 
 def _decoded(data: bytes, p: CropParams) -> tuple[Image.Image, tuple[int, int]]:
@@ -179,18 +189,68 @@ def _read_source(path: Path) -> bytes:
         raise Reject(f"unreadable: {e.strerror or e}") from None
 
 
-def crop_row(source: Path, f: SourceFile, p: CropParams) -> dict:
-    """One source file -> one chunk row (a sample or a reject)."""
+def _read_object(url: str) -> bytes:
+    """An object's bytes through fsspec; one that vanished since the listing is a reject, not a crash."""
+    from tagdit.stores import filesystem
+
+    name = url.rsplit("/", 1)[-1]
+    raster = check_name(name)
+    fs, path = filesystem(url)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise Reject(f"vanished: {url} was listed but is gone") from None
+    except Exception as e:
+        raise Reject(f"unreadable: {type(e).__name__}: {e}") from None
+    if not raster:
+        if not data:
+            raise Reject("unreadable image: empty file")
+        _identify(io.BytesIO(data), os.path.splitext(name)[1].lower())
+    return data
+
+
+def locate(base: str | Path, rel: str) -> str | Path:
+    """Where a listed file is: a URL, or a local path (`rel` may itself be a URL or absolute, from a manifest)."""
+    from tagdit.stores import is_url
+
+    if is_url(rel):
+        return rel
+    if is_url(base):
+        return f"{str(base).rstrip('/')}/{rel}"
+    return Path(base) / rel
+
+
+def read_source(where: str | Path) -> bytes:
+    """A source file's bytes, after the checks of its kind (`Reject` with the reason otherwise)."""
+    if isinstance(where, str):
+        return _read_object(where)
+    check_kind(where)
+    return _read_source(where)
+
+
+def fetch_bytes(where: str | Path) -> bytes:
+    """A listed file's bytes as they are (a sidecar, the tagger's source): a local path or a URL through fsspec."""
+    if isinstance(where, str):
+        from tagdit.stores import filesystem
+
+        fs, path = filesystem(where)
+        return fs.cat_file(path)
+    return Path(where).read_bytes()
+
+
+def crop_row(base: str | Path, f: SourceFile, p: CropParams) -> dict:
+    """One source file -> one chunk row (a sample or a reject); `base`: what `f.rel` is relative to."""
     row = {"key": sample_key(f.rel), "source": f.rel, "stamp": f.stamp, "ok": False, "reason": None, "sha256": None,
            "orig_size": None, "crop_box": None, "image": None, "sidecar": None}
     try:
-        check_kind(source / f.rel)
-        data = _read_source(source / f.rel)
+        data = read_source(locate(base, f.rel))
         row["sha256"] = hashlib.sha256(data).hexdigest()
         row["image"], row["orig_size"], row["crop_box"] = crop_image(data, p)
         row["ok"] = True
-        if f.sidecar:
-            row["sidecar"] = (source / f.sidecar).read_text(encoding="utf-8", errors="replace")
+        if f.tags is not None:
+            row["sidecar"] = f.tags
+        elif f.sidecar:
+            row["sidecar"] = fetch_bytes(locate(base, f.sidecar)).decode("utf-8", errors="replace")
     except Reject as e:
         row["reason"] = str(e)
     except Exception as e:  # a decoder bug must not stop the run: record it
@@ -198,7 +258,7 @@ def crop_row(source: Path, f: SourceFile, p: CropParams) -> dict:
     return row
 
 
-def process_bucket(source: Path, files: list[SourceFile], p: CropParams, dst: Path,
+def process_bucket(source: str | Path, files: list[SourceFile], p: CropParams, dst: Path,
                    previous: Path | None = None) -> tuple[int, int]:
     """Crop one bucket's files into one crop chunk at `dst` (atomic); returns (ok, rejected).
 
@@ -214,6 +274,6 @@ def process_bucket(source: Path, files: list[SourceFile], p: CropParams, dst: Pa
     return ok, len(rows) - ok
 
 
-def chunk_digest(files: list[SourceFile], p: CropParams, code: str) -> str:
-    """A crop chunk's name: the stage's `code` key, the settings and every file's stamp."""
-    return sha256_text(code, repr(p), *(f.stamp for f in files))[:16]
+def chunk_digest(stamps: list[str], p: CropParams, code: str) -> str:
+    """A crop chunk's name: the stage's `code` key, the settings and every file's stamp (key-hash order)."""
+    return sha256_text(code, repr(p), *stamps)[:16]

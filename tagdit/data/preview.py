@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import random
-import re
 import textwrap
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
-from tagdit.formats.dataset_tables import read_manifest, read_rejects
+from tagdit.formats.dataset_tables import manifest_row_groups, read_manifest, rejects_table
 from tagdit.formats.image_shards import image_bytes, iter_image_samples, open_image
 
 TILE = 128  # px per crop in the preview
@@ -19,9 +19,23 @@ CAPTION_LINES = 4  # tag lines under each crop (the most confident tags first)
 
 
 def pick_samples(dataset_dir: Path, n: int = 32, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` manifest rows drawn at random (the same ones for the same shards and seed), in shard order."""
-    rows = read_manifest(dataset_dir, columns=["key", "split", "shard", "tags"])
-    chosen = random.Random(seed).sample(rows, min(n, len(rows)))
+    """`n` manifest rows drawn at random (the same ones for the same shards and seed), in shard order.
+
+    Whole row groups are drawn at random until they hold 4n rows, and the rows drawn from those:
+    the manifest's rows are in key-hash order, so a row group is a random sample already, and the
+    memory is a few row groups' whatever the dataset's size.
+    """
+    rng = random.Random(seed)
+    sizes = manifest_row_groups(dataset_dir)
+    groups, held = list(range(len(sizes))), 0
+    rng.shuffle(groups)
+    for i, g in enumerate(groups):
+        held += sizes[g]
+        if held >= 4 * n:
+            groups = groups[: i + 1]
+            break
+    rows = read_manifest(dataset_dir, columns=["key", "split", "shard", "tags"], row_groups=sorted(groups))
+    chosen = rng.sample(rows, min(n, len(rows)))
     return sorted(chosen, key=lambda r: (r["split"], r["shard"], r["key"]))
 
 
@@ -61,17 +75,15 @@ def preview(dataset_dir: Path, n: int = 32, seed: int = 0) -> Image.Image:
     return captioned_grid(load_crops(dataset_dir, rows), [", ".join(r["tags"]) for r in rows])
 
 
-def reason_kind(reason: str) -> str:
-    """The kind of a reject reason, without its particulars: 'too small: 20x30 (…)' -> 'too small'."""
-    return re.split(r"[:(]", reason, maxsplit=1)[0].strip() or reason
-
-
 def rejects_by_reason(dataset_dir: Path) -> list[dict[str, Any]]:
-    """One row per kind of reject, most frequent first: count, and one example file with its full reason."""
-    rows = read_rejects(dataset_dir)
-    counts = Counter(reason_kind(r["reason"]) for r in rows)
-    first = {}
-    for r in rows:
-        first.setdefault(reason_kind(r["reason"]), r)
-    return [{"reason": kind, "count": n, "stage": first[kind]["stage"], "example": first[kind]["path"],
-             "example reason": first[kind]["reason"]} for kind, n in counts.most_common()]
+    """One row per kind of reject (its reason without particulars: 'too small: 20x30 (…)' -> 'too small'),
+    most frequent first, counted in Arrow: count, and its first file with its full reason."""
+    t = rejects_table(dataset_dir)
+    kind = pc.utf8_trim_whitespace(pc.replace_substring_regex(t.column("reason"), r"(?s)[:(].*", ""))
+    kind = pc.if_else(pc.equal(kind, ""), t.column("reason"), kind)
+    t = t.append_column("kind", kind).append_column("row", pa.array(range(len(t)), pa.int64()))
+    groups = t.group_by("kind").aggregate([("row", "count"), ("row", "min")])
+    groups = groups.sort_by([("row_count", "descending"), ("row_min", "ascending")])
+    first = t.take(groups.column("row_min")).to_pylist()
+    return [{"reason": r["kind"], "count": n, "stage": r["stage"], "example": r["path"], "example reason": r["reason"]}
+            for r, n in zip(first, groups.column("row_count").to_pylist(), strict=True)]

@@ -14,9 +14,13 @@ data library's kind of work, so this lives in `tagdit.data`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tagdit.config import ShardsConfig
 from tagdit.data.vocab import SPECIALS, Vocab
@@ -39,12 +43,37 @@ def split_hash(key: str) -> float:
     return int(sha256_text(key)[:16], 16) / 2**64
 
 
+class Split:
+    """Which split each sample is in (`split_hash` < val_fraction: val), from one pass over the keys.
+
+    At least one val sample when val_fraction > 0 and there are two samples: the key with the
+    smallest hash (`extra`, the tiny-dataset fallback). Keys are read a crop chunk at a time and not
+    kept: only each chunk's counts per split.
+    """
+
+    def __init__(self, keys_by_chunk: Iterable[tuple[Any, list[str]]], fraction: float):
+        self.fraction, self.counts, self.extra = fraction, {}, None
+        total, any_val, lowest = 0, False, None
+        for chunk, keys in keys_by_chunk:
+            hashes = [split_hash(k) for k in keys]
+            val = sum(h < fraction for h in hashes)
+            self.counts[chunk] = {"train": len(keys) - val, "val": val}
+            total, any_val = total + len(keys), any_val or val > 0
+            if keys:
+                lowest = min(lowest or (2.0, "", None), (*min(zip(hashes, keys, strict=True)), chunk))
+        if not any_val and fraction > 0 and total >= 2:
+            self.extra = lowest[1]
+            self.counts[lowest[2]]["train"] -= 1
+            self.counts[lowest[2]]["val"] += 1
+
+    def of(self, key: str) -> str:
+        return "val" if key == self.extra or split_hash(key) < self.fraction else "train"
+
+
 def val_keys(keys: list[str], fraction: float) -> set[str]:
     """Keys with split_hash < fraction; at least one when fraction > 0 and there are two samples."""
-    val = {k for k in keys if split_hash(k) < fraction}
-    if not val and fraction > 0 and len(keys) >= 2:
-        val = {min(keys, key=split_hash)}
-    return val
+    split = Split([(0, keys)], fraction)
+    return {k for k in keys if split.of(k) == "val"}
 
 
 def samples(chunks: list[tuple[Path, Path]], images: bool = True) -> Iterator[dict]:
@@ -62,14 +91,17 @@ def samples(chunks: list[tuple[Path, Path]], images: bool = True) -> Iterator[di
             yield {**cr, **tg}
 
 
-def ok_keys(crop_chunks: list[Path]) -> list[str]:
-    """Keys of every cropped sample (metadata columns only: no image bytes read)."""
-    return [k for c in crop_chunks for k in read_crop_chunk(c, ["key"], ok_only=True).column("key").to_pylist()]
+def chunk_keys(crop_chunks: list[Path]) -> Iterator[tuple[Path, list[str]]]:
+    """(crop chunk, keys of its cropped samples), a chunk at a time (metadata columns only: no image bytes read)."""
+    for c in crop_chunks:
+        yield c, read_crop_chunk(c, ["key"], ok_only=True).column("key").to_pylist()
 
 
-def rejects(crop_chunks: list[Path]) -> list[dict]:
-    """Source, ok and reason of every file the crop stage rejected, in source-path order."""
-    return [r for c in crop_chunks for r in read_crop_chunk(c, ["source", "ok", "reason"]).to_pylist() if not r["ok"]]
+def rejects(crop_chunks: list[Path]) -> Iterator[pa.Table]:
+    """Source and reason of every file the crop stage rejected, a chunk at a time."""
+    for c in crop_chunks:
+        table = read_crop_chunk(c, ["source", "ok", "reason"])
+        yield table.filter(pc.invert(table.column("ok"))).select(["source", "reason"])
 
 
 class TagStats:
@@ -83,6 +115,14 @@ class TagStats:
             r = self.rows.setdefault(t, [cat, 0, 0, 0.0])
             r[1] += 1
             r[2] += train
+            r[3] += score
+
+    def merge(self, other: TagStats) -> None:
+        """Add another part's counts (exact: counts and score sums add)."""
+        for t, (cat, n, n_train, score) in other.rows.items():
+            r = self.rows.setdefault(t, [cat, 0, 0, 0.0])
+            r[1] += n
+            r[2] += n_train
             r[3] += score
 
     def table_rows(self) -> list[tuple[str, int, int, int, float]]:
@@ -131,7 +171,7 @@ def shard_units(crop_chunks: list[Path], tag_chunks: list[Path], buckets: int, f
     return [Unit("train", b, [ct]) for b, ct in pairs] + [u for u in val if u.chunks]
 
 
-def write_unit(u: Unit, split_of: dict[str, str], count: int, images: Path, sc: ShardsConfig,
+def write_unit(u: Unit, split: Split, count: int, images: Path, sc: ShardsConfig,
                write: bool, manifest: ManifestWriter, stats: TagStats) -> list[Path]:
     """One unit's `count` samples into ceil(count / samples_per_shard) shards of even size; returns their paths.
 
@@ -140,7 +180,7 @@ def write_unit(u: Unit, split_of: dict[str, str], count: int, images: Path, sc: 
     parts = -(-count // sc.samples_per_shard)
     names, files, i = [shard_name(u.split, u.number, j) for j in range(parts)], {}, 0
     for s in samples(u.chunks, images=write):
-        if split_of[s["key"]] != u.split:
+        if split.of(s["key"]) != u.split:
             continue
         name = names[i * parts // count]
         i += 1
@@ -166,10 +206,8 @@ def write_shards(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc:
     """
     from tqdm import tqdm
 
-    keys_by_chunk = {c: ok_keys([c]) for c in crop_chunks}
-    val = val_keys([k for ks in keys_by_chunk.values() for k in ks], sc.val_fraction)
-    split_of = {k: "val" if k in val else "train" for ks in keys_by_chunk.values() for k in ks}
-    extra = sorted(k for k in val if split_hash(k) >= sc.val_fraction)  # the tiny-dataset fallback
+    split = Split(chunk_keys(crop_chunks), sc.val_fraction)
+    extra = [split.extra] if split.extra else []  # the tiny-dataset fallback
     index, stats = ShardIndex(out / "images"), TagStats()
     shards, counts = {"train": [], "val": []}, {"train": 0, "val": 0}
     units = shard_units(crop_chunks, tag_chunks, buckets, sc.val_fraction)
@@ -177,11 +215,13 @@ def write_shards(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc:
     with manifest_writer(out) as manifest:
         for u in tqdm(units, desc="shard", unit="shard", disable=len(units) < 100):
             inputs = sha256_text(code, settings, *extra, *(f"{c.name}:{t.name}" for c, t in u.chunks))
-            count = sum(split_of[k] == u.split for c, _ in u.chunks for k in keys_by_chunk[c])
+            count = sum(split.counts[c][u.split] for c, _ in u.chunks)
             if count == 0:
                 continue
             fresh = index.fresh(u.name, inputs)
-            paths = write_unit(u, split_of, count, out / "images", sc, not fresh, manifest, stats)
+            part = TagStats()  # this unit's counts, merged: memory per unit, whatever the dataset's size
+            paths = write_unit(u, split, count, out / "images", sc, not fresh, manifest, part)
+            stats.merge(part)
             if not fresh:
                 index.finish(u.name, inputs, paths)
             shards[u.split] += [p.name for p in paths]
@@ -192,9 +232,8 @@ def write_shards(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc:
 
 def write_tables(crop_chunks: list[Path], out: Path, stats: TagStats, sc: ShardsConfig) -> tuple[int, Vocab]:
     """`rejects.parquet`, `tags.parquet` and `vocab.json` under `out`; returns (rejects, vocabulary)."""
-    rejected = rejects(crop_chunks)
-    write_rejects(out, rejected, "crop")
+    rejected = write_rejects(out, rejects(crop_chunks), "crop")
     write_tag_table(out, stats.table_rows())
     vocab = stats.vocab(sc.min_tag_count, sc.max_vocab)
     vocab.save(out / "vocab.json")
-    return len(rejected), vocab
+    return rejected, vocab

@@ -25,6 +25,7 @@ from itertools import islice
 from pathlib import Path
 
 from tagdit.config import TaggerConfig
+from tagdit.data.crop import fetch_bytes, locate
 from tagdit.data.onnx_session import device_providers, import_onnxruntime
 from tagdit.data.tagger import ResolvedTagger, TagResult, WDTagger, default_preprocess_threads
 from tagdit.files import sha256_text
@@ -73,7 +74,7 @@ def _open_unlimited(data: bytes):
             Image.MAX_IMAGE_PIXELS = limit
 
 
-def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int], shrink_to: int | None = None):
+def source_square(path: str | Path, sha256: str, orig_size: list[int], box: list[int], shrink_to: int | None = None):
     """The crop's square `box` (upright source pixels) cut from the source file, on white, as RGB.
 
     Decoded at the source's resolution: what the reference recipe resizes. With `shrink_to`
@@ -83,7 +84,7 @@ def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int],
     """
     from PIL import Image, ImageOps
 
-    data = path.read_bytes()
+    data = fetch_bytes(path)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise RuntimeError(f"{path} changed since the crop stage read it: run the crop stage again")
     (ow, oh), (left, top, right, _) = orig_size, box
@@ -106,7 +107,7 @@ def source_square(path: Path, sha256: str, orig_size: list[int], box: list[int],
 
 
 @contextmanager
-def source_images(rows: list[dict], source: Path, threads: int, shrink_to: int | None = None) -> Iterator[Iterator]:
+def source_images(rows: list[dict], source: str | Path, threads: int, shrink_to: int | None = None) -> Iterator[Iterator]:
     """The tagger's view of crop rows (source, sha256, orig_size, crop_box), in order: each square cut from its source.
 
     Decoding starts on entering, `threads` at a time (Pillow decodes without the GIL) and 2 x threads
@@ -115,7 +116,7 @@ def source_images(rows: list[dict], source: Path, threads: int, shrink_to: int |
     """
 
     def square(r: dict):
-        return source_square(source / r["source"], r["sha256"], r["orig_size"], r["crop_box"], shrink_to)
+        return source_square(locate(source, r["source"]), r["sha256"], r["orig_size"], r["crop_box"], shrink_to)
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="tag-decode")
     rest = iter(rows)
@@ -146,7 +147,7 @@ def reusable_tags(previous: Path | None, tagger: str) -> dict[tuple[str, str], d
 
 
 def tag_chunk(load_tagger: Callable[[], WDTagger], crop_chunk: Path, dst: Path, tcfg: TaggerConfig,
-              source: Path, previous: Path | None = None, tagger_key: str = "", threads: int = 0) -> int:
+              source: str | Path, previous: Path | None = None, tagger_key: str = "", threads: int = 0) -> int:
     """Tag one crop chunk into `dst` (atomic), reading the sources under `source`; returns the rows written.
 
     Rows whose key and input match a row of `previous` (the bucket's last tag chunk, written under
@@ -183,7 +184,7 @@ def tagger_cuda_devices() -> int:
 
 
 def tag_chunk_on(device: str | None, crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig,
-                 source: Path, previous: Path | None = None, tagger_key: str = "") -> int:
+                 source: str | Path, previous: Path | None = None, tagger_key: str = "") -> int:
     """`tag_chunk` with this process's tagger on `device` (a device worker's; None: the default providers)."""
     from tagdit.devices import unit_threads
 

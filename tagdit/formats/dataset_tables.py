@@ -8,7 +8,7 @@ count, train count, mean score), most frequent first.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,22 +53,43 @@ def manifest_writer(dataset_dir: Path) -> Iterator[ManifestWriter]:
         w.flush()  # the last (possibly empty) row group
 
 
-def read_manifest(dataset_dir: Path, columns: list[str] | None = None) -> list[dict]:
-    """Manifest rows (`columns` only, when given), in shard order."""
-    return pq.read_table(Path(dataset_dir) / MANIFEST, columns=columns).to_pylist()
+def read_manifest(dataset_dir: Path, columns: list[str] | None = None,
+                  row_groups: list[int] | None = None) -> list[dict]:
+    """Manifest rows (`columns` only, when given), in shard order; only those of `row_groups` when given."""
+    pf = pq.ParquetFile(Path(dataset_dir) / MANIFEST)
+    groups = range(pf.num_row_groups) if row_groups is None else row_groups
+    return pf.read_row_groups(list(groups), columns=columns).to_pylist()
 
 
-def write_rejects(dataset_dir: Path, rejects: list[dict], stage: str) -> None:
-    """`rejects.parquet`: path (relative to `data.source`), the stage that rejected it, the reason."""
-    table = pa.table({"path": [r["source"] for r in rejects], "stage": [stage] * len(rejects),
-                      "reason": [r["reason"] for r in rejects]})
-    with atomic_path(Path(dataset_dir) / REJECTS) as tmp:
-        pq.write_table(table, tmp)
+def manifest_row_groups(dataset_dir: Path) -> list[int]:
+    """The number of rows of each row group of the manifest (its footer only)."""
+    meta = pq.read_metadata(Path(dataset_dir) / MANIFEST)
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+
+
+def write_rejects(dataset_dir: Path, parts: Iterable[pa.Table], stage: str) -> int:
+    """`rejects.parquet` from tables of (source, reason), streamed: path (relative to `data.source`), the
+    stage that rejected it, the reason. Returns the number of rows."""
+    n = 0
+    with atomic_path(Path(dataset_dir) / REJECTS) as tmp, pq.ParquetWriter(tmp, REJECTS_SCHEMA) as pw:
+        for part in parts:
+            pw.write_table(pa.table([part.column("source"), pa.array([stage] * len(part), pa.string()),
+                                     part.column("reason")], schema=REJECTS_SCHEMA))
+            n += len(part)
+    return n
+
+
+def rejects_table(dataset_dir: Path) -> pa.Table:
+    """`rejects.parquet` as an Arrow table: path, stage, reason."""
+    return pq.read_table(Path(dataset_dir) / REJECTS)
 
 
 def read_rejects(dataset_dir: Path) -> list[dict]:
     """Rows of `rejects.parquet`: path, stage, reason."""
-    return pq.read_table(Path(dataset_dir) / REJECTS).to_pylist()
+    return rejects_table(dataset_dir).to_pylist()
 
 
 def write_tag_table(dataset_dir: Path, rows: list[tuple[str, int, int, int, float]]) -> None:

@@ -35,12 +35,14 @@ demo: venv
 OTHER_ISA = MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 ATEN_CPU_CAPABILITY=default
 
 # The whole test suite (CPU, no network; the 15 slowest listed: both passes must stay under 12 min on
-# 2 cores, tests/README.md), then the float-sensitive tests once more under another instruction set.
+# 2 cores, tests/README.md), two test modules at a time (pytest-xdist: one module's tests stay in one
+# process, so its fixtures are shared), then the float-sensitive tests once more under another
+# instruction set.
 # Prints the wall time of both passes. CI runs exactly this.
 test: venv
 	@start=$$(date +%s); status=0; \
-	echo "$(PY) -m pytest -q --durations=15"; \
-	$(PY) -m pytest -q --durations=15 || status=$$?; \
+	echo "$(PY) -m pytest -q -n 2 --dist loadfile --durations=15"; \
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 || status=$$?; \
 	if [ $$status -eq 0 ]; then \
 		echo '$(OTHER_ISA) $(PY) -m pytest -q -m "numerics and not slow"'; \
 		$(OTHER_ISA) $(PY) -m pytest -q -m "numerics and not slow" || status=$$?; \

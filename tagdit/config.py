@@ -132,6 +132,9 @@ class TrainConfig(Section):
     # keep the newest N (plus those an evaluation pins); None = keep all. A checkpoint is ~16 bytes per
     # parameter (weights, EMA, two AdamW moments): 4.2 GB for the original DiT, so keeping all 88 needs 370 GB
     keep_checkpoints: int | None = Field(3, ge=1)
+    # resume this run although its input data changed (a grown dataset) instead of starting over; for
+    # the VAE with unchanged steps: keep the trained VAE (nothing trained), so encode redoes new shards only
+    continue_on_new_data: bool = False
 
 
 class VAETrainConfig(TrainConfig):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tagdit.config import PipelineConfig
+from tagdit.data.vocab import Vocab
 from tagdit.orchestrate.stage import StageRecord, require_stamp
 from tagdit.sampling.painter import Painter, load_painter
 
@@ -87,7 +88,7 @@ def run_files(cfg: PipelineConfig, checkpoint: str | Path | None = None) -> RunF
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}: run train-dit first" if checkpoint is None else str(e)) from None
     return RunFiles(dit_checkpoint=dit, vae_checkpoint=Path(vae.info["checkpoint"]),
-                    latents_dir=Path(latents.out_dir), vocab=cfg.dataset_dir / "vocab.json")
+                    latents_dir=Path(latents.out_dir), vocab=Vocab.of_run(dit.parent, cfg.dataset_dir / "vocab.json"))
 
 
 def painter_for_run(cfg: PipelineConfig, checkpoint: str | Path | None = None) -> Painter:

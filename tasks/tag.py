@@ -50,7 +50,8 @@ TAG = Stage(
     version=4,  # 2: the tagger reads the source square; 3: Pillow's resize; 4: per bucket, rows record their input
     modules=("tasks.tag", "tagdit.data.tag", "tagdit.data.tagger", "tagdit.data.onnx_session", "tagdit.formats.chunks",
              "tagdit.formats.selected_tags", "tagdit.formats.wd_image",
-             "tagdit.devices:unit_threads", "tagdit.devices:is_fake"),  # a fake device's one thread
+             "tagdit.devices:unit_threads", "tagdit.devices:is_fake",  # a fake device's one thread
+             "tagdit.data.crop:fetch_bytes", "tagdit.data.crop:locate", "tagdit.data.walk:source_base"),  # the source read
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
               "tagger.sidecar", "tagger.resize", "tagger.pre_shrink"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "tag",

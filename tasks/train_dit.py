@@ -39,7 +39,7 @@ def checkpoint_info(ckpt: Path, inputs: tuple[Path, ...]) -> dict[str, Any]:
     latents_dir, vocab_path = inputs
     metrics = read_checkpoint_meta(ckpt).metrics
     return {"val_loss": metrics.get("val_loss"), "scale_factor": LatentStats.of_run(ckpt.parent, latents_dir).scale_factor,
-            "vocab": str(vocab_path), "latents": str(latents_dir)}
+            "vocab": str(Vocab.of_run(ckpt.parent, vocab_path)), "latents": str(latents_dir)}
 
 
 class DiTTrainerStage(TrainerStage):

@@ -34,7 +34,7 @@ TRAIN_MODULES = ("tasks.trainer", "tagdit.train.ranks", "tagdit.train.loop", "ta
 # nproc / loader_workers change how the epoch's sample order is split: a resumed run re-splits what is
 # left of its epoch over the new ranks and workers (each sample once; tagdit.train.epoch_order).
 RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_every", "device", "nproc", "compile",
-             "keep_checkpoints", "grad_accum", "loader_workers")
+             "keep_checkpoints", "grad_accum", "loader_workers", "continue_on_new_data")
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,8 @@ class TrainerStage:
         if not force and (rec := self.stage.valid_record(cfg, upstream)):
             return rec
         out_dir = self.stage.out_dir(cfg, upstream)
-        prepare_out_dir(out_dir, self.identity(cfg, upstream), force, self.stage.name)
+        prepare_out_dir(out_dir, self.identity(cfg, upstream), force, self.stage.name,
+                        continue_despite="upstream" if self.train_config(cfg).continue_on_new_data else None)
         paths = self.input_paths(cfg, upstream)
         self.pin_recorded(out_dir)  # a stamp written before pins existed
         self.check_disk(cfg, paths, out_dir)

@@ -193,3 +193,38 @@ def test_a_prepare_data_flow_run_walks_the_source_tree_once(prefect_env, tmp_pat
     prepare_data_flow(overrides=args)
     assert walks == [src]  # Prefect's cache key, the stamp check and the crop plan share one listing
     assert prepare_data_flow(overrides=args).cached and walks == [src, src]  # a new flow run lists again
+
+
+def test_a_grown_dataset_keeps_the_trained_vae_encodes_only_new_shards_and_continues_the_dit(
+        tmp_path, wd_model, monkeypatch):
+    """The use case: images added to a trained run's dataset; the VAE kept by an explicit setting (not
+    retrained, not silently reused), only the new images encoded, the DiT continued from its step."""
+    from tasks.encode import encode_stage
+    from tasks.train_dit import train_dit_stage
+    from tasks.train_vae import train_vae_stage
+    from tests.model_fixtures import TINY_VAE, as_override
+
+    train = [f"run.root={tmp_path / 'runs'}", as_override("vae.model", TINY_VAE), "vae.w_perc=0",
+             "vae.train.steps=2", "vae.train.batch_size=4", "vae.train.warmup_steps=1", "vae.train.nproc=1",
+             "dit.model=demo", "dit.model.patch=2", "dit.model.width=32", "dit.model.depth=1", "dit.model.heads=2",
+             "dit.model.tag_heads=2", "dit.model.max_tags=4", "dit.train.device=cpu", "dit.train.nproc=1",
+             "dit.train.batch_size=4", "dit.train.warmup_steps=1", "dit.train.val_every=100", "dit.val_samples=2",
+             "dit.train.loader_workers=0"]
+
+    def pipeline(*extra: str):
+        cfg, _, shard = prepare(tmp_path, src, wd_model, *train, *extra)
+        vae = train_vae_stage(cfg, shard)
+        latents = encode_stage(cfg, shard, vae)
+        return vae, latents, train_dit_stage(cfg, latents, shard)
+
+    src = make_source(tmp_path / "src", folders=2, per_folder=8)
+    vae, latents, dit = pipeline("dit.train.steps=2")
+    Image.new("RGB", (44, 40), (250, 10, 10)).save(src / "char1" / "new.png")
+    encoded = encoded_keys(monkeypatch)
+    keep = ["vae.train.continue_on_new_data=true", "dit.train.continue_on_new_data=true"]
+    vae2, latents2, dit2 = pipeline("dit.train.steps=4", *keep)
+    assert vae2.info["checkpoint"] == vae.info["checkpoint"] and vae2.info["vae_id"] == vae.info["vae_id"]
+    assert latents2.out_dir == latents.out_dir and len(encoded) == 1 and encoded[0].startswith("char1_new")
+    runs = tmp_path / "runs" / "demo"
+    assert dit2.info["step"] == 4 and not list(runs.glob("*.superseded-*"))  # continued, not moved aside
+    assert (runs / "dit" / "ckpt-0000002").is_dir() and (runs / "dit" / "ckpt-0000004").is_dir()

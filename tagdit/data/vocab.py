@@ -24,6 +24,9 @@ def normalize_tag(tag: str) -> str:
     return tag.strip().lower().replace("_", " ")
 
 
+VOCAB_FILE = "vocab.json"
+
+
 @dataclass
 class Vocab:
     """Token list with id lookup; `tokens[i]` is the tag with id i."""
@@ -39,6 +42,12 @@ class Vocab:
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
         return cls(list(json.loads(Path(path).read_text())["tokens"]))
+
+    @staticmethod
+    def of_run(run_dir: str | Path, dataset_vocab: str | Path) -> Path:
+        """The vocabulary a DiT run trains and draws with: the copy in its folder (the dataset's when it
+        started: token ids never shift under a trained model), else the dataset's (an older run)."""
+        return Path(run_dir) / VOCAB_FILE if (Path(run_dir) / VOCAB_FILE).is_file() else Path(dataset_vocab)
 
     @classmethod
     def from_tags(cls, tags: list[str]) -> Vocab:

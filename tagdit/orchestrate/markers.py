@@ -48,13 +48,26 @@ def write_marker(marker: Path, key: Any, files: Iterable[Path] | None = None) ->
                                                      for f in files}})
 
 
-def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: str) -> None:
+def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: str,
+                    continue_despite: str | None = None) -> None:
     """Keep a resumable run; move any other non-empty folder aside (never delete it silently).
 
     `force` deletes the folder. A folder whose `identity.json` is missing or differs holds a run of
     another configuration (or of unknown origin): it becomes `<name>.superseded-<time>`, logged.
+    `continue_despite`: an identity entry whose change is no reason to start over (the run continues
+    on grown data when its user asked for it: logged, and the marker takes the new value).
     """
     marker = out_dir / "identity.json"
+    if continue_despite and marker.is_file() and not marker_matches(marker, identity):
+        try:
+            old = json.loads(marker.read_text())
+        except ValueError:
+            old = None
+        if isinstance(old, dict) and {k: v for k, v in old.items() if k != continue_despite} == \
+                {k: v for k, v in identity.items() if k != continue_despite}:
+            log.warning("%s: continuing the %s run although its %s changed (it was asked to continue on new data)",
+                        out_dir, what, continue_despite)
+            write_marker(marker, identity)
     if force and out_dir.exists():
         shutil.rmtree(out_dir)
     elif out_dir.exists() and not marker_matches(marker, identity):

@@ -212,10 +212,11 @@ def load_painter(cfg: PipelineConfig, checkpoint: str | Path, vae_checkpoint: st
 
     device = select_device(cfg.evaluate.device)
     ckpt = resolve_checkpoint(checkpoint)
-    vocab = Vocab.load(cfg.dataset_dir / "vocab.json")
+    vocab_path = Vocab.of_run(ckpt.parent, cfg.dataset_dir / "vocab.json")
+    vocab = Vocab.load(vocab_path)
     dit = load_dit(ckpt, map_location=device, schedule=cfg.dit.schedule, timesteps=cfg.dit.timesteps)  # fallback only
     if dit.vocab_size != len(vocab):
-        raise ValueError(f"{ckpt} was trained with {dit.vocab_size} tokens, {cfg.dataset_dir}/vocab.json has {len(vocab)}")
+        raise ValueError(f"{ckpt} was trained with {dit.vocab_size} tokens, {vocab_path} has {len(vocab)}")
     vae, _ = load_vae(Path(vae_checkpoint))
     return Painter(dit=dit, vae=vae.to(device).eval(), vocab=vocab, stats=LatentStats.of_run(ckpt.parent, latents_dir),
                    device=device, checkpoint=ckpt)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.config import DiTConfig, PipelineConfig
-from tagdit.data.vocab import Vocab, augment_tags
+from tagdit.data.vocab import VOCAB_FILE, Vocab, augment_tags
 from tagdit.formats.latent_shards import (
     STATS_FILE,
     LatentSource,
@@ -171,6 +171,26 @@ def started_stats(latents_dir: Path, out_dir: Path, is_main: bool) -> LatentStat
     return kept
 
 
+def started_vocab(vocab_path: Path, out_dir: Path, is_main: bool) -> Vocab:
+    """The run's vocabulary: the one it started with (its own `vocab.json`, kept once it has a checkpoint):
+    a run continued on a grown dataset keeps its token ids; tags new to the data are unknown to it."""
+    from tagdit.formats.checkpoints import Checkpoints
+
+    data = Vocab.load(vocab_path)
+    if Checkpoints(out_dir).latest() is None or not (out_dir / VOCAB_FILE).is_file():
+        if is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            data.save(out_dir / VOCAB_FILE)
+        return data
+    kept = Vocab.load(out_dir / VOCAB_FILE)
+    if is_main and kept.tokens != data.tokens:
+        new = len(set(data.tokens) - set(kept.tokens))
+        log.warning("train-dit: %s continues with the vocabulary it started with (%d tokens); %s now has %d "
+                    "(%d tags new to this run: unknown to it): a new run uses that one", out_dir, len(kept),
+                    vocab_path, len(data), new)
+    return kept
+
+
 def dit_checkpoint_bytes(cfg: PipelineConfig, vocab_size: int, latent_shape: tuple[int, int, int] | list[int]) -> int:
     """One checkpoint's size, counted on a model built on the meta device (no memory)."""
     import torch
@@ -198,7 +218,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     z_ch, h, w = stats.latent_shape
     if h != w:
         raise ValueError(f"DiT needs square latents, got {h}x{w}")
-    vocab = Vocab.load(vocab_path)
+    vocab = started_vocab(vocab_path, out_dir, r.is_main)
     model = build_dit(cfg, len(vocab), stats.latent_shape)
     if r.is_main:
         log.info("DiT: %.2fM parameters, vocab %d, latents %s", count_parameters(model) / 1e6, len(vocab), stats.latent_shape)

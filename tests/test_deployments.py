@@ -247,9 +247,9 @@ def test_training_survives_a_server_restart_and_a_cancel_after_it_stops_it(deplo
     """The server stops for 5 s while train-dit trains on 2 ranks and comes back on the same database; a
     lease renewal (every RENEW_SECONDS; the client retries one while the server is down) meets a server
     that forgot the lease while training still runs, and training carries on. The worker, having lost
-    the server, no longer watches for a cancel; a cancel now is noticed by the flow run's own process:
+    the server, may no longer watch for a cancel; a cancel is then noticed by the flow run's own process:
     within 60 s every rank checkpoints the same step and stops, and the run ends Cancelled. Later runs
-    are not blocked and resume from that checkpoint."""
+    are not blocked and resume from the last checkpoint."""
     from tagdit.orchestrate.locks import lock_name
 
     server, tmp = deployed
@@ -274,15 +274,22 @@ def test_training_survives_a_server_restart_and_a_cancel_after_it_stops_it(deplo
     cancel = api(server, f"/flow_runs/{training}/set_state", {"state": {"type": "CANCELLING"}})  # as `prefect flow-run cancel`
     assert cancel["status"] == "ACCEPT", cancel
     assert wait(server, training, timeout=60) == "Cancelled", (server.home / "worker.log").read_text()[-4000:]
+    # Whether the worker's observer survived the outage depends on timing: when it gave up (the case
+    # this is about), only the run's own poll can have ended it, with a checkpoint of the stop step;
+    # when it reconnected, Prefect's cancel may win the race (tests/test_cancel.py covers the poll alone).
     stopped = flow_logs(server, training, "because its flow run is cancelled")
-    assert any("because its flow run is cancelled" in m for m in stopped), stopped[-20:]
+    self_stopped = any("because its flow run is cancelled" in m for m in stopped)
+    worker_log = (server.home / "worker.log").read_text()
+    assert self_stopped or "observer failed" not in worker_log, stopped[-20:]
     step = int((dit / "latest").read_text().strip().removeprefix("ckpt-"))
-    assert last < step < target and (dit / f"ckpt-{step:07d}" / "meta.json").stat().st_mtime > cancelled
+    assert last < step < target
+    if self_stopped:
+        assert (dit / f"ckpt-{step:07d}" / "meta.json").stat().st_mtime > cancelled
+        assert "Terminating execution" not in worker_log  # the run stopped itself
     deadline = time.time() + 30
     while rank_processes(dit) and time.time() < deadline:
         time.sleep(0.5)
     assert not rank_processes(dit), rank_processes(dit)
-    assert "Terminating execution" not in (server.home / "worker.log").read_text()  # the run stopped itself
     folder = api(server, f"/v2/concurrency_limits/{lock_name(dit)}")
     assert folder["active_slots"] == 0, folder  # released by name: its lease was gone
 

@@ -189,7 +189,7 @@ def test_a_run_killed_during_encode_redoes_no_shard_the_bucket_holds(s3_server, 
                              f"tagger.path={wd_model}", "crop.workers=1", "latents.batch_size=4"],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 60
-    while not [k for k in objects(latents) if k.endswith(".source.json")]:
+    while not [k for k in fs().find(latents.removeprefix("s3://")) if k.endswith(".source.json")]:
         assert proc.poll() is None and time.monotonic() < deadline, "encode ended before a shard was stored"
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)

@@ -63,6 +63,7 @@ class CropConfig(Section):
     min_size: int = Field(32, ge=1)  # reject images whose short side is smaller than this
     max_pixels: int | None = 178_956_970  # decompression-bomb limit (Pillow's default x2)
     workers: int = Field(0, ge=0)  # processes; 0 = one per core
+    unit_files: int = Field(20_000, ge=1)  # files per task run at most (whole buckets): ~5,000 runs at 100M files
 
 
 class TaggerConfig(Section):

@@ -1,8 +1,8 @@
 """Crop stage: every file of `data.source` (a folder, a URL or a manifest) -> a crop chunk row (a crop or a reject).
 
-The Prefect contract only: `CROP` (what the stage's key hashes), `crop_chunk_task` (one hash
-bucket on the stage's task runner, see `tagdit.orchestrate.chunks`: it gets the source manifest's
-path and its bucket number, never a list of files), `crop_stage` (lists the source once; when the
+The Prefect contract only: `CROP` (what the stage's key hashes), `crop_chunk_task` (a few
+consecutive hash buckets on the stage's task runner, see `tagdit.orchestrate.chunks`: it gets the
+source manifest's path and its bucket numbers, never a list of files; `crop.unit_files` files at most), `crop_stage` (lists the source once; when the
 listing's fingerprint is not the stamp's, sorts it into the source manifest, runs the buckets whose
 chunk is missing, stamps the outputs) and `crop_task`. The listing and the buckets are
 `tagdit.data.sources`, the cropping `tagdit.data.crop`, the chunk files `tagdit.formats.chunks`. A chunk is named by its bucket and a digest of its files'
@@ -27,6 +27,7 @@ from tagdit.data.sources import (
     crop_bucket,
     keys_of,
     listing_scope,
+    pack_buckets,
     source_listing,
 )
 from tagdit.data.walk import source_base
@@ -39,11 +40,13 @@ from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 log = logging.getLogger(__name__)
 
 
-@unit_task(name="crop-chunk", run_name="crop {dst.name}")
-def crop_chunk_task(base: str | Path, manifest: Path, bucket: int, p: CropParams, dst: Path,
-                    previous: Path | None) -> tuple[int, int]:
-    """One bucket's crop chunk (on the local runner's process pool when it has one); returns (ok, rejected)."""
-    return offload(crop_bucket, base, manifest, bucket, p, dst, previous)
+@unit_task(name="crop-chunk", run_name="crop buckets {first}-{last}")
+def crop_chunk_task(base: str | Path, manifest: Path, buckets: list[int], p: CropParams, dsts: list[Path],
+                    previous: list[Path | None], first: int, last: int) -> tuple[int, int]:
+    """Some consecutive buckets' crop chunks, one after the other (on the local runner's process pool
+    when it has one); returns (ok, rejected) summed."""
+    done = [offload(crop_bucket, base, manifest, b, p, d, prev) for b, d, prev in zip(buckets, dsts, previous, strict=True)]
+    return sum(ok for ok, _ in done), sum(bad for _, bad in done)
 
 
 def _key_inputs(cfg: PipelineConfig) -> dict[str, str]:
@@ -103,11 +106,14 @@ def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
              listing.found, listing.sidecars, n, len(dsts), source, len(todo))
     if todo:
         workers = min(cfg.crop.workers or os.cpu_count() or 1, len(todo))
-        params = [{"base": source_base(source), "manifest": cfg.dataset_dir / SOURCES, "bucket": b,
-                   "p": CropParams.from_config(cfg), "dst": dsts[b], "previous": _previous(out, b, dsts[b])}
-                  for b in todo]
+        units = pack_buckets(todo, sizes, cfg.crop.unit_files, 4 * workers)
+        params = [{"base": source_base(source), "manifest": cfg.dataset_dir / SOURCES, "buckets": unit,
+                   "p": CropParams.from_config(cfg), "dsts": [dsts[b] for b in unit],
+                   "previous": [_previous(out, b, dsts[b]) for b in unit], "first": unit[0], "last": unit[-1]}
+                  for unit in units]
+        log.info("crop: the %d buckets to do in %d task runs", len(todo), len(units))
         with chunk_runner(cfg.prefect, threads=workers, processes=workers) as runner:
-            run_units(runner, crop_chunk_task, params, "crop", [sizes[b] for b in todo], "img")
+            run_units(runner, crop_chunk_task, params, "crop", [sum(sizes[b] for b in u) for u in units], "img")
     for stale in set(out.glob("chunk-*.parquet")) - set(dsts.values()):
         stale.unlink()
     found, chunks = listing.found, list(dsts.values())

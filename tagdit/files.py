@@ -18,7 +18,7 @@ def atomic_path(dst: str | Path, upload: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of `dst`; rename it into place only if the block succeeds.
 
     In a working copy of a URL folder (`tagdit.stores`) the finished file is then uploaded
-    (`upload=False`: it came from the store).
+    (`upload=False`: an intermediate file the store need not hold).
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

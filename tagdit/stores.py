@@ -14,6 +14,7 @@ Credentials and endpoints come from the standard environment and fsspec's config
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -84,11 +85,9 @@ def check_reachable(url: str, setting: str, must_exist: bool = False) -> None:
 def object_version(info: dict[str, Any]) -> int:
     """A number that changes when a stored object does: a hash of its modification time and its
     ETag / checksum, whichever the store reports (what `SourceFile.mtime_ns` holds for a URL source)."""
-    from tagdit.files import sha256_text
-
     facts = [str(info[k]) for k in ("mtime", "LastModified", "updated", "last_modified", "last_commit", "ETag", "etag",
                                     "md5Hash", "blob_id", "sha256", "crc32c") if info.get(k) is not None]
-    return int(sha256_text(*facts)[:15], 16)
+    return int(hashlib.sha256("\0".join(facts).encode()).hexdigest()[:15], 16)
 
 
 def cache_root() -> Path:
@@ -129,12 +128,22 @@ def _read_index(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_index(path: Path, version: int) -> None:
-    from tagdit.files import write_json_atomic
+def _replace_into(dst: Path, fill: Any) -> None:
+    """Write `dst` through a temp sibling that `fill(tmp)` fills, renamed into place (never uploaded:
+    what this module writes came from the store or is its own bookkeeping)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        fill(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
+
+def _write_index(path: Path, version: int) -> None:
     st = path.stat()
-    write_json_atomic(_index_path(path), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": version},
-                      upload=False)
+    entry = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": version})
+    _replace_into(_index_path(path), lambda tmp: tmp.write_text(entry))
 
 
 def _in_sync(path: Path) -> bool:
@@ -246,8 +255,6 @@ def push_tree(local: str | Path) -> int:
 def pull_tree(local: str | Path) -> int:
     """Bring a working-copy folder up to date with the store: download every object that is missing
     here or changed there since this copy last transferred it. Returns how many were downloaded."""
-    from tagdit.files import atomic_path
-
     local = Path(local)
     url = remote_of(local)
     if url is None:
@@ -260,8 +267,7 @@ def pull_tree(local: str | Path) -> int:
         version = object_version(info)
         if entry is not None and _in_sync(p) and entry["version"] == version:
             continue
-        with atomic_path(p, upload=False) as tmp:
-            fs.get_file(f"{rpath}/{rel}", str(tmp))
+        _replace_into(p, lambda tmp, rel=rel: fs.get_file(f"{rpath}/{rel}", str(tmp)))
         _write_index(p, version)
         fetched += 1
     if fetched:

@@ -1,4 +1,5 @@
-"""Distributed data parallel: the process group under torchrun, and launching torchrun itself."""
+"""Launching torchrun: the ranks of one node (or, with a rendezvous, one node of several); the process group
+the ranks then join is `tagdit.train.nodes.init_distributed`."""
 
 from __future__ import annotations
 
@@ -13,28 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from tagdit.train.nodes import Rendezvous
 from tagdit.train.reports import REPORT_DIR_ENV, Relay, rank_errors
 from tagdit.train.stop import STOP_FILE_ENV, TrainingStopped, stop_file
 
 log = logging.getLogger(__name__)
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), local_rank
 
 
 STOP_GRACE_SECONDS = 15  # SIGTERM, then SIGKILL the ranks' process group after this

@@ -81,6 +81,23 @@ def resolve_rendezvous(lc: LaunchConfig, run_name: str, stage: str,
 # ---------------------------------------------------------------- in the ranks, at start
 
 
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
 def start_ranks(mine: list[str] | None, own: Path) -> list[str]:
     """A rank's arguments: its own, or under DDP (after joining the group) the training task's ranks'
     (a joining agent's ranks have none), once every rank has checked that it shares the run folder.
@@ -91,8 +108,6 @@ def start_ranks(mine: list[str] | None, own: Path) -> list[str]:
         if mine is None:
             raise RuntimeError("a joining rank needs a run of several ranks (launch.nnodes > 1)")
         return mine
-    from tagdit.train.launch import init_distributed
-
     init_distributed()
     argv = run_arguments(mine)
     check_shared_run_folder(own)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from tagdit.config import TrainConfig
 from tagdit.devices import select_device
-from tagdit.train.launch import init_distributed
+from tagdit.train.nodes import init_distributed
 from tagdit.train.stream import EpochStream
 from tagdit.train.tar_samples import tar_sample_count
 

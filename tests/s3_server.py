@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.prefect_server import free_port
+
 MOTO_SERVER = str(Path(sys.executable).with_name("moto_server"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:

@@ -25,7 +25,7 @@ from tagdit.orchestrate.runner import pull_roots
 from tagdit.orchestrate.stage import StageRecord
 from tagdit.stores import StoreError, pull_tree, push_tree, remote_of, working_dir
 from tests.model_fixtures import TINY_VAE
-from tests.s3_server import free_port
+from tests.prefect_server import free_port
 from tests.test_grow import encoded_keys, make_source, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread", "store_cache")

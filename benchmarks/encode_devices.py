@@ -54,7 +54,7 @@ def main() -> None:
 
     units: list = []  # every unit's DeviceRun: how busy the workers were
     real_run_units = tasks.encode.run_units
-    tasks.encode.run_units = lambda *a, **k: units.extend(out := real_run_units(*a, **k)) or out
+    tasks.encode.run_units = lambda *a, **k: units.extend(r for run in (out := real_run_units(*a, **k)) for r in run) or out
 
     sides = {"1 device": "[cpu:0]", "2 devices": "[cpu:0,cpu:1]"}
     times: dict[str, list[float]] = {k: [] for k in sides}

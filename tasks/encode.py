@@ -1,8 +1,8 @@
 """Stage encode: image shards + VAE -> latent shards `<dataset>/latents-<vae_id>/` + `stats.json`.
 
-The Prefect contract only: `ENCODE` (what the stage's key hashes), `encode_shard_task` (one shard on
-the stage's task runner, `tagdit.orchestrate.chunks`, on a worker per device of `prefect.devices`,
-with the VAE loaded once per worker process),
+The Prefect contract only: `ENCODE` (what the stage's key hashes), `encode_shards_task` (a few
+shards, about `crop.unit_files` images, on the stage's task runner, `tagdit.orchestrate.chunks`, each
+shard on a worker per device of `prefect.devices`, with the VAE loaded once per worker process),
 `encode_latents` (drops latents made by other settings, runs the missing shards, writes
 `stats.json`: the only place the latent scale factor is stored), `encode_stage` and `encode_task`.
 The encoding and the scale-factor pass are `tagdit.data.encode`. A latent shard is kept only when
@@ -32,7 +32,7 @@ from tagdit.devices import cuda_device_count
 from tagdit.files import remove_stale_temps, sha256_file
 from tagdit.formats.image_shards import ShardIndex, image_shards
 from tagdit.formats.latent_shards import STATS_FILE, LatentSource, LatentStats, latent_shard_paths
-from tagdit.orchestrate.chunks import chunk_runner, run_units, unit_task
+from tagdit.orchestrate.chunks import chunk_runner, items_per_run, pack_units, run_units, unit_task
 from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_device
 from tagdit.orchestrate.markers import marker_matches, write_marker
 from tagdit.orchestrate.stage import Stage, StageRecord, code_version, stage_cache_key
@@ -72,12 +72,14 @@ def _fresh(dst: Path, image_shard_sha256: str) -> bool:
     return dst.exists() and record is not None and record.image_shard_sha256 == image_shard_sha256
 
 
-@unit_task(name="encode-shard", run_name="encode {src.name}")
-def encode_shard_task(src: Path, dst: Path, p: EncodeParams, image_shard_sha256: str = "") -> DeviceRun:
-    """One latent shard on a free device worker's VAE (or this process's); its value is the number of samples."""
-    run = on_device(encode_shard_on, src, dst, p, image_shard_sha256)
-    log.info("encode: %s -> %d latents on %s", src.name, run.value, run.device or "the default device")
-    return run
+@unit_task(name="encode-shards", run_name="encode {first}-{last}")
+def encode_shards_task(shards: list[tuple[Path, Path, str]], p: EncodeParams, first: str, last: str) -> list[DeviceRun]:
+    """Some (image shard, latent shard, the image shard's sha256) triples, each on a free device worker's
+    VAE (or this process's); a run's value is the number of samples."""
+    runs = [on_device(encode_shard_on, src, dst, p, sha) for src, dst, sha in shards]
+    for (src, _, _), run in zip(shards, runs, strict=True):
+        log.info("encode: %s -> %d latents on %s", src.name, run.value, run.device or "the default device")
+    return runs
 
 
 def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_dir: Path,
@@ -97,19 +99,21 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
         stale.unlink()
         LatentSource.path(stale).unlink(missing_ok=True)
     index = ShardIndex(dataset_dir / "images")
-    shas = {src.name: index.sha256(src.name) or sha256_file(src) for _, src in todo}
+    recorded = index.shas()
+    shas = {src.name: recorded.get(src.name) or sha256_file(src) for _, src in todo}
     missing = [src for _, src in todo if not _fresh(out_dir / src.name, shas[src.name])]
     log.info("encode: %d of %d shards to encode into %s (%d already complete)",
              len(missing), len(todo), out_dir, len(todo) - len(missing))
     p = EncodeParams(ckpt, lc.use_ema, weights_sha, cfg.vae.train.device, cfg.data.resolution, lc.flip,
                      lc.batch_size)
     devices = local_devices(cfg.prefect.devices, cuda_device_count())
+    packs = pack_units(list(range(len(missing))), items_per_run(cfg), 4 * len(devices))
+    params = [{"shards": [(missing[i], out_dir / missing[i].name, shas[missing[i].name]) for i in pack], "p": p,
+               "first": missing[pack[0]].name, "last": missing[pack[-1]].name} for pack in packs]
     try:  # on one device one shard at a time: the model uses the whole device
         if missing:  # no workers started for nothing
             with chunk_runner(cfg.prefect, devices=devices) as runner:
-                run_units(runner, encode_shard_task, [{"src": s, "dst": out_dir / s.name, "p": p,
-                                                       "image_shard_sha256": shas[s.name]} for s in missing],
-                          "encode", unit_name="shard")
+                run_units(runner, encode_shards_task, params, "encode", [len(u) for u in packs], "shard")
     finally:
         forget_vaes()  # the local runner's model; a Dask worker keeps its own
     stats = LatentStats(**latent_stats(latent_shard_paths(out_dir, "train")), vae_checkpoint_sha256=weights_sha,

@@ -1,33 +1,46 @@
 """Shard stage: crops + tags -> WebDataset image shards, manifest/rejects/tags parquet and the vocab.
 
-The Prefect contract only: `SHARD` (what the stage's key hashes), `shard_stage` (cleans up, runs
-`tagdit.data.shard`, checks the accounting, stamps the outputs) and `shard_task`. The shard index
-`images/shards.json` lets a killed run, or a run after the source grew, keep every unit whose
-inputs are unchanged.
+The Prefect contract only: `SHARD` (what the stage's key hashes), `shard_units_task` (a few
+consecutive units on the stage's task runner, `tagdit.orchestrate.chunks`, each in a process of the
+local runner's pool: memory is one unit's, whatever the dataset's size), `shard_stage` (cleans up,
+plans and runs the units whose record is missing, merges the records into the tables, checks the
+accounting, stamps the outputs) and `shard_task`. A unit's record (`tagdit.data.shard_plan`) lets a
+killed run, or a run after the source grew, keep every unit whose inputs are unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
 from tagdit.config import PipelineConfig
-from tagdit.data.shard import write_shards, write_tables
+from tagdit.data.shard import UnitJob, shard_unit
+from tagdit.data.shard_plan import PARTS, finish_units, plan_units, write_tables
 from tagdit.data.vocab import SPECIALS
 from tagdit.files import remove_stale_temps
 from tagdit.formats.dataset_tables import MANIFEST, REJECTS, TAG_TABLE
 from tagdit.formats.image_shards import SHARD_INDEX
+from tagdit.orchestrate.chunks import chunk_runner, offload, pack_units, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
 log = logging.getLogger(__name__)
 
+
+@unit_task(name="shard-units", run_name="shard {first}-{last}")
+def shard_units_task(jobs: list[UnitJob], first: str, last: str) -> int:
+    """Some consecutive units, one after the other (on the local runner's process pool when it has one);
+    returns their samples."""
+    return sum(offload(shard_unit, job)["count"] for job in jobs)
+
+
 SHARD = Stage(
     name="shard",
-    version=2,  # 2: shards per hash bucket (train) and val group (val), images/shards.json
-    modules=("tasks.shard", "tagdit.data.shard", "tagdit.formats.chunks", "tagdit.formats.dataset_tables",
+    version=3,  # 2: shards per hash bucket (train) and val group (val), images/shards.json; 3: a record per unit
+    modules=("tasks.shard", "tagdit.data.shard", "tagdit.data.shard_plan", "tagdit.formats.chunks", "tagdit.formats.dataset_tables",
              "tagdit.formats.image_shards", "tagdit.data.vocab:Vocab", "tagdit.data.vocab:SPECIALS",
              "tagdit.formats.selected_tags:RATING"),
     sections=("shards.image_format", "shards.samples_per_shard", "shards.val_fraction",
@@ -37,6 +50,20 @@ SHARD = Stage(
 TABLES = (MANIFEST, REJECTS, TAG_TABLE, "vocab.json")
 
 
+def _clean(out: Path, force: bool) -> None:
+    """Forced: no shards, tables or unit records left; always: no temporary files of a killed run."""
+    if force:
+        shutil.rmtree(out / "images", ignore_errors=True)
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+        for name in TABLES:
+            (out / name).unlink(missing_ok=True)
+    for folder in (out, out / "images", out / PARTS):
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder)
+    for old in (out / "images").glob(".progress-*.json"):  # the per-key progress files of earlier versions
+        old.unlink()
+
+
 def shard_stage(cfg: PipelineConfig, crop: StageRecord, tag: StageRecord, force: bool = False) -> StageRecord:
     """Run (or resume) the shard stage; returns its record (paths and counts in `info`)."""
     up = {"crop": crop, "tag": tag}
@@ -44,19 +71,14 @@ def shard_stage(cfg: PipelineConfig, crop: StageRecord, tag: StageRecord, force:
         return rec
     out = SHARD.out_dir(cfg, up)
     images = out / "images"
-    if force:
-        shutil.rmtree(images, ignore_errors=True)
-        for name in TABLES:
-            (out / name).unlink(missing_ok=True)
-    images.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    remove_stale_temps(images)
-    for old in images.glob(".progress-*.json"):  # the per-key progress files of earlier versions
-        old.unlink()
+    _clean(out, force)
     crop_chunks = [Path(crop.out_dir) / c for c in crop.info["chunks"]]
     tag_chunks = [Path(tag.out_dir) / t for t in tag.info["chunks"]]
-    shards, counts, stats = write_shards(crop_chunks, tag_chunks, out, cfg.shards, crop.info["buckets"],
-                                         SHARD.code_key())
+    plan = plan_units(crop_chunks, tag_chunks, out, cfg.shards, crop.info["buckets"], SHARD.code_key())
+    log.info("shard: %d units, %d to write", len(plan.records), len(plan.jobs))
+    if plan.jobs:
+        _run_jobs(cfg, plan.jobs)
+    shards, counts, stats = finish_units(plan, out)
     rejected, vocab = write_tables(crop_chunks, out, stats, cfg.shards)
     shard_paths = [images / n for n in shards["train"] + shards["val"]]
     for stale in set(images.glob("*.tar")) - set(shard_paths):
@@ -73,6 +95,17 @@ def shard_stage(cfg: PipelineConfig, crop: StageRecord, tag: StageRecord, force:
             "vocab_size": len(vocab), "image_format": cfg.shards.image_format, "images": str(images),
             "manifest": str(out / MANIFEST), "vocab": str(out / "vocab.json")}
     return SHARD.write_stamp(cfg, up, shard_paths + [images / SHARD_INDEX] + [out / name for name in TABLES], info)
+
+
+def _run_jobs(cfg: PipelineConfig, jobs: list[UnitJob]) -> None:
+    """The units' jobs, packed into task runs of about `crop.unit_files` samples, on `crop.workers` processes."""
+    workers = min(cfg.crop.workers or os.cpu_count() or 1, len(jobs))
+    sizes = {i: j.count for i, j in enumerate(jobs)}
+    packs = pack_units(list(sizes), cfg.crop.unit_files, 4 * workers, sizes)
+    params = [{"jobs": [jobs[i] for i in pack], "first": jobs[pack[0]].unit.name, "last": jobs[pack[-1]].unit.name}
+              for pack in packs]
+    with chunk_runner(cfg.prefect, threads=workers, processes=workers) as runner:
+        run_units(runner, shard_units_task, params, "shard", [sum(sizes[i] for i in p) for p in packs], "img")
 
 
 @task(name="shard", cache_key_fn=stage_cache_key(SHARD), persist_result=True)

@@ -1,8 +1,10 @@
 """Tag stage: WD 1.4 tags for every crop, merged with sidecar `name.txt` tags; one tag chunk per crop chunk.
 
-The Prefect contract only: `TAG` (what the stage's key hashes), `tag_chunk_task` (one chunk on the
-stage's task runner, `tagdit.orchestrate.chunks`, on a worker per device of `prefect.devices`, with
-the ONNX tagger loaded once per worker process), `tag_stage` and `tag_task` (the `gpu` slot). The tagging itself is `tagdit.data.tag`; the chunk files are
+The Prefect contract only: `TAG` (what the stage's key hashes), `tag_chunks_task` (a few consecutive
+chunks, about `crop.unit_files` images, on the stage's task runner, `tagdit.orchestrate.chunks`, each
+chunk on a worker per device of `prefect.devices`, with the ONNX tagger loaded once per worker
+process), `tag_stage` and `tag_task` (the `gpu` slot). The tagging itself is `tagdit.data.tag`; the
+chunk files are
 `tagdit.formats.chunks`. A tag chunk is named by its crop chunk's bucket and a digest of the crop
 chunk's bytes, the tagger files and the tag settings: a killed run resumes at the first missing
 chunk, a changed crop chunk re-tags only itself, and in it only its new or changed crops (the rest
@@ -23,7 +25,7 @@ from tagdit.data.tagger import ResolvedTagger, resolve_tagger
 from tagdit.data.walk import source_base
 from tagdit.files import remove_stale_temps, sha256_text
 from tagdit.formats.chunks import chunk_bucket, chunk_name, tag_chunk_rows
-from tagdit.orchestrate.chunks import chunk_runner, run_units, unit_task
+from tagdit.orchestrate.chunks import chunk_runner, items_per_run, pack_units, run_units, unit_task
 from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_device
 from tagdit.orchestrate.stage import (
     Stage,
@@ -36,13 +38,15 @@ from tagdit.orchestrate.stage import (
 log = logging.getLogger(__name__)
 
 
-@unit_task(name="tag-chunk", run_name="tag {dst.name}")
-def tag_chunk_task(crop_chunk: Path, dst: Path, tagger: ResolvedTagger, tcfg: TaggerConfig, source: str | Path,
-                   previous: Path | None = None, tagger_key: str = "") -> DeviceRun:
-    """One tag chunk on a free device worker's tagger (or this process's); its value is the rows written."""
-    run = on_device(tag_chunk_on, crop_chunk, dst, tagger, tcfg, source, previous, tagger_key)
-    log.info("tag: %s -> %d rows on %s", dst.name, run.value, run.device or "the default device")
-    return run
+@unit_task(name="tag-chunks", run_name="tag chunks {first}-{last}")
+def tag_chunks_task(chunks: list[tuple[Path, Path, Path | None]], tagger: ResolvedTagger, tcfg: TaggerConfig,
+                    source: str | Path, tagger_key: str, first: int, last: int) -> list[DeviceRun]:
+    """Some consecutive (crop chunk, tag chunk, the bucket's previous tag chunk) triples, each on a free
+    device worker's tagger (or this process's); a run's value is the rows written."""
+    runs = [on_device(tag_chunk_on, c, dst, tagger, tcfg, source, prev, tagger_key) for c, dst, prev in chunks]
+    for (_, dst, _), run in zip(chunks, runs, strict=True):
+        log.info("tag: %s -> %d rows on %s", dst.name, run.value, run.device or "the default device")
+    return runs
 
 
 TAG = Stage(
@@ -86,15 +90,19 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
     log.info("tag: %d chunks, %d to do", len(dsts), len(todo))
     if todo:
         key = tagger_key(cfg)
-        previous = {i: next(iter(sorted(out.glob(chunk_name(chunk_bucket(dsts[i].name), "*")))), None)
-                    for i in todo}  # the bucket's earlier tag chunk: rows of unchanged crops are copied
-        params = [{"crop_chunk": crop_chunks[i], "dst": dsts[i], "tagger": resolve_tagger(cfg.tagger),
-                   "tcfg": cfg.tagger, "source": source_base(crop.info["source"]), "previous": previous[i],
-                   "tagger_key": key} for i in todo]
+        earlier: dict[int, Path] = {}  # each bucket's earlier tag chunk: rows of unchanged crops are copied
+        for f in sorted(out.glob("chunk-*.parquet")):  # one listing, not one per bucket
+            earlier.setdefault(chunk_bucket(f.name), f)
+        previous = {i: earlier.get(chunk_bucket(dsts[i].name)) for i in todo}
         devices = local_devices(cfg.prefect.devices, tagger_cuda_devices())
+        packs = pack_units(todo, items_per_run(cfg), 4 * len(devices))
+        params = [{"chunks": [(crop_chunks[i], dsts[i], previous[i]) for i in pack], "tagger": resolve_tagger(cfg.tagger),
+                   "tcfg": cfg.tagger, "source": source_base(crop.info["source"]), "tagger_key": key,
+                   "first": chunk_bucket(dsts[pack[0]].name), "last": chunk_bucket(dsts[pack[-1]].name)}
+                  for pack in packs]
         try:  # on one device one chunk at a time: ONNX uses the whole device (every core of a CPU)
             with chunk_runner(cfg.prefect, devices=devices) as runner:
-                run_units(runner, tag_chunk_task, params, "tag", unit_name="chunk")
+                run_units(runner, tag_chunks_task, params, "tag", [len(p) for p in packs], "chunk")
         finally:
             forget_taggers()  # the local runner's session; a Dask worker keeps its own
     for stale in set(out.glob("chunk-*.parquet")) - set(dsts):

@@ -13,6 +13,7 @@ from tagdit.formats.chunks import (
 )
 from tagdit.formats.dataset_tables import (
     manifest_writer,
+    merge_manifests,
     read_manifest,
     read_rejects,
     read_tag_table,
@@ -57,11 +58,14 @@ def test_a_chunk_with_another_schema_is_refused_by_name(tmp_path):
 
 
 def test_dataset_tables_round_trip(tmp_path):
-    with manifest_writer(tmp_path) as m:
-        m.add({**CROPPED, **TAGGED, "split": "train", "shard": "train-000000.tar"})
-    [row] = read_manifest(tmp_path)
+    for part in ("a", "b"):  # a unit's part each, merged in order
+        with manifest_writer(tmp_path / f"{part}.parquet") as m:
+            m.add({**CROPPED, **TAGGED, "key": f"{part}-1", "split": "train", "shard": "train-000000.tar"})
+    assert merge_manifests([tmp_path / "b.parquet", tmp_path / "a.parquet"], tmp_path) == 2
+    [row, _] = read_manifest(tmp_path)
+    assert row["key"] == "b-1"
     assert row["split"] == "train" and row["tags"] == ["smile", "red"] and "image" not in row
-    assert read_manifest(tmp_path, ["key"]) == [{"key": "a-1"}]
+    assert read_manifest(tmp_path, ["key"]) == [{"key": "b-1"}, {"key": "a-1"}]
     write_rejects(tmp_path, [pa.Table.from_pylist([REJECTED])], "crop")
     assert read_rejects(tmp_path) == [{"path": "b.svg", "stage": "crop", "reason": "not a raster image"}]
     write_tag_table(tmp_path, [("smile", 0, 2, 1, 1.5)])

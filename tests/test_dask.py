@@ -84,7 +84,7 @@ def test_dask_cluster_writes_byte_identical_shards_and_latents(prefect_env, tmp_
     local = [*overrides(tmp_path / "local", world), "crop.workers=2"]  # the forked process pool too
     on_dask = [*overrides(tmp_path / "dask", world), *DASK]
     a, b = prepare_data_flow(overrides=local), prepare_data_flow(overrides=on_dask)
-    assert [type(r).__name__ for r in dask_runners] == ["DaskTaskRunner"] * 2  # crop, tag
+    assert [type(r).__name__ for r in dask_runners] == ["DaskTaskRunner"] * 3  # crop, tag, shard
     assert a.fingerprint == b.fingerprint and a.info["found"] == 26
     want, got = outputs(tmp_path / "local" / "t"), outputs(tmp_path / "dask" / "t")
     assert {"vocab.json", "manifest.parquet", "rejects.parquet", "tags.parquet"} <= set(want)
@@ -100,7 +100,7 @@ def test_dask_cluster_writes_byte_identical_shards_and_latents(prefect_env, tmp_
         return tmp_path / "lat-local", tmp_path / "lat-dask"
 
     lat_local, lat_dask = encode_both()
-    assert len(dask_runners) == 3
+    assert len(dask_runners) == 4
     tars = sorted(p.name for p in lat_local.glob("*.tar"))
     assert tars and tars == sorted(p.name for p in lat_dask.glob("*.tar"))
     for name in [*tars, "stats.json"]:
@@ -127,3 +127,13 @@ def test_local_runner_runs_device_units_as_task_runs_on_a_worker_per_device(pref
     runs = units()  # tiny units: one worker may finish them all before the next is submitted
     assert len(runs) == 4 and {r.device for r in runs} <= {"cpu:0", "cpu:1"} and {r.value for r in runs} == {1}
     assert len({(r.pid, r.device) for r in runs}) == len({r.pid for r in runs}) and os.getpid() not in {r.pid for r in runs}
+
+
+def test_pack_units_makes_few_task_runs_at_scale_and_keeps_every_worker_busy():
+    from tagdit.orchestrate.chunks import pack_units
+
+    sizes = {b: 1000 for b in range(100_000)}  # 100M files in 100k buckets
+    runs = pack_units(list(sizes), most=20_000, parts=8, sizes=sizes)
+    assert len(runs) == 5000 and [b for r in runs for b in r] == list(sizes)  # consecutive, each once
+    assert len(pack_units(list(range(40)), most=20, parts=8)) == 8  # small: still a run per worker and more
+    assert pack_units([3, 5], most=20_000, parts=1, sizes={3: 50_000, 5: 10}) == [[3], [5]]  # a big unit alone

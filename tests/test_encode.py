@@ -169,10 +169,26 @@ def test_train_vae_and_encode_latents_flows_run_and_cache(prefect_env, dataset):
     assert again.cached and again.fingerprint == latents.fingerprint
 
 
+class DeviceRuns(list):
+    per_task_run: list[int]
+
+    def __init__(self):
+        super().__init__()
+        self.per_task_run = []
+
+
 def unit_runs(monkeypatch, module) -> list:
-    """Every DeviceRun the stage's units return from now on (run_units wrapped in `module`)."""
-    real, runs = module.run_units, []
-    monkeypatch.setattr(module, "run_units", lambda *a, **k: runs.extend(real(*a, **k)) or runs)
+    """Every DeviceRun the stage's task runs return from now on (run_units wrapped in `module`), and each
+    task run's count of them in `runs.per_task_run`."""
+    real, runs = module.run_units, DeviceRuns()
+
+    def wrapped(*a, **k):
+        out = real(*a, **k)
+        runs.per_task_run += [len(r) for r in out]
+        runs.extend(r for task_run in out for r in task_run)
+        return out
+
+    monkeypatch.setattr(module, "run_units", wrapped)
     return runs
 
 

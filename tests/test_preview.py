@@ -22,7 +22,7 @@ def test_rejects_are_counted_by_kind_most_frequent_first_with_their_first_exampl
 
 def test_preview_samples_read_a_few_row_groups_the_same_for_the_same_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(dt, "MANIFEST_ROW_GROUP", 16)
-    with manifest_writer(tmp_path) as m:
+    with manifest_writer(tmp_path / dt.MANIFEST) as m:
         for i in range(160):
             m.add({"key": f"k{i:03d}", "split": "train", "shard": f"train-{i // 40:05d}-00.tar", "tags": ["x"]})
     read, real = [], dt.pq.ParquetFile.read_row_groups

@@ -2,6 +2,9 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
+
+import tasks.shard
 from tagdit.config import load_config
 from tagdit.data.shard import TagStats, val_keys
 from tagdit.formats.dataset_tables import (
@@ -100,3 +103,31 @@ def test_vocab_takes_frequent_train_tags_caps_size_and_skips_ratings(tmp_path):
     write_tag_table(tmp_path, stats.table_rows())
     table = {r["tag"]: r for r in read_tag_table(tmp_path)}
     assert table["common"]["count"] == 10 and table["common"]["train_count"] == 9
+
+
+def test_a_run_killed_mid_stage_keeps_the_finished_units_and_writes_only_the_rest(tmp_path, world, monkeypatch):
+    import tagdit.data.shard as shard_lib
+
+    cfg, whole = run_all(tmp_path / "whole", world)
+    real, done = shard_lib.shard_unit, []
+
+    def dies_at_the_third(job):
+        if len(done) == 2:
+            raise RuntimeError("killed")
+        done.append(job.unit.name)
+        return real(job)
+
+    monkeypatch.setattr(shard_lib, "shard_unit", dies_at_the_third)
+    monkeypatch.setattr(tasks.shard, "shard_unit", dies_at_the_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_all(tmp_path / "killed", world)
+    records = sorted(p.name for p in (tmp_path / "killed/t/work/shard").glob("*.json"))
+    assert len(records) == 2 and not (tmp_path / "killed/t/manifest.parquet").exists()
+    written = []
+    monkeypatch.setattr(tasks.shard, "shard_unit", lambda job: written.append(job.unit.name) or real(job))
+    _, again = run_all(tmp_path / "killed", world)
+    units = len(list((tmp_path / "whole/t/work/shard").glob("*.json")))
+    assert len(written) == units - 2 and not set(written) & set(done)
+    for rel in [f"images/{n}" for n in whole.info["train_shards"] + whole.info["val_shards"]] + [
+            "manifest.parquet", "tags.parquet", "vocab.json", "images/shards.json"]:
+        assert (Path(whole.out_dir) / rel).read_bytes() == (Path(again.out_dir) / rel).read_bytes(), rel

@@ -3,12 +3,12 @@
 The unit is a hash bucket: bucket B's train samples go to `images/train-BBBBB-PP.tar`, the val
 samples of val group G (buckets b with b % groups == G, `val_groups`) to `images/val-GGGGG-PP.tar`
 (`tagdit.formats.image_shards`, fixed mtime: byte-identical for the same inputs), each in key-hash
-order, so every shard is a random draw of the whole source (a folder per character mixes). One pass
-over the crop and tag chunks (`tagdit.formats.chunks`) writes the changed units' shards and
-`manifest.parquet`; then `rejects.parquet`, `tags.parquet` (`tagdit.formats.dataset_tables`) and
-`vocab.json` (`tagdit.data.vocab`). `images/shards.json` records each unit's inputs after it
-finishes, so a killed run, or a run after files were added, rewrites only the units that changed.
-Stamping the stage is `tasks.shard`. Splitting, counting tags and choosing the vocabulary are the
+order, so every shard is a random draw of the whole source (a folder per character mixes). A unit
+(`shard_unit`, one `UnitJob`) reads only its own crop and tag chunks (`tagdit.formats.chunks`) and
+writes its shards, its part of the manifest and its record (inputs, shards' sizes and sha256, tag
+counts) last, so a killed run, or a run after files were added, rewrites only the units that changed.
+Planning the units and merging their records into the dataset's tables is `tagdit.data.shard_plan`;
+stamping the stage is `tasks.shard`. Splitting, counting tags and choosing the vocabulary are the
 data library's kind of work, so this lives in `tagdit.data`.
 """
 
@@ -24,15 +24,10 @@ import pyarrow.compute as pc
 
 from tagdit.config import ShardsConfig
 from tagdit.data.vocab import SPECIALS, Vocab
-from tagdit.files import sha256_text
+from tagdit.files import sha256_file, sha256_text, write_json_atomic
 from tagdit.formats.chunks import CROP_CHUNK_SCHEMA, chunk_bucket, read_crop_chunk, read_tag_chunk
-from tagdit.formats.dataset_tables import (
-    ManifestWriter,
-    manifest_writer,
-    write_rejects,
-    write_tag_table,
-)
-from tagdit.formats.image_shards import ShardFile, ShardIndex, image_sample, shard_name
+from tagdit.formats.dataset_tables import ManifestWriter, manifest_writer
+from tagdit.formats.image_shards import ShardFile, image_sample, shard_name
 from tagdit.formats.selected_tags import RATING
 
 SPLITS = ("train", "val")
@@ -67,7 +62,12 @@ class Split:
             self.counts[lowest[2]]["val"] += 1
 
     def of(self, key: str) -> str:
-        return "val" if key == self.extra or split_hash(key) < self.fraction else "train"
+        return split_of(key, self.fraction, self.extra)
+
+
+def split_of(key: str, fraction: float, extra: str | None) -> str:
+    """"val" when the key's hash is under `fraction` or it is the tiny-dataset fallback `extra`, else "train"."""
+    return "val" if key == extra or split_hash(key) < fraction else "train"
 
 
 def val_keys(keys: list[str], fraction: float) -> set[str]:
@@ -117,9 +117,9 @@ class TagStats:
             r[2] += train
             r[3] += score
 
-    def merge(self, other: TagStats) -> None:
-        """Add another part's counts (exact: counts and score sums add)."""
-        for t, (cat, n, n_train, score) in other.rows.items():
+    def merge(self, rows: dict[str, list]) -> None:
+        """Add another part's `rows` (exact: counts and score sums add)."""
+        for t, (cat, n, n_train, score) in rows.items():
             r = self.rows.setdefault(t, [cat, 0, 0, 0.0])
             r[1] += n
             r[2] += n_train
@@ -171,69 +171,61 @@ def shard_units(crop_chunks: list[Path], tag_chunks: list[Path], buckets: int, f
     return [Unit("train", b, [ct]) for b, ct in pairs] + [u for u in val if u.chunks]
 
 
-def write_unit(u: Unit, split: Split, count: int, images: Path, sc: ShardsConfig,
-               write: bool, manifest: ManifestWriter, stats: TagStats) -> list[Path]:
-    """One unit's `count` samples into ceil(count / samples_per_shard) shards of even size; returns their paths.
 
-    Without `write` (the unit is unchanged) only the manifest rows and tag counts are made.
-    """
+
+@dataclass(frozen=True)
+class UnitJob:
+    """Everything one unit's task run needs (picklable: it may run in another process or on a Dask worker)."""
+
+    unit: Unit
+    count: int  # its samples: they are spread evenly over ceil(count / samples_per_shard) shards
+    inputs: str  # digest of its chunks and settings: names its record
+    write: bool  # False: its shards are in place from these inputs; only its manifest part and record are made
+    fraction: float
+    extra: str | None  # the tiny-dataset fallback val key, if any
+    images: Path
+    parts: Path  # folder of the units' records and manifest parts
+    sc: ShardsConfig
+
+
+def record_path(parts: Path, name: str, inputs: str) -> Path:
+    """A unit's record, `work/shard/train-00012-<inputs>.json`: written last, it marks the unit done."""
+    return Path(parts) / f"{name}-{inputs[:16]}.json"
+
+
+def write_unit(job: UnitJob, manifest: ManifestWriter, stats: TagStats) -> list[Path]:
+    """The unit's samples into its shards (unless `job.write` is off), manifest rows and tag counts."""
+    u, sc, count = job.unit, job.sc, job.count
     parts = -(-count // sc.samples_per_shard)
     names, files, i = [shard_name(u.split, u.number, j) for j in range(parts)], {}, 0
-    for s in samples(u.chunks, images=write):
-        if split.of(s["key"]) != u.split:
+    for s in samples(u.chunks, images=job.write):
+        if split_of(s["key"], job.fraction, job.extra) != u.split:
             continue
         name = names[i * parts // count]
         i += 1
         stats.add(s, u.split == "train")
         manifest.add({**s, "split": u.split, "shard": name})
-        if write:
+        if job.write:
             if name not in files:
                 for f in files.values():
                     f.close()
-                files = {name: ShardFile(images / name)}
+                files = {name: ShardFile(job.images / name)}
             files[name].write(image_sample(s["key"], sc.image_format, s["image"], s))
     for f in files.values():
         f.close()
-    return [images / n for n in names]
+    return [job.images / n for n in names]
 
 
-def write_shards(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc: ShardsConfig, buckets: int,
-                 code: str) -> tuple[dict[str, list[str]], dict[str, int], TagStats]:
-    """Shards under `out/images` and `out/manifest.parquet`; returns (shard names, sample counts, tag stats).
+def shard_unit(job: UnitJob) -> dict[str, Any]:
+    """One unit: its shards, its manifest part and its record (shards' sizes and sha256, its tag counts); returns the record.
 
-    A unit whose inputs (its chunks' names, which hash their contents, and the settings) match
-    `images/shards.json` keeps its shards' bytes; the others are written and recorded there.
+    Memory is one crop chunk and one unit's tag counts, whatever the dataset's size.
     """
-    from tqdm import tqdm
-
-    split = Split(chunk_keys(crop_chunks), sc.val_fraction)
-    extra = [split.extra] if split.extra else []  # the tiny-dataset fallback
-    index, stats = ShardIndex(out / "images"), TagStats()
-    shards, counts = {"train": [], "val": []}, {"train": 0, "val": 0}
-    units = shard_units(crop_chunks, tag_chunks, buckets, sc.val_fraction)
-    settings = repr((sc.image_format, sc.samples_per_shard, sc.val_fraction, buckets))
-    with manifest_writer(out) as manifest:
-        for u in tqdm(units, desc="shard", unit="shard", disable=len(units) < 100):
-            inputs = sha256_text(code, settings, *extra, *(f"{c.name}:{t.name}" for c, t in u.chunks))
-            count = sum(split.counts[c][u.split] for c, _ in u.chunks)
-            if count == 0:
-                continue
-            fresh = index.fresh(u.name, inputs)
-            part = TagStats()  # this unit's counts, merged: memory per unit, whatever the dataset's size
-            paths = write_unit(u, split, count, out / "images", sc, not fresh, manifest, part)
-            stats.merge(part)
-            if not fresh:
-                index.finish(u.name, inputs, paths)
-            shards[u.split] += [p.name for p in paths]
-            counts[u.split] += count
-    index.keep({u.name for u in units})
-    return shards, counts, stats
-
-
-def write_tables(crop_chunks: list[Path], out: Path, stats: TagStats, sc: ShardsConfig) -> tuple[int, Vocab]:
-    """`rejects.parquet`, `tags.parquet` and `vocab.json` under `out`; returns (rejects, vocabulary)."""
-    rejected = write_rejects(out, rejects(crop_chunks), "crop")
-    write_tag_table(out, stats.table_rows())
-    vocab = stats.vocab(sc.min_tag_count, sc.max_vocab)
-    vocab.save(out / "vocab.json")
-    return rejected, vocab
+    record = record_path(job.parts, job.unit.name, job.inputs)
+    stats = TagStats()
+    with manifest_writer(record.with_suffix(".parquet")) as manifest:
+        paths = write_unit(job, manifest, stats)
+    shards = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
+    done = {"inputs": job.inputs, "count": job.count, "split": job.unit.split, "shards": shards, "tags": stats.rows}
+    write_json_atomic(record, done)
+    return done

@@ -45,12 +45,24 @@ class ManifestWriter:
 
 
 @contextmanager
-def manifest_writer(dataset_dir: Path) -> Iterator[ManifestWriter]:
-    """Write `manifest.parquet` under `dataset_dir`: it appears, complete, only if the block succeeds."""
-    with atomic_path(Path(dataset_dir) / MANIFEST) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as pw:
+def manifest_writer(path: Path) -> Iterator[ManifestWriter]:
+    """Write manifest rows to `path` (a unit's part): it appears, complete, only if the block succeeds."""
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as pw:
         w = ManifestWriter(pw)
         yield w
         w.flush()  # the last (possibly empty) row group
+
+
+def merge_manifests(parts: Iterable[Path], dataset_dir: Path) -> int:
+    """`manifest.parquet` under `dataset_dir` from the units' parts, in the order given, one part in memory
+    at a time; returns its number of rows."""
+    n = 0
+    with atomic_path(Path(dataset_dir) / MANIFEST) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as pw:
+        for part in parts:
+            table = pq.read_table(part, schema=MANIFEST_SCHEMA)
+            pw.write_table(table, row_group_size=MANIFEST_ROW_GROUP)
+            n += len(table)
+    return n
 
 
 def read_manifest(dataset_dir: Path, columns: list[str] | None = None,

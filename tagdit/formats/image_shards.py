@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tagdit.files import atomic_path, sha256_file, write_json_atomic
+from tagdit.files import atomic_path, write_json_atomic
 
 MTIME = 946_684_800  # 2000-01-01: a fixed member mtime makes shards byte-identical across runs
 IMAGE_EXTS = ("png", "jpg", "jpeg")
@@ -65,20 +65,14 @@ class ShardIndex:
             (self.path.parent / n).exists() and (self.path.parent / n).stat().st_size == m["size"]
             for n, m in u["shards"].items())
 
-    def finish(self, unit: str, inputs: str, paths: list[Path]) -> None:
-        """Record a unit's finished shards (after each unit: a killed run keeps what is done)."""
-        self.units[unit] = {"inputs": inputs, "shards": {
-            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}}
+    def replace(self, units: dict[str, dict]) -> None:
+        """Record exactly `units` (name -> inputs and shards), as the shard stage finishes."""
+        self.units = units
         write_json_atomic(self.path, self.units)
 
-    def keep(self, units: set[str]) -> None:
-        """Forget every unit but `units`."""
-        self.units = {u: m for u, m in self.units.items() if u in units}
-        write_json_atomic(self.path, self.units)
-
-    def sha256(self, name: str) -> str | None:
-        """The recorded sha256 of shard `name`, if any."""
-        return next((u["shards"][name]["sha256"] for u in self.units.values() if name in u["shards"]), None)
+    def shas(self) -> dict[str, str]:
+        """Every recorded shard's sha256, by name."""
+        return {n: m["sha256"] for u in self.units.values() for n, m in u["shards"].items()}
 
 
 def sample_json(s: dict) -> bytes:

@@ -31,10 +31,35 @@ from tagdit.config import ConfigError
 from tagdit.orchestrate.device_workers import device_pool
 
 if TYPE_CHECKING:
-    from tagdit.config import PrefectConfig
+    from tagdit.config import PipelineConfig, PrefectConfig
 
 DASK_EXTRA = 'pip install -e ".[dask]"'
 _POOL: ProcessPoolExecutor | None = None  # the open local runner's process pool, in this process
+
+
+def pack_units(todo: list[int], most: int, parts: int, sizes: dict[int, int] | None = None) -> list[list[int]]:
+    """Consecutive units (sizes: files each, default 1) grouped into task runs of at most `most` files
+    (a larger unit alone), and about `parts` runs or more while the units allow: few task runs at
+    scale, all workers busy."""
+    sizes = sizes or dict.fromkeys(todo, 1)
+    total = sum(sizes[b] for b in todo)
+    target = max(1, min(most, -(-total // max(parts, 1))))
+    runs: list[list[int]] = []
+    files = 0
+    for b in todo:
+        if runs and files + sizes[b] <= target:
+            runs[-1].append(b)
+            files += sizes[b]
+        else:
+            runs.append([b])
+            files = sizes[b]
+    return runs
+
+
+def items_per_run(cfg: PipelineConfig) -> int:
+    """Chunks or shards per task run of the tag and encode stages: about `crop.unit_files` images
+    (a bucket holds about `shards.samples_per_shard`)."""
+    return max(1, cfg.crop.unit_files // cfg.shards.samples_per_shard)
 
 
 def unit_task(name: str, run_name: str) -> Callable[[Callable], Task]:

@@ -1,0 +1,106 @@
+"""The shard stage's plan and finish: which units to write, and the dataset's tables from their records.
+
+`plan_units` reads the crop chunks' keys once (the split's per-chunk counts, never the keys
+themselves) and makes a `UnitJob` for every unit without a finished record under `work/shard/`
+(`tagdit.data.shard.record_path`: named by the unit and the digest of its inputs). The jobs run on the
+stage's task runner, each in its own process (`tasks.shard`), so one unit's samples are in memory at a
+time, whatever the dataset's size. `finish_units` then merges the units' records, all of them, in
+unit order: `images/shards.json`, the exact tag counts, `manifest.parquet` from the units' manifest
+parts, and drops the records of units that are gone; `write_tables` the rejects, the tag table and
+the vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tagdit.config import ShardsConfig
+from tagdit.data.shard import (
+    Split,
+    TagStats,
+    UnitJob,
+    chunk_keys,
+    record_path,
+    rejects,
+    shard_units,
+)
+from tagdit.data.vocab import Vocab
+from tagdit.files import sha256_text
+from tagdit.formats.dataset_tables import merge_manifests, write_rejects, write_tag_table
+from tagdit.formats.image_shards import ShardIndex
+
+PARTS = Path("work") / "shard"  # under the dataset folder: the units' records and manifest parts
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Every unit with samples (name -> its record, in unit order) and the jobs of those not done."""
+
+    records: dict[str, Path]
+    jobs: list[UnitJob]
+
+
+def unit_done(record: Path) -> bool:
+    """Whether a unit's record and manifest part exist and its shards are all in place, at their size."""
+    if not record.exists() or not record.with_suffix(".parquet").exists():
+        return False
+    images = record.parents[2] / "images"
+    shards = json.loads(record.read_text())["shards"]
+    return all((images / n).exists() and (images / n).stat().st_size == m["size"] for n, m in shards.items())
+
+
+def plan_units(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc: ShardsConfig, buckets: int,
+               code: str) -> ShardPlan:
+    """The units of `out` (the dataset folder) and the jobs for those whose inputs have no finished record.
+
+    A unit's inputs are its chunks' names (which hash their contents), the settings and the code. A
+    unit whose shards `images/shards.json` records from the same inputs (an earlier version's run) keeps
+    them: its job writes only its manifest part and record.
+    """
+    split = Split(chunk_keys(crop_chunks), sc.val_fraction)
+    extra = [split.extra] if split.extra else []  # the tiny-dataset fallback
+    index, parts = ShardIndex(out / "images"), out / PARTS
+    settings = repr((sc.image_format, sc.samples_per_shard, sc.val_fraction, buckets))
+    records, jobs = {}, []
+    for u in shard_units(crop_chunks, tag_chunks, buckets, sc.val_fraction):
+        count = sum(split.counts[c][u.split] for c, _ in u.chunks)
+        if count == 0:
+            continue
+        inputs = sha256_text(code, settings, *extra, *(f"{c.name}:{t.name}" for c, t in u.chunks))
+        records[u.name] = record_path(parts, u.name, inputs)
+        if not unit_done(records[u.name]):
+            jobs.append(UnitJob(u, count, inputs, not index.fresh(u.name, inputs), sc.val_fraction, split.extra,
+                                out / "images", parts, sc))
+    return ShardPlan(records, jobs)
+
+
+def finish_units(plan: ShardPlan, out: Path) -> tuple[dict[str, list[str]], dict[str, int], TagStats]:
+    """Merge the units' records into `images/shards.json`, `manifest.parquet` and the tag counts;
+    returns (shard names per split, sample counts per split, tag counts)."""
+    index, stats = {}, TagStats()
+    shards: dict[str, list[str]] = {"train": [], "val": []}
+    counts = {"train": 0, "val": 0}
+    for name, path in plan.records.items():
+        r = json.loads(path.read_text())
+        index[name] = {"inputs": r["inputs"], "shards": r["shards"]}
+        stats.merge(r["tags"])
+        shards[r["split"]] += sorted(r["shards"])
+        counts[r["split"]] += r["count"]
+    ShardIndex(out / "images").replace(index)
+    merge_manifests([p.with_suffix(".parquet") for p in plan.records.values()], out)
+    keep = {p.name for p in plan.records.values()} | {p.with_suffix(".parquet").name for p in plan.records.values()}
+    for stale in (out / PARTS).glob("*"):
+        if stale.name not in keep and stale.suffix in (".json", ".parquet"):
+            stale.unlink()
+    return shards, counts, stats
+
+
+def write_tables(crop_chunks: list[Path], out: Path, stats: TagStats, sc: ShardsConfig) -> tuple[int, Vocab]:
+    """`rejects.parquet`, `tags.parquet` and `vocab.json` under `out`; returns (rejects, vocabulary)."""
+    rejected = write_rejects(out, rejects(crop_chunks), "crop")
+    write_tag_table(out, stats.table_rows())
+    vocab = stats.vocab(sc.min_tag_count, sc.max_vocab)
+    vocab.save(out / "vocab.json")
+    return rejected, vocab

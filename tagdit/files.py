@@ -72,6 +72,12 @@ def remove_stale_temps(folder: str | Path) -> int:
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
+def remember_fingerprint(path: str | Path, size: int, mtime_ns: int, sha256: str) -> None:
+    """Take `sha256` as the file's hash while it keeps this size and mtime (from a stamp that recorded
+    them): the files a stage did not rewrite are not read again."""
+    _FILE_HASHES[(str(Path(path).resolve()), size, mtime_ns)] = sha256
+
+
 def file_fingerprint(path: str | Path) -> str:
     """sha256 of a file, memoised on (path, size, mtime) within the process."""
     p = Path(path)

@@ -205,3 +205,31 @@ def test_a_record_read_elsewhere_points_into_its_new_folder():
         "checkpoint": "/new/runs/r/vae/ckpt-0000006", "other": "/old/runs/r/vaex", "grids": ["/new/runs/r/vae/g.png"],
         "steps": 6}
     assert relocated(rec, "/old/runs/r/vae") is rec
+
+
+def test_re_stamping_hashes_only_the_files_that_changed(tmp_path, monkeypatch):
+    import os
+
+    import tagdit.files as files
+
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.name=h"])
+    stage = Stage(name="h", modules=("tagdit.files",), sections=(), out_dir=lambda cfg, up: cfg.dataset_dir)
+    out = cfg.dataset_dir
+    out.mkdir(parents=True)
+    paths = [out / f"chunk-{i}.bin" for i in range(4)]
+    for i, p in enumerate(paths):
+        p.write_bytes(bytes([i]) * 1000)
+    first = stage.write_stamp(cfg, {}, paths)
+    hashed = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    monkeypatch.setattr(files, "_FILE_HASHES", {})  # a new process: nothing memoised
+    paths[2].write_bytes(b"changed" * 100)
+    os.utime(paths[2], ns=(1, 1))
+    second = stage.write_stamp(cfg, {}, paths)
+    assert hashed == ["chunk-2.bin"] and second.fingerprint != first.fingerprint
+    monkeypatch.setattr(files, "_FILE_HASHES", {})
+    assert stage.valid_record(cfg, {}) is not None and hashed == ["chunk-2.bin"]
+    monkeypatch.setattr(files, "_FILE_HASHES", {})
+    stage.write_stamp(cfg, {}, paths)  # the same files again: the stamp's hashes, nothing read
+    assert hashed == ["chunk-2.bin"]

@@ -72,7 +72,7 @@ def _fresh(dst: Path, image_shard_sha256: str) -> bool:
     return dst.exists() and record is not None and record.image_shard_sha256 == image_shard_sha256
 
 
-@unit_task(name="encode-shards", run_name="encode {first}-{last}")
+@unit_task(name="encode-shards", run_name="encode {first} to {last}")
 def encode_shards_task(shards: list[tuple[Path, Path, str]], p: EncodeParams, first: str, last: str) -> list[DeviceRun]:
     """Some (image shard, latent shard, the image shard's sha256) triples, each on a free device worker's
     VAE (or this process's); a run's value is the number of samples."""
@@ -109,7 +109,7 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
     devices = local_devices(cfg.prefect.devices, cuda_device_count())
     packs = pack_units(list(range(len(missing))), items_per_run(cfg), 4 * len(devices))
     params = [{"shards": [(missing[i], out_dir / missing[i].name, shas[missing[i].name]) for i in pack], "p": p,
-               "first": missing[pack[0]].name, "last": missing[pack[-1]].name} for pack in packs]
+               "first": missing[pack[0]].stem, "last": missing[pack[-1]].stem} for pack in packs]
     try:  # on one device one shard at a time: the model uses the whole device
         if missing:  # no workers started for nothing
             with chunk_runner(cfg.prefect, devices=devices) as runner:

@@ -30,7 +30,7 @@ from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 log = logging.getLogger(__name__)
 
 
-@unit_task(name="shard-units", run_name="shard {first}-{last}")
+@unit_task(name="shard-units", run_name="shard {first} to {last}")
 def shard_units_task(jobs: list[UnitJob], first: str, last: str) -> int:
     """Some consecutive units, one after the other (on the local runner's process pool when it has one);
     returns their samples."""

@@ -70,9 +70,9 @@ def tagger_key(cfg: PipelineConfig) -> str:
     return sha256_text(TAG.code_key(), settings, tagger)
 
 
-def chunk_digest(cfg: PipelineConfig, crop_chunk: Path) -> str:
-    """A tag chunk's name: the tagger key and the bytes of the crop chunk it tags."""
-    return sha256_text(tagger_key(cfg), file_fingerprint(crop_chunk))[:16]
+def chunk_digest(cfg: PipelineConfig, crop_chunk: Path, key: str | None = None) -> str:
+    """A tag chunk's name: the tagger key (`key`, when already made) and the bytes of the crop chunk it tags."""
+    return sha256_text(key or tagger_key(cfg), file_fingerprint(crop_chunk))[:16]
 
 
 def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> StageRecord:
@@ -84,15 +84,15 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    crop_chunks = [Path(crop.out_dir) / c for c in crop.info["chunks"]]
-    dsts = [out / chunk_name(chunk_bucket(c.name), chunk_digest(cfg, c)) for c in crop_chunks]  # a bucket keeps its number
-    todo = [i for i, d in enumerate(dsts) if not d.exists()]
+    crop_chunks, key = [Path(crop.out_dir) / c for c in crop.info["chunks"]], tagger_key(cfg)
+    dsts = [out / chunk_name(chunk_bucket(c.name), chunk_digest(cfg, c, key)) for c in crop_chunks]  # a bucket keeps its number
+    existing = {f.name for f in out.glob("chunk-*.parquet")}  # one listing, not a stat per chunk
+    todo = [i for i, d in enumerate(dsts) if d.name not in existing]
     log.info("tag: %d chunks, %d to do", len(dsts), len(todo))
     if todo:
-        key = tagger_key(cfg)
         earlier: dict[int, Path] = {}  # each bucket's earlier tag chunk: rows of unchanged crops are copied
-        for f in sorted(out.glob("chunk-*.parquet")):  # one listing, not one per bucket
-            earlier.setdefault(chunk_bucket(f.name), f)
+        for name in sorted(existing):
+            earlier.setdefault(chunk_bucket(name), out / name)
         previous = {i: earlier.get(chunk_bucket(dsts[i].name)) for i in todo}
         devices = local_devices(cfg.prefect.devices, tagger_cuda_devices())
         packs = pack_units(todo, items_per_run(cfg), 4 * len(devices))

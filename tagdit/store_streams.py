@@ -53,7 +53,7 @@ class StoreStream:
     """A store object as a read-only binary file read forward in `BLOCK`-sized ranged GETs.
 
     A read that fails is tried once more on a new connection from the same byte; a second failure
-    raises StoreError naming the URL and the byte (a shard is never silently cut short).
+    raises StoreError naming the URL and the byte (a failed read never ends a shard early).
     """
 
     def __init__(self, url: str):

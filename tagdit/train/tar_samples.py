@@ -1,4 +1,4 @@
-"""WebDataset samples of a local, uncompressed tar shard, read ~20x faster than Python's tarfile.
+"""WebDataset samples of an uncompressed tar shard, local or in a store, read ~20x faster than Python's tarfile.
 
 The training loader spends most of its time splitting shards into members; this reads the 512-byte
 tar headers directly (ustar/GNU/pax names; the magic, or else the checksum, verified) and groups members into samples

@@ -4,7 +4,8 @@ A dataset or run root on a URL is worked on in a local working copy (`working_di
 `TAGDIT_STORE_CACHE`, default `~/.cache/tagdit/stores/<scheme>/<bucket>/<key>`): every stage reads
 and writes plain files there, each finished unit is uploaded the moment it lands (`publish`, called
 by the atomic writers), a stage's folder is reconciled with the store when the stage ends
-(`push_tree`), and a stage first brings down what the store has that the copy lacks (`pull_tree`).
+(`push_tree`), and a stage first brings down what the store has that the copy lacks (`pull_tree`),
+but for the files it reads straight from the store (trainers stream shards: `tagdit.store_streams`).
 Which copy is which is a pure function of the path, so worker processes and torchrun ranks publish
 without being told (docs/guide.md, "Data in a bucket").
 
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 URL_SCHEMES = ("s3", "gs", "gcs", "hf", "az", "abfs", "memory", "file")
 CACHE_ENV = "TAGDIT_STORE_CACHE"
+PULL_BATCH = 256  # files a pull downloads at once (concurrently on s3fs/gcsfs); each batch lands whole
 
 
 class StoreError(RuntimeError):
@@ -252,27 +255,79 @@ def push_tree(local: str | Path) -> int:
     return uploaded
 
 
-def pull_tree(local: str | Path) -> int:
+def _download(fs: Any, rpaths: list[str], paths: list[Path], versions: list[int]) -> None:
+    """Download objects into their working-copy files in one batch (concurrent GETs where the back-end
+    is asynchronous, as s3fs and gcsfs are), each through a temp sibling renamed into place, and
+    record the transfers."""
+    tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
+    for tmp in tmps:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fs.get(rpaths, [str(t) for t in tmps])
+        for tmp, path, version in zip(tmps, paths, versions, strict=True):
+            os.replace(tmp, path)
+            _write_index(path, version)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def _current(path: Path, version: int) -> bool:
+    """Whether a working-copy file is here and is the store's object of `version`, unchanged since."""
+    entry = _read_index(path) if path.exists() else None
+    return entry is not None and _in_sync(path) and entry["version"] == version
+
+
+def pull_tree(local: str | Path, skip: tuple[str, ...] = ()) -> int:
     """Bring a working-copy folder up to date with the store: download every object that is missing
-    here or changed there since this copy last transferred it. Returns how many were downloaded."""
+    here or changed there since this copy last transferred it. Returns how many were downloaded.
+
+    `skip`: patterns (fnmatch, of paths relative to the folder) of the files a stage reads straight from
+    the store (`tagdit.store_streams`): never downloaded, and a copy here that is not the store's
+    current object is removed, so that what a reader finds here is current."""
     local = Path(local)
     url = remote_of(local)
     if url is None:
         return 0
     fs, rpath, remote = _remote_objects(url)
-    fetched = 0
+    todo = {}
     for rel, info in sorted(remote.items()):
-        p = local / rel
-        entry = _read_index(p) if p.exists() else None
-        version = object_version(info)
-        if entry is not None and _in_sync(p) and entry["version"] == version:
+        p, version = local / rel, object_version(info)
+        if _current(p, version):
             continue
-        _replace_into(p, lambda tmp, rel=rel: fs.get_file(f"{rpath}/{rel}", str(tmp)))
-        _write_index(p, version)
-        fetched += 1
-    if fetched:
-        log.info("store: %d files downloaded from %s to %s", fetched, url, local)
-    return fetched
+        if any(fnmatch(rel, pattern) for pattern in skip):
+            p.unlink(missing_ok=True)
+            _index_path(p).unlink(missing_ok=True)  # forgotten, so no push deletes the store's object
+            continue
+        todo[rel] = version
+    names = list(todo)
+    for i in range(0, len(names), PULL_BATCH):  # a failure keeps the batches before it
+        batch = names[i:i + PULL_BATCH]
+        _download(fs, [f"{rpath}/{rel}" for rel in batch], [local / rel for rel in batch], [todo[r] for r in batch])
+    if todo:
+        log.info("store: %d files downloaded from %s to %s", len(todo), url, local)
+    return len(todo)
+
+
+def fetch(path: str | Path) -> Path:
+    """Download one file of a working copy from its store, as `pull_tree` would (a streamed file kept
+    in the local cache); a StoreError naming the URL when the store cannot give it."""
+    path = Path(path)
+    url = remote_of(path)
+    if url is None:
+        raise FileNotFoundError(f"{path} is not in a working copy of a store")
+    fs, rpath = filesystem(url)
+    try:
+        _download(fs, [rpath], [path], [object_version(fs.info(rpath))])
+    except Exception as e:
+        raise StoreError(f"could not download {url} to {path} ({type(e).__name__}: {e})") from None
+    return path
+
+
+def store_names(local: str | Path) -> list[str]:
+    """The names (relative paths) of the objects the store holds under a working-copy folder ([] for a plain path)."""
+    url = remote_of(local)
+    return sorted(_remote_objects(url)[2]) if url is not None else []
 
 
 def location_key(folder: str | Path) -> str:

@@ -2,7 +2,8 @@
 
 The data stages and a 2-rank DiT training write to `s3://` through local working copies; what lands in
 the bucket must be byte for byte what the same run writes to local folders, a fresh machine must
-find it there, and a run killed during encode must redo no shard the bucket already holds.
+find it there, and a run killed during encode must redo no shard the bucket already holds. Training
+streams its shards from the bucket (kept on local disk only with `data.shard_cache=local`).
 """
 
 import os
@@ -19,11 +20,17 @@ import torch
 import tasks.encode as enc
 from models.vae import build_vae
 from tagdit.config import load_config
+from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.files import write_json_atomic
 from tagdit.formats.checkpoints import save_weights_only
+from tagdit.formats.latent_shards import read_posterior
 from tagdit.orchestrate.runner import pull_roots
-from tagdit.orchestrate.stage import StageRecord
+from tagdit.orchestrate.stage import SHARDS, StageRecord
+from tagdit.store_streams import StoreStream
 from tagdit.stores import StoreError, pull_tree, push_tree, remote_of, working_dir
+from tagdit.train.dit import shard_urls
+from tasks.records import shard_record
+from tasks.train_dit import TRAIN_DIT
 from tests.model_fixtures import TINY_VAE
 from tests.prefect_server import free_port
 from tests.test_grow import encoded_keys, make_source, prepare
@@ -99,6 +106,61 @@ def test_units_upload_as_they_land_and_a_fresh_copy_pulls_them(s3_server, tmp_pa
     assert pull_tree(fresh) == 1 and (fresh / "a.json").read_bytes() == b'{"a": 2}'
 
 
+def batches(urls: list[str]) -> list:
+    from tagdit.train.stream import EpochStream
+
+    stream = EpochStream(urls, lambda raw: torch.from_numpy(read_posterior(raw)[0].copy()), batch_size=4, seed=0,
+                         shuffle_buffer=5)
+    return [b for b, _ in zip(stream, range(6), strict=False)]  # more than an epoch of 10 samples
+
+
+def test_shards_stream_from_the_bucket_and_stay_here_only_with_the_cache(s3_server, tmp_path):
+    local = write_latent_fixture(tmp_path / "ds", n_train=10, n_val=2, per_shard=4)  # 3 train shards
+    url = f"s3://{new_bucket(s3_server)}/ds/latents-fixture"
+    s3_server.upload(local, url)
+    copy = working_dir(url)
+    pull_tree(copy, skip=SHARDS)
+    assert (copy / "stats.json").is_file() and not list(copy.glob("*.tar"))
+    streamed = shard_urls(copy, "train")
+    assert streamed == [f"{url}/train-00000{i}.tar" for i in range(3)]
+    want = batches(shard_urls(local, "train"))
+    assert all(torch.equal(a, b) for a, b in zip(batches(streamed), want, strict=True))
+    assert not list(copy.glob("*.tar"))  # streamed: nothing written here
+
+    cached = shard_urls(copy, "train", cache=True)  # data.shard_cache=local: kept here on first read
+    assert cached == [str(copy / f"train-00000{i}.tar") for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(batches(cached), want, strict=True))
+    assert files(copy) == {k: v for k, v in objects(url).items() if k.startswith("train-") or k == "stats.json"}
+    assert pull_tree(copy, skip=SHARDS) == 0 and push_tree(copy) == 0  # the cache is current: kept, nothing sent
+    fs().pipe_file(f"{url.removeprefix('s3://')}/train-000001.tar", (local / "train-000000.tar").read_bytes())
+    pull_tree(copy, skip=SHARDS)  # a shard changed in the bucket: its stale copy goes, the others stay
+    assert sorted(p.name for p in copy.glob("*.tar")) == ["train-000000.tar", "train-000002.tar"]
+    assert shard_urls(copy, "train")[1] == f"{url}/train-000001.tar"
+    push_tree(copy)
+    assert "train-000001.tar" in objects(url)  # forgotten here, not deleted there
+
+
+def test_a_failed_read_is_tried_once_more_then_names_the_url(s3_server, monkeypatch):
+    url = f"{s3_server.bucket()}/train-000000.tar"
+    fs().pipe_file(url.removeprefix("s3://"), bytes(range(256)) * 64)
+    real, failures = s3fs.core.S3File._fetch_range, []
+
+    def flaky(self, start, end):
+        if failures:
+            failures.pop()
+            raise ConnectionResetError("connection reset by peer")
+        return real(self, start, end)
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", flaky)
+    failures[:] = [1]
+    with StoreStream(url) as f:
+        f.seek(1000)
+        assert f.read(300) == (bytes(range(256)) * 64)[1000:1300] and not failures
+    failures[:] = [1, 1]
+    with StoreStream(url) as f, pytest.raises(StoreError, match=rf"reading {url} failed at byte 0 twice"):
+        f.read(10)
+
+
 def test_a_missing_bucket_or_a_dead_endpoint_fails_before_any_work(s3_server, tmp_path, monkeypatch):
     cfg = load_config(None, ["data.root=s3://no-such-bucket-here/shards"])
     with pytest.raises(StoreError, match=r"data.root=s3://no-such-bucket-here/shards: cannot use the store"):
@@ -148,8 +210,15 @@ def test_prepare_encode_and_ddp_training_on_s3_equal_the_local_run(s3_server, tm
     for where, root in (("local", str(tmp_path / "local")), ("s3", f"s3://{bucket}/shards")):
         cfg, _, _ = prepare(root, src, wd_model, f"run.root={root}-runs")
         encode(cfg)
+        if where == "s3":  # trained on another machine: the shards stay in the bucket, each rank streams its own
+            monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "trainer"))
+            shard_record(cfg)  # what the train-dit flow reads first: the shard stage's stamp, not its shards
+            pull_roots(cfg, TRAIN_DIT.streams)  # what run_stage pulls before train-dit
         train_dit(cfg, cfg.dataset_dir / "latents-x")
         runs[where] = cfg
+    trainer = runs["s3"].dataset_dir
+    assert (trainer / "latents-x/stats.json").is_file() and (trainer / "vocab.json").is_file()
+    assert not list((tmp_path / "trainer").rglob("*.tar"))  # data.shard_cache=none: no shard on its disk
     local, remote = runs["local"].dataset_dir, f"s3://{bucket}/shards/g"
     stored = objects(remote)
     for part in ("images/", "latents-x/"):

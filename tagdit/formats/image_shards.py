@@ -16,7 +16,7 @@ import io
 import itertools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,24 @@ def shard_name(split: str, unit: int, part: int) -> str:
     return f"{split}-{unit:05d}-{part:02d}.tar"
 
 
-def shards_in(folder: Path, split: str) -> list[Path]:
-    """The shards of one split in `folder` (image or latent shards), in order: `train-00012-01.tar` (`shard_name`),
-    or the older `train-000003.tar`."""
+def _is_shard(split: str) -> Callable[[str], bool]:
+    """Whether a file name is a shard of `split`: `train-00012-01.tar` (`shard_name`), or the older `train-000003.tar`."""
     pattern = re.compile(rf"{split}-[0-9]+(-[0-9]+)?\.tar")
-    return sorted(p for p in Path(folder).glob(f"{split}-*.tar") if pattern.fullmatch(p.name))
+    return lambda name: pattern.fullmatch(name) is not None
+
+
+def shards_in(folder: Path, split: str) -> list[Path]:
+    """The shards of one split in `folder` (image or latent shards), in order."""
+    is_shard = _is_shard(split)
+    return sorted(p for p in Path(folder).glob(f"{split}-*.tar") if is_shard(p.name))
+
+
+def shard_sources(folder: Path, split: str, cache: bool = False) -> list[str]:
+    """What a trainer opens for the shards of one split in `folder`, in order: the local files; for a
+    working copy of a store, the store's shards, streamed unless here (`cache`: kept here once read)."""
+    from tagdit.store_streams import stream_sources
+
+    return stream_sources(folder, _is_shard(split), cache)
 
 
 def image_shards(dataset_dir: Path, split: str) -> list[Path]:

@@ -10,8 +10,9 @@
      the tags that name the stage's concurrency slot (`gpu`, `eval`: limits of 1 created on first
      use, slots leaked by a server restart taken back),
   4. for a `data.root` or `run.root` on a URL: checks the store answers, brings the local working
-     copies up to date before the stage, and makes the store hold the stage's folder after it
-     (`tagdit.stores`; each finished unit was uploaded as it landed).
+     copies up to date before the stage (but for the shards a trainer streams: `Stage.streams`), and
+     makes the store hold the stage's folder after it (`tagdit.stores`; each finished unit was uploaded
+     as it landed).
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ def task_options(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
     return opts
 
 
-def pull_roots(cfg: PipelineConfig) -> None:
-    """Check that the URL roots answer (naming the setting when not) and update their working copies."""
-    for setting, root, folder in (("data.root", cfg.data.root, cfg.dataset_dir), ("run.root", cfg.run.root, cfg.run_dir)):
+def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = ()) -> None:
+    """Check that the URL roots answer (naming the setting when not) and update their working copies,
+    but for the dataset files a stage reads straight from the store (`streams`: `Stage.streams`)."""
+    for setting, root, folder, skip in (("data.root", cfg.data.root, cfg.dataset_dir, streams),
+                                        ("run.root", cfg.run.root, cfg.run_dir, ())):
         if is_url(root):
             check_reachable(str(root), setting)
-            pull_tree(folder)
+            pull_tree(folder, skip=skip)
 
 
 def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = False,
@@ -92,7 +95,7 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
     logger = get_run_logger()
     options = task_options(stage, cfg)
     with exclusive(stage.lock_dir(cfg, upstream), f"stage {stage.name}"):
-        pull_roots(cfg)
+        pull_roots(cfg, stage.streams)
         prepare_tag_limits(set(options.get("tags") or stage_task.tags))
         on_disk = None if force else stage.valid_record(cfg, upstream)
         if on_disk is None:

@@ -41,6 +41,8 @@ from tagdit.files import (
 )
 from tagdit.stores import location_key, pull_tree
 
+SHARDS = ("*.tar",)  # a dataset's big files: the trainers stream them, the stages that need them whole pull them
+
 
 class StageRecord(BaseModel):
     """What a stage hands to the next one: paths and small facts, never tensors."""
@@ -144,6 +146,9 @@ class Stage:
     # the folder whose global concurrency slot a flow run holds while the stage runs (tagdit.orchestrate.locks);
     # None = out_dir. Data stages lock the whole dataset folder.
     lock: Callable[[PipelineConfig, dict[str, StageRecord]], Path] | None = None
+    # dataset files (fnmatch patterns of paths in it) the stage reads straight from the store when
+    # `data.root` is a URL (`tagdit.store_streams`): not pulled into the working copy before it runs
+    streams: tuple[str, ...] = ()
 
     def lock_dir(self, cfg: PipelineConfig, upstream: dict[str, StageRecord]) -> Path:
         return (self.lock or self.out_dir)(cfg, upstream)
@@ -278,7 +283,7 @@ def read_stamp(out_dir: str | Path, name: str) -> StageRecord | None:
 
 def require_stamp(out_dir: str | Path, name: str, hint: str) -> StageRecord:
     """Like `read_stamp`, but a clear error naming the flow to run first."""
-    pull_tree(out_dir)  # a working copy of a URL folder: what the store holds first
+    pull_tree(out_dir, skip=SHARDS)  # a working copy of a URL folder: what the store holds first, but its shards
     record = read_stamp(out_dir, name)
     if record is None:
         raise FileNotFoundError(f"no finished '{name}' stage in {out_dir}: run {hint} first")

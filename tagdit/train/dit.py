@@ -1,7 +1,8 @@
 """Training the tag-conditioned DiT: latent shards + tag vocabulary -> DiT checkpoints (raw + EMA).
 
 Streams the encode stage's latent shards (one posterior sample per step, a random flip when the
-flipped posterior is stored, times the scale factor the run started with: `started_stats`), tokenises the tags with
+flipped posterior is stored, times the scale factor the run started with: `started_stats`; straight from
+the store when `data.root` is a URL, `data.shard_cache`), tokenises the tags with
 conditioning augmentation, and trains ε-prediction (`dit_loss`, DDPM's L_simple, or Min-SNR-γ
 weighted) with `tagdit.train.loop.fit`; the checkpoints carry the noise schedule. One step reads
 top to bottom here, in `tagdit.train.loop` and in `models.diffusion` / `models.dit`.
@@ -9,6 +10,7 @@ top to bottom here, in `tagdit.train.loop` and in `models.diffusion` / `models.d
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from functools import partial
@@ -17,30 +19,44 @@ from typing import Any
 
 from tagdit.config import DiTConfig, PipelineConfig
 from tagdit.data.vocab import VOCAB_FILE, Vocab, augment_tags
+from tagdit.formats.image_shards import shard_sources
 from tagdit.formats.latent_shards import (
     STATS_FILE,
     LatentSource,
     LatentStats,
     has_flip,
-    iter_latent_samples,
-    latent_shard_paths,
     read_meta,
     read_posterior,
 )
+from tagdit.stores import working_dir
 
 log = logging.getLogger(__name__)
 
 
-def shard_urls(latents_dir: Path, split: str) -> list[str]:
-    return [str(p) for p in latent_shard_paths(latents_dir, split)]
+def shard_urls(latents_dir: Path, split: str, cache: bool = False) -> list[str]:
+    """What to open for the latent shards of one split: local files, or a store's, streamed (`shard_sources`)."""
+    return shard_sources(latents_dir, split, cache)
 
 
 def latent_sample_count(url: str) -> int:
-    """A latent shard's number of samples: from its `.source.json` (written with it), else from its tar headers."""
+    """A latent shard's number of samples: from its `.source.json` (written with it, in the working copy of
+    a streamed shard), else from its tar headers."""
     from tagdit.train.tar_samples import tar_sample_count
 
-    source = LatentSource.load(Path(url))
+    source = LatentSource.load(working_dir(url))
     return len(source.images) if source is not None else tar_sample_count(url)
+
+
+def val_latents(latents_dir: Path, limit: int, cache: bool = False) -> list[dict[str, Any]]:
+    """The first `limit` raw validation latents, in shard order (read from the store when streamed)."""
+    from tagdit.train.tar_samples import tar_samples
+
+    raws: list[dict[str, Any]] = []
+    for url in shard_urls(latents_dir, "val", cache):
+        raws.extend(itertools.islice(tar_samples(url), limit - len(raws)))
+        if len(raws) == limit:
+            break
+    return raws
 
 
 def decode_latent(raw: dict[str, Any], *, vocab: Vocab, dit: DiTConfig, augment: bool = True) -> dict[str, Any]:
@@ -110,12 +126,7 @@ def make_val_fn(latents_dir: Path, vocab: Vocab, cfg: PipelineConfig, alpha_bar,
 
     from models.diffusion import eps_loss, q_sample
 
-    n = cfg.dit.val_samples
-    raws = []
-    for raw in iter_latent_samples(latent_shard_paths(latents_dir, "val")):
-        raws.append(raw)
-        if len(raws) == n:
-            break
+    raws = val_latents(latents_dir, cfg.dit.val_samples, cfg.data.shard_cache == "local")
     if not raws:
         log.warning("no validation latents in %s: validation loss is off", latents_dir)
         return None
@@ -226,7 +237,7 @@ def train_dit(cfg: PipelineConfig, latents_dir: Path, vocab_path: Path, out_dir:
     decode = partial(decode_latent, vocab=vocab, dit=cfg.dit)
     val_fn = make_val_fn(latents_dir, vocab, cfg, alpha_bar, stats, r.device)  # every rank: fit syncs around it
     monitor = make_sample_monitor(cfg, vocab, latents_dir, stats, vae_checkpoint, r.device) if r.is_main else None
-    urls = shard_urls(latents_dir, "train")
+    urls = shard_urls(latents_dir, "train", cfg.data.shard_cache == "local")
     return fit(model=model,
                loss_fn=partial(dit_loss, alpha_bar=alpha_bar, stats=stats, noise=StepNoise(tc.seed, r.rank),
                                min_snr_gamma=cfg.dit.min_snr_gamma),

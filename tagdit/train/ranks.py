@@ -4,6 +4,7 @@ initial weights (`start_rank`), and stream this rank's share of the samples (`ep
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ from tagdit.devices import select_device
 from tagdit.train.nodes import init_distributed
 from tagdit.train.stream import EpochStream
 from tagdit.train.tar_samples import tar_sample_count
+
+COUNT_THREADS = 16  # shards counted at once
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,12 @@ def start_rank(tc: TrainConfig, section: str) -> Rank:
 
 
 def shard_counts(urls: list[str], r: Rank, count: Callable[[str], int] = tar_sample_count) -> list[int]:
-    """The shards' sample counts, `count(url)` each, read by rank 0 alone and broadcast."""
-    counts = [[count(u) for u in urls] if r.is_main else None]
+    """The shards' sample counts, `count(url)` each, read by rank 0 alone (several at once: a shard in a
+    store is a network read) and broadcast."""
+    counts: list[list[int] | None] = [None]
+    if r.is_main:
+        with ThreadPoolExecutor(COUNT_THREADS) as pool:
+            counts = [list(pool.map(count, urls))]
     if r.world > 1:
         dist.broadcast_object_list(counts, src=0)
     return counts[0]  # type: ignore[return-value]

@@ -26,16 +26,12 @@ DEFAULT_PROMPTS = 4  # grid rows when dit.sample_prompts is empty
 CAPTION_POOL = 512  # val captions the default prompts are picked from
 
 
-def val_captions(latents_dir: Path, limit: int = CAPTION_POOL) -> list[dict]:
+def val_captions(latents_dir: Path, limit: int = CAPTION_POOL, cache: bool = False) -> list[dict]:
     """The json of the first `limit` validation latents (their tags and scores)."""
-    from tagdit.formats.latent_shards import iter_latent_samples, latent_shard_paths, read_meta
+    from tagdit.formats.latent_shards import read_meta
+    from tagdit.train.dit import val_latents
 
-    metas = []
-    for raw in iter_latent_samples(latent_shard_paths(latents_dir, "val")):
-        metas.append(read_meta(raw))
-        if len(metas) == limit:
-            break
-    return metas
+    return [read_meta(raw) for raw in val_latents(latents_dir, limit, cache)]
 
 
 def sample_prompts(cfg: PipelineConfig, vocab: Any, latents_dir: Path) -> list[list[str]]:
@@ -51,7 +47,8 @@ def sample_prompts(cfg: PipelineConfig, vocab: Any, latents_dir: Path) -> list[l
                 log.warning("sample prompt %r: tags not in the vocabulary are left out: %s", p, unknown)
             prompts.append(known[:max_tags])
         return prompts
-    prompts = default_prompts([(None, m) for m in val_captions(latents_dir)], vocab, DEFAULT_PROMPTS, max_tags)
+    captions = val_captions(latents_dir, cache=cfg.data.shard_cache == "local")
+    prompts = default_prompts([(None, m) for m in captions], vocab, DEFAULT_PROMPTS, max_tags)
     return prompts or [[]]  # no tagged val latents: one unconditional row
 
 

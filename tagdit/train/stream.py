@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,7 +77,8 @@ class EpochStream:
         if not urls:
             raise ValueError("EpochStream needs at least one shard")
         counts = list(counts) if counts is not None else [tar_sample_count(str(u)) for u in urls]
-        shards = sorted(zip((str(u) for u in urls), counts, strict=True))
+        # in name order: a shard read from a store and one read here take the same place
+        shards = sorted(zip((str(u) for u in urls), counts, strict=True), key=lambda s: (Path(s[0]).name, s[0]))
         self.urls = [u for u, _ in shards]
         self.order = EpochOrder(self.urls, [c for _, c in shards], seed, shuffle_buffer)
         self.decode, self.batch_size, self.seed = decode, batch_size, seed

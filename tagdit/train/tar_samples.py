@@ -1,19 +1,21 @@
-"""WebDataset samples of a local, uncompressed tar shard, read ~20x faster than Python's tarfile.
+"""WebDataset samples of an uncompressed tar shard, local or in a store, read ~20x faster than Python's tarfile.
 
 The training loader spends most of its time splitting shards into members; this reads the 512-byte
 tar headers directly (ustar/GNU/pax names; the magic, or else the checksum, verified) and groups members into samples
 exactly as `webdataset.tariterators.tarfile_samples` does: `__key__` = the member name up to the
 first dot of its base name, `__url__`, and one lower-cased extension -> bytes entry per member.
-`TarShard` reads samples by index, forward, seeking past the bodies of the samples it passes over.
-Anything else (a URL, a compressed shard) goes through webdataset.
+`TarShard` reads samples by index, forward, seeking past the bodies of the samples it passes over;
+a shard in a store is read the same way, through `tagdit.store_streams` (streamed or cached).
+Anything else (a compressed shard) goes through webdataset.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, BinaryIO
+
+from tagdit.store_streams import open_source
 
 _BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")  # regular file types (7: contiguous file)
@@ -96,12 +98,12 @@ def _sample_members(f: BinaryIO, url: str) -> Iterator[tuple[str, list[tuple[str
 
 
 class TarShard:
-    """One shard's samples by index, read forward: a local tar's samples passed over are seeked past, not read."""
+    """One shard's samples by index, read forward: the samples passed over are seeked past, not read."""
 
     def __init__(self, url: str, buffering: int = 1 << 20):
         self.url, self.index = url, 0  # index: of the next sample
-        if url.endswith(".tar") and Path(url).is_file():
-            self._file: BinaryIO | None = open(url, "rb", buffering=buffering)  # noqa: SIM115 (closed in close())
+        if url.endswith(".tar"):  # a local file, a store's object read forward, or one fetched into the cache
+            self._file: BinaryIO | None = open_source(url, buffering)  # type: ignore[assignment] (closed in close())
             self._next: Iterator[Any] = _sample_members(self._file, url)
         else:
             from webdataset.tariterators import tarfile_samples

@@ -9,6 +9,7 @@ reconstructions (from the posterior mean) on the val shards, plus a few reconstr
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from functools import partial
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tagdit.config import PipelineConfig, VAEConfig
 from tagdit.data.metrics import psnr
-from tagdit.formats.image_shards import decode_image, image_bytes, image_shards, read_samples
+from tagdit.formats.image_shards import decode_image, image_bytes, shard_sources
 
 if TYPE_CHECKING:
     from tagdit.train.ranks import Rank
@@ -127,12 +128,16 @@ def discriminator_step(criterion, r: Rank, lr: float, stash: dict):
     return {"disc": disc, "d_opt": d_opt}, after_step
 
 
-def load_val_images(dataset_dir: Path, resolution: int, limit: int = VAL_LIMIT):
-    """Up to `limit` validation images as a uint8 tensor (N, 3, R, R) (empty if there are none)."""
+def load_val_images(dataset_dir: Path, resolution: int, limit: int = VAL_LIMIT, cache: bool = False):
+    """Up to `limit` validation images as a uint8 tensor (N, 3, R, R) (empty if there are none), in shard
+    order; read from the store when streamed (`cache`: kept here)."""
     import torch
 
-    xs = [((decode_image(data, resolution) + 1) * 127.5).round().to(torch.uint8)
-          for data, _ in read_samples(dataset_dir, "val", limit)]
+    from tagdit.train.tar_samples import tar_samples
+
+    urls = shard_sources(Path(dataset_dir) / "images", "val", cache)
+    raws = itertools.islice(itertools.chain.from_iterable(tar_samples(u) for u in urls), limit)
+    xs = [((decode_image(image_bytes(raw), resolution) + 1) * 127.5).round().to(torch.uint8) for raw in raws]
     return torch.stack(xs) if xs else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
 
 
@@ -180,7 +185,8 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
 
     tc, res = cfg.vae.train, cfg.data.resolution
     r = start_rank(tc, "vae")
-    urls = [str(p) for p in image_shards(dataset_dir, "train")]
+    cache = cfg.data.shard_cache == "local"
+    urls = shard_sources(Path(dataset_dir) / "images", "train", cache)
     if not urls:
         raise FileNotFoundError(f"no training shards under {dataset_dir}/images: run prepare-data first")
     model = build_vae(cfg.vae.model)
@@ -194,7 +200,7 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
         extra, after_step = discriminator_step(criterion, r, tc.lr, stash)
     val_fn = None
     if r.is_main:
-        val_images = load_val_images(dataset_dir, res)
+        val_images = load_val_images(dataset_dir, res, cache=cache)
         if len(val_images):
             val_fn = make_val_fn(val_images, tc.batch_size, r.device)
         else:

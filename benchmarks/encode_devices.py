@@ -54,7 +54,13 @@ def main() -> None:
 
     units: list = []  # every unit's DeviceRun: how busy the workers were
     real_run_units = tasks.encode.run_units
-    tasks.encode.run_units = lambda *a, **k: units.extend(r for run in (out := real_run_units(*a, **k)) for r in run) or out
+
+    def counted_run_units(*a, **k):
+        out = real_run_units(*a, **k)
+        units.extend(r for task_run in out for r in task_run)  # a task run encodes a few shards
+        return out
+
+    tasks.encode.run_units = counted_run_units
 
     sides = {"1 device": "[cpu:0]", "2 devices": "[cpu:0,cpu:1]"}
     times: dict[str, list[float]] = {k: [] for k in sides}

@@ -13,7 +13,9 @@ from tagdit.formats.dataset_tables import (
     read_tag_table,
     write_tag_table,
 )
-from tagdit.formats.image_shards import MTIME
+from tagdit.formats.image_shards import MTIME, ShardIndex
+from tagdit.train.tar_samples import tar_sample_count
+from tagdit.train.vae import image_shard_counter
 from tasks.crop import crop_stage
 from tasks.shard import shard_stage
 from tasks.tag import tag_stage
@@ -50,6 +52,10 @@ def test_webdataset_reads_every_shard_back_and_accounting_holds(tmp_path, world)
         assert s["png"].size == (32, 32) and s["png"].mode == "RGB"
         assert set(s["json"]) == CONTRACT_KEYS and len(s["json"]["tags"]) == len(s["json"]["scores"])
     assert len({s["__key__"] for s in seen}) == GOOD
+    recorded = ShardIndex(out / "images").samples()  # what training counts a shard by, reading none
+    assert recorded == {n: tar_sample_count(u) for n, u in zip(names, urls, strict=True)}
+    counter = image_shard_counter(out)
+    assert [counter(f"s3://bucket/t/images/{n}") for n in names] == [recorded[n] for n in names]
     with tarfile.open(urls[0]) as tf:
         assert {m.mtime for m in tf.getmembers()} == {MTIME}
     manifest = read_manifest(out)

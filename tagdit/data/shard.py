@@ -14,6 +14,7 @@ data library's kind of work, so this lives in `tagdit.data`.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,9 @@ def shard_unit(job: UnitJob) -> dict[str, Any]:
     stats = TagStats()
     with manifest_writer(record.with_suffix(".parquet")) as manifest:
         paths = write_unit(job, manifest, stats)
-    shards = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
+    per_shard = Counter(i * len(paths) // job.count for i in range(job.count))  # as `write_unit` spreads them
+    shards = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p), "samples": per_shard[j]}
+              for j, p in enumerate(paths)}
     done = {"inputs": job.inputs, "count": job.count, "split": job.unit.split, "shards": shards, "tags": stats.rows}
     write_json_atomic(record, done)
     return done

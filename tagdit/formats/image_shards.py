@@ -61,7 +61,7 @@ def image_shards(dataset_dir: Path, split: str) -> list[Path]:
 
 
 class ShardIndex:
-    """`images/shards.json`: per shard unit, the digest of its inputs and its shards' sizes and sha256.
+    """`images/shards.json`: per shard unit, the digest of its inputs and its shards' sizes, sha256 and samples.
 
     A unit (a bucket's train shards, a val group's val shards) whose inputs are unchanged keeps its
     shards' bytes; the sha256 here is what the encode stage records its latent shards were made from.
@@ -82,6 +82,10 @@ class ShardIndex:
         """Record exactly `units` (name -> inputs and shards), as the shard stage finishes."""
         self.units = units
         write_json_atomic(self.path, self.units)
+
+    def samples(self) -> dict[str, int]:
+        """Every recorded shard's number of samples, by name (none for an index written before they were)."""
+        return {n: m["samples"] for u in self.units.values() for n, m in u["shards"].items() if "samples" in m}
 
     def shas(self) -> dict[str, str]:
         """Every recorded shard's sha256, by name."""

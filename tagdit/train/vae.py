@@ -12,13 +12,14 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tagdit.config import PipelineConfig, VAEConfig
 from tagdit.data.metrics import psnr
-from tagdit.formats.image_shards import decode_image, image_bytes, shard_sources
+from tagdit.formats.image_shards import ShardIndex, decode_image, image_bytes, shard_sources
 
 if TYPE_CHECKING:
     from tagdit.train.ranks import Rank
@@ -176,6 +177,15 @@ def vae_checkpoint_bytes(cfg: PipelineConfig) -> int:
         return state_bytes(*modules)
 
 
+def image_shard_counter(dataset_dir: Path) -> Callable[[str], int]:
+    """A shard's number of samples: from `images/shards.json` (the shard stage records it), else from its
+    tar headers (a streamed shard is then read once just to count it)."""
+    from tagdit.train.tar_samples import tar_sample_count
+
+    recorded = ShardIndex(Path(dataset_dir) / "images").samples()
+    return lambda url: recorded.get(url.rsplit("/", 1)[-1]) or tar_sample_count(url)
+
+
 def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
     """Train in this process: alone, or as one rank under torchrun. Returns fit's TrainResult."""
     from models.vae import build_vae
@@ -208,6 +218,6 @@ def train_vae(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path):
     loss_fn = partial(vae_loss, criterion=criterion, last_layer=model.last_layer,
                       stash=stash if after_step is not None else None)
     decode = partial(decode_train, resolution=res, crop=cfg.vae.train_crop, f=model.downsample_factor)
-    return fit(model=model, loss_fn=loss_fn, stream=epoch_stream(urls, decode, tc, r),
+    return fit(model=model, loss_fn=loss_fn, stream=epoch_stream(urls, decode, tc, r, image_shard_counter(dataset_dir)),
                cfg=tc, out_dir=out_dir, model_config=cfg.vae.model.model_dump(mode="json"), device=r.device,
                val_fn=val_fn, extra=extra, after_step=after_step, desc="train-vae")

@@ -33,7 +33,7 @@ from tagdit.data.sources import (
 from tagdit.data.walk import source_base
 from tagdit.files import remove_stale_temps
 from tagdit.formats.chunks import chunk_name, read_crop_chunk
-from tagdit.formats.sources import SOURCES, bucket_stamps, read_buckets, sort_sources, write_buckets
+from tagdit.formats.sources import SOURCES, read_buckets, sort_sources, write_buckets
 from tagdit.orchestrate.chunks import chunk_runner, offload, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
@@ -81,10 +81,10 @@ def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
 
 def _plan(cfg: PipelineConfig, listing: Listing, n: int, out: Path) -> tuple[dict[int, Path], dict[int, int]]:
     """Sort the listing into the source manifest by bucket; (each bucket's chunk path, its file count)."""
-    manifest, p = cfg.dataset_dir / SOURCES, CropParams.from_config(cfg)
-    sizes = sort_sources(listing.path, manifest, n, listing.found, keys_of)
-    dsts = {b: out / chunk_name(b, chunk_digest(stamps, p, CROP.code_key())) for b, stamps in bucket_stamps(manifest)}
-    return dsts, {b: int(sizes[b]) for b in dsts}
+    p, code = CropParams.from_config(cfg), CROP.code_key()
+    sizes, digests = sort_sources(listing.path, cfg.dataset_dir / SOURCES, n, listing.found, keys_of,
+                                  lambda stamps: chunk_digest(stamps, p, code))
+    return {b: out / chunk_name(b, d) for b, d in digests.items()}, {b: int(sizes[b]) for b in digests}
 
 
 def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:

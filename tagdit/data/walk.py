@@ -96,8 +96,8 @@ def manifest_files(source: str | Path) -> Iterator[SourceFile]:
     for uri, tags in manifest_rows(source):
         size, version = -1, 0
         if not is_url(uri) and not is_url(base):
-            path = Path(uri) if os.path.isabs(uri) else Path(base) / uri
-            size, version = _stat(str(path)) if os.path.lexists(path) else (-1, 0)
+            path = os.path.join(base, uri)  # not a Path: Python 3.11's pathlib interns every name it parses
+            size, version = _stat(path) if os.path.lexists(path) else (-1, 0)
         yield SourceFile(uri, size, version, None, f"tags:{sha256_text(tags)[:16]}" if tags else "", tags)
 
 

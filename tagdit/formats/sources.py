@@ -32,6 +32,8 @@ BATCH = 4096  # listing rows per parquet row group: the listing's memory, whatev
 SORT_ROWS = 8192  # rows sorted in memory at a time when the listing becomes the source manifest
 MAX_PARTS = 512  # at most this many part files open while sorting (SORT_ROWS grows past it beyond 4M rows)
 ROW_GROUP = 8192  # source manifest rows per row group: a bucket's read touches one or two
+# STREAM: a parquet file read as a stream is opened with pre_buffer=False: with pyarrow's default
+# (True), iter_batches buffers every row group it will read, i.e. the whole file (12 MiB at 1M listing rows)
 LISTING_SCHEMA = pa.schema([
     ("rel", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sidecar", pa.string()),
     ("sidecar_stamp", pa.string()), ("tags", pa.string()), ("stamp", pa.string()),
@@ -68,24 +70,29 @@ def listing_writer(dst: Path) -> Iterator[ListingWriter]:
 
 
 def sort_sources(listing: Path, dst: Path, n: int, found: int,
-                 keys_of: Callable[[list[str]], tuple[list[str], list[int]]]) -> np.ndarray:
+                 keys_of: Callable[[list[str]], tuple[list[str], list[int]]],
+                 digest: Callable[[list[str]], str]) -> tuple[np.ndarray, dict[int, str]]:
     """Write the listing's rows with their key, key hash (`keys_of(rels)`) and bucket (hash mod `n`),
-    sorted by (bucket, key hash), to `dst`; returns the number of rows in each bucket.
+    sorted by (bucket, key hash), to `dst`; returns the number of rows in each bucket, and
+    {bucket: `digest(its rows' stamps in key-hash order)`} of each bucket with rows, in bucket order.
 
     An external sort in two passes, whatever the listing's size: the rows are split into part files
     by bucket range (keys hash uniformly: about `SORT_ROWS` rows a part), then each part is sorted in
-    memory and appended. Two rows with one key (a manifest naming a file twice) are refused.
+    memory, digested and appended. Two rows with one key (a manifest naming a file twice) are refused.
+    The digests come from the sorted parts while they are in memory: reading the source manifest back
+    for them grew the process by ~25 MiB at 1M rows (mimalloc, Arrow's allocator, keeps the pages a
+    long read touched; the crop workers forked after it inherit them).
     """
     parts_n = min(n, MAX_PARTS, max(1, -(-found // SORT_ROWS)))
     starts = np.arange(parts_n) * n // parts_n  # first bucket of each part
-    sizes = np.zeros(n, np.int64)
+    sizes, digests = np.zeros(n, np.int64), {}
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".sources.tmp-", dir=dst.parent) as tmp_dir:
         parts = [Path(tmp_dir) / f"part-{i:05d}.arrow" for i in range(parts_n)]
         sinks = [pa.OSFile(str(p), "wb") for p in parts]
         writers = [pa.ipc.new_stream(f, SOURCES_SCHEMA) for f in sinks]  # unbuffered: flat memory per part
         try:
-            for batch in pq.ParquetFile(listing).iter_batches(batch_size=BATCH):
+            for batch in pq.ParquetFile(listing, pre_buffer=False).iter_batches(batch_size=BATCH):  # see STREAM
                 keys, hashes = keys_of(batch.column("rel").to_pylist())
                 h = np.array(hashes, np.uint64)
                 b = (h % np.uint64(n)).astype(np.int32)
@@ -104,8 +111,18 @@ def sort_sources(listing: Path, dst: Path, n: int, found: int,
                 with pa.memory_map(str(part)) as f, pa.ipc.open_stream(f) as r:
                     table = r.read_all().sort_by([("bucket", "ascending"), ("key_hash", "ascending")])
                 _refuse_twice(table)
+                digests.update(_bucket_digests(table, digest))
                 pw.write_table(table, row_group_size=ROW_GROUP)
-    return sizes
+    return sizes, digests
+
+
+def _bucket_digests(table: pa.Table, digest: Callable[[list[str]], str]) -> Iterator[tuple[int, str]]:
+    """(bucket, `digest(its stamps)`) of each bucket of a table sorted by bucket."""
+    b, stamps = table.column("bucket").to_numpy(), table.column("stamp")
+    cuts = [0, *(np.flatnonzero(np.diff(b)) + 1), len(b)]
+    for i, j in zip(cuts[:-1], cuts[1:], strict=True):
+        if i < j:
+            yield int(b[i]), digest(stamps.slice(i, j - i).to_pylist())
 
 
 def _refuse_twice(table: pa.Table) -> None:
@@ -129,24 +146,6 @@ def read_sources(path: Path, bucket: int | None = None) -> list[dict]:
               if (st := pf.metadata.row_group(i).column(col).statistics) is None or st.min <= bucket <= st.max]
     table = pf.read_row_groups(groups)  # the rows are sorted by bucket: its one or two row groups
     return table.filter(pc.equal(table.column("bucket"), bucket)).to_pylist()
-
-
-def bucket_stamps(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(bucket, its rows' stamps in key-hash order) of each bucket with files, streamed from a source manifest."""
-    bucket, stamps = None, []
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH, columns=["bucket", "stamp"]):
-        b = batch.column(0).to_numpy()
-        cuts = [0, *(np.flatnonzero(np.diff(b)) + 1), len(b)]
-        for i, j in zip(cuts[:-1], cuts[1:], strict=True):
-            if i == j:
-                continue
-            if bucket is not None and b[i] != bucket:
-                yield bucket, stamps
-                stamps = []
-            bucket = int(b[i])
-            stamps += batch.column(1).slice(i, j - i).to_pylist()
-    if bucket is not None:
-        yield bucket, stamps
 
 
 def read_buckets(dataset_dir: Path) -> int | None:

@@ -88,7 +88,7 @@ def _parquet_rows(name: str, f: IO[bytes]) -> Iterator[tuple[str, str | None]]:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, pre_buffer=False)  # streamed: pre-buffering would hold the whole file
     except pa.ArrowInvalid as e:
         raise ManifestError(f"{name}: not a parquet file ({e})") from None
     uri_col = _uri_column(name, pf.schema_arrow.names)

@@ -27,14 +27,13 @@ from tagdit.data.sources import (
     crop_bucket,
     keys_of,
     listing_scope,
-    pack_buckets,
     source_listing,
 )
 from tagdit.data.walk import source_base
 from tagdit.files import remove_stale_temps
-from tagdit.formats.chunks import chunk_name, read_crop_chunk
+from tagdit.formats.chunks import chunk_bucket, chunk_name, read_crop_chunk
 from tagdit.formats.sources import SOURCES, read_buckets, sort_sources, write_buckets
-from tagdit.orchestrate.chunks import chunk_runner, offload, run_units, unit_task
+from tagdit.orchestrate.chunks import chunk_runner, offload, pack_units, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
 
 log = logging.getLogger(__name__)
@@ -68,9 +67,15 @@ CROP = Stage(
 )
 
 
-def _previous(out: Path, bucket: int, dst: Path) -> Path | None:
-    """The bucket's chunk of an earlier run (its rows of unchanged files are copied), if any."""
-    return next((c for c in sorted(out.glob(f"chunk-{bucket:05d}-*.parquet")) if c != dst), None)
+def _previous(out: Path, dsts: dict[int, Path]) -> dict[int, Path]:
+    """Each bucket's chunk of an earlier run (its rows of unchanged files are copied), if any: one
+    listing of the folder, not one per bucket."""
+    earlier: dict[int, Path] = {}
+    for f in sorted(out.glob("chunk-*.parquet")):
+        b = chunk_bucket(f.name)
+        if b in dsts and f != dsts[b]:
+            earlier.setdefault(b, f)
+    return earlier
 
 
 def crop_stage(cfg: PipelineConfig, force: bool = False) -> StageRecord:
@@ -106,10 +111,10 @@ def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
              listing.found, listing.sidecars, n, len(dsts), source, len(todo))
     if todo:
         workers = min(cfg.crop.workers or os.cpu_count() or 1, len(todo))
-        units = pack_buckets(todo, sizes, cfg.crop.unit_files, 4 * workers)
+        units, previous = pack_units(todo, cfg.crop.unit_files, 4 * workers, sizes), _previous(out, dsts)
         params = [{"base": source_base(source), "manifest": cfg.dataset_dir / SOURCES, "buckets": unit,
                    "p": CropParams.from_config(cfg), "dsts": [dsts[b] for b in unit],
-                   "previous": [_previous(out, b, dsts[b]) for b in unit], "first": unit[0], "last": unit[-1]}
+                   "previous": [previous.get(b) for b in unit], "first": unit[0], "last": unit[-1]}
                   for unit in units]
         log.info("crop: the %d buckets to do in %d task runs", len(todo), len(units))
         with chunk_runner(cfg.prefect, threads=workers, processes=workers) as runner:

@@ -71,3 +71,14 @@ def test_dataset_tables_round_trip(tmp_path):
     write_tag_table(tmp_path, [("smile", 0, 2, 1, 1.5)])
     assert read_tag_table(tmp_path) == [{"tag": "smile", "category": 0, "count": 2, "train_count": 1,
                                          "mean_score": 0.75}]
+
+
+def test_merged_tables_gather_small_parts_into_few_row_groups(tmp_path, monkeypatch):
+    import tagdit.formats.dataset_tables as dt
+
+    monkeypatch.setattr(dt, "TABLE_ROW_GROUP", 16)
+    parts = [pa.Table.from_pylist([{**REJECTED, "source": f"{i}-{j}.svg"} for j in range(3)]) for i in range(40)]
+    assert write_rejects(tmp_path, parts, "crop") == 120
+    meta = pq.read_metadata(tmp_path / dt.REJECTS)
+    assert meta.num_row_groups == 8 and meta.num_rows == 120  # not one group per part (each kept in the footer)
+    assert [r["path"] for r in read_rejects(tmp_path)][:4] == ["0-0.svg", "0-1.svg", "0-2.svg", "1-0.svg"]

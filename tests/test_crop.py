@@ -151,15 +151,3 @@ def test_every_file_found_is_a_crop_or_a_reject_with_its_reason(tmp_path, wd_mod
     manifest = read_manifest(tmp_path / "shards/t")
     assert sorted(r["source"] for r in manifest) == ["a.png", "sub/photo"]
     assert "smile" in next(r for r in manifest if r["source"] == "a.png")["tags"]
-
-
-def test_buckets_are_packed_into_few_units_that_keep_every_worker_busy():
-    from tagdit.data.sources import pack_buckets
-
-    sizes = {b: 1000 for b in range(1024)}  # 1M files in 1,024 buckets
-    units = pack_buckets(list(sizes), sizes, most=20_000, parts=8)
-    assert len(units) == 52 and [b for u in units for b in u] == list(range(1024))  # every bucket once, in order
-    assert all(sum(sizes[b] for b in u) <= 20_000 for u in units)
-    small = {b: 60 for b in range(32)}  # the demo's size: still spread over the workers
-    assert len(pack_buckets(list(small), small, most=20_000, parts=8)) == 8
-    assert pack_buckets([3, 5], {3: 50_000, 5: 10}, most=20_000, parts=1) == [[3], [5]]  # a big bucket alone

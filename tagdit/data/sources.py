@@ -151,23 +151,6 @@ def bucket_files(manifest: Path, bucket: int) -> list[SourceFile]:
             for r in read_sources(manifest, bucket)]
 
 
-def pack_buckets(todo: list[int], sizes: dict[int, int], most: int, parts: int) -> list[list[int]]:
-    """Consecutive buckets grouped into units of work of at most `most` files (a larger bucket alone),
-    and about `parts` units or more while the buckets allow: few task runs at scale, all workers busy."""
-    total = sum(sizes[b] for b in todo)
-    target = max(1, min(most, -(-total // max(parts, 1))))
-    units: list[list[int]] = []
-    files = 0
-    for b in todo:
-        if units and units[-1] and files + sizes[b] <= target:
-            units[-1].append(b)
-            files += sizes[b]
-        else:
-            units.append([b])
-            files = sizes[b]
-    return units
-
-
 def crop_bucket(base: str | Path, manifest: Path, bucket: int, p: CropParams, dst: Path,
                 previous: Path | None) -> tuple[int, int]:
     """Crop one bucket (its rows read from the source manifest; `rel`s relative to `base`) into `dst`."""

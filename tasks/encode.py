@@ -33,7 +33,7 @@ from tagdit.files import remove_stale_temps, sha256_file
 from tagdit.formats.image_shards import ShardIndex, image_shards
 from tagdit.formats.latent_shards import STATS_FILE, LatentSource, LatentStats, latent_shard_paths
 from tagdit.orchestrate.chunks import chunk_runner, items_per_run, pack_units, run_units, unit_task
-from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_device
+from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_devices
 from tagdit.orchestrate.markers import marker_matches, write_marker
 from tagdit.orchestrate.stage import Stage, StageRecord, code_version, stage_cache_key
 
@@ -74,9 +74,9 @@ def _fresh(dst: Path, image_shard_sha256: str) -> bool:
 
 @unit_task(name="encode-shards", run_name="encode {first} to {last}")
 def encode_shards_task(shards: list[tuple[Path, Path, str]], p: EncodeParams, first: str, last: str) -> list[DeviceRun]:
-    """Some (image shard, latent shard, the image shard's sha256) triples, each on a free device worker's
-    VAE (or this process's); a run's value is the number of samples."""
-    runs = [on_device(encode_shard_on, src, dst, p, sha) for src, dst, sha in shards]
+    """Some (image shard, latent shard, the image shard's sha256) triples, all queued on the device
+    workers at once, each on a free worker's VAE (or this process's); a run's value is the number of samples."""
+    runs = on_devices(encode_shard_on, [(src, dst, p, sha) for src, dst, sha in shards])
     for (src, _, _), run in zip(shards, runs, strict=True):
         log.info("encode: %s -> %d latents on %s", src.name, run.value, run.device or "the default device")
     return runs

@@ -26,7 +26,7 @@ from tagdit.data.walk import source_base
 from tagdit.files import remove_stale_temps, sha256_text
 from tagdit.formats.chunks import chunk_bucket, chunk_name, tag_chunk_rows
 from tagdit.orchestrate.chunks import chunk_runner, items_per_run, pack_units, run_units, unit_task
-from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_device
+from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_devices
 from tagdit.orchestrate.stage import (
     Stage,
     StageRecord,
@@ -41,9 +41,10 @@ log = logging.getLogger(__name__)
 @unit_task(name="tag-chunks", run_name="tag chunks {first}-{last}")
 def tag_chunks_task(chunks: list[tuple[Path, Path, Path | None]], tagger: ResolvedTagger, tcfg: TaggerConfig,
                     source: str | Path, tagger_key: str, first: int, last: int) -> list[DeviceRun]:
-    """Some consecutive (crop chunk, tag chunk, the bucket's previous tag chunk) triples, each on a free
-    device worker's tagger (or this process's); a run's value is the rows written."""
-    runs = [on_device(tag_chunk_on, c, dst, tagger, tcfg, source, prev, tagger_key) for c, dst, prev in chunks]
+    """Some consecutive (crop chunk, tag chunk, the bucket's previous tag chunk) triples, all queued on
+    the device workers at once, each on a free worker's tagger (or this process's); a run's value is the
+    rows written."""
+    runs = on_devices(tag_chunk_on, [(c, dst, tagger, tcfg, source, prev, tagger_key) for c, dst, prev in chunks])
     for (_, dst, _), run in zip(chunks, runs, strict=True):
         log.info("tag: %s -> %d rows on %s", dst.name, run.value, run.device or "the default device")
     return runs

@@ -111,9 +111,9 @@ def test_dask_cluster_writes_byte_identical_shards_and_latents(prefect_env, tmp_
 def on_a_device(i: int):
     """The device and worker a unit's work ran on."""
     from tagdit.devices import unit_threads
-    from tagdit.orchestrate.device_workers import on_device
+    from tagdit.orchestrate.device_workers import on_devices
 
-    return on_device(unit_threads)  # a fake device's worker: 1 thread
+    return on_devices(unit_threads, [()])[0]  # a fake device's worker: 1 thread
 
 
 def test_local_runner_runs_device_units_as_task_runs_on_a_worker_per_device(prefect_env):
@@ -137,3 +137,20 @@ def test_pack_units_makes_few_task_runs_at_scale_and_keeps_every_worker_busy():
     assert len(runs) == 5000 and [b for r in runs for b in r] == list(sizes)  # consecutive, each once
     assert len(pack_units(list(range(40)), most=20, parts=8)) == 8  # small: still a run per worker and more
     assert pack_units([3, 5], most=20_000, parts=1, sizes={3: 50_000, 5: 10}) == [[3], [5]]  # a big unit alone
+
+
+def _busy(device, seconds):
+    import time
+
+    time.sleep(seconds)
+    return device
+
+
+def test_one_task_runs_units_are_queued_on_every_device_worker_at_once():
+    from tagdit.orchestrate.chunks import LocalTaskRunner
+    from tagdit.orchestrate.device_workers import on_devices
+
+    with LocalTaskRunner(devices=["cpu:0", "cpu:1"]):
+        runs = on_devices(_busy, [(0.5,)] * 4)  # one task run's pack of units
+    assert [r.value for r in runs] == [r.device for r in runs] and {r.device for r in runs} == {"cpu:0", "cpu:1"}
+    assert max(r.finished for r in runs) - min(r.started for r in runs) < 1.9  # two at a time, not four in a row

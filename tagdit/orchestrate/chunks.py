@@ -76,7 +76,7 @@ def offload(fn: Callable[..., Any], /, *args: Any) -> Any:
 
 class LocalTaskRunner(ThreadPoolTaskRunner):
     """Task runs on `threads` threads of this process; the work they `offload`, on `processes` forks;
-    the work they run `on_device`, on a worker per device (a thread each), or here for [None]."""
+    the work they run `on_devices`, on a worker per device (a thread each), or here for [None]."""
 
     def __init__(self, threads: int = 1, processes: int = 1, devices: list[str | None] | None = None):
         self.devices = devices or [None]

@@ -3,8 +3,9 @@
 The local runner (`tagdit.orchestrate.chunks.LocalTaskRunner`) opens `device_pool(devices)`: one
 process per device, each told its device once at start (`cuda:i`, or a fake `cpu:i` held to
 one thread), so the model a worker loads stays on that device and a device runs one unit at a time.
-A unit body calls `on_device(fn, *args)`: fn(device, *args) on the next free worker, or in this
-process on its default device (None) when no pool is open: the in-process runner of one device, or
+A unit body calls `on_devices(fn, calls)`: fn(device, *args) for each args, all queued at once, each
+on the next free worker (so one task run's units use every device), or in this process on its
+default device (None) when no pool is open: the in-process runner of one device, or
 a Dask worker, which dask-cuda pins to its own GPU with CUDA_VISIBLE_DEVICES. Not forked from this
 process (CUDA cannot run in a forked child of a process that touched it): forked from a fresh server
 process that imported torch once (multiprocessing's forkserver; spawned where there is none), so a
@@ -72,11 +73,13 @@ def _run(fn: Callable[..., Any], *args: Any) -> DeviceRun:
     return DeviceRun(value, _DEVICE, os.getpid(), started, time.time())
 
 
-def on_device(fn: Callable[..., Any], /, *args: Any) -> DeviceRun:
-    """fn(device, *args) on a free device worker of the open pool, else here (device None)."""
+def on_devices(fn: Callable[..., Any], calls: list[tuple]) -> list[DeviceRun]:
+    """fn(device, *args) for each args of `calls`, all queued at once on the open pool's workers (a free
+    worker takes the next), else one after the other here; results in order."""
     if _POOL is None:
-        return _run(fn, *args)
-    return _POOL.submit(_run, fn, *args).result()
+        return [_run(fn, *args) for args in calls]
+    futures = [_POOL.submit(_run, fn, *args) for args in calls]
+    return [f.result() for f in futures]
 
 
 def worker_context() -> multiprocessing.context.BaseContext:

@@ -219,6 +219,7 @@ def test_prepare_encode_and_ddp_training_on_s3_equal_the_local_run(s3_server, tm
     trainer = runs["s3"].dataset_dir
     assert (trainer / "latents-x/stats.json").is_file() and (trainer / "vocab.json").is_file()
     assert not list((tmp_path / "trainer").rglob("*.tar"))  # data.shard_cache=none: no shard on its disk
+    assert not (trainer / "work").exists()  # nor the data stages' chunks (the crops again) or unit records
     local, remote = runs["local"].dataset_dir, f"s3://{bucket}/shards/g"
     stored = objects(remote)
     for part in ("images/", "latents-x/"):

@@ -42,6 +42,7 @@ from tagdit.files import (
 from tagdit.stores import location_key, pull_tree
 
 SHARDS = ("*.tar",)  # a dataset's big files: the trainers stream them, the stages that need them whole pull them
+NOT_TRAINING_DATA = (*SHARDS, "work/*")  # and the data stages' chunks and unit records (the crops again): read by no trainer
 
 
 class StageRecord(BaseModel):
@@ -147,7 +148,7 @@ class Stage:
     # None = out_dir. Data stages lock the whole dataset folder.
     lock: Callable[[PipelineConfig, dict[str, StageRecord]], Path] | None = None
     # dataset files (fnmatch patterns of paths in it) the stage reads straight from the store when
-    # `data.root` is a URL (`tagdit.store_streams`): not pulled into the working copy before it runs
+    # `data.root` is a URL (`tagdit.store_streams`), or does not read: not pulled into the working copy
     streams: tuple[str, ...] = ()
 
     def lock_dir(self, cfg: PipelineConfig, upstream: dict[str, StageRecord]) -> Path:
@@ -283,7 +284,7 @@ def read_stamp(out_dir: str | Path, name: str) -> StageRecord | None:
 
 def require_stamp(out_dir: str | Path, name: str, hint: str) -> StageRecord:
     """Like `read_stamp`, but a clear error naming the flow to run first."""
-    pull_tree(out_dir, skip=SHARDS)  # a working copy of a URL folder: what the store holds first, but its shards
+    pull_tree(out_dir, skip=NOT_TRAINING_DATA)  # a working copy of a URL folder: the store's small files first
     record = read_stamp(out_dir, name)
     if record is None:
         raise FileNotFoundError(f"no finished '{name}' stage in {out_dir}: run {hint} first")

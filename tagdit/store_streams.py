@@ -10,6 +10,7 @@ those of the files, so what a run reads, and in which order, does not depend on 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,15 @@ def open_source(source: str, buffering: int = 1 << 20) -> BinaryIO | StoreStream
         log.info("store: caching %s", remote_of(path))
         fetch(path)
     return open(path, "rb", buffering=buffering)  # noqa: SIM115 (the caller closes it)
+
+
+def sha256_source(source: str) -> str:
+    """sha256 of what `stream_sources` named: a local file, or a store object read forward."""
+    h = hashlib.sha256()
+    with open_source(source) as f:
+        while chunk := f.read(BLOCK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class StoreStream:

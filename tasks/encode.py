@@ -30,12 +30,13 @@ from tagdit.data.encode import (
 )
 from tagdit.devices import cuda_device_count
 from tagdit.files import remove_stale_temps, sha256_file
-from tagdit.formats.image_shards import ShardIndex, image_shards
+from tagdit.formats.image_shards import ShardIndex, shard_sources
 from tagdit.formats.latent_shards import STATS_FILE, LatentSource, LatentStats, latent_shard_paths
 from tagdit.orchestrate.chunks import chunk_runner, items_per_run, pack_units, run_units, unit_task
 from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_devices
 from tagdit.orchestrate.markers import marker_matches, write_marker
 from tagdit.orchestrate.stage import Stage, StageRecord, code_version, stage_cache_key
+from tagdit.store_streams import sha256_source
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ ENCODE = Stage(
              "models.config"),
     sections=("latents", "data.resolution"),
     out_dir=lambda cfg, up: cfg.dataset_dir / f"latents-{up['vae'].info['vae_id']}",
+    streams=("images/*.tar", "work/*"),  # image shards read from the store, each by its unit; chunks not read
 )
 
 
@@ -66,6 +68,11 @@ def _prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool) -> No
     write_marker(marker, identity)
 
 
+def _name(source: str) -> str:
+    """A shard's file name from its local path or URL."""
+    return source.rsplit("/", 1)[-1]
+
+
 def _fresh(dst: Path, image_shard_sha256: str) -> bool:
     """Whether the latent shard at `dst` was made from the image shard with this sha256 (not merely named as it)."""
     record = LatentSource.load(dst)
@@ -73,12 +80,12 @@ def _fresh(dst: Path, image_shard_sha256: str) -> bool:
 
 
 @unit_task(name="encode-shards", run_name="encode {first} to {last}")
-def encode_shards_task(shards: list[tuple[Path, Path, str]], p: EncodeParams, first: str, last: str) -> list[DeviceRun]:
+def encode_shards_task(shards: list[tuple[str, Path, str]], p: EncodeParams, first: str, last: str) -> list[DeviceRun]:
     """Some (image shard, latent shard, the image shard's sha256) triples, all queued on the device
     workers at once, each on a free worker's VAE (or this process's); a run's value is the number of samples."""
     runs = on_devices(encode_shard_on, [(src, dst, p, sha) for src, dst, sha in shards])
-    for (src, _, _), run in zip(shards, runs, strict=True):
-        log.info("encode: %s -> %d latents on %s", src.name, run.value, run.device or "the default device")
+    for (_, dst, _), run in zip(shards, runs, strict=True):
+        log.info("encode: %s -> %d latents on %s", dst.name, run.value, run.device or "the default device")
     return runs
 
 
@@ -91,25 +98,24 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
     ckpt = resolve_checkpoint(vae_ckpt)
     weights_sha = sha256_file(ckpt / ("ema.safetensors" if lc.use_ema else "model.safetensors"))
     _prepare_out_dir(out_dir, _identity(cfg, weights_sha), force)
-    todo = [(split, p) for split in ("train", "val") for p in image_shards(dataset_dir, split)]
-    if not todo:
+    sources = {_name(src): src for split in ("train", "val") for src in shard_sources(dataset_dir / "images", split)}
+    if not sources:
         raise FileNotFoundError(f"no image shards under {dataset_dir}/images: run prepare-data first")
-    wanted = {out_dir / p.name for _, p in todo}
-    for stale in set(out_dir.glob("*.tar")) - wanted:
+    for stale in set(out_dir.glob("*.tar")) - {out_dir / n for n in sources}:
         stale.unlink()
         LatentSource.path(stale).unlink(missing_ok=True)
-    index = ShardIndex(dataset_dir / "images")
-    recorded = index.shas()
-    shas = {src.name: recorded.get(src.name) or sha256_file(src) for _, src in todo}
-    missing = [src for _, src in todo if not _fresh(out_dir / src.name, shas[src.name])]
+    recorded = ShardIndex(dataset_dir / "images").shas()
+    shas = {n: recorded.get(n) or sha256_source(src) for n, src in sources.items()}
+    missing = [n for n in sources if not _fresh(out_dir / n, shas[n])]
     log.info("encode: %d of %d shards to encode into %s (%d already complete)",
-             len(missing), len(todo), out_dir, len(todo) - len(missing))
+             len(missing), len(sources), out_dir, len(sources) - len(missing))
     p = EncodeParams(ckpt, lc.use_ema, weights_sha, cfg.vae.train.device, cfg.data.resolution, lc.flip,
                      lc.batch_size)
     devices = local_devices(cfg.prefect.devices, cuda_device_count())
     packs = pack_units(list(range(len(missing))), items_per_run(cfg), 4 * len(devices))
-    params = [{"shards": [(missing[i], out_dir / missing[i].name, shas[missing[i].name]) for i in pack], "p": p,
-               "first": missing[pack[0]].stem, "last": missing[pack[-1]].stem} for pack in packs]
+    params = [{"shards": [(sources[missing[i]], out_dir / missing[i], shas[missing[i]]) for i in pack], "p": p,
+               "first": missing[pack[0]].removesuffix(".tar"), "last": missing[pack[-1]].removesuffix(".tar")}
+              for pack in packs]
     try:  # on one device one shard at a time: the model uses the whole device
         if missing:  # no workers started for nothing
             with chunk_runner(cfg.prefect, devices=devices) as runner:

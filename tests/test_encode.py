@@ -131,7 +131,7 @@ def test_encoding_resumes_per_shard_and_gives_identical_bytes(tmp_path, dataset,
     def dying(model, src, dst, **kw):
         if len(calls) == 2:
             raise KeyboardInterrupt  # killed while the third shard is being encoded
-        calls.append(src.name)
+        calls.append(Path(src).name)
         return real(model, src, dst, **kw)
 
     monkeypatch.setattr(tagdit.data.encode, "encode_shard", dying)
@@ -141,7 +141,7 @@ def test_encoding_resumes_per_shard_and_gives_identical_bytes(tmp_path, dataset,
     assert sorted(done) == calls == ["train-000000.tar", "train-000001.tar"]
 
     calls.clear()
-    monkeypatch.setattr(tagdit.data.encode, "encode_shard", lambda *a, **k: (calls.append(a[1].name), real(*a, **k))[1])
+    monkeypatch.setattr(tagdit.data.encode, "encode_shard", lambda *a, **k: (calls.append(Path(a[1]).name), real(*a, **k))[1])
     enc.encode_latents(cfg, dataset, vae_ckpt, out, "abc")
     assert calls == ["train-000002.tar", "val-000000.tar"]  # complete shards are skipped
     assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in done.items())

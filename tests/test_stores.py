@@ -209,8 +209,12 @@ def test_prepare_encode_and_ddp_training_on_s3_equal_the_local_run(s3_server, tm
     runs = {}
     for where, root in (("local", str(tmp_path / "local")), ("s3", f"s3://{bucket}/shards")):
         cfg, _, _ = prepare(root, src, wd_model, f"run.root={root}-runs")
+        if where == "s3":  # encoded on another machine: each unit streams its image shard from the bucket
+            monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "encoder"))
+            pull_roots(cfg, enc.ENCODE.streams)  # what run_stage pulls before encode
         encode(cfg)
-        if where == "s3":  # trained on another machine: the shards stay in the bucket, each rank streams its own
+        if where == "s3":
+            assert not list((tmp_path / "encoder").rglob("images/*.tar")) and (cfg.dataset_dir / "latents-x").is_dir()  # trained on another machine: the shards stay in the bucket, each rank streams its own
             monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "trainer"))
             shard_record(cfg)  # what the train-dit flow reads first: the shard stage's stamp, not its shards
             pull_roots(cfg, TRAIN_DIT.streams)  # what run_stage pulls before train-dit

@@ -41,7 +41,7 @@ STATS_SEED = 0  # seed of the posterior samples behind the scale factor
 STATS_CHUNK = 256  # latents per variance update
 
 
-def image_batches(src: Path, resolution: int, batch_size: int, pool, ahead: int = 2,
+def image_batches(src: str | Path, resolution: int, batch_size: int, pool, ahead: int = 2,
                   skip: frozenset[str] = frozenset()) -> Iterator[tuple[list[dict], Any]]:
     """(raw samples, images (B, 3, R, R)) in shard order, keys in `skip` left out; `pool` decodes `ahead` batches early."""
     import torch
@@ -81,7 +81,7 @@ def previous_posteriors(dst: Path) -> dict[str, tuple[str, tuple]]:
     return out
 
 
-def encode_shard(model, src: Path, dst: Path, *, resolution: int, flip: bool, batch_size: int, device, pool,
+def encode_shard(model, src: str | Path, dst: Path, *, resolution: int, flip: bool, batch_size: int, device, pool,
                  image_shard_sha256: str = "") -> int:
     """Encode one image shard into `dst` (written atomically, then its `LatentSource`); returns the samples.
 
@@ -214,7 +214,7 @@ class EncodeParams:
     batch_size: int
 
 
-def encode_shard_on(device: str | None, src: Path, dst: Path, p: EncodeParams, image_shard_sha256: str = "") -> int:
+def encode_shard_on(device: str | None, src: str | Path, dst: Path, p: EncodeParams, image_shard_sha256: str = "") -> int:
     """`encode_shard` with this process's VAE on `device` (a device worker's; None: `p.device`); returns the samples."""
     from concurrent.futures import ThreadPoolExecutor
 

@@ -154,11 +154,15 @@ def decode_image(data: bytes, resolution: int, flip: bool = False):
     return x.float() / 127.5 - 1.0
 
 
-def iter_image_samples(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Raw samples of one image shard in order (read them with `image_bytes` / `decode_image`)."""
-    from webdataset.tariterators import tarfile_samples
+def iter_image_samples(source: str | Path) -> Iterator[dict[str, Any]]:
+    """Raw samples of one image shard in order (read them with `image_bytes` / `decode_image`): a local
+    file, or a store's object read forward (`shard_sources` names which)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    yield from tarfile_samples([{"url": str(path)}])
+    from tagdit.store_streams import open_source
+
+    with open_source(str(source)) as stream:
+        yield from group_by_keys(tar_file_expander([{"url": str(source), "stream": stream}]))
 
 
 def read_samples(dataset_dir: Path, split: str, limit: int | None = None) -> Iterator[tuple[bytes, dict]]:

@@ -23,6 +23,7 @@ from tagdit.config import load_config
 from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.files import write_json_atomic
 from tagdit.formats.checkpoints import save_weights_only
+from tagdit.formats.image_shards import read_samples
 from tagdit.formats.latent_shards import read_posterior
 from tagdit.orchestrate.runner import pull_roots
 from tagdit.orchestrate.stage import SHARDS, StageRecord
@@ -224,7 +225,10 @@ def test_prepare_encode_and_ddp_training_on_s3_equal_the_local_run(s3_server, tm
     assert (trainer / "latents-x/stats.json").is_file() and (trainer / "vocab.json").is_file()
     assert not list((tmp_path / "trainer").rglob("*.tar"))  # data.shard_cache=none: no shard on its disk
     assert not (trainer / "work").exists()  # nor the data stages' chunks (the crops again) or unit records
-    local, remote = runs["local"].dataset_dir, f"s3://{bucket}/shards/g"
+    local = runs["local"].dataset_dir  # the evaluation's real images, read from the bucket
+    assert list(read_samples(trainer, "val", 3)) == list(read_samples(local, "val", 3)) != []
+    assert not list((tmp_path / "trainer").rglob("*.tar"))
+    remote = f"s3://{bucket}/shards/g"
     stored = objects(remote)
     for part in ("images/", "latents-x/"):
         want = {k: v for k, v in files(local).items() if k.startswith(part) and k.endswith((".tar", ".json"))}

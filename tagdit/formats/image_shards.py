@@ -166,9 +166,9 @@ def iter_image_samples(source: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def read_samples(dataset_dir: Path, split: str, limit: int | None = None) -> Iterator[tuple[bytes, dict]]:
-    """(encoded image, json metadata) of up to `limit` samples of one split, in shard order."""
-    from webdataset.tariterators import tarfile_samples
-
-    urls = [str(p) for p in image_shards(dataset_dir, split)]
-    for raw in itertools.islice(tarfile_samples({"url": u} for u in urls), limit):
+    """(encoded image, json metadata) of up to `limit` samples of one split, in shard order (a URL
+    dataset's shards read from the store, `shard_sources`)."""
+    sources = shard_sources(Path(dataset_dir) / "images", split)
+    raws = (raw for source in sources for raw in iter_image_samples(source))
+    for raw in itertools.islice(raws, limit):
         yield image_bytes(raw), json.loads(raw["json"])

@@ -42,7 +42,9 @@ from tagdit.files import (
 from tagdit.stores import location_key, pull_tree
 
 SHARDS = ("*.tar",)  # a dataset's big files: the trainers stream them, the stages that need them whole pull them
-NOT_TRAINING_DATA = (*SHARDS, "work/*")  # and the data stages' chunks and unit records (the crops again): read by no trainer
+# what the stages that read shards only as streams (train-vae, train-dit, evaluate) never pull: the shards,
+# and the data stages' chunks and unit records (the crops again), which they do not read at all
+SHARDS_AND_WORK = (*SHARDS, "work/*")
 
 
 class StageRecord(BaseModel):
@@ -284,7 +286,7 @@ def read_stamp(out_dir: str | Path, name: str) -> StageRecord | None:
 
 def require_stamp(out_dir: str | Path, name: str, hint: str) -> StageRecord:
     """Like `read_stamp`, but a clear error naming the flow to run first."""
-    pull_tree(out_dir, skip=NOT_TRAINING_DATA)  # a working copy of a URL folder: the store's small files first
+    pull_tree(out_dir, skip=SHARDS_AND_WORK)  # a working copy of a URL folder: the store's small files first
     record = read_stamp(out_dir, name)
     if record is None:
         raise FileNotFoundError(f"no finished '{name}' stage in {out_dir}: run {hint} first")

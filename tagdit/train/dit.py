@@ -10,7 +10,6 @@ top to bottom here, in `tagdit.train.loop` and in `models.diffusion` / `models.d
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 from functools import partial
@@ -49,14 +48,9 @@ def latent_sample_count(url: str) -> int:
 
 def val_latents(latents_dir: Path, limit: int, cache: bool = False) -> list[dict[str, Any]]:
     """The first `limit` raw validation latents, in shard order (read from the store when streamed)."""
-    from tagdit.train.tar_samples import tar_samples
+    from tagdit.train.tar_samples import first_samples
 
-    raws: list[dict[str, Any]] = []
-    for url in shard_urls(latents_dir, "val", cache):
-        raws.extend(itertools.islice(tar_samples(url), limit - len(raws)))
-        if len(raws) == limit:
-            break
-    return raws
+    return first_samples(shard_urls(latents_dir, "val", cache), limit)
 
 
 def decode_latent(raw: dict[str, Any], *, vocab: Vocab, dit: DiTConfig, augment: bool = True) -> dict[str, Any]:

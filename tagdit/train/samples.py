@@ -28,10 +28,11 @@ CAPTION_POOL = 512  # val captions the default prompts are picked from
 
 def val_captions(latents_dir: Path, limit: int = CAPTION_POOL, cache: bool = False) -> list[dict]:
     """The json of the first `limit` validation latents (their tags and scores)."""
+    from tagdit.formats.image_shards import shard_sources
     from tagdit.formats.latent_shards import read_meta
-    from tagdit.train.dit import val_latents
+    from tagdit.train.tar_samples import first_samples
 
-    return [read_meta(raw) for raw in val_latents(latents_dir, limit, cache)]
+    return [read_meta(raw) for raw in first_samples(shard_sources(latents_dir, "val", cache), limit)]
 
 
 def sample_prompts(cfg: PipelineConfig, vocab: Any, latents_dir: Path) -> list[list[str]]:

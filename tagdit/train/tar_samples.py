@@ -11,6 +11,7 @@ Anything else (a compressed shard) goes through webdataset.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
@@ -158,3 +159,13 @@ def tar_sample_count(url: str) -> int:
         return sum(1 for _ in shard._next)
     finally:
         shard.close()
+
+
+def first_samples(urls: list[str], limit: int) -> list[dict[str, Any]]:
+    """The first `limit` raw samples of these shards, in order (a shard after the limit is not opened)."""
+    raws: list[dict[str, Any]] = []
+    for url in urls:
+        if len(raws) == limit:
+            break
+        raws.extend(itertools.islice(tar_samples(url), limit - len(raws)))
+    return raws

@@ -127,13 +127,32 @@ def test_a_run_killed_mid_stage_keeps_the_finished_units_and_writes_only_the_res
     monkeypatch.setattr(tasks.shard, "shard_unit", dies_at_the_third)
     with pytest.raises(RuntimeError, match="killed"):
         run_all(tmp_path / "killed", world)
-    records = sorted(p.name for p in (tmp_path / "killed/t/work/shard").glob("*.json"))
+    records = sorted(p.name for p in (tmp_path / "killed/t/work/shard").glob("*-*.json"))
     assert len(records) == 2 and not (tmp_path / "killed/t/manifest.parquet").exists()
     written = []
     monkeypatch.setattr(tasks.shard, "shard_unit", lambda job: written.append(job.unit.name) or real(job))
     _, again = run_all(tmp_path / "killed", world)
-    units = len(list((tmp_path / "whole/t/work/shard").glob("*.json")))
+    units = len(list((tmp_path / "whole/t/work/shard").glob("*-*.json")))
     assert len(written) == units - 2 and not set(written) & set(done)
     for rel in [f"images/{n}" for n in whole.info["train_shards"] + whole.info["val_shards"]] + [
             "manifest.parquet", "tags.parquet", "vocab.json", "images/shards.json"]:
         assert (Path(whole.out_dir) / rel).read_bytes() == (Path(again.out_dir) / rel).read_bytes(), rel
+
+
+def test_the_split_reads_only_the_keys_of_crop_chunks_it_has_not_seen(tmp_path, world, monkeypatch):
+    import shutil
+
+    import tagdit.data.shard_plan as plan
+
+    cfg, rec = run_all(tmp_path, world)
+    chunks = sorted((tmp_path / "t/work/crop").glob("chunk-*.parquet"))
+    parts = tmp_path / "t/work/shard"
+    read, real = [], plan.chunk_keys
+    monkeypatch.setattr(plan, "chunk_keys", lambda cs: (read.extend(c.name for c in cs), real(cs))[1])
+    before = plan.split_summaries(chunks, 0.2, parts)
+    assert read == []  # the shard stage kept every chunk's summary
+    new = chunks[0].with_name(chunks[0].name.replace(".parquet", "0.parquet"))  # a chunk by another name
+    shutil.copy(chunks[0], new)
+    after = plan.split_summaries([new, *chunks[1:]], 0.2, parts)
+    assert read == [new.name] and after[0][1] == before[0][1] and after[1:] == before[1:]
+    assert len(plan.split_summaries(chunks, 0.1, parts)) == len(chunks) and len(read) == 1 + len(chunks)  # new fraction

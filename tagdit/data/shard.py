@@ -40,23 +40,21 @@ def split_hash(key: str) -> float:
 
 
 class Split:
-    """Which split each sample is in (`split_hash` < val_fraction: val), from one pass over the keys.
+    """Which split each sample is in (`split_hash` < val_fraction: val), from each crop chunk's `split_summary`.
 
     At least one val sample when val_fraction > 0 and there are two samples: the key with the
     smallest hash (`extra`, the tiny-dataset fallback). Keys are read a crop chunk at a time and not
-    kept: only each chunk's counts per split.
+    kept: only each chunk's counts per split (and its lowest hash).
     """
 
-    def __init__(self, keys_by_chunk: Iterable[tuple[Any, list[str]]], fraction: float):
+    def __init__(self, summaries: Iterable[tuple[Any, list]], fraction: float):
         self.fraction, self.counts, self.extra = fraction, {}, None
         total, any_val, lowest = 0, False, None
-        for chunk, keys in keys_by_chunk:
-            hashes = [split_hash(k) for k in keys]
-            val = sum(h < fraction for h in hashes)
-            self.counts[chunk] = {"train": len(keys) - val, "val": val}
-            total, any_val = total + len(keys), any_val or val > 0
-            if keys:
-                lowest = min(lowest or (2.0, "", None), (*min(zip(hashes, keys, strict=True)), chunk))
+        for chunk, (n, val, low_hash, low_key) in summaries:
+            self.counts[chunk] = {"train": n - val, "val": val}
+            total, any_val = total + n, any_val or val > 0
+            if n:
+                lowest = min(lowest or (2.0, "", None), (low_hash, low_key, chunk))
         if not any_val and fraction > 0 and total >= 2:
             self.extra = lowest[1]
             self.counts[lowest[2]]["train"] -= 1
@@ -71,9 +69,17 @@ def split_of(key: str, fraction: float, extra: str | None) -> str:
     return "val" if key == extra or split_hash(key) < fraction else "train"
 
 
+def split_summary(keys: list[str], fraction: float) -> list:
+    """A chunk's part of the split, [samples, val samples, lowest hash, its key]: what `Split` needs of it
+    (JSON, so it can be kept per chunk)."""
+    hashes = [split_hash(k) for k in keys]
+    low_hash, low_key = min(zip(hashes, keys, strict=True), default=(2.0, ""))
+    return [len(keys), sum(h < fraction for h in hashes), low_hash, low_key]
+
+
 def val_keys(keys: list[str], fraction: float) -> set[str]:
     """Keys with split_hash < fraction; at least one when fraction > 0 and there are two samples."""
-    split = Split([(0, keys)], fraction)
+    split = Split([(0, split_summary(keys, fraction))], fraction)
     return {k for k in keys if split.of(k) == "val"}
 
 

@@ -1,7 +1,7 @@
 """The shard stage's plan and finish: which units to write, and the dataset's tables from their records.
 
-`plan_units` reads the crop chunks' keys once (the split's per-chunk counts, never the keys
-themselves) and makes a `UnitJob` for every unit without a finished record under `work/shard/`
+`plan_units` reads the keys of the crop chunks it has not seen (the split's per-chunk counts, kept
+by chunk name in `work/shard/split.json`; never the keys themselves) and makes a `UnitJob` for every unit without a finished record under `work/shard/`
 (`tagdit.data.shard.record_path`: named by the unit and the digest of its inputs). The jobs run on the
 stage's task runner, each in its own process (`tasks.shard`), so one unit's samples are in memory at a
 time, whatever the dataset's size. `finish_units` then merges the units' records, all of them, in
@@ -25,13 +25,15 @@ from tagdit.data.shard import (
     record_path,
     rejects,
     shard_units,
+    split_summary,
 )
 from tagdit.data.vocab import Vocab
-from tagdit.files import sha256_text
+from tagdit.files import sha256_text, write_json_atomic
 from tagdit.formats.dataset_tables import merge_manifests, write_rejects, write_tag_table
 from tagdit.formats.image_shards import ShardIndex
 
 PARTS = Path("work") / "shard"  # under the dataset folder: the units' records and manifest parts
+SPLIT_SUMMARIES = "split.json"  # in PARTS: each crop chunk's split summary, by chunk name
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,20 @@ def unit_done(record: Path) -> bool:
     return all((images / n).exists() and (images / n).stat().st_size == m["size"] for n, m in shards.items())
 
 
+def split_summaries(crop_chunks: list[Path], fraction: float, parts: Path) -> list[tuple[Path, list]]:
+    """Each crop chunk's `split_summary`: kept in `work/shard/split.json` by chunk name (a name hashes the
+    chunk's contents), so only new chunks' keys are read and hashed (at 100M images: minutes saved)."""
+    kept_path = parts / SPLIT_SUMMARIES
+    kept = json.loads(kept_path.read_text()) if kept_path.exists() else {}
+    known = kept.get("chunks", {}) if kept.get("fraction") == fraction else {}
+    summaries = {c.name: known.get(c.name) for c in crop_chunks}
+    for c, keys in chunk_keys([c for c in crop_chunks if summaries[c.name] is None]):
+        summaries[c.name] = split_summary(keys, fraction)
+    if summaries != known:
+        write_json_atomic(kept_path, {"fraction": fraction, "chunks": summaries})
+    return [(c, summaries[c.name]) for c in crop_chunks]
+
+
 def plan_units(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc: ShardsConfig, buckets: int,
                code: str) -> ShardPlan:
     """The units of `out` (the dataset folder) and the jobs for those whose inputs have no finished record.
@@ -59,7 +75,7 @@ def plan_units(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc: S
     unit whose shards `images/shards.json` records from the same inputs (an earlier version's run) keeps
     them: its job writes only its manifest part and record.
     """
-    split = Split(chunk_keys(crop_chunks), sc.val_fraction)
+    split = Split(split_summaries(crop_chunks, sc.val_fraction, out / PARTS), sc.val_fraction)
     extra = [split.extra] if split.extra else []  # the tiny-dataset fallback
     index, parts = ShardIndex(out / "images"), out / PARTS
     settings = repr((sc.image_format, sc.samples_per_shard, sc.val_fraction, buckets))
@@ -91,6 +107,7 @@ def finish_units(plan: ShardPlan, out: Path) -> tuple[dict[str, list[str]], dict
     ShardIndex(out / "images").replace(index)
     merge_manifests([p.with_suffix(".parquet") for p in plan.records.values()], out)
     keep = {p.name for p in plan.records.values()} | {p.with_suffix(".parquet").name for p in plan.records.values()}
+    keep.add(SPLIT_SUMMARIES)
     for stale in (out / PARTS).glob("*"):
         if stale.name not in keep and stale.suffix in (".json", ".parquet"):
             stale.unlink()

@@ -44,7 +44,7 @@ def test_the_sort_streams_the_listing_a_batch_at_a_time_not_the_whole_file(tmp_p
         return keys_of(rels)
 
     sort_sources(src, tmp_path / "sources.parquet", 64, 400_000, sampled_keys_of, lambda stamps: "")
-    assert 0 < most < src.stat().st_size / 3, (most, src.stat().st_size)
+    assert 0 < most < src.stat().st_size / 2, (most, src.stat().st_size)  # pre_buffer: >= the whole file
 
 
 def test_a_parquet_manifest_is_read_a_batch_at_a_time_not_the_whole_file(tmp_path):
@@ -58,4 +58,4 @@ def test_a_parquet_manifest_is_read_a_batch_at_a_time_not_the_whole_file(tmp_pat
         most = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert most < manifest.stat().st_size / 3, (most, manifest.stat().st_size)
+    assert most < manifest.stat().st_size / 2, (most, manifest.stat().st_size)  # pre_buffer: >= the whole file

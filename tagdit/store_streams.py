@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +37,30 @@ def stream_sources(folder: str | Path, wanted: Callable[[str], bool], cache: boo
         return [str(folder / n) for n in sorted(here)]
     stored = {n for n in store_names(folder) if "/" not in n and wanted(n)}
     return [str(folder / n) if n in here or cache else f"{url}/{n}" for n in sorted(here | stored)]
+
+
+def readable(path: str | Path) -> str:
+    """What to open for one file of a folder (`open_source`): the file when here (a working copy holds
+    only current objects), else the store's object, streamed."""
+    url = remote_of(path)
+    return str(path) if url is None or Path(path).exists() else url
+
+
+@contextmanager
+def seekable(path: str | Path) -> Iterator[str | BinaryIO]:
+    """One file of a folder for a reader that seeks (a parquet table's footer, then some row groups): the
+    file when here, else the store's object opened for ranged reads of just what is read."""
+    source = readable(path)
+    if not is_url(source):
+        yield source
+        return
+    fs, rpath = filesystem(source)
+    try:
+        f = fs.open(rpath, "rb", block_size=BLOCK)
+    except Exception as e:
+        raise StoreError(f"cannot read {source} ({type(e).__name__}: {e})") from None
+    with f:
+        yield f
 
 
 def open_source(source: str, buffering: int = 1 << 20) -> BinaryIO | StoreStream:

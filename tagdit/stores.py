@@ -278,13 +278,14 @@ def _current(path: Path, version: int) -> bool:
     return entry is not None and _in_sync(path) and entry["version"] == version
 
 
-def pull_tree(local: str | Path, skip: tuple[str, ...] = ()) -> int:
+def pull_tree(local: str | Path, skip: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> int:
     """Bring a working-copy folder up to date with the store: download every object that is missing
     here or changed there since this copy last transferred it. Returns how many were downloaded.
 
     `skip`: patterns (fnmatch, of paths relative to the folder) of the files a stage reads straight from
-    the store (`tagdit.store_streams`): never downloaded, and a copy here that is not the store's
-    current object is removed, so that what a reader finds here is current."""
+    the store (`tagdit.store_streams`), or does not need yet: never downloaded, and a copy here that is not
+    the store's current object is removed, so that what a reader finds here is current;
+    `keep`: patterns of files pulled even when `skip` names them."""
     local = Path(local)
     url = remote_of(local)
     if url is None:
@@ -295,7 +296,7 @@ def pull_tree(local: str | Path, skip: tuple[str, ...] = ()) -> int:
         p, version = local / rel, object_version(info)
         if _current(p, version):
             continue
-        if any(fnmatch(rel, pattern) for pattern in skip):
+        if any(fnmatch(rel, pattern) for pattern in skip) and not any(fnmatch(rel, pattern) for pattern in keep):
             p.unlink(missing_ok=True)
             _index_path(p).unlink(missing_ok=True)  # forgotten, so no push deletes the store's object
             continue
@@ -324,10 +325,24 @@ def fetch(path: str | Path) -> Path:
     return path
 
 
+def stored_objects(local: str | Path) -> dict[str, dict[str, Any]] | None:
+    """What the store holds under a working-copy folder, {relative name: object info}; None for a plain path."""
+    url = remote_of(local)
+    return _remote_objects(url)[2] if url is not None else None
+
+
+def stored_version(path: str | Path) -> int | None:
+    """The store's version of a working-copy file when this copy is the object last transferred
+    (`object_version`), else None (a plain path, or a file changed since)."""
+    path = Path(path)
+    if remote_of(path) is None or not path.exists() or not _in_sync(path):
+        return None
+    return _read_index(path)["version"]
+
+
 def store_names(local: str | Path) -> list[str]:
     """The names (relative paths) of the objects the store holds under a working-copy folder ([] for a plain path)."""
-    url = remote_of(local)
-    return sorted(_remote_objects(url)[2]) if url is not None else []
+    return sorted(stored_objects(local) or {})
 
 
 def location_key(folder: str | Path) -> str:

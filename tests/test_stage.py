@@ -54,10 +54,24 @@ def test_stage_hits_cache_across_runs_and_recomputes_when_outputs_change(prefect
     assert len(CALLS) == 6
 
 
+@task(name="toy-checked")
+def toy_checked_task(cfg, force: bool = False) -> StageRecord:
+    """The toy stage as the real ones are: its stamp first (a Prefect home that lacks the cache entry)."""
+    return (not force and TOY.valid_record(cfg, {})) or toy_task.fn(cfg)
+
+
+@flow
+def toy_checked_flow(root: str, res: int) -> StageRecord:
+    return run_stage(toy_checked_task, TOY, load_config(None, [f"data.root={root}", f"data.resolution={res}"]))
+
+
 def test_run_stage_reports_cache_hits(prefect_env):
     root = str(prefect_env / "shards")
     assert toy_flow(root, 40).cached is False
     assert toy_flow(root, 40).cached is True
+    CALLS.clear()  # no Prefect cache entry, but the stamp is valid: a hit too
+    assert toy_checked_flow(root, 40).cached is True and CALLS == []
+    assert toy_checked_flow(root, 41).cached is False and CALLS == ["ran"]
 
 
 def test_force_expands_to_following_stages():

@@ -20,17 +20,22 @@ import torch
 import tasks.encode as enc
 from models.vae import build_vae
 from tagdit.config import load_config
+from tagdit.data.preview import load_crops
+from tagdit.data.preview import pick_samples as preview_rows
 from tagdit.demo.stand_in_latents import write_latent_fixture
 from tagdit.files import write_json_atomic
 from tagdit.formats.checkpoints import save_weights_only
 from tagdit.formats.image_shards import read_samples
 from tagdit.formats.latent_shards import read_posterior
-from tagdit.orchestrate.runner import pull_roots
+from tagdit.orchestrate.runner import checked_record, pull_roots
 from tagdit.orchestrate.stage import SHARDS, StageRecord
 from tagdit.store_streams import StoreStream
 from tagdit.stores import StoreError, pull_tree, push_tree, remote_of, working_dir
 from tagdit.train.dit import shard_urls
+from tasks.crop import CROP
 from tasks.records import shard_record
+from tasks.shard import SHARD
+from tasks.tag import TAG
 from tasks.train_dit import TRAIN_DIT
 from tests.model_fixtures import TINY_VAE
 from tests.prefect_server import free_port
@@ -277,8 +282,18 @@ def test_a_run_killed_during_encode_redoes_no_shard_the_bucket_holds(s3_server, 
     assert 1 <= len(done) < len(shards)
 
     monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "machine2"))  # resumed on another machine
-    cfg2 = load_config(None, [*ARGS(cfg), f"tagger.path={wd_model}", "latents.batch_size=4"])
-    pull_roots(cfg2)
+    cfg2 = cfg  # the same settings; its folders are now this machine's working copies
+    crop = checked_record(CROP, cfg2, {})  # the data stages are cache hits there, checked against the bucket:
+    tag = checked_record(TAG, cfg2, {"crop": crop})
+    hit = checked_record(SHARD, cfg2, {"crop": crop, "tag": tag})
+    assert (hit.key, hit.fingerprint, hit.out_dir) == (shard.key, shard.fingerprint, str(cfg2.dataset_dir))
+    here = [p.relative_to(cfg2.dataset_dir).as_posix() for p in cfg2.dataset_dir.rglob("*") if p.is_file()]
+    big = [p for p in here if p.endswith((".tar", ".parquet")) and p != "work/listing.parquet"]  # (its own listing)
+    assert "vocab.json" in here and "work/crop/.stage-crop.json" in here and big == []  # nothing big pulled
+    rows = preview_rows(cfg2.dataset_dir, 4)
+    assert len(load_crops(cfg2.dataset_dir, rows)) == len(rows) == 4
+    assert not list(cfg2.dataset_dir.rglob("*.tar"))  # the flow's preview read the manifest and shards in the bucket
+    pull_roots(cfg2, enc.ENCODE.streams)  # what run_stage pulls before the encode it must run
     encoded = encoded_keys(monkeypatch)
     encode(cfg2)
     assert len(encoded) > 0
@@ -286,6 +301,9 @@ def test_a_run_killed_during_encode_redoes_no_shard_the_bucket_holds(s3_server, 
         for k in (f"{name}.tar", f"{name}.source.json"):
             assert fs().info(f"{latents.removeprefix('s3://')}/{k}")["LastModified"] == stored[k], k
     assert sorted(k for k in objects(latents) if k.endswith(".tar")) == sorted(shards)
+    chunk = next(k for k in objects(f"{root}/g/work/crop") if k.endswith(".parquet"))  # changed in the bucket,
+    fs().pipe_file(f"{root.removeprefix('s3://')}/g/work/crop/{chunk}", objects(f"{root}/g/work/crop")[chunk])
+    assert checked_record(CROP, cfg2, {}) is None  # same size, a new object: not the stamped chunk
 
 
 def test_pruned_checkpoints_and_released_pins_leave_the_bucket(s3_server):

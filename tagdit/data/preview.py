@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from tagdit.formats.dataset_tables import manifest_row_groups, read_manifest, rejects_table
 from tagdit.formats.image_shards import image_bytes, iter_image_samples, open_image
+from tagdit.store_streams import readable
 
 TILE = 128  # px per crop in the preview
 CAPTION_LINES = 4  # tag lines under each crop (the most confident tags first)
@@ -44,7 +45,7 @@ def load_crops(dataset_dir: Path, rows: list[dict[str, Any]]) -> list[Image.Imag
     wanted = {r["key"] for r in rows}
     found: dict[str, Image.Image] = {}
     for shard in dict.fromkeys(r["shard"] for r in rows):
-        for raw in iter_image_samples(Path(dataset_dir) / "images" / shard):
+        for raw in iter_image_samples(readable(Path(dataset_dir) / "images" / shard)):
             if raw["__key__"] in wanted:
                 found[raw["__key__"]] = open_image(image_bytes(raw))
     return [found[r["key"]] for r in rows]

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagdit.files import atomic_path
+from tagdit.store_streams import seekable
 
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
@@ -95,14 +96,16 @@ def merge_manifests(parts: Iterable[Path], dataset_dir: Path) -> int:
 def read_manifest(dataset_dir: Path, columns: list[str] | None = None,
                   row_groups: list[int] | None = None) -> list[dict]:
     """Manifest rows (`columns` only, when given), in shard order; only those of `row_groups` when given."""
-    pf = pq.ParquetFile(Path(dataset_dir) / MANIFEST)
-    groups = range(pf.num_row_groups) if row_groups is None else row_groups
-    return pf.read_row_groups(list(groups), columns=columns).to_pylist()
+    with seekable(Path(dataset_dir) / MANIFEST) as source:
+        pf = pq.ParquetFile(source)
+        groups = range(pf.num_row_groups) if row_groups is None else row_groups
+        return pf.read_row_groups(list(groups), columns=columns).to_pylist()
 
 
 def manifest_row_groups(dataset_dir: Path) -> list[int]:
     """The number of rows of each row group of the manifest (its footer only)."""
-    meta = pq.read_metadata(Path(dataset_dir) / MANIFEST)
+    with seekable(Path(dataset_dir) / MANIFEST) as source:
+        meta = pq.read_metadata(source)
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
@@ -123,7 +126,8 @@ def write_rejects(dataset_dir: Path, parts: Iterable[pa.Table], stage: str) -> i
 
 def rejects_table(dataset_dir: Path) -> pa.Table:
     """`rejects.parquet` as an Arrow table: path, stage, reason."""
-    return pq.read_table(Path(dataset_dir) / REJECTS)
+    with seekable(Path(dataset_dir) / REJECTS) as source:
+        return pq.read_table(source)
 
 
 def read_rejects(dataset_dir: Path) -> list[dict]:

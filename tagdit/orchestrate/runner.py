@@ -9,10 +9,12 @@
      resume (never after a config error, a disk too small, a non-finite loss or a cancel), optional timeouts,
      the tags that name the stage's concurrency slot (`gpu`, `eval`: limits of 1 created on first
      use, slots leaked by a server restart taken back),
-  4. for a `data.root` or `run.root` on a URL: checks the store answers, brings the local working
-     copies up to date before the stage (but for the shards a trainer streams: `Stage.streams`), and
-     makes the store hold the stage's folder after it (`tagdit.stores`; each finished unit was uploaded
-     as it landed).
+  4. for a `data.root` or `run.root` on a URL: checks the store answers, brings the small files of the
+     local working copies up to date (stamps, records, vocabulary) and checks the stamp against the
+     store's objects, so a cache hit downloads no shard, chunk or checkpoint; a stage that computes then
+     gets the rest of the copies but what it reads straight from the store (`Stage.streams`), and the
+     store holds the stage's folder after it (`tagdit.stores`; each finished unit was uploaded as it
+     landed).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from tagdit.config import ConfigError, PipelineConfig
 from tagdit.orchestrate.params import stage_spelling
-from tagdit.orchestrate.stage import Stage, StageRecord
+from tagdit.orchestrate.stage import BULK, STAMPS, Stage, StageRecord
 from tagdit.stores import check_reachable, is_url, pull_tree, push_tree
 
 PIPELINE_ORDER = ("demo-world", "crop", "tag", "shard", "train-vae", "encode", "train-dit", "evaluate")
@@ -75,14 +77,26 @@ def task_options(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
     return opts
 
 
-def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = ()) -> None:
+def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = (), small_only: bool = False) -> None:
     """Check that the URL roots answer (naming the setting when not) and update their working copies,
-    but for the dataset files a stage reads straight from the store (`streams`: `Stage.streams`)."""
+    but for the dataset files a stage reads straight from the store (`streams`: `Stage.streams`);
+    `small_only`: nothing of `BULK` but the stamps either (what a cache check needs)."""
     for setting, root, folder, skip in (("data.root", cfg.data.root, cfg.dataset_dir, streams),
                                         ("run.root", cfg.run.root, cfg.run_dir, ())):
         if is_url(root):
             check_reachable(str(root), setting)
-            pull_tree(folder, skip=skip)
+            pull_tree(folder, skip=(*skip, *BULK), keep=STAMPS) if small_only else pull_tree(folder, skip=skip)
+
+
+def checked_record(stage: Stage, cfg: PipelineConfig, upstream: dict[str, StageRecord],
+                   force: bool = False) -> StageRecord | None:
+    """The stage's valid stamped record (None when forced or not valid), with the working copies of URL
+    roots holding what the stage reads when it must compute: a cache hit pulls only the small files."""
+    pull_roots(cfg, stage.streams, small_only=True)
+    on_disk = None if force else stage.valid_record(cfg, upstream)
+    if on_disk is None:
+        pull_roots(cfg, stage.streams)
+    return on_disk
 
 
 def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = False,
@@ -95,9 +109,8 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
     logger = get_run_logger()
     options = task_options(stage, cfg)
     with exclusive(stage.lock_dir(cfg, upstream), f"stage {stage.name}"):
-        pull_roots(cfg, stage.streams)
         prepare_tag_limits(set(options.get("tags") or stage_task.tags))
-        on_disk = None if force else stage.valid_record(cfg, upstream)
+        on_disk = checked_record(stage, cfg, upstream, force)
         if on_disk is None:
             why = "forced" if force else "no valid outputs on disk for this key"
             logger.info("stage %s: %s -> computing", stage.name, why)
@@ -108,7 +121,8 @@ def run_stage(stage_task: Any, stage: Stage, cfg: PipelineConfig, force: bool = 
         state = task(cfg, **kwargs, return_state=True)
         record = state.result()  # raises the task's error if it failed
         push_tree(record.out_dir)
-    if state.name == "Cached" and on_disk is not None:
+    # a hit: Prefect's cache, or the task found the same stamp (a Prefect home without the cache entry)
+    if on_disk is not None and (state.name == "Cached" or (record.key, record.fingerprint) == (on_disk.key, on_disk.fingerprint)):
         logger.info("stage %s: cache hit (%s, outputs in %s)", stage.name, on_disk.key, on_disk.out_dir)
         return on_disk.model_copy(update={"cached": True})
     return record.model_copy(update={"cached": False})

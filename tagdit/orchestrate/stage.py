@@ -39,12 +39,15 @@ from tagdit.files import (
     sha256_text,
     write_json_atomic,
 )
-from tagdit.stores import location_key, pull_tree
+from tagdit.stores import location_key, object_version, pull_tree, stored_objects, stored_version
 
 SHARDS = ("*.tar",)  # a dataset's big files: the trainers stream them, the stages that need them whole pull them
 # what the stages that read shards only as streams (train-vae, train-dit, evaluate) never pull: the shards,
 # and the data stages' chunks and unit records (the crops again), which they do not read at all
 SHARDS_AND_WORK = (*SHARDS, "work/*")
+# what a stage's cache check never pulls (`tagdit.orchestrate.runner`): shards, chunks, tables and checkpoint
+# folders, but their stamps; a stamp in a working copy of a URL folder is checked against the store's objects
+BULK, STAMPS = (*SHARDS_AND_WORK, "*.parquet", "*.safetensors", "*.pt"), (".stage-*.json", "*/.stage-*.json")
 
 
 class StageRecord(BaseModel):
@@ -195,6 +198,7 @@ class Stage:
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
                 "sha256": file_fingerprint(f),
+                **({} if (v := stored_version(f)) is None else {"version": v}),  # the store's object, when uploaded
             }
         fingerprint = sha256_text(json.dumps({k: v["sha256"] for k, v in entries.items()}, sort_keys=True))
         record = StageRecord(
@@ -218,18 +222,28 @@ class Stage:
         if record.key != self.key(cfg, upstream):
             return None
         out_dir = Path(self.out_dir(cfg, upstream))
+        stored = stored_objects(out_dir)  # a working copy of a URL folder: the store holds the outputs
         for rel, meta in stamp["files"].items():
-            f = out_dir / rel
-            try:
-                st = f.stat()
-            except OSError:
-                return None
-            if st.st_size != meta["size"]:
-                return None
-            if st.st_mtime_ns != meta["mtime_ns"] and sha256_file(f) != meta["sha256"]:
+            if not (in_store(stored.get(rel), meta) if stored is not None else on_disk(out_dir / rel, meta)):
                 return None
         remember_stamped(out_dir, stamp["files"])
         return relocated(record, out_dir)
+
+
+def on_disk(f: Path, meta: dict[str, Any]) -> bool:
+    """Whether a local file is the one a stamp recorded: its size, and its mtime or else its sha256."""
+    try:
+        st = f.stat()
+    except OSError:
+        return False
+    return st.st_size == meta["size"] and (st.st_mtime_ns == meta["mtime_ns"] or sha256_file(f) == meta["sha256"])
+
+
+def in_store(info: dict[str, Any] | None, meta: dict[str, Any]) -> bool:
+    """Whether a stored object (its info, None when missing) is the file a stamp recorded: its size, and
+    its store version when the stamp has it (a file uploaded before the stamp was written)."""
+    return info is not None and info.get("size") == meta["size"] \
+        and ("version" not in meta or object_version(info) == meta["version"])
 
 
 def remember_stamped(out_dir: Path, files: dict[str, dict]) -> None:

@@ -70,6 +70,7 @@ def remove_stale_temps(folder: str | Path) -> int:
 
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
+_STORED_HASHES: dict[str, str] = {}  # absolute path -> sha256 of a working-copy file not here
 
 
 def remember_fingerprint(path: str | Path, size: int, mtime_ns: int, sha256: str) -> None:
@@ -78,10 +79,22 @@ def remember_fingerprint(path: str | Path, size: int, mtime_ns: int, sha256: str
     _FILE_HASHES[(str(Path(path).resolve()), size, mtime_ns)] = sha256
 
 
+def remember_stored(path: str | Path, sha256: str) -> None:
+    """Take `sha256` as the hash of a working-copy file that is not here, whose store object a stamp
+    recorded (checked against the store's listing): its bytes are never downloaded just to be hashed."""
+    _STORED_HASHES[str(Path(path).absolute())] = sha256
+
+
 def file_fingerprint(path: str | Path) -> str:
-    """sha256 of a file, memoised on (path, size, mtime) within the process."""
+    """sha256 of a file, memoised on (path, size, mtime) within the process (for a working-copy file not
+    here: the hash its stamp recorded, `remember_stored`)."""
     p = Path(path)
-    st = p.stat()
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        if (sha := _STORED_HASHES.get(str(p.absolute()))) is not None:
+            return sha
+        raise
     k = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if k not in _FILE_HASHES:
         _FILE_HASHES[k] = sha256_file(p)

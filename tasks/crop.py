@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -35,6 +34,7 @@ from tagdit.formats.chunks import chunk_bucket, chunk_name, read_crop_chunk
 from tagdit.formats.sources import SOURCES, read_buckets, sort_sources, write_buckets
 from tagdit.orchestrate.chunks import chunk_runner, offload, pack_units, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
+from tagdit.stores import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,18 @@ CROP = Stage(
               "shards.image_format", "shards.jpeg_quality"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "crop",
     extra_inputs=_key_inputs,
+    reads_store=True,
 )
 
 
-def _previous(out: Path, dsts: dict[int, Path]) -> dict[int, Path]:
-    """Each bucket's chunk of an earlier run (its rows of unchanged files are copied), if any: one
-    listing of the folder, not one per bucket."""
+def _previous(out: Path, existing: set[str], dsts: dict[int, Path]) -> dict[int, Path]:
+    """Each bucket's chunk of an earlier run (its rows of unchanged files are copied), if any, from one
+    listing of the folder (`existing`), not one per bucket."""
     earlier: dict[int, Path] = {}
-    for f in sorted(out.glob("chunk-*.parquet")):
-        b = chunk_bucket(f.name)
-        if b in dsts and f != dsts[b]:
-            earlier.setdefault(b, f)
+    for name in sorted(existing):
+        b = chunk_bucket(name)
+        if b in dsts and name != dsts[b].name:
+            earlier.setdefault(b, out / name)
     return earlier
 
 
@@ -102,16 +103,17 @@ def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
         return rec
     out = CROP.out_dir(cfg, {})
     dsts, sizes = _plan(cfg, listing, n, out)  # refuses a manifest naming a file twice, before any work
-    if force and out.exists():
-        shutil.rmtree(out)
+    if force:
+        remove_tree(out)  # (and the store's objects of a URL dataset: units are found by name there too)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    todo = [b for b, d in dsts.items() if not d.exists()]
+    existing = names_in(out, "chunk-*.parquet")  # here, and in the store of a URL dataset (not pulled)
+    todo = [b for b, d in dsts.items() if d.name not in existing]
     log.info("crop: %d files (+ %d sidecars) in %d buckets (%d with files) under %s; %d buckets to do",
              listing.found, listing.sidecars, n, len(dsts), source, len(todo))
     if todo:
         workers = min(cfg.crop.workers or os.cpu_count() or 1, len(todo))
-        units, previous = pack_units(todo, cfg.crop.unit_files, 4 * workers, sizes), _previous(out, dsts)
+        units, previous = pack_units(todo, cfg.crop.unit_files, 4 * workers, sizes), _previous(out, existing, dsts)
         params = [{"base": source_base(source), "manifest": cfg.dataset_dir / SOURCES, "buckets": unit,
                    "p": CropParams.from_config(cfg), "dsts": [dsts[b] for b in unit],
                    "previous": [previous.get(b) for b in unit], "first": unit[0], "last": unit[-1]}
@@ -119,8 +121,8 @@ def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
         log.info("crop: the %d buckets to do in %d task runs", len(todo), len(units))
         with chunk_runner(cfg.prefect, threads=workers, processes=workers) as runner:
             run_units(runner, crop_chunk_task, params, "crop", [sum(sizes[b] for b in u) for u in units], "img")
-    for stale in set(out.glob("chunk-*.parquet")) - set(dsts.values()):
-        stale.unlink()
+    for stale in existing - {d.name for d in dsts.values()}:
+        remove(out / stale)
     found, chunks = listing.found, list(dsts.values())
     ok = sum(sum(read_crop_chunk(d, ["ok"]).column("ok").to_pylist()) for d in chunks)
     info = {"found": found, "sidecars": listing.sidecars, "ok": ok, "rejected": found - ok, "buckets": n,

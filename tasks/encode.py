@@ -14,7 +14,6 @@ shard is encoded again, even with the same VAE.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_devic
 from tagdit.orchestrate.markers import marker_matches, write_marker
 from tagdit.orchestrate.stage import Stage, StageRecord, code_version, stage_cache_key
 from tagdit.store_streams import sha256_source
+from tagdit.stores import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ ENCODE = Stage(
              "models.config"),
     sections=("latents", "data.resolution"),
     out_dir=lambda cfg, up: cfg.dataset_dir / f"latents-{up['vae'].info['vae_id']}",
+    reads_store=True,
     streams=("images/*.tar", "work/*"),  # image shards read from the store, each by its unit; chunks not read
 )
 
@@ -62,7 +63,7 @@ def _prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool) -> No
     """Drop latents made by other settings (they are derived data); keep matching complete shards."""
     marker = out_dir / "encode.json"
     if out_dir.exists() and (force or not marker_matches(marker, identity)):
-        shutil.rmtree(out_dir)
+        remove_tree(out_dir)  # (and the store's objects of a URL dataset: shards are found by name there too)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
     write_marker(marker, identity)
@@ -73,10 +74,11 @@ def _name(source: str) -> str:
     return source.rsplit("/", 1)[-1]
 
 
-def _fresh(dst: Path, image_shard_sha256: str) -> bool:
-    """Whether the latent shard at `dst` was made from the image shard with this sha256 (not merely named as it)."""
+def _fresh(dst: Path, image_shard_sha256: str, existing: set[str]) -> bool:
+    """Whether the latent shard at `dst` (`existing`: the latent shards here or in the store) was made
+    from the image shard with this sha256 (not merely named as it)."""
     record = LatentSource.load(dst)
-    return dst.exists() and record is not None and record.image_shard_sha256 == image_shard_sha256
+    return dst.name in existing and record is not None and record.image_shard_sha256 == image_shard_sha256
 
 
 @unit_task(name="encode-shards", run_name="encode {first} to {last}")
@@ -101,12 +103,13 @@ def encode_latents(cfg: PipelineConfig, dataset_dir: Path, vae_ckpt: Path, out_d
     sources = {_name(src): src for split in ("train", "val") for src in shard_sources(dataset_dir / "images", split)}
     if not sources:
         raise FileNotFoundError(f"no image shards under {dataset_dir}/images: run prepare-data first")
-    for stale in set(out_dir.glob("*.tar")) - {out_dir / n for n in sources}:
-        stale.unlink()
-        LatentSource.path(stale).unlink(missing_ok=True)
+    existing = names_in(out_dir, "*.tar")  # here, and in the store of a URL dataset (not pulled)
+    for stale in existing - set(sources):
+        remove(out_dir / stale)
+        remove(LatentSource.path(out_dir / stale))
     recorded = ShardIndex(dataset_dir / "images").shas()
     shas = {n: recorded.get(n) or sha256_source(src) for n, src in sources.items()}
-    missing = [n for n in sources if not _fresh(out_dir / n, shas[n])]
+    missing = [n for n in sources if not _fresh(out_dir / n, shas[n], existing)]
     log.info("encode: %d of %d shards to encode into %s (%d already complete)",
              len(missing), len(sources), out_dir, len(sources) - len(missing))
     p = EncodeParams(ckpt, lc.use_ema, weights_sha, cfg.vae.train.device, cfg.data.resolution, lc.flip,

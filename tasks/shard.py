@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -26,6 +25,7 @@ from tagdit.formats.dataset_tables import MANIFEST, REJECTS, TAG_TABLE
 from tagdit.formats.image_shards import SHARD_INDEX
 from tagdit.orchestrate.chunks import chunk_runner, offload, pack_units, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
+from tagdit.stores import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ SHARD = Stage(
     sections=("shards.image_format", "shards.samples_per_shard", "shards.val_fraction",
               "shards.min_tag_count", "shards.max_vocab"),
     out_dir=lambda cfg, up: cfg.dataset_dir,  # tars in images/, tables and vocab.json beside it
+    reads_store=True,
 )
 TABLES = (MANIFEST, REJECTS, TAG_TABLE, "vocab.json")
 
@@ -53,10 +54,10 @@ TABLES = (MANIFEST, REJECTS, TAG_TABLE, "vocab.json")
 def _clean(out: Path, force: bool) -> None:
     """Forced: no shards, tables or unit records left; always: no temporary files of a killed run."""
     if force:
-        shutil.rmtree(out / "images", ignore_errors=True)
-        shutil.rmtree(out / PARTS, ignore_errors=True)
+        remove_tree(out / "images")  # (and the store's objects of a URL dataset: units are found by name there too)
+        remove_tree(out / PARTS)
         for name in TABLES:
-            (out / name).unlink(missing_ok=True)
+            remove(out / name)
     for folder in (out, out / "images", out / PARTS):
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(folder)
@@ -81,8 +82,8 @@ def shard_stage(cfg: PipelineConfig, crop: StageRecord, tag: StageRecord, force:
     shards, counts, stats = finish_units(plan, out)
     rejected, vocab = write_tables(crop_chunks, out, stats, cfg.shards)
     shard_paths = [images / n for n in shards["train"] + shards["val"]]
-    for stale in set(images.glob("*.tar")) - set(shard_paths):
-        stale.unlink()
+    for stale in names_in(images, "*.tar") - {p.name for p in shard_paths}:  # here and in the store of a URL dataset
+        remove(images / stale)
     found, sharded = crop.info["found"], counts["train"] + counts["val"]
     if found != sharded + rejected:
         raise RuntimeError(f"accounting broken: found {found} != sharded {sharded} + rejected {rejected}")

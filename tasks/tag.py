@@ -14,7 +14,6 @@ are copied from the bucket's previous tag chunk).
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -34,6 +33,7 @@ from tagdit.orchestrate.stage import (
     file_fingerprint,
     stage_cache_key,
 )
+from tagdit.stores import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ TAG = Stage(
     sections=("tagger.general_threshold", "tagger.character_threshold", "tagger.mcut", "tagger.exclude",
               "tagger.sidecar", "tagger.resize", "tagger.pre_shrink"),
     out_dir=lambda cfg, up: cfg.dataset_dir / "work" / "tag",
+    reads_store=True,
     extra_inputs=lambda cfg: resolve_tagger(cfg.tagger).key_inputs(),  # the commit and the files' bytes
 )
 
@@ -81,13 +82,13 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
     if not force and (rec := TAG.valid_record(cfg, {"crop": crop})):
         return rec
     out = TAG.out_dir(cfg, {"crop": crop})
-    if force and out.exists():
-        shutil.rmtree(out)
+    if force:
+        remove_tree(out)  # (and the store's objects of a URL dataset: units are found by name there too)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     crop_chunks, key = [Path(crop.out_dir) / c for c in crop.info["chunks"]], tagger_key(cfg)
     dsts = [out / chunk_name(chunk_bucket(c.name), chunk_digest(cfg, c, key)) for c in crop_chunks]  # a bucket keeps its number
-    existing = {f.name for f in out.glob("chunk-*.parquet")}  # one listing, not a stat per chunk
+    existing = names_in(out, "chunk-*.parquet")  # one listing, not a stat per chunk (and the store's of a URL dataset)
     todo = [i for i, d in enumerate(dsts) if d.name not in existing]
     log.info("tag: %d chunks, %d to do", len(dsts), len(todo))
     if todo:
@@ -106,8 +107,8 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
                 run_units(runner, tag_chunks_task, params, "tag", [len(p) for p in packs], "chunk")
         finally:
             forget_taggers()  # the local runner's session; a Dask worker keeps its own
-    for stale in set(out.glob("chunk-*.parquet")) - set(dsts):
-        stale.unlink()
+    for stale in existing - {d.name for d in dsts}:
+        remove(out / stale)
     n = sum(tag_chunk_rows(d) for d in dsts)
     info = {"tagged": n, "chunks": [d.name for d in dsts], "sidecar_mode": cfg.tagger.sidecar,
             **resolve_tagger(cfg.tagger).record_info()}

@@ -40,11 +40,15 @@ def make_source(src: Path, folders: int, per_folder: int) -> Path:
     return src
 
 
+def grow_config(root: Path | str, src: Path, wd: Path, *extra: str):
+    return load_config(None, [f"data.source={src}", f"data.root={root}", "data.name=g", "data.resolution=32",
+                              "crop.workers=1", f"tagger.path={wd}", "shards.samples_per_shard=8",
+                              "shards.val_fraction=0.1", "shards.min_tag_count=1", "latents.batch_size=4",
+                              "vae.train.device=cpu", *extra])
+
+
 def prepare(root: Path, src: Path, wd: Path, *extra: str):
-    cfg = load_config(None, [f"data.source={src}", f"data.root={root}", "data.name=g", "data.resolution=32",
-                             "crop.workers=1", f"tagger.path={wd}", "shards.samples_per_shard=8",
-                             "shards.val_fraction=0.1", "shards.min_tag_count=1", "latents.batch_size=4",
-                             "vae.train.device=cpu", *extra])
+    cfg = grow_config(root, src, wd, *extra)
     crop = crop_stage(cfg)
     tag = tag_stage(cfg, crop)
     return cfg, crop, shard_stage(cfg, crop, tag)

@@ -28,18 +28,18 @@ from tagdit.formats.checkpoints import save_weights_only
 from tagdit.formats.image_shards import read_samples
 from tagdit.formats.latent_shards import read_posterior
 from tagdit.orchestrate.runner import checked_record, pull_roots
-from tagdit.orchestrate.stage import SHARDS, StageRecord
+from tagdit.orchestrate.stage import BULK, SHARDS, StageRecord
 from tagdit.store_streams import StoreStream
 from tagdit.stores import StoreError, pull_tree, push_tree, remote_of, working_dir
 from tagdit.train.dit import shard_urls
-from tasks.crop import CROP
+from tasks.crop import CROP, crop_stage
 from tasks.records import shard_record
-from tasks.shard import SHARD
-from tasks.tag import TAG
+from tasks.shard import SHARD, shard_stage
+from tasks.tag import TAG, tag_stage
 from tasks.train_dit import TRAIN_DIT
 from tests.model_fixtures import TINY_VAE
 from tests.prefect_server import free_port
-from tests.test_grow import encoded_keys, make_source, prepare
+from tests.test_grow import encoded_keys, grow_config, make_source, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread", "store_cache")
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,3 +322,41 @@ def test_pruned_checkpoints_and_released_pins_leave_the_bucket(s3_server):
     assert ckpts.prune(1) == [ckpts.dir_for(1)]
     assert sorted(objects(url)) == ["ckpt-0000002/.kept-train-dit", "ckpt-0000002/meta.json",
                                     "ckpt-0000003/meta.json", "latest"]
+
+
+def test_a_grown_bucket_dataset_downloads_only_its_changes_on_a_fresh_machine(s3_server, tmp_path, wd_model,
+                                                                              vae_ckpt, monkeypatch):
+    """One image added, prepare-data and encode run again on a machine with an empty copy: it reads the
+    units it needs from the bucket, writes the changed ones, and the bucket ends byte-identical to the
+    same growth on local folders."""
+    from PIL import Image
+
+    monkeypatch.setenv("TEST_VAE_CKPT", str(vae_ckpt))
+    src = make_source(tmp_path / "src", folders=4, per_folder=6)
+    roots = {"local": str(tmp_path / "local"), "s3": f"s3://{new_bucket(s3_server)}/shards"}
+    for root in roots.values():
+        cfg, _, _ = prepare(root, src, wd_model)
+        encode(cfg)
+        push_tree(cfg.dataset_dir)  # what run_stage does when a stage ends
+    Image.new("RGB", (38, 40), (250, 250, 10)).save(src / "char0" / "new.png")  # the dataset grows by one image
+
+    cfg, _, _ = prepare(roots["local"], src, wd_model)
+    encode(cfg)
+    want = files(cfg.dataset_dir)
+    monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "machine2"))
+    cfg = grow_config(roots["s3"], src, wd_model)
+    crop = checked_record(CROP, cfg, {}) or crop_stage(cfg)  # as run_stage: no valid stamp, so it computes
+    tag = checked_record(TAG, cfg, {"crop": crop}) or tag_stage(cfg, crop)
+    assert checked_record(SHARD, cfg, {"crop": crop, "tag": tag}) is None
+    shard_stage(cfg, crop, tag)
+    pull_roots(cfg, (*enc.ENCODE.streams, *BULK))  # what run_stage pulls before an encode it computes
+    encode(cfg)
+    push_tree(cfg.dataset_dir)
+    here = {p.relative_to(cfg.dataset_dir).as_posix() for p in cfg.dataset_dir.rglob("*") if p.is_file()}
+    for folder, most in (("work/crop/", 1), ("work/tag/", 1), ("images/", 2 + 1), ("latents-x/", 2)):
+        units = [p for p in here if p.startswith(folder) and p.endswith((".parquet", ".tar")) and "/." not in p]
+        assert 1 <= len(units) <= most, (folder, units)  # the changed bucket's chunk, its unit's shards
+    stored = objects(f"{roots['s3']}/g")
+    units = {k: v for k, v in want.items() if k.endswith((".tar", ".parquet")) and not k.startswith("work/listing")}
+    assert {k: stored.get(k) for k in units} == units  # every chunk, shard, latent and table, byte for byte
+    assert {k for k in stored if k.endswith((".tar", ".parquet"))} == set(units) | {"work/listing.parquet"}

@@ -266,7 +266,7 @@ def process_bucket(source: str | Path, files: list[SourceFile], p: CropParams, d
     from it; only new or changed files are read and cropped.
     """
     kept = {}
-    if previous is not None and previous.exists():
+    if previous is not None:  # here, or in the store of a URL dataset (read from there)
         kept = {r["stamp"]: r for r in read_crop_chunk(previous).to_pylist()}
     rows = [kept.get(f.stamp) or crop_row(source, f, p) for f in files]
     write_crop_chunk(rows, dst)

@@ -34,6 +34,7 @@ from tagdit.formats.latent_shards import (
     iter_latent_samples,
     read_posterior,
 )
+from tagdit.stores import local_copy, present
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ def image_batches(src: str | Path, resolution: int, batch_size: int, pool, ahead
 def previous_posteriors(dst: Path) -> dict[str, tuple[str, tuple]]:
     """key -> (image sha256, posterior arrays) of the latent shard now at `dst`, as its `LatentSource` records."""
     record = LatentSource.load(dst)
-    if record is None or not dst.exists():
+    if record is None or not present(dst):
         return {}
     out = {}
-    for raw in iter_latent_samples([dst]):
+    for raw in iter_latent_samples([local_copy(dst)]):  # a shard in the store only: downloaded, it is rewritten
         if (sha := record.images.get(raw["__key__"])) is not None:
             out[raw["__key__"]] = (sha, read_posterior(raw) + (read_posterior(raw, flipped=True) if has_flip(raw) else ()))
     return out

@@ -30,6 +30,7 @@ from tagdit.formats.chunks import CROP_CHUNK_SCHEMA, chunk_bucket, read_crop_chu
 from tagdit.formats.dataset_tables import ManifestWriter, manifest_writer
 from tagdit.formats.image_shards import ShardFile, image_sample, shard_name
 from tagdit.formats.selected_tags import RATING
+from tagdit.stores import local_copy
 
 SPLITS = ("train", "val")
 
@@ -233,8 +234,9 @@ def shard_unit(job: UnitJob) -> dict[str, Any]:
     with manifest_writer(record.with_suffix(".parquet")) as manifest:
         paths = write_unit(job, manifest, stats)
     per_shard = Counter(i * len(paths) // job.count for i in range(job.count))  # as `write_unit` spreads them
+    here = [local_copy(p) for p in paths]  # kept shards (`job.write` off) of a URL dataset may be in the store only
     shards = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p), "samples": per_shard[j]}
-              for j, p in enumerate(paths)}
+              for j, p in enumerate(here)}
     done = {"inputs": job.inputs, "count": job.count, "split": job.unit.split, "shards": shards, "tags": stats.rows}
     write_json_atomic(record, done)
     return done

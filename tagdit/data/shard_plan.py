@@ -31,6 +31,7 @@ from tagdit.data.vocab import Vocab
 from tagdit.files import sha256_text, write_json_atomic
 from tagdit.formats.dataset_tables import merge_manifests, write_rejects, write_tag_table
 from tagdit.formats.image_shards import ShardIndex
+from tagdit.stores import local_copy, names_in, present, remove, sizes_in
 
 PARTS = Path("work") / "shard"  # under the dataset folder: the units' records and manifest parts
 SPLIT_SUMMARIES = "split.json"  # in PARTS: each crop chunk's split summary, by chunk name
@@ -44,20 +45,20 @@ class ShardPlan:
     jobs: list[UnitJob]
 
 
-def unit_done(record: Path) -> bool:
-    """Whether a unit's record and manifest part exist and its shards are all in place, at their size."""
-    if not record.exists() or not record.with_suffix(".parquet").exists():
+def unit_done(record: Path, parts: set[str], images: dict[str, int]) -> bool:
+    """Whether a unit's record and manifest part exist (`parts`: the names in `work/shard/`) and its shards
+    are all in place at their size (`images`: sizes in `images/`), here or in the store of a URL dataset."""
+    if record.name not in parts or record.with_suffix(".parquet").name not in parts:
         return False
-    images = record.parents[2] / "images"
-    shards = json.loads(record.read_text())["shards"]
-    return all((images / n).exists() and (images / n).stat().st_size == m["size"] for n, m in shards.items())
+    shards = json.loads(local_copy(record).read_text())["shards"]
+    return all(images.get(n) == m["size"] for n, m in shards.items())
 
 
 def split_summaries(crop_chunks: list[Path], fraction: float, parts: Path) -> list[tuple[Path, list]]:
     """Each crop chunk's `split_summary`: kept in `work/shard/split.json` by chunk name (a name hashes the
     chunk's contents), so only new chunks' keys are read and hashed (at 100M images: minutes saved)."""
     kept_path = parts / SPLIT_SUMMARIES
-    kept = json.loads(kept_path.read_text()) if kept_path.exists() else {}
+    kept = json.loads(local_copy(kept_path).read_text()) if present(kept_path) else {}
     known = kept.get("chunks", {}) if kept.get("fraction") == fraction else {}
     summaries = {c.name: known.get(c.name) for c in crop_chunks}
     for c, keys in chunk_keys([c for c in crop_chunks if summaries[c.name] is None]):
@@ -79,14 +80,14 @@ def plan_units(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc: S
     extra = [split.extra] if split.extra else []  # the tiny-dataset fallback
     index, parts = ShardIndex(out / "images"), out / PARTS
     settings = repr((sc.image_format, sc.samples_per_shard, sc.val_fraction, buckets))
-    records, jobs = {}, []
+    records, jobs, done, sizes = {}, [], names_in(parts), sizes_in(out / "images")
     for u in shard_units(crop_chunks, tag_chunks, buckets, sc.val_fraction):
         count = sum(split.counts[c][u.split] for c, _ in u.chunks)
         if count == 0:
             continue
         inputs = sha256_text(code, settings, *extra, *(f"{c.name}:{t.name}" for c, t in u.chunks))
         records[u.name] = record_path(parts, u.name, inputs)
-        if not unit_done(records[u.name]):
+        if not unit_done(records[u.name], done, sizes):
             jobs.append(UnitJob(u, count, inputs, not index.fresh(u.name, inputs), sc.val_fraction, split.extra,
                                 out / "images", parts, sc))
     return ShardPlan(records, jobs)
@@ -99,7 +100,7 @@ def finish_units(plan: ShardPlan, out: Path) -> tuple[dict[str, list[str]], dict
     shards: dict[str, list[str]] = {"train": [], "val": []}
     counts = {"train": 0, "val": 0}
     for name, path in plan.records.items():
-        r = json.loads(path.read_text())
+        r = json.loads(local_copy(path).read_text())  # a unit this run did not write may be in the store only
         index[name] = {"inputs": r["inputs"], "shards": r["shards"]}
         stats.merge(r["tags"])
         shards[r["split"]] += sorted(r["shards"])
@@ -108,9 +109,9 @@ def finish_units(plan: ShardPlan, out: Path) -> tuple[dict[str, list[str]], dict
     merge_manifests([p.with_suffix(".parquet") for p in plan.records.values()], out)
     keep = {p.name for p in plan.records.values()} | {p.with_suffix(".parquet").name for p in plan.records.values()}
     keep.add(SPLIT_SUMMARIES)
-    for stale in (out / PARTS).glob("*"):
-        if stale.name not in keep and stale.suffix in (".json", ".parquet"):
-            stale.unlink()
+    for stale in names_in(out / PARTS) - keep:
+        if stale.endswith((".json", ".parquet")):
+            remove(out / PARTS / stale)
     return shards, counts, stats
 
 

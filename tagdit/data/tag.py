@@ -141,7 +141,7 @@ def tag_input(row: dict) -> str:
 
 def reusable_tags(previous: Path | None, tagger: str) -> dict[tuple[str, str], dict]:
     """(key, input) -> tag row of the bucket's previous tag chunk, when the same tagger and settings made it."""
-    if previous is None or not previous.exists() or not tagger or tag_chunk_tagger(previous) != tagger:
+    if previous is None or not tagger or tag_chunk_tagger(previous) != tagger:  # (read from the store when not here)
         return {}
     return {(r["key"], r["input"]): r for r in read_tag_chunk(previous).to_pylist()}
 

@@ -6,7 +6,8 @@ an unchanged file's row is copied on the next run). A tag chunk has one row per 
 the crop chunk it was made from, in the same order (`TAG_CHUNK_SCHEMA`), with the `input` it was
 tagged from (source sha256 + sidecar text) and, in the file's metadata, the key of the tagger and
 settings that made it. Both are written atomically; the
-readers refuse a file whose schema is not the format's, naming the file and the difference.
+readers refuse a file whose schema is not the format's, naming the file and the difference, and
+read a working-copy chunk that is not here from the store (footer and columns only: `seekable`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tagdit.files import atomic_path
+from tagdit.store_streams import seekable
 
 CROP_CHUNK_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("stamp", pa.string()), ("ok", pa.bool_()), ("reason", pa.string()),
@@ -58,10 +60,11 @@ def write_crop_chunk(rows: list[dict], dst: Path) -> None:
 
 def read_crop_chunk(path: Path, columns: list[str] | None = None, ok_only: bool = False) -> pa.Table:
     """`columns` (all by default) of a crop chunk; with `ok_only` only the cropped rows, `ok` included."""
-    _check(path, pq.read_schema(path), CROP_CHUNK_SCHEMA, "crop")
     if ok_only and columns is not None and "ok" not in columns:
         columns = ["ok", *columns]
-    table = pq.read_table(path, columns=columns)
+    with seekable(path) as source:
+        _check(path, pq.read_schema(source), CROP_CHUNK_SCHEMA, "crop")
+        table = pq.read_table(source, columns=columns)
     return table.filter(pc.field("ok")) if ok_only else table
 
 
@@ -72,18 +75,21 @@ def write_tag_chunk(rows: list[dict], dst: Path, tagger: str = "") -> None:
 
 def tag_chunk_tagger(path: Path) -> str:
     """The tagger key a tag chunk was written with ("" when none was recorded)."""
-    meta = pq.read_schema(path).metadata or {}
+    with seekable(path) as source:
+        meta = pq.read_schema(source).metadata or {}
     return meta.get(b"tagger", b"").decode()
 
 
 def read_tag_chunk(path: Path) -> pa.Table:
     """Every row of a tag chunk."""
-    _check(path, pq.read_schema(path), TAG_CHUNK_SCHEMA, "tag")
-    return pq.read_table(path)
+    with seekable(path) as source:
+        _check(path, pq.read_schema(source), TAG_CHUNK_SCHEMA, "tag")
+        return pq.read_table(source)
 
 
 def tag_chunk_rows(path: Path) -> int:
     """The number of rows of a tag chunk (its footer only)."""
-    meta = pq.read_metadata(path)
+    with seekable(path) as source:
+        meta = pq.read_metadata(source)
     _check(path, meta.schema.to_arrow_schema(), TAG_CHUNK_SCHEMA, "tag")
     return meta.num_rows

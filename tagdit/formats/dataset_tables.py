@@ -87,7 +87,8 @@ def merge_manifests(parts: Iterable[Path], dataset_dir: Path) -> int:
     n = 0
     with table_writer(Path(dataset_dir) / MANIFEST, MANIFEST_SCHEMA) as write:
         for part in parts:
-            table = pq.read_table(part, schema=MANIFEST_SCHEMA)
+            with seekable(part) as source:  # a part this run did not write may be in the store only
+                table = pq.read_table(source, schema=MANIFEST_SCHEMA)
             write(table)
             n += len(table)
     return n

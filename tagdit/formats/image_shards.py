@@ -42,9 +42,12 @@ def _is_shard(split: str) -> Callable[[str], bool]:
 
 
 def shards_in(folder: Path, split: str) -> list[Path]:
-    """The shards of one split in `folder` (image or latent shards), in order."""
+    """The shards of one split in `folder` (image or latent shards), in order; for a working copy, the
+    store's too (a stage that reads its units from the store does not pull them)."""
+    from tagdit.stores import names_in
+
     is_shard = _is_shard(split)
-    return sorted(p for p in Path(folder).glob(f"{split}-*.tar") if is_shard(p.name))
+    return sorted(Path(folder) / n for n in names_in(folder, f"{split}-*.tar") if is_shard(n))  # here or in the store
 
 
 def shard_sources(folder: Path, split: str, cache: bool = False) -> list[str]:

@@ -12,13 +12,15 @@
   4. for a `data.root` or `run.root` on a URL: checks the store answers, brings the small files of the
      local working copies up to date (stamps, records, vocabulary) and checks the stamp against the
      store's objects, so a cache hit downloads no shard, chunk or checkpoint; a stage that computes then
-     gets the rest of the copies but what it reads straight from the store (`Stage.streams`), and the
+     gets the rest of the copies but what it reads straight from the store (`Stage.streams`; a data
+     stage, `Stage.reads_store`, gets no unit: it reads those it needs from the store), and the
      store holds the stage's folder after it (`tagdit.stores`; each finished unit was uploaded as it
      landed).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tagdit.config import ConfigError, PipelineConfig
@@ -77,15 +79,18 @@ def task_options(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
     return opts
 
 
-def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = (), small_only: bool = False) -> None:
+def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = (), small_only: bool = False,
+               reads: list[Path] | None = None) -> None:
     """Check that the URL roots answer (naming the setting when not) and update their working copies,
     but for the dataset files a stage reads straight from the store (`streams`: `Stage.streams`);
-    `small_only`: nothing of `BULK` but the stamps either (what a cache check needs)."""
+    `small_only`: nothing of `BULK` but the stamps either (what a cache check needs); `reads`: only the
+    roots that hold one of these folders (a stage's own and its upstream records')."""
     for setting, root, folder, skip in (("data.root", cfg.data.root, cfg.dataset_dir, streams),
                                         ("run.root", cfg.run.root, cfg.run_dir, ())):
-        if is_url(root):
-            check_reachable(str(root), setting)
-            pull_tree(folder, skip=(*skip, *BULK), keep=STAMPS) if small_only else pull_tree(folder, skip=skip)
+        if not is_url(root) or (reads is not None and not any(r.is_relative_to(folder) for r in reads)):
+            continue
+        check_reachable(str(root), setting)
+        pull_tree(folder, skip=(*skip, *BULK), keep=STAMPS) if small_only else pull_tree(folder, skip=skip)
 
 
 def checked_record(stage: Stage, cfg: PipelineConfig, upstream: dict[str, StageRecord],
@@ -94,8 +99,9 @@ def checked_record(stage: Stage, cfg: PipelineConfig, upstream: dict[str, StageR
     roots holding what the stage reads when it must compute: a cache hit pulls only the small files."""
     pull_roots(cfg, stage.streams, small_only=True)
     on_disk = None if force else stage.valid_record(cfg, upstream)
-    if on_disk is None:
-        pull_roots(cfg, stage.streams)
+    if on_disk is None:  # the roots it reads: the run's whole, the dataset's but what it streams or reads unit by unit
+        reads = [Path(stage.out_dir(cfg, upstream)), *(Path(r.out_dir) for r in upstream.values())]
+        pull_roots(cfg, (*stage.streams, *BULK) if stage.reads_store else stage.streams, reads=reads)
     return on_disk
 
 

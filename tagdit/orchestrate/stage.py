@@ -35,11 +35,19 @@ from tagdit.config import PipelineConfig
 from tagdit.files import (
     file_fingerprint,
     remember_fingerprint,
+    remember_stored,
     sha256_file,
     sha256_text,
     write_json_atomic,
 )
-from tagdit.stores import location_key, object_version, pull_tree, stored_objects, stored_version
+from tagdit.stores import (
+    local_copy,
+    location_key,
+    object_version,
+    pull_tree,
+    stored_objects,
+    stored_version,
+)
 
 SHARDS = ("*.tar",)  # a dataset's big files: the trainers stream them, the stages that need them whole pull them
 # what the stages that read shards only as streams (train-vae, train-dit, evaluate) never pull: the shards,
@@ -155,6 +163,9 @@ class Stage:
     # dataset files (fnmatch patterns of paths in it) the stage reads straight from the store when
     # `data.root` is a URL (`tagdit.store_streams`), or does not read: not pulled into the working copy
     streams: tuple[str, ...] = ()
+    # a data stage that finds its units by name in the store and reads each one it needs from there: when
+    # it computes on a URL dataset, nothing of BULK is pulled first (a grown dataset downloads its changes)
+    reads_store: bool = False
 
     def lock_dir(self, cfg: PipelineConfig, upstream: dict[str, StageRecord]) -> Path:
         return (self.lock or self.out_dir)(cfg, upstream)
@@ -189,12 +200,20 @@ class Stage:
     ) -> StageRecord:
         """Record the finished outputs; call last, after every output is in place."""
         out_dir = self.out_dir(cfg, upstream)
+        previous: dict[str, dict] = {}
         with contextlib.suppress(OSError, ValueError, KeyError):  # the previous stamp's hashes of unchanged files
-            remember_stamped(out_dir, json.loads(self.stamp_path(cfg, upstream).read_text())["files"])
+            previous = json.loads(self.stamp_path(cfg, upstream).read_text())["files"]
+        stored = stored_objects(out_dir)
+        remember_stamped(out_dir, previous, stored)
         entries = {}
         for f in sorted(Path(p) for p in files):
+            rel = f.relative_to(out_dir).as_posix()
+            if not f.exists() and stored is not None and rel in previous and in_store(stored.get(rel), previous[rel]):
+                entries[rel] = previous[rel]  # a unit this run did not touch, in the store only
+                continue
+            f = local_copy(f)  # in the store only, and unstamped (another machine's killed run): hashed here
             st = f.stat()
-            entries[f.relative_to(out_dir).as_posix()] = {
+            entries[rel] = {
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
                 "sha256": file_fingerprint(f),
@@ -226,7 +245,7 @@ class Stage:
         for rel, meta in stamp["files"].items():
             if not (in_store(stored.get(rel), meta) if stored is not None else on_disk(out_dir / rel, meta)):
                 return None
-        remember_stamped(out_dir, stamp["files"])
+        remember_stamped(out_dir, stamp["files"], stored)
         return relocated(record, out_dir)
 
 
@@ -246,12 +265,17 @@ def in_store(info: dict[str, Any] | None, meta: dict[str, Any]) -> bool:
         and ("version" not in meta or object_version(info) == meta["version"])
 
 
-def remember_stamped(out_dir: Path, files: dict[str, dict]) -> None:
+def remember_stamped(out_dir: Path, files: dict[str, dict], stored: dict[str, dict] | None = None) -> None:
     """Trust a stamp's sha256 of each file still at its recorded size and mtime, as `valid_record` does:
     a stage re-stamping a grown dataset, or a next stage naming its units by their inputs' bytes,
-    hashes only the files that changed (at 100M images the crop chunks are terabytes)."""
+    hashes only the files that changed (at 100M images the crop chunks are terabytes). With `stored`
+    (a working copy's store listing), also of each file not here whose store object is the stamped one."""
     for rel, meta in files.items():
         f = Path(out_dir) / rel
+        if stored is not None and not f.exists():
+            if in_store(stored.get(rel), meta):
+                remember_stored(f, meta["sha256"])
+            continue
         with contextlib.suppress(OSError):
             st = f.stat()
             if (st.st_size, st.st_mtime_ns) == (meta["size"], meta["mtime_ns"]):

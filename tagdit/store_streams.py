@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from tagdit.stores import StoreError, fetch, filesystem, is_url, remote_of, store_names
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BLOCK = 8 << 20  # bytes per ranged GET: one request per 8 MiB read forward, seeks within it are free
 
@@ -61,6 +64,27 @@ def seekable(path: str | Path) -> Iterator[str | BinaryIO]:
         raise StoreError(f"cannot read {source} ({type(e).__name__}: {e})") from None
     with f:
         yield f
+
+
+READ_AHEAD = 16  # files `each_read` reads from a store at once (each a few ranged GETs)
+
+
+def each_read(fn: Callable[[Path], T], paths: Iterable[str | Path]) -> Iterator[T]:
+    """`fn(path)` for each path, in order: for files of a working copy (read from the store when not
+    here) up to `READ_AHEAD` at once in threads, since each read waits on the store; plain files one
+    after another."""
+    paths = [Path(p) for p in paths]
+    if not paths or remote_of(paths[0]) is None:
+        yield from map(fn, paths)
+        return
+    with ThreadPoolExecutor(READ_AHEAD) as pool:
+        window: deque[Future[T]] = deque()
+        for p in paths:
+            window.append(pool.submit(fn, p))
+            if len(window) >= READ_AHEAD:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def open_source(source: str, buffering: int = 1 << 20) -> BinaryIO | StoreStream:

@@ -34,6 +34,7 @@ from tagdit.formats.chunks import chunk_bucket, chunk_name, read_crop_chunk
 from tagdit.formats.sources import SOURCES, read_buckets, sort_sources, write_buckets
 from tagdit.orchestrate.chunks import chunk_runner, offload, pack_units, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
+from tagdit.store_streams import each_read
 from tagdit.stores import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def _crop_stage(cfg: PipelineConfig, force: bool) -> StageRecord:
     for stale in existing - {d.name for d in dsts.values()}:
         remove(out / stale)
     found, chunks = listing.found, list(dsts.values())
-    ok = sum(sum(read_crop_chunk(d, ["ok"]).column("ok").to_pylist()) for d in chunks)
+    ok = sum(each_read(lambda d: sum(read_crop_chunk(d, ["ok"]).column("ok").to_pylist()), chunks))
     info = {"found": found, "sidecars": listing.sidecars, "ok": ok, "rejected": found - ok, "buckets": n,
             "chunks": [d.name for d in chunks], "source": str(source)}
     log.info("crop: %d found = %d cropped + %d rejected (and %d sidecars)", found, ok, found - ok, listing.sidecars)

@@ -33,6 +33,7 @@ from tagdit.orchestrate.stage import (
     file_fingerprint,
     stage_cache_key,
 )
+from tagdit.store_streams import each_read
 from tagdit.stores import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def tag_stage(cfg: PipelineConfig, crop: StageRecord, force: bool = False) -> St
             forget_taggers()  # the local runner's session; a Dask worker keeps its own
     for stale in existing - {d.name for d in dsts}:
         remove(out / stale)
-    n = sum(tag_chunk_rows(d) for d in dsts)
+    n = sum(each_read(tag_chunk_rows, dsts))
     info = {"tagged": n, "chunks": [d.name for d in dsts], "sidecar_mode": cfg.tagger.sidecar,
             **resolve_tagger(cfg.tagger).record_info()}
     log.info("tag: %d images tagged", n)

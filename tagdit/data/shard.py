@@ -30,6 +30,7 @@ from tagdit.formats.chunks import CROP_CHUNK_SCHEMA, chunk_bucket, read_crop_chu
 from tagdit.formats.dataset_tables import ManifestWriter, manifest_writer
 from tagdit.formats.image_shards import ShardFile, image_sample, shard_name
 from tagdit.formats.selected_tags import RATING
+from tagdit.store_streams import each_read
 from tagdit.stores import local_copy
 
 SPLITS = ("train", "val")
@@ -101,14 +102,13 @@ def samples(chunks: list[tuple[Path, Path]], images: bool = True) -> Iterator[di
 
 def chunk_keys(crop_chunks: list[Path]) -> Iterator[tuple[Path, list[str]]]:
     """(crop chunk, keys of its cropped samples), a chunk at a time (metadata columns only: no image bytes read)."""
-    for c in crop_chunks:
-        yield c, read_crop_chunk(c, ["key"], ok_only=True).column("key").to_pylist()
+    keys = each_read(lambda c: read_crop_chunk(c, ["key"], ok_only=True).column("key").to_pylist(), crop_chunks)
+    yield from zip(crop_chunks, keys, strict=True)
 
 
 def rejects(crop_chunks: list[Path]) -> Iterator[pa.Table]:
     """Source and reason of every file the crop stage rejected, a chunk at a time."""
-    for c in crop_chunks:
-        table = read_crop_chunk(c, ["source", "ok", "reason"])
+    for table in each_read(lambda c: read_crop_chunk(c, ["source", "ok", "reason"]), crop_chunks):
         yield table.filter(pc.invert(table.column("ok"))).select(["source", "reason"])
 
 

@@ -31,6 +31,7 @@ from tagdit.data.vocab import Vocab
 from tagdit.files import sha256_text, write_json_atomic
 from tagdit.formats.dataset_tables import merge_manifests, write_rejects, write_tag_table
 from tagdit.formats.image_shards import ShardIndex
+from tagdit.store_streams import each_read
 from tagdit.stores import local_copy, names_in, present, remove, sizes_in
 
 PARTS = Path("work") / "shard"  # under the dataset folder: the units' records and manifest parts
@@ -45,13 +46,12 @@ class ShardPlan:
     jobs: list[UnitJob]
 
 
-def unit_done(record: Path, parts: set[str], images: dict[str, int]) -> bool:
-    """Whether a unit's record and manifest part exist (`parts`: the names in `work/shard/`) and its shards
-    are all in place at their size (`images`: sizes in `images/`), here or in the store of a URL dataset."""
+def recorded_sizes(record: Path, parts: set[str]) -> dict[str, int] | None:
+    """The sizes of a finished unit's shards as its record gives them, or None when its record or
+    manifest part is missing (`parts`: the names in `work/shard/`, here or in the store of a URL dataset)."""
     if record.name not in parts or record.with_suffix(".parquet").name not in parts:
-        return False
-    shards = json.loads(local_copy(record).read_text())["shards"]
-    return all(images.get(n) == m["size"] for n, m in shards.items())
+        return None
+    return {n: m["size"] for n, m in json.loads(local_copy(record).read_text())["shards"].items()}
 
 
 def split_summaries(crop_chunks: list[Path], fraction: float, parts: Path) -> list[tuple[Path, list]]:
@@ -80,14 +80,18 @@ def plan_units(crop_chunks: list[Path], tag_chunks: list[Path], out: Path, sc: S
     extra = [split.extra] if split.extra else []  # the tiny-dataset fallback
     index, parts = ShardIndex(out / "images"), out / PARTS
     settings = repr((sc.image_format, sc.samples_per_shard, sc.val_fraction, buckets))
-    records, jobs, done, sizes = {}, [], names_in(parts), sizes_in(out / "images")
+    records, units, jobs = {}, [], []
     for u in shard_units(crop_chunks, tag_chunks, buckets, sc.val_fraction):
         count = sum(split.counts[c][u.split] for c, _ in u.chunks)
         if count == 0:
             continue
         inputs = sha256_text(code, settings, *extra, *(f"{c.name}:{t.name}" for c, t in u.chunks))
         records[u.name] = record_path(parts, u.name, inputs)
-        if not unit_done(records[u.name], done, sizes):
+        units.append((u, count, inputs))
+    done, sizes = names_in(parts), sizes_in(out / "images")  # here and in the store of a URL dataset
+    recorded = each_read(lambda r: recorded_sizes(r, done), [records[u.name] for u, _, _ in units])
+    for (u, count, inputs), shards in zip(units, recorded, strict=True):
+        if shards is None or any(sizes.get(n) != size for n, size in shards.items()):  # not finished
             jobs.append(UnitJob(u, count, inputs, not index.fresh(u.name, inputs), sc.val_fraction, split.extra,
                                 out / "images", parts, sc))
     return ShardPlan(records, jobs)
@@ -99,8 +103,8 @@ def finish_units(plan: ShardPlan, out: Path) -> tuple[dict[str, list[str]], dict
     index, stats = {}, TagStats()
     shards: dict[str, list[str]] = {"train": [], "val": []}
     counts = {"train": 0, "val": 0}
-    for name, path in plan.records.items():
-        r = json.loads(local_copy(path).read_text())  # a unit this run did not write may be in the store only
+    read = each_read(lambda path: json.loads(local_copy(path).read_text()), plan.records.values())
+    for name, r in zip(plan.records, read, strict=True):  # a unit this run did not write may be in the store only
         index[name] = {"inputs": r["inputs"], "shards": r["shards"]}
         stats.merge(r["tags"])
         shards[r["split"]] += sorted(r["shards"])

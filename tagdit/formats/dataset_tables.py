@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagdit.files import atomic_path
-from tagdit.store_streams import seekable
+from tagdit.store_streams import each_read, seekable
 
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
@@ -81,14 +81,17 @@ def table_writer(path: Path, schema: pa.Schema) -> Iterator[Callable[[pa.Table],
             flush(pw, last=True)
 
 
+def _read_part(part: Path) -> pa.Table:
+    with seekable(part) as source:
+        return pq.read_table(source, schema=MANIFEST_SCHEMA)
+
+
 def merge_manifests(parts: Iterable[Path], dataset_dir: Path) -> int:
     """`manifest.parquet` under `dataset_dir` from the units' parts, in the order given, a row group at
     a time; returns its number of rows."""
     n = 0
     with table_writer(Path(dataset_dir) / MANIFEST, MANIFEST_SCHEMA) as write:
-        for part in parts:
-            with seekable(part) as source:  # a part this run did not write may be in the store only
-                table = pq.read_table(source, schema=MANIFEST_SCHEMA)
+        for table in each_read(_read_part, parts):  # a part this run did not write may be in the store only
             write(table)
             n += len(table)
     return n

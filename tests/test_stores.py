@@ -2,8 +2,10 @@
 
 The data stages and a 2-rank DiT training write to `s3://` through local working copies; what lands in
 the bucket must be byte for byte what the same run writes to local folders, a fresh machine must
-find it there, and a run killed during encode must redo no shard the bucket already holds. Training
-streams its shards from the bucket (kept on local disk only with `data.shard_cache=local`).
+find it there (its stamps checked against the bucket, nothing big downloaded), a run killed during
+encode must redo no shard the bucket already holds, and a dataset grown by one image is prepared
+again on a fresh machine from the units in the bucket, byte-identical to the same growth on local
+folders. Training streams its shards from the bucket (kept on local disk only with `data.shard_cache=local`).
 """
 
 import os

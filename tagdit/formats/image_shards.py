@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.files import atomic_path, write_json_atomic
+from tagdit.stores import names_in
 
 MTIME = 946_684_800  # 2000-01-01: a fixed member mtime makes shards byte-identical across runs
 IMAGE_EXTS = ("png", "jpg", "jpeg")
@@ -44,8 +45,6 @@ def _is_shard(split: str) -> Callable[[str], bool]:
 def shards_in(folder: Path, split: str) -> list[Path]:
     """The shards of one split in `folder` (image or latent shards), in order; for a working copy, the
     store's too (a stage that reads its units from the store does not pull them)."""
-    from tagdit.stores import names_in
-
     is_shard = _is_shard(split)
     return sorted(Path(folder) / n for n in names_in(folder, f"{split}-*.tar") if is_shard(n))  # here or in the store
 

@@ -95,14 +95,14 @@ def evaluate_flow(
         cfg_scale: classifier-free guidance scale of the evaluation samples (evaluate.cfg_scale).
         nightly: evaluate the latest checkpoint while training may go on, skipped while an earlier nightly runs.
     """
-    from tagdit.formats.checkpoints import Checkpoints
+    from tagdit.formats.checkpoints import Checkpoints, resolve_checkpoint
     from tasks.evaluate import EVALUATE, evaluate_task
 
     cfg = flow_config(config, overrides, dataset=dataset, run=run, sampler=sampler,
                       sampling_steps=sampling_steps, cfg_scale=cfg_scale)
     forced = EVALUATE.name in expand_force(force, (EVALUATE.name,))
     if nightly:
-        pull_roots(cfg)  # a run root on a URL: the checkpoints training uploaded since the last pull
+        pull_roots(cfg, small_only=True)  # a run root on a URL: what training uploaded since, but weights
         with unless_running(cfg.run_dir / NIGHTLY_LOCK) as other:
             if other is not None:
                 message = (f"the nightly evaluation of run {cfg.run.name} started {other.get('since', '?')} "
@@ -111,7 +111,7 @@ def evaluate_flow(
                 get_run_logger().warning(message)
                 return Cancelled(message=message)
             checkpoints = Checkpoints(cfg.run_dir / "dit")
-            with checkpoints.pinned(checkpoints.require_latest()) as ckpt:
+            with checkpoints.pinned(resolve_checkpoint(checkpoints.root)) as ckpt:  # its weights alone come down
                 get_run_logger().info("nightly evaluation of %s (pinned while it runs)", ckpt)
                 record = run_stage(evaluate_task, EVALUATE, cfg, force=forced, **upstream_records(cfg, ckpt))
     else:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 URL_SCHEMES = ("s3", "gs", "gcs", "hf", "az", "abfs", "memory", "file")
 CACHE_ENV = "TAGDIT_STORE_CACHE"
 PULL_BATCH = 256  # files a pull downloads at once (concurrently on s3fs/gcsfs); each batch lands whole
+WEIGHTS = ("*.safetensors", "*.pt")  # a checkpoint folder's big files (meta.json, pins and `latest` are small)
 
 
 class StoreError(RuntimeError):

@@ -16,6 +16,7 @@ from tagdit.config import PipelineConfig
 from tagdit.data.vocab import Vocab
 from tagdit.orchestrate.stage import StageRecord, require_stamp
 from tagdit.sampling.painter import Painter, load_painter
+from tagdit.stores import pull_tree
 
 
 def shard_record(cfg: PipelineConfig) -> StageRecord:
@@ -87,7 +88,7 @@ def run_files(cfg: PipelineConfig, checkpoint: str | Path | None = None) -> RunF
         dit = resolve_checkpoint(checkpoint or cfg.run_dir / "dit")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}: run train-dit first" if checkpoint is None else str(e)) from None
-    return RunFiles(dit_checkpoint=dit, vae_checkpoint=Path(vae.info["checkpoint"]),
+    return RunFiles(dit_checkpoint=dit, vae_checkpoint=resolve_checkpoint(vae.info["checkpoint"]),
                     latents_dir=Path(latents.out_dir), vocab=Vocab.of_run(dit.parent, cfg.dataset_dir / "vocab.json"))
 
 
@@ -101,6 +102,7 @@ def latest_evaluation(cfg: PipelineConfig, checkpoint: Path) -> Path | None:
     """The run's newest evaluation folder of `checkpoint`, else of its latest evaluated step; None if none."""
     from tagdit.formats.eval_metrics import EvalMetrics
 
+    pull_tree(cfg.run_dir / "eval")  # a run on a URL: its evaluations (metrics and grids) come down
     found = []
     for path in (cfg.run_dir / "eval").glob("*/metrics.json"):
         try:

@@ -21,7 +21,7 @@ import torch
 
 import tasks.encode as enc
 from models.vae import build_vae
-from tagdit.config import load_config
+from tagdit.config import PipelineConfig, load_config
 from tagdit.data.preview import load_crops
 from tagdit.data.preview import pick_samples as preview_rows
 from tagdit.demo.stand_in_latents import write_latent_fixture
@@ -324,6 +324,43 @@ def test_pruned_checkpoints_and_released_pins_leave_the_bucket(s3_server):
     assert ckpts.prune(1) == [ckpts.dir_for(1)]
     assert sorted(objects(url)) == ["ckpt-0000002/.kept-train-dit", "ckpt-0000002/meta.json",
                                     "ckpt-0000003/meta.json", "latest"]
+
+
+def test_a_fresh_machine_downloads_only_the_checkpoints_it_loads(s3_server, tmp_path, monkeypatch):
+    """Of a run's three checkpoints on a URL, a resume gets `latest` and the one its record names (the
+    oldest, pruned here and so in the bucket, never comes down); drawing gets one checkpoint's weights."""
+    from tagdit.files import write_bytes_atomic
+    from tagdit.formats.checkpoints import Checkpoints, resolve_checkpoint
+
+    bucket = new_bucket(s3_server)
+
+    def machine(name: str) -> tuple[PipelineConfig, Checkpoints]:  # its own cache: its config's folders move
+        monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / name))
+        cfg = load_config(None, [f"run.root=s3://{bucket}/runs", "run.name=r"])
+        return cfg, Checkpoints(cfg.run_dir / "dit")
+
+    def weights(ckpts: Checkpoints) -> set[str]:
+        return {f for f in files(ckpts.root) if f.endswith((".safetensors", ".pt"))}
+
+    _, ckpts = machine("trainer")
+    for step in (1, 2, 3):
+        for name in ("model.safetensors", "ema.safetensors", "state.pt"):
+            write_bytes_atomic(ckpts.dir_for(step) / name, f"{name} {step}".encode())
+        write_json_atomic(ckpts.dir_for(step) / "meta.json", {"step": step})
+        write_bytes_atomic(ckpts.root / "latest", f"{ckpts.dir_for(step).name}\n".encode())
+    ckpts.keep_for(ckpts.dir_for(2), "train-dit")
+    url = remote_of(ckpts.root)
+
+    cfg, ckpts = machine("resume")
+    pull_roots(cfg, small_only=True)  # what run_stage pulls, then what a train-dit that computes pulls
+    pull_roots(cfg, TRAIN_DIT.streams, reads=[ckpts.root])
+    assert weights(ckpts) == {f"ckpt-000000{s}/{n}" for s in (2, 3)
+                              for n in ("model.safetensors", "ema.safetensors", "state.pt")}
+    assert ckpts.prune(1) == [ckpts.dir_for(1)] and not [k for k in objects(url) if k.startswith("ckpt-0000001")]
+
+    _, ckpts = machine("draw")
+    assert resolve_checkpoint(ckpts.root) == ckpts.dir_for(3)  # what `tagdit sample` on the run loads
+    assert weights(ckpts) == {"ckpt-0000003/model.safetensors", "ckpt-0000003/ema.safetensors"}
 
 
 def test_a_grown_bucket_dataset_downloads_only_its_changes_on_a_fresh_machine(s3_server, tmp_path, wd_model,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tagdit.files import write_bytes_atomic, write_json_atomic
-from tagdit.stores import publish_files, unpublish
+from tagdit.stores import WEIGHTS, publish_files, pull_tree, unpublish
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
@@ -241,14 +241,26 @@ class Checkpoints:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run's `vae/`/`dit/` folder (its `latest`)."""
+    """A checkpoint folder, or a run's `vae/`/`dit/` folder (its `latest`), to load a model from. In a
+    working copy of a run on a URL, the folder's small files come down first, then the weights of that one
+    checkpoint, not its optimiser state (`state.pt`: a resume's, which pulls its run's folder)."""
     p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    latest = Checkpoints(p).latest()
-    if latest is None:
+    pull_tree(p, skip=WEIGHTS)
+    ckpt = p if (p / "meta.json").is_file() else Checkpoints(p).latest()
+    if ckpt is None:
         raise FileNotFoundError(f"no checkpoint at {p} (expected ckpt-*/ or a 'latest' pointer)")
-    return latest
+    pull_tree(ckpt, skip=("state.pt",))
+    return ckpt
+
+
+def unread_checkpoints(folder: str | Path) -> list[Path]:
+    """The checkpoint folders under `folder` (a run's) that no stage reads: not a trainer's `latest` (what
+    a resume loads), not one a record names (`Checkpoints.keep_for`: what encode and evaluate load), not
+    one a live process pins. A stage computing on a run kept on a URL leaves their weights in the store;
+    their meta.json files still come down, so pruning finds them and deletes them there too."""
+    roots = sorted({c.parent for c in Path(folder).rglob("ckpt-[0-9]*") if c.is_dir()})
+    return [c for root in roots for c in sorted(root.glob("ckpt-[0-9]*"))
+            if c != Checkpoints(root).latest() and not Checkpoints.kept_by(c) and not Checkpoints.is_pinned(c)]
 
 
 def load_model_weights(path: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], dict, Path]:

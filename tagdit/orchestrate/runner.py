@@ -84,13 +84,21 @@ def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = (), small_only: b
     """Check that the URL roots answer (naming the setting when not) and update their working copies,
     but for the dataset files a stage reads straight from the store (`streams`: `Stage.streams`);
     `small_only`: nothing of `BULK` but the stamps either (what a cache check needs); `reads`: only the
-    roots that hold one of these folders (a stage's own and its upstream records')."""
+    roots that hold one of these folders (a stage's own and its upstream records'). Of a run's
+    checkpoints, only the weights a stage may load come down (`unread_checkpoints`)."""
+    from tagdit.formats.checkpoints import unread_checkpoints  # imports torch: not at module level
+
     for setting, root, folder, skip in (("data.root", cfg.data.root, cfg.dataset_dir, streams),
                                         ("run.root", cfg.run.root, cfg.run_dir, ())):
         if not is_url(root) or (reads is not None and not any(r.is_relative_to(folder) for r in reads)):
             continue
         check_reachable(str(root), setting)
-        pull_tree(folder, skip=(*skip, *BULK), keep=STAMPS) if small_only else pull_tree(folder, skip=skip)
+        if small_only:
+            pull_tree(folder, skip=(*skip, *BULK), keep=STAMPS)
+            continue
+        if setting == "run.root":
+            skip = tuple(f"{c.relative_to(folder).as_posix()}/*" for c in unread_checkpoints(folder))
+        pull_tree(folder, skip=skip)
 
 
 def checked_record(stage: Stage, cfg: PipelineConfig, upstream: dict[str, StageRecord],

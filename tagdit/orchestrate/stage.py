@@ -41,6 +41,7 @@ from tagdit.files import (
     write_json_atomic,
 )
 from tagdit.stores import (
+    WEIGHTS,
     local_copy,
     location_key,
     object_version,
@@ -55,7 +56,7 @@ SHARDS = ("*.tar",)  # a dataset's big files: the trainers stream them, the stag
 SHARDS_AND_WORK = (*SHARDS, "work/*")
 # what a stage's cache check never pulls (`tagdit.orchestrate.runner`): shards, chunks, tables and checkpoint
 # folders, but their stamps; a stamp in a working copy of a URL folder is checked against the store's objects
-BULK, STAMPS = (*SHARDS_AND_WORK, "*.parquet", "*.safetensors", "*.pt"), (".stage-*.json", "*/.stage-*.json")
+BULK, STAMPS = (*SHARDS_AND_WORK, "*.parquet", *WEIGHTS), (".stage-*.json", "*/.stage-*.json")
 
 
 class StageRecord(BaseModel):
@@ -324,7 +325,7 @@ def read_stamp(out_dir: str | Path, name: str) -> StageRecord | None:
 
 def require_stamp(out_dir: str | Path, name: str, hint: str) -> StageRecord:
     """Like `read_stamp`, but a clear error naming the flow to run first."""
-    pull_tree(out_dir, skip=SHARDS_AND_WORK)  # a working copy of a URL folder: the store's small files first
+    pull_tree(out_dir, skip=(*SHARDS_AND_WORK, *WEIGHTS))  # a working copy of a URL folder: its small files first
     record = read_stamp(out_dir, name)
     if record is None:
         raise FileNotFoundError(f"no finished '{name}' stage in {out_dir}: run {hint} first")

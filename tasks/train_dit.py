@@ -30,6 +30,7 @@ TRAIN_DIT = Stage(
     sections=tuple(f"dit.{k}" for k in DiTConfig.model_fields if k not in SAMPLE_FIELDS),
     out_dir=lambda cfg, up: cfg.run_dir / "dit",
     streams=SHARDS_AND_WORK,  # latent shards read from the store (data.shard_cache); image shards, work/ not read
+    resumes=True,
 )
 
 

@@ -27,6 +27,7 @@ TRAIN_VAE = Stage(
     out_dir=lambda cfg, up: cfg.run_dir / "vae",
     extra_inputs=lambda cfg: perceptual_identity(cfg.vae),
     streams=SHARDS_AND_WORK,  # image shards read from the store (data.shard_cache); work/ not read
+    resumes=True,
 )
 
 

@@ -328,7 +328,8 @@ def test_pruned_checkpoints_and_released_pins_leave_the_bucket(s3_server):
 
 def test_a_fresh_machine_downloads_only_the_checkpoints_it_loads(s3_server, tmp_path, monkeypatch):
     """Of a run's three checkpoints on a URL, a resume gets `latest` and the one its record names (the
-    oldest, pruned here and so in the bucket, never comes down); drawing gets one checkpoint's weights."""
+    oldest, pruned here and so in the bucket, never comes down), an evaluation their weights without the
+    optimiser state, drawing one checkpoint's weights."""
     from tagdit.files import write_bytes_atomic
     from tagdit.formats.checkpoints import Checkpoints, resolve_checkpoint
 
@@ -357,6 +358,11 @@ def test_a_fresh_machine_downloads_only_the_checkpoints_it_loads(s3_server, tmp_
     assert weights(ckpts) == {f"ckpt-000000{s}/{n}" for s in (2, 3)
                               for n in ("model.safetensors", "ema.safetensors", "state.pt")}
     assert ckpts.prune(1) == [ckpts.dir_for(1)] and not [k for k in objects(url) if k.startswith("ckpt-0000001")]
+
+    cfg, ckpts = machine("evaluate")  # a stage that loads models but resumes nothing: no optimiser state
+    pull_roots(cfg, small_only=True)
+    pull_roots(cfg, reads=[ckpts.root], resumes=False)
+    assert weights(ckpts) == {f"ckpt-000000{s}/{n}" for s in (2, 3) for n in ("model.safetensors", "ema.safetensors")}
 
     _, ckpts = machine("draw")
     assert resolve_checkpoint(ckpts.root) == ckpts.dir_for(3)  # what `tagdit sample` on the run loads

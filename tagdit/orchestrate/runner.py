@@ -80,12 +80,13 @@ def task_options(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = (), small_only: bool = False,
-               reads: list[Path] | None = None) -> None:
+               reads: list[Path] | None = None, resumes: bool = True) -> None:
     """Check that the URL roots answer (naming the setting when not) and update their working copies,
     but for the dataset files a stage reads straight from the store (`streams`: `Stage.streams`);
     `small_only`: nothing of `BULK` but the stamps either (what a cache check needs); `reads`: only the
     roots that hold one of these folders (a stage's own and its upstream records'). Of a run's
-    checkpoints, only the weights a stage may load come down (`unread_checkpoints`)."""
+    checkpoints, only the weights a stage may load come down (`unread_checkpoints`), and their
+    optimiser state only for a stage that `resumes`."""
     from tagdit.formats.checkpoints import unread_checkpoints  # imports torch: not at module level
 
     for setting, root, folder, skip in (("data.root", cfg.data.root, cfg.dataset_dir, streams),
@@ -97,7 +98,8 @@ def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = (), small_only: b
             pull_tree(folder, skip=(*skip, *BULK), keep=STAMPS)
             continue
         if setting == "run.root":
-            skip = tuple(f"{c.relative_to(folder).as_posix()}/*" for c in unread_checkpoints(folder))
+            skip = (*(f"{c.relative_to(folder).as_posix()}/*" for c in unread_checkpoints(folder)),
+                    *(() if resumes else ("*/state.pt",)))
         pull_tree(folder, skip=skip)
 
 
@@ -109,7 +111,8 @@ def checked_record(stage: Stage, cfg: PipelineConfig, upstream: dict[str, StageR
     on_disk = None if force else stage.valid_record(cfg, upstream)
     if on_disk is None:  # the roots it reads: the run's whole, the dataset's but what it streams or reads unit by unit
         reads = [Path(stage.out_dir(cfg, upstream)), *(Path(r.out_dir) for r in upstream.values())]
-        pull_roots(cfg, (*stage.streams, *BULK) if stage.reads_store else stage.streams, reads=reads)
+        pull_roots(cfg, (*stage.streams, *BULK) if stage.reads_store else stage.streams, reads=reads,
+                   resumes=stage.resumes)
     return on_disk
 
 

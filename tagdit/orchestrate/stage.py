@@ -167,6 +167,9 @@ class Stage:
     # a data stage that finds its units by name in the store and reads each one it needs from there: when
     # it computes on a URL dataset, nothing of BULK is pulled first (a grown dataset downloads its changes)
     reads_store: bool = False
+    # a trainer: resumes from its `latest` checkpoint with the optimiser state (`state.pt`), the one stage
+    # that pulls a checkpoint's state from a run on a URL
+    resumes: bool = False
 
     def lock_dir(self, cfg: PipelineConfig, upstream: dict[str, StageRecord]) -> Path:
         return (self.lock or self.out_dir)(cfg, upstream)

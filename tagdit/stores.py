@@ -389,6 +389,32 @@ def remove_tree(path: str | Path) -> None:
     unpublish(path)
 
 
+def move_tree(src: str | Path, dst: str | Path) -> None:
+    """Rename a folder here and, for a working-copy folder, its objects in the store (copied, then
+    deleted: object stores have no rename), the store first, so a failure leaves the folder where it
+    was. What this copy held in sync with the store stays in sync under its new name."""
+    src, dst = Path(src), Path(dst)
+    url, to = remote_of(src), remote_of(dst)
+    if url is not None and to is not None:
+        fs, rpath, remote = _remote_objects(url)
+        dpath = filesystem(to)[1]
+        synced = {rel for rel in remote if (src / rel).is_file() and _in_sync(src / rel)}
+        names = sorted(remote)
+        try:
+            if names:
+                fs.copy([f"{rpath}/{rel}" for rel in names], [f"{dpath}/{rel}" for rel in names])
+                fs.rm([f"{rpath}/{rel}" for rel in names])
+        except Exception as e:
+            raise StoreError(f"could not move {url} to {to} ({type(e).__name__}: {e})") from None
+        shutil.rmtree(_index_path(src).with_suffix(""), ignore_errors=True)
+    src.rename(dst)
+    if url is not None and to is not None and synced:
+        moved = _remote_objects(to)[2]
+        for rel in synced:
+            if rel in moved:
+                _write_index(dst / rel, object_version(moved[rel]))
+
+
 def store_names(local: str | Path) -> list[str]:
     """The names (relative paths) of the objects the store holds under a working-copy folder ([] for a plain path)."""
     return sorted(stored_objects(local) or {})

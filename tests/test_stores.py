@@ -369,6 +369,36 @@ def test_a_fresh_machine_downloads_only_the_checkpoints_it_loads(s3_server, tmp_
     assert weights(ckpts) == {"ckpt-0000003/model.safetensors", "ckpt-0000003/ema.safetensors"}
 
 
+def test_a_run_superseded_or_forced_on_a_fresh_machine_is_moved_or_cleared_in_the_bucket(s3_server, tmp_path,
+                                                                                         monkeypatch):
+    """A trainer's folder of another configuration is moved aside in the bucket too, with the weights
+    this machine never pulled (the next push must not delete the old run); a forced one is cleared there."""
+    from tagdit.files import write_bytes_atomic
+    from tagdit.orchestrate.markers import prepare_out_dir, write_marker
+
+    url = f"s3://{new_bucket(s3_server)}/runs/r/dit"
+    monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "trainer"))
+    write_marker(working_dir(url) / "identity.json", {"lr": 1})
+    for name in ("ckpt-0000001/model.safetensors", "ckpt-0000001/meta.json", "latest"):
+        write_bytes_atomic(working_dir(url) / name, name.encode())
+    old = objects(url)
+
+    monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "fresh"))
+    out_dir = working_dir(url)
+    pull_tree(out_dir, skip=("*.safetensors",))  # as a stage's pull: no weights here
+    prepare_out_dir(out_dir, {"lr": 2}, force=False, what="train-dit")
+    aside = next(out_dir.parent.glob("dit.superseded-*"))
+    assert objects(remote_of(aside)) == old and list(objects(url)) == ["identity.json"]
+    assert pull_tree(aside) == 1  # what it held stays in sync under the new name: only the weights come
+    push_tree(out_dir)
+    assert objects(remote_of(aside)) == old  # the push of the new run leaves the old one alone
+
+    write_bytes_atomic(out_dir / "ckpt-0000009/model.safetensors", b"new")
+    monkeypatch.setenv("TAGDIT_STORE_CACHE", str(tmp_path / "forced"))
+    prepare_out_dir(working_dir(url), {"lr": 2}, force=True, what="train-dit")
+    assert list(objects(url)) == ["identity.json"]  # the weights never pulled here are gone too
+
+
 def test_a_grown_bucket_dataset_downloads_only_its_changes_on_a_fresh_machine(s3_server, tmp_path, wd_model,
                                                                               vae_ckpt, monkeypatch):
     """One image added, prepare-data and encode run again on a machine with an empty copy: it reads the

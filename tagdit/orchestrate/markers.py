@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from tagdit.files import write_json_atomic
+from tagdit.stores import move_tree, remove_tree
 
 log = logging.getLogger(__name__)
+SUPERSEDED = ".superseded-"  # `<name>.superseded-<time>`: a run moved aside, read by no stage
 
 
 def marker_matches(marker: Path, key: Any) -> bool:
@@ -68,12 +69,12 @@ def prepare_out_dir(out_dir: Path, identity: dict[str, Any], force: bool, what: 
             log.warning("%s: continuing the %s run although its %s changed (it was asked to continue on new data)",
                         out_dir, what, continue_despite)
             write_marker(marker, identity)
-    if force and out_dir.exists():
-        shutil.rmtree(out_dir)
+    if force:  # a folder in a working copy: the store's objects go too, also those never pulled here
+        remove_tree(out_dir)
     elif out_dir.exists() and not marker_matches(marker, identity):
         if any(out_dir.iterdir()):
-            aside = out_dir.with_name(f"{out_dir.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+            aside = out_dir.with_name(f"{out_dir.name}{SUPERSEDED}{time.strftime('%Y%m%d-%H%M%S')}")
             why = "another configuration" if marker.is_file() else "unknown configuration (no identity.json)"
             log.warning("%s holds a %s run of %s; moved it to %s", out_dir, what, why, aside)
-            out_dir.rename(aside)
+            move_tree(out_dir, aside)  # in the store too: the run is kept there, not deleted by the next push
     write_marker(marker, identity)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.config import ConfigError, PipelineConfig
+from tagdit.orchestrate.markers import SUPERSEDED
 from tagdit.orchestrate.params import stage_spelling
 from tagdit.orchestrate.stage import BULK, STAMPS, Stage, StageRecord
 from tagdit.stores import check_reachable, is_url, pull_tree, push_tree
@@ -85,8 +86,8 @@ def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = (), small_only: b
     but for the dataset files a stage reads straight from the store (`streams`: `Stage.streams`);
     `small_only`: nothing of `BULK` but the stamps either (what a cache check needs); `reads`: only the
     roots that hold one of these folders (a stage's own and its upstream records'). Of a run's
-    checkpoints, only the weights a stage may load come down (`unread_checkpoints`), and their
-    optimiser state only for a stage that `resumes`."""
+    checkpoints, only the weights a stage may load come down (`unread_checkpoints`), their optimiser
+    state only for a stage that `resumes`, and nothing of a run moved aside (`SUPERSEDED`)."""
     from tagdit.formats.checkpoints import unread_checkpoints  # imports torch: not at module level
 
     for setting, root, folder, skip in (("data.root", cfg.data.root, cfg.dataset_dir, streams),
@@ -99,7 +100,7 @@ def pull_roots(cfg: PipelineConfig, streams: tuple[str, ...] = (), small_only: b
             continue
         if setting == "run.root":
             skip = (*(f"{c.relative_to(folder).as_posix()}/*" for c in unread_checkpoints(folder)),
-                    *(() if resumes else ("*/state.pt",)))
+                    *(() if resumes else ("*/state.pt",)), f"*{SUPERSEDED}*")
         pull_tree(folder, skip=skip)
 
 

@@ -97,3 +97,26 @@ def test_a_manifest_in_a_bucket_names_objects_relative_to_it_and_in_other_bucket
     assert [rows[k]["sidecar"] for k in sorted(rows)] == ["blue_sky, smile", None, "cat"]
     local = crop_rows(crop_stage(config(tmp_path / "shards", src, wd_model, "l")))
     assert rows[f"{b}/x/2.png"]["image"] == next(r["image"] for r in local if r["source"] == "char1/2.png")
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_a_bucket_is_walked_folder_by_folder_in_a_local_folders_order(tmp_path, s3_server, monkeypatch, ahead):
+    """Folders listed a few at a time give the files, sidecars and order of `os.walk` on the same tree."""
+    import tagdit.data.walk as walk
+
+    src = make_source(tmp_path / "src")
+    for rel in ("a/b/1.png", "a/b/c/2.png", "a-c/3.png", "a/4.png", "a/4.txt", "a/.h/5.png", "z/6.png"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(rel.encode())
+    url = s3_server.bucket("src") + "/images"
+    s3_server.upload(src, url)
+    monkeypatch.setattr(walk, "LIST_AHEAD", ahead)
+
+    def facts(files):
+        return [(f.rel, f.size, f.sidecar) for f in files]
+
+    counts = [walk.WalkCounts(), walk.WalkCounts()]
+    local, bucket = facts(walk.folder_files(src, counts[0])), facts(walk.url_files(url, counts[1]))
+    assert bucket == local and len(local) == 16 and counts[0].sidecars == counts[1].sidecars == 2
+    assert [r for r, _, _ in local].index("a/b/c/2.png") < [r for r, _, _ in local].index("a-c/3.png")  # depth first
+

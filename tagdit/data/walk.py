@@ -1,7 +1,7 @@
 """Walking a source: every file under a folder or a URL, or every row of a user manifest, as a stream.
 
-`walk_source` yields one `SourceFile` per file found, a folder at a time (never the whole tree in
-memory for a local folder; an object store's listing is fetched in one `find`, as fsspec does).
+`walk_source` yields one `SourceFile` per file found, a folder at a time, never the whole tree in
+memory: a local folder through `os.walk`, an object store's folder by folder, several listed at once.
 A sidecar is `stem.txt` beside an image file `stem.<image extension>`: counted, not yielded; any
 other file, hidden ones included, is yielded so that the crop stage accounts for it (a crop or a
 reject). Hidden folders are not walked. A user manifest's rows (`tagdit.formats.user_manifest`) carry
@@ -10,10 +10,14 @@ their URI as `rel` and their `tags` in place of a sidecar's text.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tagdit.data.crop import IMAGE_EXTS, SourceFile
 from tagdit.files import sha256_text
@@ -69,25 +73,54 @@ def folder_files(source: Path, counts: WalkCounts) -> Iterator[SourceFile]:
         yield from _folder(reldir, {fn: _stat(f"{dirpath}/{fn}") for fn in filenames}, counts)
 
 
-def url_files(url: str, counts: WalkCounts) -> Iterator[SourceFile]:
-    """Every object under a URL (one `find`), its object version standing for an mtime."""
-    fs, root = filesystem(url)
+LIST_AHEAD = 16  # folders of a URL source listed at once, ahead of the one being yielded
+
+
+def _url_folder(fs: Any, path: str) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """One folder of a store: its objects {name: (size, version)} and its subfolders' names. The
+    listing is dropped from fsspec's cache at once, so a walk holds only the folders in flight."""
     try:
-        fs.invalidate_cache(root)  # a listing cached by an earlier stage run of this process may be stale
-        found = fs.find(root, detail=True)
-    except Exception as e:
-        raise StoreError(f"data.source={url}: cannot list it ({type(e).__name__}: {e})") from None
-    by_dir: dict[str, dict[str, tuple[int, int]]] = {}
-    prefix = root.rstrip("/") + "/"
-    for name, info in found.items():
-        if info.get("type") == "directory" or not name.startswith(prefix):
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:  # gone since its parent was listed (or an empty root)
+        return {}, []
+    finally:
+        fs.invalidate_cache(path)
+    files, dirs = {}, []
+    for info in entries:
+        name = info["name"].rstrip("/").rpartition("/")[2]
+        if not name or info["name"].rstrip("/") == path.rstrip("/"):
             continue
-        reldir, _, fn = name[len(prefix):].rpartition("/")
-        if fn and not any(part.startswith(".") for part in reldir.split("/") if part):
-            by_dir.setdefault(reldir, {})[fn] = (int(info.get("size") or 0), object_version(info))
-    del found
-    for reldir in sorted(by_dir):
-        yield from _folder(reldir, by_dir.pop(reldir), counts)
+        if info.get("type") == "directory":
+            dirs.append(name)
+        else:
+            files[name] = (int(info.get("size") or 0), object_version(info))
+    return files, sorted(dirs)
+
+
+def url_files(url: str, counts: WalkCounts) -> Iterator[SourceFile]:
+    """Every object under a URL, a folder at a time in the order a local folder is walked, its
+    object version standing for an mtime. Folders are listed `LIST_AHEAD` at once (one request per
+    1,000 objects of a folder), so a source kept in many folders lists in parallel, and memory holds
+    the folders in flight, not the source."""
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    todo: deque[str] = deque([""])  # folders relative to the root, depth first in name order
+    ahead: dict[str, Future] = {}
+    with ThreadPoolExecutor(LIST_AHEAD, thread_name_prefix="tagdit-list") as pool:
+        try:
+            while todo:
+                for reldir in itertools.islice(todo, LIST_AHEAD):
+                    if reldir not in ahead:
+                        ahead[reldir] = pool.submit(_url_folder, fs, f"{root}/{reldir}" if reldir else root)
+                reldir = todo.popleft()
+                files, dirs = ahead.pop(reldir).result()
+                todo.extendleft(reversed([f"{reldir}/{d}" if reldir else d for d in dirs if not d.startswith(".")]))
+                yield from _folder(reldir, files, counts)
+        except Exception as e:
+            raise StoreError(f"data.source={url}: cannot list it ({type(e).__name__}: {e})") from None
+        finally:
+            for future in ahead.values():
+                future.cancel()
 
 
 def manifest_files(source: str | Path) -> Iterator[SourceFile]:

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from tagdit.stores import StoreError, fetch, filesystem, is_url, remote_of, store_names
+from tagdit.store_folders import store_names
+from tagdit.stores import StoreError, fetch, filesystem, is_url, remote_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

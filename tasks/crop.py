@@ -34,8 +34,8 @@ from tagdit.formats.chunks import chunk_bucket, chunk_name, read_crop_chunk
 from tagdit.formats.sources import SOURCES, read_buckets, sort_sources, write_buckets
 from tagdit.orchestrate.chunks import chunk_runner, offload, pack_units, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
+from tagdit.store_folders import names_in, remove, remove_tree
 from tagdit.store_streams import each_read
-from tagdit.stores import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
 

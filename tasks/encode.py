@@ -35,8 +35,8 @@ from tagdit.orchestrate.chunks import chunk_runner, items_per_run, pack_units, r
 from tagdit.orchestrate.device_workers import DeviceRun, local_devices, on_devices
 from tagdit.orchestrate.markers import marker_matches, write_marker
 from tagdit.orchestrate.stage import Stage, StageRecord, code_version, stage_cache_key
+from tagdit.store_folders import names_in, remove, remove_tree
 from tagdit.store_streams import sha256_source
-from tagdit.stores import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from tagdit.formats.dataset_tables import MANIFEST, REJECTS, TAG_TABLE
 from tagdit.formats.image_shards import SHARD_INDEX
 from tagdit.orchestrate.chunks import chunk_runner, offload, pack_units, run_units, unit_task
 from tagdit.orchestrate.stage import Stage, StageRecord, stage_cache_key
-from tagdit.stores import names_in, remove, remove_tree
+from tagdit.store_folders import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from tagdit.orchestrate.stage import (
     file_fingerprint,
     stage_cache_key,
 )
+from tagdit.store_folders import names_in, remove, remove_tree
 from tagdit.store_streams import each_read
-from tagdit.stores import names_in, remove, remove_tree
 
 log = logging.getLogger(__name__)
 

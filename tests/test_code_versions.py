@@ -35,6 +35,7 @@ NOT_OUTPUT_CODE = {
     "tagdit.train.disk": "refuses a run that cannot fit; what it writes does not change",
     "tagdit.evaluation.report": "artifacts and TensorBoard, not the stage's files",
     "tagdit.stores": "copies finished files to and from a URL folder; the bytes are the stage's",
+    "tagdit.store_folders": "which files a folder and its store hold, a copy to open, deletions; the bytes are the stage's",
     "tagdit.store_streams": "reads a store's shards as they are stored; training on them equals training on a copy (tested)",
     "tagdit.train.nodes": "where the ranks run (rendezvous, the shared-folder check); the ranks run the listed code",
     "tagdit.train.stop": "a cancel's stop flag: a checkpoint sooner, and resuming from it is exact (tested)",

@@ -34,7 +34,7 @@ from tagdit.formats.latent_shards import (
     iter_latent_samples,
     read_posterior,
 )
-from tagdit.stores import local_copy, present
+from tagdit.store_folders import local_copy, present
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from tagdit.formats.chunks import CROP_CHUNK_SCHEMA, chunk_bucket, read_crop_chu
 from tagdit.formats.dataset_tables import ManifestWriter, manifest_writer
 from tagdit.formats.image_shards import ShardFile, image_sample, shard_name
 from tagdit.formats.selected_tags import RATING
+from tagdit.store_folders import local_copy
 from tagdit.store_streams import each_read
-from tagdit.stores import local_copy
 
 SPLITS = ("train", "val")
 

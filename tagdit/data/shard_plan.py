@@ -31,8 +31,8 @@ from tagdit.data.vocab import Vocab
 from tagdit.files import sha256_text, write_json_atomic
 from tagdit.formats.dataset_tables import merge_manifests, write_rejects, write_tag_table
 from tagdit.formats.image_shards import ShardIndex
+from tagdit.store_folders import local_copy, names_in, present, remove, sizes_in
 from tagdit.store_streams import each_read
-from tagdit.stores import local_copy, names_in, present, remove, sizes_in
 
 PARTS = Path("work") / "shard"  # under the dataset folder: the units' records and manifest parts
 SPLIT_SUMMARIES = "split.json"  # in PARTS: each crop chunk's split summary, by chunk name

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.files import atomic_path, write_json_atomic
-from tagdit.stores import names_in
+from tagdit.store_folders import names_in
 
 MTIME = 946_684_800  # 2000-01-01: a fixed member mtime makes shards byte-identical across runs
 IMAGE_EXTS = ("png", "jpg", "jpeg")

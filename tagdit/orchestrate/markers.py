@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tagdit.files import write_json_atomic
-from tagdit.stores import move_tree, remove_tree
+from tagdit.store_folders import remove_tree
+from tagdit.stores import move_tree
 
 log = logging.getLogger(__name__)
 SUPERSEDED = ".superseded-"  # `<name>.superseded-<time>`: a run moved aside, read by no stage

@@ -40,9 +40,9 @@ from tagdit.files import (
     sha256_text,
     write_json_atomic,
 )
+from tagdit.store_folders import local_copy
 from tagdit.stores import (
     WEIGHTS,
-    local_copy,
     location_key,
     object_version,
     pull_tree,

@@ -14,7 +14,7 @@ from prefect import task
 from tagdit.config import PipelineConfig
 from tagdit.evaluation.run import evaluate_checkpoint
 from tagdit.formats.checkpoints import Checkpoints
-from tagdit.orchestrate.stage import SHARDS_AND_WORK, Stage, StageRecord, stage_cache_key
+from tagdit.orchestrate.stage import SHARDS_AND_WORK, TABLES, Stage, StageRecord, stage_cache_key
 from tagdit.sampling.painter import load_painter
 
 
@@ -43,7 +43,7 @@ EVALUATE = Stage(
     sections=("evaluate", "tagger"),
     out_dir=lambda cfg, up: cfg.run_dir / "eval",
     extra_inputs=_extra_inputs,
-    streams=SHARDS_AND_WORK,  # val image shards read from the store; latent shards and work/ not read
+    streams=(*SHARDS_AND_WORK, *TABLES),  # val image shards read from the store; latent shards, work/ and tables not read
 )
 
 

@@ -16,7 +16,7 @@ from prefect import task
 from tagdit.config import DiTConfig, PipelineConfig
 from tagdit.data.vocab import Vocab
 from tagdit.formats.latent_shards import LatentStats
-from tagdit.orchestrate.stage import SHARDS_AND_WORK, Stage, StageRecord, stage_cache_key
+from tagdit.orchestrate.stage import SHARDS_AND_WORK, TABLES, Stage, StageRecord, stage_cache_key
 from tagdit.train.dit import dit_checkpoint_bytes, train_dit
 from tasks.trainer import TRAIN_MODULES, TrainerStage
 
@@ -29,7 +29,7 @@ TRAIN_DIT = Stage(
              "tagdit.formats.image_shards:shards_in", "models.vae:AutoencoderKL", "models.dit", "models.diffusion", "tagdit.data.vocab", *TRAIN_MODULES),
     sections=tuple(f"dit.{k}" for k in DiTConfig.model_fields if k not in SAMPLE_FIELDS),
     out_dir=lambda cfg, up: cfg.run_dir / "dit",
-    streams=SHARDS_AND_WORK,  # latent shards read from the store (data.shard_cache); image shards, work/ not read
+    streams=(*SHARDS_AND_WORK, *TABLES),  # latent shards read from the store (data.shard_cache); image shards, work/, tables not read
     resumes=True,
 )
 

@@ -15,7 +15,7 @@ from prefect import task
 
 from tagdit.config import PipelineConfig
 from tagdit.files import sha256_file
-from tagdit.orchestrate.stage import SHARDS_AND_WORK, Stage, StageRecord, stage_cache_key
+from tagdit.orchestrate.stage import SHARDS_AND_WORK, TABLES, Stage, StageRecord, stage_cache_key
 from tagdit.train.vae import perceptual_identity, train_vae, vae_checkpoint_bytes
 from tasks.trainer import TRAIN_MODULES, TrainerStage
 
@@ -26,7 +26,7 @@ TRAIN_VAE = Stage(
     sections=("vae", "data.resolution"),
     out_dir=lambda cfg, up: cfg.run_dir / "vae",
     extra_inputs=lambda cfg: perceptual_identity(cfg.vae),
-    streams=SHARDS_AND_WORK,  # image shards read from the store (data.shard_cache); work/ not read
+    streams=(*SHARDS_AND_WORK, *TABLES),  # image shards read from the store (data.shard_cache); work/ and tables not read
     resumes=True,
 )
 

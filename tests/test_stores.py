@@ -231,7 +231,9 @@ def test_prepare_encode_and_ddp_training_on_s3_equal_the_local_run(s3_server, tm
     trainer = runs["s3"].dataset_dir
     assert (trainer / "latents-x/stats.json").is_file() and (trainer / "vocab.json").is_file()
     assert not list((tmp_path / "trainer").rglob("*.tar"))  # data.shard_cache=none: no shard on its disk
-    assert not (trainer / "work").exists()  # nor the data stages' chunks (the crops again) or unit records
+    assert not [p for p in trainer.rglob("work/**/*") if p.is_file() and not p.name.startswith(".stage-")]  # nor
+    # the data stages' chunks (the crops again) or unit records: their stamps alone, as a cache check pulls
+    assert not list(trainer.rglob("*.parquet"))  # nor the dataset's tables (a manifest of every image)
     local = runs["local"].dataset_dir  # the evaluation's real images, read from the bucket
     assert list(read_samples(trainer, "val", 3)) == list(read_samples(local, "val", 3)) != []
     assert not list((tmp_path / "trainer").rglob("*.tar"))

@@ -56,7 +56,8 @@ SHARDS = ("*.tar",)  # a dataset's big files: the trainers stream them, the stag
 SHARDS_AND_WORK = (*SHARDS, "work/*")
 # what a stage's cache check never pulls (`tagdit.orchestrate.runner`): shards, chunks, tables and checkpoint
 # folders, but their stamps; a stamp in a working copy of a URL folder is checked against the store's objects
-BULK, STAMPS = (*SHARDS_AND_WORK, "*.parquet", *WEIGHTS), (".stage-*.json", "*/.stage-*.json")
+TABLES = ("*.parquet",)  # a dataset's tables (manifest, rejects, tags): read by the data stages alone
+BULK, STAMPS = (*SHARDS_AND_WORK, *TABLES, *WEIGHTS), (".stage-*.json", "*/.stage-*.json")
 
 
 class StageRecord(BaseModel):
@@ -328,7 +329,7 @@ def read_stamp(out_dir: str | Path, name: str) -> StageRecord | None:
 
 def require_stamp(out_dir: str | Path, name: str, hint: str) -> StageRecord:
     """Like `read_stamp`, but a clear error naming the flow to run first."""
-    pull_tree(out_dir, skip=(*SHARDS_AND_WORK, *WEIGHTS))  # a working copy of a URL folder: its small files first
+    pull_tree(out_dir, skip=BULK, keep=STAMPS)  # a working copy of a URL folder: what a cache check pulls
     record = read_stamp(out_dir, name)
     if record is None:
         raise FileNotFoundError(f"no finished '{name}' stage in {out_dir}: run {hint} first")
